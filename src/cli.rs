@@ -1,0 +1,349 @@
+//! Command-line interface: one subcommand per thing the app does, for headless use.
+//! Errors are reported here with context; the library's typed errors carry the details.
+
+use crate::drr::{Attenuation, DensityVolume, cpu};
+use crate::geometry::{Camera, Pose, diffdrr};
+use crate::landmarks::Landmarks3d;
+use crate::volume::{self, Volume};
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use nalgebra::{Point3, Vector3};
+use std::path::{Path, PathBuf};
+
+/// Real-time pelvic fluoroscopy: landmarks, 2D/3D registration, DRR verification.
+#[derive(Parser, Debug)]
+#[command(name = "fluoropose", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do; with none, the desktop app opens (on its embedded default).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Describe a CT: dimensions, spacing, orientation, HU range, series.
+    Info(InfoArgs),
+    /// Generate pelvis phantom subjects (NIfTI + Slicer markups of the 8 landmarks).
+    Phantom(PhantomArgs),
+    /// Project CT voxel centres to detector pixels for a DiffDRR pose (JSON `[[u, v], ...]`).
+    Project(ProjectArgs),
+    /// Render a DRR of a CT at a pose (.npy float32, 16-bit .png or .tif).
+    Render(RenderArgs),
+}
+
+/// `fluoropose info`.
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    /// A NIfTI file, a DICOM folder, or one DICOM file of a series.
+    pub ct: PathBuf,
+    /// SeriesInstanceUID, when the folder holds several series.
+    #[arg(long)]
+    pub series: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `fluoropose phantom`.
+#[derive(Args, Debug)]
+pub struct PhantomArgs {
+    /// Subject id `N`, or a range `FIRST..LAST` (inclusive).
+    #[arg(long, default_value = "0")]
+    pub subject: String,
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Voxel size, mm.
+    #[arg(long, default_value_t = 2.0)]
+    pub spacing: f64,
+    /// Also write each subject as a DICOM CT series (a folder of slices).
+    #[arg(long)]
+    pub dicom: bool,
+}
+
+/// Camera options shared by `project` and `render` (DiffDRR's `DRR(...)` arguments).
+#[derive(Args, Debug, Clone)]
+pub struct CameraArgs {
+    /// Detector rows.
+    #[arg(long)]
+    pub height: u32,
+    /// Detector columns (default: height).
+    #[arg(long)]
+    pub width: Option<u32>,
+    /// Pixel spacing along x, mm.
+    #[arg(long)]
+    pub delx: f64,
+    /// Pixel spacing along y, mm (default: delx).
+    #[arg(long)]
+    pub dely: Option<f64>,
+    /// Source-to-detector distance, mm.
+    #[arg(long)]
+    pub sdd: f64,
+}
+
+impl CameraArgs {
+    fn camera(&self) -> Result<Camera> {
+        let cam = diffdrr::camera(self.sdd, self.height, self.delx, self.width, self.dely);
+        cam.validate().map_err(anyhow::Error::msg)?;
+        Ok(cam)
+    }
+}
+
+/// `fluoropose project`.
+#[derive(Args, Debug)]
+pub struct ProjectArgs {
+    /// The CT (its geometry places the voxels and the DiffDRR isocentre).
+    #[arg(long)]
+    pub ct: PathBuf,
+    #[command(flatten)]
+    pub camera: CameraArgs,
+    /// DiffDRR pose "a,b,c,x,y,z": ZXY Euler angles (rad) and translation (mm).
+    #[arg(long, allow_hyphen_values = true)]
+    pub diffdrr_pose: String,
+    /// Voxel indices "i,j,k;i,j,k;..." (0-based, the file's own index order).
+    #[arg(long, allow_hyphen_values = true)]
+    pub voxels: String,
+}
+
+/// Which ray integral `render` computes.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RendererArg {
+    /// Exact Siddon ray traversal.
+    Siddon,
+    /// Trilinear ray marching (DiffDRR's 500 samples).
+    Trilinear,
+}
+
+/// HU -> attenuation model.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttenuationArg {
+    /// DiffDRR's min-max normalised density (the default with --diffdrr-pose).
+    Diffdrr,
+    /// mu = 0.02/mm (1 + HU/1000) (the default with --pose).
+    Physical,
+    /// Bone above 200 HU only.
+    Bone,
+}
+
+/// `fluoropose render`.
+#[derive(Args, Debug)]
+pub struct RenderArgs {
+    /// The CT: NIfTI file or DICOM folder, or `phantom:N`.
+    #[arg(long)]
+    pub ct: String,
+    #[command(flatten)]
+    pub camera: CameraArgs,
+    /// Ray integral.
+    #[arg(long, value_enum, default_value_t = RendererArg::Siddon)]
+    pub renderer: RendererArg,
+    /// Use the CPU reference renderer.
+    #[arg(long)]
+    pub cpu: bool,
+    /// This project's pose "rx,ry,rz,tx,ty,tz": Rodrigues vector (rad), translation (mm).
+    #[arg(long, allow_hyphen_values = true, conflicts_with = "diffdrr_pose")]
+    pub pose: Option<String>,
+    /// DiffDRR pose "a,b,c,x,y,z" (ZXY Euler, rad; mm), exactly as DiffDRR 0.6.1 renders it.
+    #[arg(long, allow_hyphen_values = true)]
+    pub diffdrr_pose: Option<String>,
+    /// HU -> attenuation.
+    #[arg(long, value_enum)]
+    pub attenuation: Option<AttenuationArg>,
+    /// Output file: .npy, .png or .tif(f).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        None => {
+            use clap::CommandFactory;
+            Cli::command().print_help()?;
+            println!();
+            Ok(())
+        }
+        Some(Command::Info(a)) => info(&a),
+        Some(Command::Phantom(a)) => phantom(&a),
+        Some(Command::Project(a)) => project(&a),
+        Some(Command::Render(a)) => render(&a),
+    }
+}
+
+/// Loads a CT given as a path or `phantom:N`.
+pub fn load_ct(spec: &str, series: Option<&str>) -> Result<Volume> {
+    if let Some(id) = spec.strip_prefix("phantom:") {
+        let id: u64 = id.parse().with_context(|| format!("\"{spec}\": the phantom subject must be a number"))?;
+        return Ok(volume::phantom::phantom_subject(id, None).0);
+    }
+    volume::read_volume(Path::new(spec), series).with_context(|| format!("loading the CT {spec}"))
+}
+
+fn info(a: &InfoArgs) -> Result<()> {
+    let v = volume::read_volume(&a.ct, a.series.as_deref())?;
+    let (lo, hi) = v.hu_range();
+    let d = v.dims();
+    let s = v.spacing_mm();
+    let o = v.origin_mm();
+    if a.json {
+        let j = serde_json::json!({
+            "source": v.meta.source,
+            "dims": d,
+            "spacing_mm": s,
+            "origin_lps_mm": [o.x, o.y, o.z],
+            "direction": v.direction().as_slice(),
+            "orientation": v.orientation_code(),
+            "hu_range": [lo, hi],
+            "modality": v.meta.modality,
+            "series_uid": v.meta.series_uid,
+            "description": v.meta.description,
+            "warnings": v.meta.warnings,
+        });
+        println!("{}", serde_json::to_string_pretty(&j)?);
+        return Ok(());
+    }
+    println!("source:       {}", v.meta.source);
+    println!("modality:     {}", v.meta.modality);
+    if let Some(uid) = &v.meta.series_uid {
+        println!("series:       {uid}");
+    }
+    if !v.meta.description.is_empty() {
+        println!("description:  {}", v.meta.description);
+    }
+    println!("dimensions:   {} x {} x {} voxels", d[0], d[1], d[2]);
+    println!("spacing:      {:.4} x {:.4} x {:.4} mm", s[0], s[1], s[2]);
+    let e = v.extent_mm();
+    println!("extent:       {:.1} x {:.1} x {:.1} mm", e[0], e[1], e[2]);
+    println!("orientation:  {} (voxel axes i, j, k point to)", v.orientation_code());
+    println!("origin (LPS): ({:.3}, {:.3}, {:.3}) mm", o.x, o.y, o.z);
+    println!("HU range:     {lo:.1} .. {hi:.1}");
+    for w in &v.meta.warnings {
+        println!("warning:      {w}");
+    }
+    Ok(())
+}
+
+fn parse_range(s: &str) -> Result<(u64, u64)> {
+    let (a, b) = match s.split_once("..") {
+        Some((a, b)) => (a.trim().parse()?, b.trim().parse()?),
+        None => {
+            let n = s.trim().parse()?;
+            (n, n)
+        }
+    };
+    if b < a {
+        bail!("empty subject range {s}");
+    }
+    Ok((a, b))
+}
+
+fn progress(n: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(n);
+    pb.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+fn phantom(a: &PhantomArgs) -> Result<()> {
+    let (first, last) = parse_range(&a.subject).with_context(|| format!("--subject \"{}\"", a.subject))?;
+    if !(a.spacing.is_finite() && a.spacing >= 0.25) {
+        bail!("--spacing must be at least 0.25 mm");
+    }
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let pb = progress(last - first + 1, "phantom");
+    for id in first..=last {
+        let (vol, lm) = volume::phantom::phantom_subject(id, Some(a.spacing));
+        let stem = format!("phantom_{id:04}");
+        let nii = a.out.join(format!("{stem}.nii.gz"));
+        volume::write_nifti(&vol, &nii)?;
+        lm.write(&a.out.join(format!("{stem}.mrk.json")))?;
+        if a.dicom {
+            let mut o = volume::DicomWriteOptions::default();
+            o.description = vol.meta.description.clone();
+            volume::write_dicom_series(&vol, &a.out.join(format!("{stem}_dicom")), &o)?;
+        }
+        pb.inc(1);
+        pb.println(format!("{} ({} x {} x {} voxels)", nii.display(), vol.dims()[0], vol.dims()[1], vol.dims()[2]));
+    }
+    pb.finish_and_clear();
+    Ok(())
+}
+
+fn parse_voxels(s: &str) -> Result<Vec<Point3<f64>>> {
+    s.split(';')
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| {
+            let v: Vec<f64> = t.split(',').map(|x| x.trim().parse::<f64>()).collect::<Result<_, _>>()
+                .with_context(|| format!("voxel \"{t}\" is not three numbers"))?;
+            match v.as_slice() {
+                [i, j, k] if v.iter().all(|x| x.is_finite()) => Ok(Point3::new(*i, *j, *k)),
+                _ => bail!("voxel \"{t}\" is not three numbers i,j,k"),
+            }
+        })
+        .collect()
+}
+
+fn project(a: &ProjectArgs) -> Result<()> {
+    let cam = a.camera.camera()?;
+    let dpose = diffdrr::DiffDrrPose::parse(&a.diffdrr_pose).map_err(anyhow::Error::msg)?;
+    let voxels = parse_voxels(&a.voxels)?;
+    let vol = load_ct(&a.ct.to_string_lossy(), None)?;
+    let pose = dpose.to_pose(&vol.center_mm());
+    let uv: Vec<[f64; 2]> = voxels
+        .iter()
+        .map(|ijk| {
+            let p = cam.project(&pose, &vol.voxel_to_world(*ijk));
+            [p.x, p.y]
+        })
+        .collect();
+    println!("{}", serde_json::to_string(&uv)?);
+    Ok(())
+}
+
+fn parse_pose(s: &str) -> Result<Pose> {
+    let v: Vec<f64> = s.split(',').map(|x| x.trim().parse::<f64>()).collect::<Result<_, _>>()
+        .with_context(|| format!("--pose \"{s}\" is not six numbers"))?;
+    if v.len() != 6 || v.iter().any(|x| !x.is_finite()) {
+        bail!("--pose needs six finite numbers rx,ry,rz,tx,ty,tz, got \"{s}\"");
+    }
+    Ok(Pose::new(Vector3::new(v[0], v[1], v[2]), Vector3::new(v[3], v[4], v[5])))
+}
+
+fn render(a: &RenderArgs) -> Result<()> {
+    let cam = a.camera.camera()?;
+    let vol = load_ct(&a.ct, None)?;
+    let (pose, default_att) = match (&a.pose, &a.diffdrr_pose) {
+        (Some(p), None) => (parse_pose(p)?, AttenuationArg::Physical),
+        (None, Some(d)) => (
+            diffdrr::DiffDrrPose::parse(d).map_err(anyhow::Error::msg)?.to_pose(&vol.center_mm()),
+            AttenuationArg::Diffdrr,
+        ),
+        _ => bail!("give exactly one of --pose or --diffdrr-pose"),
+    };
+    let att = match a.attenuation.unwrap_or(default_att) {
+        AttenuationArg::Diffdrr => Attenuation::diffdrr(),
+        AttenuationArg::Physical => Attenuation::default(),
+        AttenuationArg::Bone => Attenuation::BoneOnly { threshold_hu: 200.0 },
+    };
+    let density = DensityVolume::from_volume(&vol, att);
+    let renderer = match a.renderer {
+        RendererArg::Siddon => cpu::Renderer::Siddon,
+        RendererArg::Trilinear => cpu::Renderer::Trilinear { n_points: 500 },
+    };
+    if !a.cpu {
+        eprintln!("note: the GPU renderer is not built yet; rendering on the CPU reference");
+    }
+    let img = cpu::render(&density, &cam, &pose, renderer);
+    crate::drr::image_io::write_image(&a.out, &img, cam.width_px as usize, cam.height_px as usize)?;
+    Ok(())
+}
+
+/// Reads 3D landmarks for the CLI with context.
+pub fn read_landmarks3d(path: &Path) -> Result<Landmarks3d> {
+    Ok(Landmarks3d::read(path)?)
+}
