@@ -153,6 +153,10 @@ pub struct RenderArgs {
     /// Output file: .npy, .png or .tif(f).
     #[arg(long)]
     pub out: PathBuf,
+    /// Also project these 3D landmarks (.mrk.json, .fcsv, .csv; `auto` for a phantom's own), print
+    /// their pixels as JSON and write `<out>.overlay.png` with them drawn on the DRR.
+    #[arg(long)]
+    pub landmarks: Option<String>,
 }
 
 /// Runs a parsed command line.
@@ -339,7 +343,27 @@ fn render(a: &RenderArgs) -> Result<()> {
         eprintln!("note: the GPU renderer is not built yet; rendering on the CPU reference");
     }
     let img = cpu::render(&density, &cam, &pose, renderer);
-    crate::drr::image_io::write_image(&a.out, &img, cam.width_px as usize, cam.height_px as usize)?;
+    let (w, h) = (cam.width_px as usize, cam.height_px as usize);
+    crate::drr::image_io::write_image(&a.out, &img, w, h)?;
+    if let Some(spec) = &a.landmarks {
+        let lm = match (spec.as_str(), a.ct.strip_prefix("phantom:")) {
+            ("auto", Some(id)) => volume::phantom::phantom_subject(id.parse()?, Some(8.0)).1,
+            ("auto", None) => bail!("--landmarks auto needs a phantom:N CT"),
+            (path, _) => read_landmarks3d(Path::new(path))?,
+        };
+        let pts: Vec<_> = lm
+            .points
+            .iter()
+            .zip(crate::landmarks::LANDMARKS)
+            .filter_map(|(p, info)| p.map(|p| (cam.project(&pose, &p), info.color)))
+            .collect();
+        let json: Vec<[f64; 2]> = pts.iter().map(|(p, _)| [p.x, p.y]).collect();
+        println!("{}", serde_json::to_string(&json)?);
+        let over = crate::drr::image_io::overlay_rgb(&img, w, h, &pts);
+        let path = a.out.with_extension("overlay.png");
+        crate::io::atomic_write_with(&path, |tmp| over.save_with_format(tmp, image::ImageFormat::Png).map_err(std::io::Error::other))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
 }
 

@@ -211,6 +211,9 @@ impl Landmarks3d {
 
     fn from_json_array(v: &Value) -> Result<Self, String> {
         let pts = parse_points::<3>(v)?;
+        if pts.len() != N_LANDMARKS {
+            return Err(format!("{} points; expected 8 points in the paper's order (null for an absent one)", pts.len()));
+        }
         Self::assign(pts.into_iter().enumerate().map(|(i, p)| ((i + 1).to_string(), p.map(Point3::from))).collect())
     }
 

@@ -132,3 +132,42 @@ mod tests {
         assert!(parse_npy(b"not numpy").is_err());
     }
 }
+
+/// Display window `(lo, hi)`: the 0.5th and 99.5th percentiles of the finite values.
+pub fn percentile_window(data: &[f32]) -> (f32, f32) {
+    let mut v: Vec<f32> = data.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return (0.0, 1.0);
+    }
+    v.sort_by(f32::total_cmp);
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    let (lo, hi) = (at(0.005), at(0.995));
+    if hi > lo { (lo, hi) } else { (lo, lo + 1.0) }
+}
+
+/// An 8-bit RGB picture of a DRR (percentile window) with coloured rings at `points`.
+pub fn overlay_rgb(data: &[f32], width: usize, height: usize, points: &[(nalgebra::Point2<f64>, [u8; 3])]) -> image::RgbImage {
+    let (lo, hi) = percentile_window(data);
+    let mut img = image::RgbImage::from_fn(width as u32, height as u32, |x, y| {
+        let v = data[y as usize * width + x as usize];
+        let g = (((v - lo) / (hi - lo)).clamp(0.0, 1.0) * 255.0) as u8;
+        image::Rgb([g, g, g])
+    });
+    let r = (width.max(height) as f64 / 90.0).max(3.0);
+    for (p, c) in points {
+        if !(p.x.is_finite() && p.y.is_finite()) {
+            continue;
+        }
+        let (x0, x1) = ((p.x - r - 2.0).floor().max(0.0) as i64, (p.x + r + 2.0).ceil() as i64);
+        let (y0, y1) = ((p.y - r - 2.0).floor().max(0.0) as i64, (p.y + r + 2.0).ceil() as i64);
+        for y in y0..=y1.min(height as i64 - 1) {
+            for x in x0..=x1.min(width as i64 - 1) {
+                let d = ((x as f64 + 0.5 - p.x).powi(2) + (y as f64 + 0.5 - p.y).powi(2)).sqrt();
+                if (d - r).abs() < 1.0 || d < 1.2 {
+                    img.put_pixel(x as u32, y as u32, image::Rgb(*c));
+                }
+            }
+        }
+    }
+    img
+}

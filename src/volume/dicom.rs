@@ -179,6 +179,18 @@ pub fn read_dicom_series(dir: &Path, series_uid: Option<&str>) -> Result<Volume,
     stack_series(dir, chosen)
 }
 
+/// Stacks the given files as one series (the files of one folder, or a single file).
+pub(crate) fn read_dicom_files(label: &Path, files: &[PathBuf], uid: &str) -> Result<Volume, VolumeError> {
+    let obj = open_header(&files[0])?;
+    let info = DicomSeriesInfo {
+        uid: uid.to_string(),
+        modality: text(&obj, tags::MODALITY).unwrap_or_default(),
+        description: text(&obj, tags::SERIES_DESCRIPTION).unwrap_or_default(),
+        files: files.to_vec(),
+    };
+    stack_series(label, &info)
+}
+
 fn describe(all: &[DicomSeriesInfo]) -> Vec<String> {
     all.iter()
         .map(|s| format!("  {}  {} \"{}\" ({} files)", s.uid, s.modality, s.description, s.files.len()))

