@@ -178,7 +178,9 @@ pub fn run(cli: Cli) -> Result<()> {
 /// Loads a CT given as a path or `phantom:N`.
 pub fn load_ct(spec: &str, series: Option<&str>) -> Result<Volume> {
     if let Some(id) = spec.strip_prefix("phantom:") {
-        let id: u64 = id.parse().with_context(|| format!("\"{spec}\": the phantom subject must be a number"))?;
+        let id: u64 = id
+            .parse()
+            .with_context(|| format!("\"{spec}\": the phantom subject must be a number"))?;
         return Ok(volume::phantom::phantom_subject(id, None).0);
     }
     volume::read_volume(Path::new(spec), series).with_context(|| format!("loading the CT {spec}"))
@@ -219,7 +221,10 @@ fn info(a: &InfoArgs) -> Result<()> {
     println!("spacing:      {:.4} x {:.4} x {:.4} mm", s[0], s[1], s[2]);
     let e = v.extent_mm();
     println!("extent:       {:.1} x {:.1} x {:.1} mm", e[0], e[1], e[2]);
-    println!("orientation:  {} (voxel axes i, j, k point to)", v.orientation_code());
+    println!(
+        "orientation:  {} (voxel axes i, j, k point to)",
+        v.orientation_code()
+    );
     println!("origin (LPS): ({:.3}, {:.3}, {:.3}) mm", o.x, o.y, o.z);
     println!("HU range:     {lo:.1} .. {hi:.1}");
     for w in &v.meta.warnings {
@@ -254,7 +259,8 @@ fn progress(n: u64, what: &str) -> ProgressBar {
 }
 
 fn phantom(a: &PhantomArgs) -> Result<()> {
-    let (first, last) = parse_range(&a.subject).with_context(|| format!("--subject \"{}\"", a.subject))?;
+    let (first, last) =
+        parse_range(&a.subject).with_context(|| format!("--subject \"{}\"", a.subject))?;
     if !(a.spacing.is_finite() && a.spacing >= 0.25) {
         bail!("--spacing must be at least 0.25 mm");
     }
@@ -267,12 +273,20 @@ fn phantom(a: &PhantomArgs) -> Result<()> {
         volume::write_nifti(&vol, &nii)?;
         lm.write(&a.out.join(format!("{stem}.mrk.json")))?;
         if a.dicom {
-            let mut o = volume::DicomWriteOptions::default();
-            o.description = vol.meta.description.clone();
+            let o = volume::DicomWriteOptions {
+                description: vol.meta.description.clone(),
+                ..Default::default()
+            };
             volume::write_dicom_series(&vol, &a.out.join(format!("{stem}_dicom")), &o)?;
         }
         pb.inc(1);
-        pb.println(format!("{} ({} x {} x {} voxels)", nii.display(), vol.dims()[0], vol.dims()[1], vol.dims()[2]));
+        pb.println(format!(
+            "{} ({} x {} x {} voxels)",
+            nii.display(),
+            vol.dims()[0],
+            vol.dims()[1],
+            vol.dims()[2]
+        ));
     }
     pb.finish_and_clear();
     Ok(())
@@ -282,7 +296,10 @@ fn parse_voxels(s: &str) -> Result<Vec<Point3<f64>>> {
     s.split(';')
         .filter(|t| !t.trim().is_empty())
         .map(|t| {
-            let v: Vec<f64> = t.split(',').map(|x| x.trim().parse::<f64>()).collect::<Result<_, _>>()
+            let v: Vec<f64> = t
+                .split(',')
+                .map(|x| x.trim().parse::<f64>())
+                .collect::<Result<_, _>>()
                 .with_context(|| format!("voxel \"{t}\" is not three numbers"))?;
             match v.as_slice() {
                 [i, j, k] if v.iter().all(|x| x.is_finite()) => Ok(Point3::new(*i, *j, *k)),
@@ -310,12 +327,18 @@ fn project(a: &ProjectArgs) -> Result<()> {
 }
 
 fn parse_pose(s: &str) -> Result<Pose> {
-    let v: Vec<f64> = s.split(',').map(|x| x.trim().parse::<f64>()).collect::<Result<_, _>>()
+    let v: Vec<f64> = s
+        .split(',')
+        .map(|x| x.trim().parse::<f64>())
+        .collect::<Result<_, _>>()
         .with_context(|| format!("--pose \"{s}\" is not six numbers"))?;
     if v.len() != 6 || v.iter().any(|x| !x.is_finite()) {
         bail!("--pose needs six finite numbers rx,ry,rz,tx,ty,tz, got \"{s}\"");
     }
-    Ok(Pose::new(Vector3::new(v[0], v[1], v[2]), Vector3::new(v[3], v[4], v[5])))
+    Ok(Pose::new(
+        Vector3::new(v[0], v[1], v[2]),
+        Vector3::new(v[3], v[4], v[5]),
+    ))
 }
 
 fn render(a: &RenderArgs) -> Result<()> {
@@ -324,7 +347,9 @@ fn render(a: &RenderArgs) -> Result<()> {
     let (pose, default_att) = match (&a.pose, &a.diffdrr_pose) {
         (Some(p), None) => (parse_pose(p)?, AttenuationArg::Physical),
         (None, Some(d)) => (
-            diffdrr::DiffDrrPose::parse(d).map_err(anyhow::Error::msg)?.to_pose(&vol.center_mm()),
+            diffdrr::DiffDrrPose::parse(d)
+                .map_err(anyhow::Error::msg)?
+                .to_pose(&vol.center_mm()),
             AttenuationArg::Diffdrr,
         ),
         _ => bail!("give exactly one of --pose or --diffdrr-pose"),
@@ -332,7 +357,9 @@ fn render(a: &RenderArgs) -> Result<()> {
     let att = match a.attenuation.unwrap_or(default_att) {
         AttenuationArg::Diffdrr => Attenuation::diffdrr(),
         AttenuationArg::Physical => Attenuation::default(),
-        AttenuationArg::Bone => Attenuation::BoneOnly { threshold_hu: 200.0 },
+        AttenuationArg::Bone => Attenuation::BoneOnly {
+            threshold_hu: 200.0,
+        },
     };
     let density = DensityVolume::from_volume(&vol, att);
     let renderer = match a.renderer {
@@ -361,8 +388,11 @@ fn render(a: &RenderArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&json)?);
         let over = crate::drr::image_io::overlay_rgb(&img, w, h, &pts);
         let path = a.out.with_extension("overlay.png");
-        crate::io::atomic_write_with(&path, |tmp| over.save_with_format(tmp, image::ImageFormat::Png).map_err(std::io::Error::other))
-            .with_context(|| format!("writing {}", path.display()))?;
+        crate::io::atomic_write_with(&path, |tmp| {
+            over.save_with_format(tmp, image::ImageFormat::Png)
+                .map_err(std::io::Error::other)
+        })
+        .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

@@ -28,10 +28,30 @@ where
         std::fs::File::open(&tmp_path)?.sync_all()?;
         Ok(())
     });
+    // Temporary files are created private (0600); give the result the permissions the file it
+    // replaces had, or the usual 0644 for a new one.
+    let result = result.and_then(|()| {
+        let perms = match std::fs::metadata(path) {
+            Ok(m) => Some(m.permissions()),
+            Err(_) => default_permissions(),
+        };
+        perms.map_or(Ok(()), |p| std::fs::set_permissions(&tmp_path, p))
+    });
     match result {
         Ok(()) => tmp.persist(path).map(|_| ()).map_err(|e| e.error),
         Err(e) => Err(e), // `tmp` is deleted on drop
     }
+}
+
+#[cfg(unix)]
+fn default_permissions() -> Option<std::fs::Permissions> {
+    use std::os::unix::fs::PermissionsExt;
+    Some(std::fs::Permissions::from_mode(0o644))
+}
+
+#[cfg(not(unix))]
+fn default_permissions() -> Option<std::fs::Permissions> {
+    None
 }
 
 /// Writes bytes atomically (see [`atomic_write_with`]).
@@ -62,6 +82,14 @@ mod tests {
         atomic_write(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(
+                std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+                0o644
+            );
+        }
     }
 
     #[test]

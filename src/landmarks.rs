@@ -33,14 +33,54 @@ pub struct LandmarkInfo {
 
 /// The eight landmarks, in the paper's order (index = number - 1).
 pub const LANDMARKS: [LandmarkInfo; N_LANDMARKS] = [
-    LandmarkInfo { number: 1, code: "L-ASIS", name: "left anterior superior iliac spine", color: [230, 25, 75] },
-    LandmarkInfo { number: 2, code: "L-IOF", name: "left inferior obturator foramen", color: [245, 130, 48] },
-    LandmarkInfo { number: 3, code: "L-MOF", name: "left medial obturator foramen", color: [255, 225, 25] },
-    LandmarkInfo { number: 4, code: "SPS", name: "superior pubic symphysis", color: [60, 180, 75] },
-    LandmarkInfo { number: 5, code: "IPS", name: "inferior pubic symphysis", color: [70, 240, 240] },
-    LandmarkInfo { number: 6, code: "R-MOF", name: "right medial obturator foramen", color: [0, 130, 200] },
-    LandmarkInfo { number: 7, code: "R-IOF", name: "right inferior obturator foramen", color: [145, 30, 180] },
-    LandmarkInfo { number: 8, code: "R-ASIS", name: "right anterior superior iliac spine", color: [240, 50, 230] },
+    LandmarkInfo {
+        number: 1,
+        code: "L-ASIS",
+        name: "left anterior superior iliac spine",
+        color: [230, 25, 75],
+    },
+    LandmarkInfo {
+        number: 2,
+        code: "L-IOF",
+        name: "left inferior obturator foramen",
+        color: [245, 130, 48],
+    },
+    LandmarkInfo {
+        number: 3,
+        code: "L-MOF",
+        name: "left medial obturator foramen",
+        color: [255, 225, 25],
+    },
+    LandmarkInfo {
+        number: 4,
+        code: "SPS",
+        name: "superior pubic symphysis",
+        color: [60, 180, 75],
+    },
+    LandmarkInfo {
+        number: 5,
+        code: "IPS",
+        name: "inferior pubic symphysis",
+        color: [70, 240, 240],
+    },
+    LandmarkInfo {
+        number: 6,
+        code: "R-MOF",
+        name: "right medial obturator foramen",
+        color: [0, 130, 200],
+    },
+    LandmarkInfo {
+        number: 7,
+        code: "R-IOF",
+        name: "right inferior obturator foramen",
+        color: [145, 30, 180],
+    },
+    LandmarkInfo {
+        number: 8,
+        code: "R-ASIS",
+        name: "right anterior superior iliac spine",
+        color: [240, 50, 230],
+    },
 ];
 
 /// Errors of the landmark readers and writers.
@@ -66,16 +106,24 @@ pub enum LandmarkError {
 }
 
 fn fmt_err(path: &Path, reason: impl std::fmt::Display) -> LandmarkError {
-    LandmarkError::Format { path: path.to_owned(), reason: reason.to_string() }
+    LandmarkError::Format {
+        path: path.to_owned(),
+        reason: reason.to_string(),
+    }
 }
 
 fn read_text(path: &Path) -> Result<String, LandmarkError> {
-    std::fs::read_to_string(path).map_err(|e| LandmarkError::Io { path: path.to_owned(), source: e })
+    std::fs::read_to_string(path).map_err(|e| LandmarkError::Io {
+        path: path.to_owned(),
+        source: e,
+    })
 }
 
 fn write_text(path: &Path, text: &str) -> Result<(), LandmarkError> {
-    crate::io::atomic_write(path, text.as_bytes())
-        .map_err(|e| LandmarkError::Io { path: path.to_owned(), source: e })
+    crate::io::atomic_write(path, text.as_bytes()).map_err(|e| LandmarkError::Io {
+        path: path.to_owned(),
+        source: e,
+    })
 }
 
 /// Finds the landmark a free-text label names: the code, the number, or common spellings
@@ -91,10 +139,11 @@ pub fn landmark_from_label(label: &str) -> Option<usize> {
         return None;
     }
     // A bare number or "landmark N"/"L N"/"F-N" style.
-    if let Some(n) = words.last().and_then(|w| w.parse::<usize>().ok()) {
-        if words.len() <= 2 && (1..=N_LANDMARKS).contains(&n) {
-            return Some(n - 1);
-        }
+    if let Some(n) = words.last().and_then(|w| w.parse::<usize>().ok())
+        && words.len() <= 2
+        && (1..=N_LANDMARKS).contains(&n)
+    {
+        return Some(n - 1);
     }
     let has = |w: &str| words.contains(&w);
     let left = has("L") || has("LEFT") || has("LT");
@@ -162,9 +211,14 @@ impl Landmarks3d {
         } else if name.ends_with(".csv") {
             Self::from_csv(&text).map_err(|r| fmt_err(path, r))
         } else {
-            let v: Value = serde_json::from_str(&text).map_err(|e| fmt_err(path, format!("invalid JSON: {e}")))?;
-            if v.is_array() { Self::from_json_array(&v) } else { Self::from_markups_json(&v) }
-                .map_err(|r| fmt_err(path, r))
+            let v: Value = serde_json::from_str(&text)
+                .map_err(|e| fmt_err(path, format!("invalid JSON: {e}")))?;
+            if v.is_array() {
+                Self::from_json_array(&v)
+            } else {
+                Self::from_markups_json(&v)
+            }
+            .map_err(|r| fmt_err(path, r))
         }
     }
 
@@ -176,7 +230,8 @@ impl Landmarks3d {
         } else if name.ends_with(".csv") {
             self.to_csv()
         } else {
-            serde_json::to_string_pretty(&self.to_markups_json(SlicerFrame::Lps)).unwrap_or_default()
+            serde_json::to_string_pretty(&self.to_markups_json(SlicerFrame::Lps))
+                .unwrap_or_default()
         };
         write_text(path, &text)
     }
@@ -184,12 +239,18 @@ impl Landmarks3d {
     /// Places points given in file order, or by their labels when every label names a landmark.
     fn assign(entries: Vec<(String, Option<Point3<f64>>)>) -> Result<Self, String> {
         let mut out = Self::default();
-        let by_label: Option<Vec<usize>> = entries.iter().map(|(l, _)| landmark_from_label(l)).collect();
+        let by_label: Option<Vec<usize>> = entries
+            .iter()
+            .map(|(l, _)| landmark_from_label(l))
+            .collect();
         match by_label {
             Some(idx) => {
                 for ((label, p), i) in entries.iter().zip(idx) {
                     if out.points[i].is_some() {
-                        return Err(format!("landmark {} given twice (label \"{label}\")", LANDMARKS[i].code));
+                        return Err(format!(
+                            "landmark {} given twice (label \"{label}\")",
+                            LANDMARKS[i].code
+                        ));
                     }
                     out.points[i] = *p;
                 }
@@ -212,9 +273,17 @@ impl Landmarks3d {
     fn from_json_array(v: &Value) -> Result<Self, String> {
         let pts = parse_points::<3>(v)?;
         if pts.len() != N_LANDMARKS {
-            return Err(format!("{} points; expected 8 points in the paper's order (null for an absent one)", pts.len()));
+            return Err(format!(
+                "{} points; expected 8 points in the paper's order (null for an absent one)",
+                pts.len()
+            ));
         }
-        Self::assign(pts.into_iter().enumerate().map(|(i, p)| ((i + 1).to_string(), p.map(Point3::from))).collect())
+        Self::assign(
+            pts.into_iter()
+                .enumerate()
+                .map(|(i, p)| ((i + 1).to_string(), p.map(Point3::from)))
+                .collect(),
+        )
     }
 
     /// Parses Slicer's markups JSON (schema v1.0.x): the first markup's control points, in its
@@ -225,22 +294,38 @@ impl Landmarks3d {
             .and_then(|m| m.as_array())
             .and_then(|m| m.first())
             .ok_or("no \"markups\" array: not a Slicer markups file")?;
-        let frame = match markup.get("coordinateSystem").and_then(|c| c.as_str()).unwrap_or("LPS") {
+        let frame = match markup
+            .get("coordinateSystem")
+            .and_then(|c| c.as_str())
+            .unwrap_or("LPS")
+        {
             "LPS" => SlicerFrame::Lps,
             "RAS" => SlicerFrame::Ras,
             other => return Err(format!("coordinateSystem \"{other}\" is not LPS or RAS")),
         };
-        let cps = markup.get("controlPoints").and_then(|c| c.as_array()).ok_or("the markup has no \"controlPoints\"")?;
+        let cps = markup
+            .get("controlPoints")
+            .and_then(|c| c.as_array())
+            .ok_or("the markup has no \"controlPoints\"")?;
         let mut entries = Vec::new();
         for (i, cp) in cps.iter().enumerate() {
-            let label = cp.get("label").and_then(|l| l.as_str()).unwrap_or("").to_string();
+            let label = cp
+                .get("label")
+                .and_then(|l| l.as_str())
+                .unwrap_or("")
+                .to_string();
             let undefined = cp.get("positionStatus").and_then(|s| s.as_str()) == Some("undefined");
             let p = match cp.get("position") {
                 Some(pos) if !undefined => {
-                    let a = parse_vec::<3>(pos).map_err(|e| format!("control point {}: {e}", i + 1))?;
+                    let a =
+                        parse_vec::<3>(pos).map_err(|e| format!("control point {}: {e}", i + 1))?;
                     a.map(|a| {
                         let p = Point3::from(a);
-                        if frame == SlicerFrame::Ras { flip_xy(p) } else { p }
+                        if frame == SlicerFrame::Ras {
+                            flip_xy(p)
+                        } else {
+                            p
+                        }
                     })
                 }
                 _ => None,
@@ -256,7 +341,13 @@ impl Landmarks3d {
             .iter()
             .zip(&self.points)
             .map(|(info, p)| {
-                let pos = p.map(|p| if frame == SlicerFrame::Ras { flip_xy(p) } else { p });
+                let pos = p.map(|p| {
+                    if frame == SlicerFrame::Ras {
+                        flip_xy(p)
+                    } else {
+                        p
+                    }
+                });
                 json!({
                     "id": info.number.to_string(),
                     "label": info.code,
@@ -292,10 +383,11 @@ impl Landmarks3d {
     /// `id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID`).
     pub fn from_fcsv(text: &str) -> Result<Self, String> {
         let mut frame = SlicerFrame::Ras;
-        let mut columns: Vec<String> = "id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID"
-            .split(',')
-            .map(String::from)
-            .collect();
+        let mut columns: Vec<String> =
+            "id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID"
+                .split(',')
+                .map(String::from)
+                .collect();
         let mut entries = Vec::new();
         for line in text.lines() {
             let line = line.trim_end_matches('\r');
@@ -306,23 +398,37 @@ impl Landmarks3d {
                     frame = match cs {
                         "0" | "RAS" => SlicerFrame::Ras,
                         "1" | "LPS" => SlicerFrame::Lps,
-                        other => return Err(format!("CoordinateSystem \"{other}\" is not RAS or LPS")),
+                        other => {
+                            return Err(format!("CoordinateSystem \"{other}\" is not RAS or LPS"));
+                        }
                     };
                 } else if let Some(cols) = comment.strip_prefix("columns") {
-                    columns = cols.trim_start_matches([' ', '=']).split(',').map(|c| c.trim().to_string()).collect();
+                    columns = cols
+                        .trim_start_matches([' ', '='])
+                        .split(',')
+                        .map(|c| c.trim().to_string())
+                        .collect();
                 }
                 continue;
             }
             if line.trim().is_empty() {
                 continue;
             }
-            let mut rdr = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(line.as_bytes());
+            let mut rdr = csv::ReaderBuilder::new()
+                .has_headers(false)
+                .flexible(true)
+                .from_reader(line.as_bytes());
             let rec = rdr
                 .records()
                 .next()
                 .ok_or("empty record")?
                 .map_err(|e| format!("bad CSV record \"{line}\": {e}"))?;
-            let col = |name: &str| columns.iter().position(|c| c == name).and_then(|i| rec.get(i));
+            let col = |name: &str| {
+                columns
+                    .iter()
+                    .position(|c| c == name)
+                    .and_then(|i| rec.get(i))
+            };
             let num = |name: &str| -> Result<f64, String> {
                 col(name)
                     .ok_or(format!("record \"{line}\" has no {name} column"))?
@@ -331,7 +437,13 @@ impl Landmarks3d {
                     .map_err(|_| format!("record \"{line}\": {name} is not a number"))
             };
             let p = Point3::new(num("x")?, num("y")?, num("z")?);
-            let p = p.iter().all(|v| v.is_finite()).then(|| if frame == SlicerFrame::Ras { flip_xy(p) } else { p });
+            let p = p.iter().all(|v| v.is_finite()).then(|| {
+                if frame == SlicerFrame::Ras {
+                    flip_xy(p)
+                } else {
+                    p
+                }
+            });
             entries.push((col("label").unwrap_or("").to_string(), p));
         }
         Self::assign(entries)
@@ -344,21 +456,31 @@ impl Landmarks3d {
         );
         for (info, p) in LANDMARKS.iter().zip(&self.points) {
             let p = p.unwrap_or(Point3::new(f64::NAN, f64::NAN, f64::NAN));
-            s.push_str(&format!("{},{},{},{},0,0,0,1,1,1,0,{},{},\n", info.number, p.x, p.y, p.z, info.code, info.name));
+            s.push_str(&format!(
+                "{},{},{},{},0,0,0,1,1,1,0,{},{},\n",
+                info.number, p.x, p.y, p.z, info.code, info.name
+            ));
         }
         s
     }
 
     /// CSV with a header `code,x_lps_mm,y_lps_mm,z_lps_mm`; empty fields for absent landmarks.
     pub fn from_csv(text: &str) -> Result<Self, String> {
-        let mut rdr = csv::ReaderBuilder::new().has_headers(true).trim(csv::Trim::All).from_reader(text.as_bytes());
+        let mut rdr = csv::ReaderBuilder::new()
+            .has_headers(true)
+            .trim(csv::Trim::All)
+            .from_reader(text.as_bytes());
         let mut entries = Vec::new();
         for rec in rdr.records() {
             let rec = rec.map_err(|e| format!("bad CSV: {e}"))?;
             if rec.len() < 4 {
-                return Err(format!("row {:?} needs 4 fields: code,x,y,z", rec.iter().collect::<Vec<_>>()));
+                return Err(format!(
+                    "row {:?} needs 4 fields: code,x,y,z",
+                    rec.iter().collect::<Vec<_>>()
+                ));
             }
-            let coords: Result<Vec<Option<f64>>, String> = (1..4).map(|i| parse_opt_f64(&rec[i])).collect();
+            let coords: Result<Vec<Option<f64>>, String> =
+                (1..4).map(|i| parse_opt_f64(&rec[i])).collect();
             let c = coords?;
             let p = match (c[0], c[1], c[2]) {
                 (Some(x), Some(y), Some(z)) => Some(Point3::new(x, y, z)),
@@ -398,13 +520,18 @@ fn parse_vec<const N: usize>(v: &Value) -> Result<Option<[f64; N]>, String> {
         return Ok(None);
     }
     if arr.len() != N {
-        return Err(format!("a point must have {N} coordinates, found {}", arr.len()));
+        return Err(format!(
+            "a point must have {N} coordinates, found {}",
+            arr.len()
+        ));
     }
     let mut out = [0.0; N];
     for (o, x) in out.iter_mut().zip(arr) {
         match x.as_f64() {
             Some(f) if f.is_finite() => *o = f,
-            _ if x.is_null() || x.as_str().is_some_and(|s| s.eq_ignore_ascii_case("nan")) => return Ok(None),
+            _ if x.is_null() || x.as_str().is_some_and(|s| s.eq_ignore_ascii_case("nan")) => {
+                return Ok(None);
+            }
             _ => return Err(format!("{x} is not a number")),
         }
     }
@@ -417,7 +544,13 @@ pub fn parse_points<const N: usize>(v: &Value) -> Result<Vec<Option<[f64; N]>>, 
         .ok_or("expected a JSON array of points")?
         .iter()
         .enumerate()
-        .map(|(i, p)| if p.is_null() { Ok(None) } else { parse_vec::<N>(p).map_err(|e| format!("point {}: {e}", i + 1)) })
+        .map(|(i, p)| {
+            if p.is_null() {
+                Ok(None)
+            } else {
+                parse_vec::<N>(p).map_err(|e| format!("point {}: {e}", i + 1))
+            }
+        })
         .collect()
 }
 
@@ -439,16 +572,24 @@ mod points2d_serde {
     use super::*;
     use serde::{Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(p: &[Option<Point2<f64>>; N_LANDMARKS], s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(
+        p: &[Option<Point2<f64>>; N_LANDMARKS],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         let v: Vec<Option<[f64; 2]>> = p.iter().map(|p| p.map(|p| [p.x, p.y])).collect();
         v.serialize(s)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[Option<Point2<f64>>; N_LANDMARKS], D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<[Option<Point2<f64>>; N_LANDMARKS], D::Error> {
         let v = Value::deserialize(d)?;
         let pts = parse_points::<2>(&v).map_err(serde::de::Error::custom)?;
         if pts.len() != N_LANDMARKS {
-            return Err(serde::de::Error::custom(format!("expected {N_LANDMARKS} points, found {}", pts.len())));
+            return Err(serde::de::Error::custom(format!(
+                "expected {N_LANDMARKS} points, found {}",
+                pts.len()
+            )));
         }
         let mut out = [None; N_LANDMARKS];
         for (o, p) in out.iter_mut().zip(pts) {
@@ -462,12 +603,16 @@ impl Landmarks2d {
     /// Reads one image's landmarks from JSON.
     pub fn read_json(path: &Path) -> Result<Self, LandmarkError> {
         let text = read_text(path)?;
-        serde_json::from_str(&text).map_err(|e| fmt_err(path, format!("invalid landmarks JSON: {e}")))
+        serde_json::from_str(&text)
+            .map_err(|e| fmt_err(path, format!("invalid landmarks JSON: {e}")))
     }
 
     /// Writes one image's landmarks as JSON, atomically.
     pub fn write_json(&self, path: &Path) -> Result<(), LandmarkError> {
-        write_text(path, &serde_json::to_string_pretty(self).unwrap_or_default())
+        write_text(
+            path,
+            &serde_json::to_string_pretty(self).unwrap_or_default(),
+        )
     }
 
     /// Reads the annotation tools' CSV: `image_name,image_width,image_height,n_landmarks,
@@ -479,19 +624,48 @@ impl Landmarks2d {
 
     /// See [`Landmarks2d::read_csv`].
     pub fn parse_csv(text: &str) -> Result<Vec<Self>, String> {
-        let mut rdr = csv::ReaderBuilder::new().trim(csv::Trim::All).flexible(true).from_reader(text.as_bytes());
-        let headers = rdr.headers().map_err(|e| format!("bad CSV header: {e}"))?.clone();
-        let col = |name: &str| headers.iter().position(|h| h == name).ok_or(format!("the CSV has no \"{name}\" column"));
-        let (ci, cw, ch) = (col("image_name")?, col("image_width")?, col("image_height")?);
+        let mut rdr = csv::ReaderBuilder::new()
+            .trim(csv::Trim::All)
+            .flexible(true)
+            .from_reader(text.as_bytes());
+        let headers = rdr
+            .headers()
+            .map_err(|e| format!("bad CSV header: {e}"))?
+            .clone();
+        let col = |name: &str| {
+            headers
+                .iter()
+                .position(|h| h == name)
+                .ok_or(format!("the CSV has no \"{name}\" column"))
+        };
+        let (ci, cw, ch) = (
+            col("image_name")?,
+            col("image_width")?,
+            col("image_height")?,
+        );
         let cxy: Vec<(usize, usize)> = (1..=N_LANDMARKS)
-            .map(|i| Ok((col(&format!("landmark_{i}_x"))?, col(&format!("landmark_{i}_y"))?)))
+            .map(|i| {
+                Ok((
+                    col(&format!("landmark_{i}_x"))?,
+                    col(&format!("landmark_{i}_y"))?,
+                ))
+            })
             .collect::<Result<_, String>>()?;
         let mut out = Vec::new();
         for (row, rec) in rdr.records().enumerate() {
             let rec = rec.map_err(|e| format!("row {}: {e}", row + 2))?;
             let get = |c: usize| rec.get(c).unwrap_or("");
-            let dim = |c: usize| get(c).parse::<u32>().map_err(|_| format!("row {}: \"{}\" is not an image size", row + 2, get(c)));
-            let mut lm = Self { image: get(ci).to_string(), width: dim(cw)?, height: dim(ch)?, points: [None; N_LANDMARKS] };
+            let dim = |c: usize| {
+                get(c)
+                    .parse::<u32>()
+                    .map_err(|_| format!("row {}: \"{}\" is not an image size", row + 2, get(c)))
+            };
+            let mut lm = Self {
+                image: get(ci).to_string(),
+                width: dim(cw)?,
+                height: dim(ch)?,
+                points: [None; N_LANDMARKS],
+            };
             for (p, &(cx, cy)) in lm.points.iter_mut().zip(&cxy) {
                 let x = parse_opt_f64(get(cx)).map_err(|e| format!("row {}: {e}", row + 2))?;
                 let y = parse_opt_f64(get(cy)).map_err(|e| format!("row {}: {e}", row + 2))?;
@@ -510,7 +684,11 @@ impl Landmarks2d {
         }
         s.push('\n');
         for lm in sets {
-            let name = if lm.image.contains([',', '"']) { format!("\"{}\"", lm.image.replace('"', "\"\"")) } else { lm.image.clone() };
+            let name = if lm.image.contains([',', '"']) {
+                format!("\"{}\"", lm.image.replace('"', "\"\""))
+            } else {
+                lm.image.clone()
+            };
             s.push_str(&format!("{name},{},{},{N_LANDMARKS}", lm.width, lm.height));
             for p in &lm.points {
                 match p {
@@ -536,7 +714,11 @@ mod tests {
     fn sample3d() -> Landmarks3d {
         let mut l = Landmarks3d::default();
         for (i, p) in l.points.iter_mut().enumerate() {
-            *p = Some(Point3::new(i as f64 * 10.5 - 40.0, -3.25 * i as f64, 100.0 + i as f64));
+            *p = Some(Point3::new(
+                i as f64 * 10.5 - 40.0,
+                -3.25 * i as f64,
+                100.0 + i as f64,
+            ));
         }
         l.points[4] = None;
         l
@@ -546,7 +728,10 @@ mod tests {
     fn labels_name_landmarks() {
         assert_eq!(landmark_from_label("L-ASIS"), Some(0));
         assert_eq!(landmark_from_label("ASIS_R"), Some(7));
-        assert_eq!(landmark_from_label("Left inferior obturator foramen"), Some(1));
+        assert_eq!(
+            landmark_from_label("Left inferior obturator foramen"),
+            Some(1)
+        );
         assert_eq!(landmark_from_label("r mof"), Some(5));
         assert_eq!(landmark_from_label("SPS"), Some(3));
         assert_eq!(landmark_from_label("inferior pubic symphysis"), Some(4));
@@ -582,12 +767,22 @@ mod tests {
 
     #[test]
     fn two_d_csv_and_json_round_trip_with_missing_points() {
-        let mut a = Landmarks2d { image: "img, 1.png".into(), width: 512, height: 512, points: [None; 8] };
+        let mut a = Landmarks2d {
+            image: "img, 1.png".into(),
+            width: 512,
+            height: 512,
+            points: [None; 8],
+        };
         for (i, p) in a.points.iter_mut().enumerate() {
             *p = Some(Point2::new(10.25 * i as f64, 500.0 - i as f64));
         }
         a.points[2] = None;
-        let b = Landmarks2d { image: "b.png".into(), width: 768, height: 600, points: [None; 8] };
+        let b = Landmarks2d {
+            image: "b.png".into(),
+            width: 768,
+            height: 600,
+            points: [None; 8],
+        };
         let back = Landmarks2d::parse_csv(&Landmarks2d::to_csv(&[a.clone(), b.clone()])).unwrap();
         assert_eq!(back, vec![a.clone(), b]);
         let json = serde_json::to_string(&a).unwrap();
@@ -599,8 +794,18 @@ mod tests {
     fn bad_input_is_an_error_not_a_panic() {
         assert!(Landmarks2d::parse_csv("image_name,image_width\nx,1\n").is_err());
         assert!(Landmarks3d::from_fcsv("1,abc,2,3,0,0,0,1,1,1,0,SPS,,\n").is_err());
-        assert!(Landmarks3d::from_markups_json(&json!({"markups": [{"controlPoints": [{"position": [1, 2]}]}]})).is_err());
-        assert!(serde_json::from_str::<Landmarks2d>(r#"{"image":"a","width":1,"height":1,"points":[[1,2]]}"#).is_err());
+        assert!(
+            Landmarks3d::from_markups_json(
+                &json!({"markups": [{"controlPoints": [{"position": [1, 2]}]}]})
+            )
+            .is_err()
+        );
+        assert!(
+            serde_json::from_str::<Landmarks2d>(
+                r#"{"image":"a","width":1,"height":1,"points":[[1,2]]}"#
+            )
+            .is_err()
+        );
         // NaN landmarks are absent, not errors.
         let l = Landmarks3d::from_csv("code,x,y,z\nSPS,nan,1,2\nIPS,1,2,3\n").unwrap();
         assert_eq!(l.points[3], None);

@@ -1,12 +1,16 @@
 //! Landmark files as other tools write them: 3D Slicer 5 markups JSON (LPS and RAS, default and
 //! anatomical labels, an undefined point), Slicer 4 and 5 `.fcsv`, and the 2D annotation CSV.
 
+#![allow(clippy::unwrap_used)] // test helpers may panic: that is how a test fails
+
 use fluoropose::landmarks::{LANDMARKS, Landmarks2d, Landmarks3d, landmark_from_label};
 use nalgebra::Point3;
 use std::path::PathBuf;
 
 fn data(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/landmarks").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/landmarks")
+        .join(name)
 }
 
 /// The LPS points all the fixture files describe.
@@ -37,13 +41,19 @@ fn close(a: &Landmarks3d, skip: Option<usize>) {
 
 #[test]
 fn slicer5_markups_in_lps_with_default_labels() {
-    close(&Landmarks3d::read(&data("slicer5_lps.mrk.json")).unwrap(), None);
+    close(
+        &Landmarks3d::read(&data("slicer5_lps.mrk.json")).unwrap(),
+        None,
+    );
 }
 
 #[test]
 fn slicer5_markups_in_ras_with_anatomical_labels_in_any_order() {
     // Labels name the landmarks, so file order does not matter; the undefined point is absent.
-    close(&Landmarks3d::read(&data("slicer5_ras_named.mrk.json")).unwrap(), Some(4));
+    close(
+        &Landmarks3d::read(&data("slicer5_ras_named.mrk.json")).unwrap(),
+        Some(4),
+    );
 }
 
 #[test]
@@ -92,10 +102,21 @@ fn unreadable_files_name_the_file() {
     std::fs::write(&p, "{\"markups\": [").unwrap();
     let e = Landmarks3d::read(&p).unwrap_err().to_string();
     assert!(e.contains("broken.mrk.json") && e.contains("JSON"), "{e}");
-    let e = Landmarks3d::read(&dir.path().join("absent.fcsv")).unwrap_err().to_string();
+    let e = Landmarks3d::read(&dir.path().join("absent.fcsv"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("absent.fcsv"), "{e}");
     // Seven unlabeled points: not the paper's eight.
     let p = dir.path().join("seven.json");
-    std::fs::write(&p, "[[1,2,3],[1,2,3],[1,2,3],[1,2,3],[1,2,3],[1,2,3],[1,2,3]]").unwrap();
-    assert!(Landmarks3d::read(&p).unwrap_err().to_string().contains("8 points"));
+    std::fs::write(
+        &p,
+        "[[1,2,3],[1,2,3],[1,2,3],[1,2,3],[1,2,3],[1,2,3],[1,2,3]]",
+    )
+    .unwrap();
+    assert!(
+        Landmarks3d::read(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("8 points")
+    );
 }

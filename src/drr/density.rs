@@ -28,14 +28,18 @@ pub enum Attenuation {
 
 impl Default for Attenuation {
     fn default() -> Self {
-        Self::Physical { mu_water_per_mm: 0.02 }
+        Self::Physical {
+            mu_water_per_mm: 0.02,
+        }
     }
 }
 
 impl Attenuation {
     /// The paper's / DiffDRR's default.
     pub fn diffdrr() -> Self {
-        Self::DiffDrr { bone_multiplier: 1.0 }
+        Self::DiffDrr {
+            bone_multiplier: 1.0,
+        }
     }
 }
 
@@ -64,7 +68,11 @@ impl DensityVolume {
                     .filter(|&h| h > -800.0 && h <= 350.0)
                     .fold(f32::INFINITY, f32::min);
                 // A volume with no soft tissue at all: DiffDRR would fail on the empty min; use -800.
-                let soft_min = if soft_min.is_finite() { soft_min } else { -800.0 };
+                let soft_min = if soft_min.is_finite() {
+                    soft_min
+                } else {
+                    -800.0
+                };
                 let mut d: Vec<f32> = hu
                     .iter()
                     .map(|&h| {
@@ -89,14 +97,21 @@ impl DensityVolume {
                 }
                 d
             }
-            Attenuation::Physical { mu_water_per_mm } => {
-                hu.iter().map(|&h| (mu_water_per_mm * (1.0 + h / 1000.0)).max(0.0)).collect()
-            }
-            Attenuation::BoneOnly { threshold_hu } => {
-                hu.iter().map(|&h| (h - threshold_hu).max(0.0) / 1000.0).collect()
-            }
+            Attenuation::Physical { mu_water_per_mm } => hu
+                .iter()
+                .map(|&h| (mu_water_per_mm * (1.0 + h / 1000.0)).max(0.0))
+                .collect(),
+            Attenuation::BoneOnly { threshold_hu } => hu
+                .iter()
+                .map(|&h| (h - threshold_hu).max(0.0) / 1000.0)
+                .collect(),
         };
-        Self { dims: vol.dims(), voxel_from_world: vol.voxel_from_world(), data, attenuation }
+        Self {
+            dims: vol.dims(),
+            voxel_from_world: vol.voxel_from_world(),
+            data,
+            attenuation,
+        }
     }
 
     /// Value at integer voxel `(i, j, k)`; callers keep indices in range.
@@ -114,11 +129,27 @@ mod tests {
     #[test]
     fn diffdrr_transform_matches_its_formula() {
         let hu = vec![-1000.0, -500.0, 0.0, 300.0, 1000.0, -900.0, 350.0, 351.0];
-        let v = Volume::new([2, 2, 2], [1.0; 3], Vector3::zeros(), Matrix3::identity(), hu).unwrap();
+        let v = Volume::new(
+            [2, 2, 2],
+            [1.0; 3],
+            Vector3::zeros(),
+            Matrix3::identity(),
+            hu,
+        )
+        .unwrap();
         let d = DensityVolume::from_volume(&v, Attenuation::diffdrr()).data;
         // air -> soft min (-500) -> 0; max is 1000 -> 1; linear between.
         let expect = |h: f32| (h + 500.0) / 1500.0;
-        let want = [expect(-500.0), expect(-500.0), expect(0.0), expect(300.0), 1.0, expect(-500.0), expect(350.0), expect(351.0)];
+        let want = [
+            expect(-500.0),
+            expect(-500.0),
+            expect(0.0),
+            expect(300.0),
+            1.0,
+            expect(-500.0),
+            expect(350.0),
+            expect(351.0),
+        ];
         for (a, b) in d.iter().zip(want) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
         }

@@ -34,7 +34,8 @@ pub enum ImageWriteError {
 
 /// The `.npy` bytes (format version 1.0, little-endian float32, C order) of an image.
 pub fn npy_bytes(data: &[f32], width: usize, height: usize) -> Vec<u8> {
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({height}, {width}), }}");
+    let mut header =
+        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({height}, {width}), }}");
     // Magic (6) + version (2) + header length (2) + header + '\n' is a multiple of 64.
     let total = 10 + header.len() + 1;
     header.push_str(&" ".repeat((64 - total % 64) % 64));
@@ -62,16 +63,39 @@ pub fn parse_npy(bytes: &[u8]) -> Result<(Vec<f32>, usize, usize), String> {
     }
     let (hlen, start) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
         v => return Err(format!("unsupported .npy version {v}")),
     };
-    let header = std::str::from_utf8(bytes.get(start..start + hlen).ok_or("truncated header")?).map_err(|_| "header is not text")?;
+    let header = std::str::from_utf8(bytes.get(start..start + hlen).ok_or("truncated header")?)
+        .map_err(|_| "header is not text")?;
     if header.contains("'fortran_order': True") {
         return Err("Fortran-ordered arrays are not supported".into());
     }
-    let descr = if header.contains("'<f4'") { 4 } else if header.contains("'<f8'") { 8 } else { return Err(format!("dtype in {header} is not little-endian float")) };
-    let shape_txt = header.split("'shape':").nth(1).and_then(|s| s.split(')').next()).ok_or("no shape")?;
-    let dims: Vec<usize> = shape_txt.trim_start_matches([' ', '(']).split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse::<usize>().map_err(|_| format!("bad shape {shape_txt}"))).collect::<Result<_, _>>()?;
+    let descr = if header.contains("'<f4'") {
+        4
+    } else if header.contains("'<f8'") {
+        8
+    } else {
+        return Err(format!("dtype in {header} is not little-endian float"));
+    };
+    let shape_txt = header
+        .split("'shape':")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .ok_or("no shape")?;
+    let dims: Vec<usize> = shape_txt
+        .trim_start_matches([' ', '('])
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            s.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("bad shape {shape_txt}"))
+        })
+        .collect::<Result<_, _>>()?;
     let (h, w) = match dims.as_slice() {
         [h, w] => (*h, *w),
         [1, h, w] | [1, 1, h, w] => (*h, *w),
@@ -83,53 +107,85 @@ pub fn parse_npy(bytes: &[u8]) -> Result<(Vec<f32>, usize, usize), String> {
         return Err("truncated data".into());
     }
     let data = if descr == 4 {
-        body[..n * 4].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        body[..n * 4]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
     } else {
-        body[..n * 8].chunks_exact(8).map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32).collect()
+        body[..n * 8]
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
+            .collect()
     };
     Ok((data, w, h))
 }
 
 /// Min-max scales to 16 bits (a constant image becomes 0).
 pub fn to_u16(data: &[f32]) -> Vec<u16> {
-    let (lo, hi) = data.iter().filter(|v| v.is_finite()).fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+    let (lo, hi) = data
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
     let span = if hi > lo { hi - lo } else { 1.0 };
-    data.iter().map(|&v| if v.is_finite() { (((v - lo) / span) * 65535.0).round() as u16 } else { 0 }).collect()
+    data.iter()
+        .map(|&v| {
+            if v.is_finite() {
+                (((v - lo) / span) * 65535.0).round() as u16
+            } else {
+                0
+            }
+        })
+        .collect()
 }
 
 /// Writes an image by extension (`.npy`, `.png`, `.tif`, `.tiff`), atomically.
-pub fn write_image(path: &Path, data: &[f32], width: usize, height: usize) -> Result<(), ImageWriteError> {
+pub fn write_image(
+    path: &Path,
+    data: &[f32],
+    width: usize,
+    height: usize,
+) -> Result<(), ImageWriteError> {
     let p = path.display().to_string();
     if data.len() != width * height {
-        return Err(ImageWriteError::Shape { path: p, width, height, got: data.len() });
+        return Err(ImageWriteError::Shape {
+            path: p,
+            width,
+            height,
+            got: data.len(),
+        });
     }
-    let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
-    let wr = |e: String| ImageWriteError::Write { path: p.clone(), reason: e };
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    let wr = |e: String| ImageWriteError::Write {
+        path: p.clone(),
+        reason: e,
+    };
     match ext.as_str() {
-        "npy" => crate::io::atomic_write(path, &npy_bytes(data, width, height)).map_err(|e| wr(e.to_string())),
+        "npy" => crate::io::atomic_write(path, &npy_bytes(data, width, height))
+            .map_err(|e| wr(e.to_string())),
         "png" | "tif" | "tiff" => {
-            let img = image::ImageBuffer::<image::Luma<u16>, _>::from_raw(width as u32, height as u32, to_u16(data))
-                .ok_or_else(|| wr("image buffer size".into()))?;
-            let fmt = if ext == "png" { image::ImageFormat::Png } else { image::ImageFormat::Tiff };
-            crate::io::atomic_write_with(path, |tmp| img.save_with_format(tmp, fmt).map_err(std::io::Error::other)).map_err(|e| wr(e.to_string()))
+            let img = image::ImageBuffer::<image::Luma<u16>, _>::from_raw(
+                width as u32,
+                height as u32,
+                to_u16(data),
+            )
+            .ok_or_else(|| wr("image buffer size".into()))?;
+            let fmt = if ext == "png" {
+                image::ImageFormat::Png
+            } else {
+                image::ImageFormat::Tiff
+            };
+            crate::io::atomic_write_with(path, |tmp| {
+                img.save_with_format(tmp, fmt)
+                    .map_err(std::io::Error::other)
+            })
+            .map_err(|e| wr(e.to_string()))
         }
         _ => Err(ImageWriteError::Extension(p)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn npy_round_trip() {
-        let data: Vec<f32> = (0..12).map(|v| v as f32 * 0.5 - 1.0).collect();
-        let bytes = npy_bytes(&data, 4, 3);
-        assert_eq!((10 + u16::from_le_bytes([bytes[8], bytes[9]]) as usize) % 64, 0);
-        let (back, w, h) = parse_npy(&bytes).unwrap();
-        assert_eq!((back, w, h), (data, 4, 3));
-        assert!(parse_npy(&bytes[..20]).is_err());
-        assert!(parse_npy(b"not numpy").is_err());
     }
 }
 
@@ -146,7 +202,12 @@ pub fn percentile_window(data: &[f32]) -> (f32, f32) {
 }
 
 /// An 8-bit RGB picture of a DRR (percentile window) with coloured rings at `points`.
-pub fn overlay_rgb(data: &[f32], width: usize, height: usize, points: &[(nalgebra::Point2<f64>, [u8; 3])]) -> image::RgbImage {
+pub fn overlay_rgb(
+    data: &[f32],
+    width: usize,
+    height: usize,
+    points: &[(nalgebra::Point2<f64>, [u8; 3])],
+) -> image::RgbImage {
     let (lo, hi) = percentile_window(data);
     let mut img = image::RgbImage::from_fn(width as u32, height as u32, |x, y| {
         let v = data[y as usize * width + x as usize];
@@ -158,8 +219,14 @@ pub fn overlay_rgb(data: &[f32], width: usize, height: usize, points: &[(nalgebr
         if !(p.x.is_finite() && p.y.is_finite()) {
             continue;
         }
-        let (x0, x1) = ((p.x - r - 2.0).floor().max(0.0) as i64, (p.x + r + 2.0).ceil() as i64);
-        let (y0, y1) = ((p.y - r - 2.0).floor().max(0.0) as i64, (p.y + r + 2.0).ceil() as i64);
+        let (x0, x1) = (
+            (p.x - r - 2.0).floor().max(0.0) as i64,
+            (p.x + r + 2.0).ceil() as i64,
+        );
+        let (y0, y1) = (
+            (p.y - r - 2.0).floor().max(0.0) as i64,
+            (p.y + r + 2.0).ceil() as i64,
+        );
         for y in y0..=y1.min(height as i64 - 1) {
             for x in x0..=x1.min(width as i64 - 1) {
                 let d = ((x as f64 + 0.5 - p.x).powi(2) + (y as f64 + 0.5 - p.y).powi(2)).sqrt();
@@ -170,4 +237,23 @@ pub fn overlay_rgb(data: &[f32], width: usize, height: usize, points: &[(nalgebr
         }
     }
     img
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn npy_round_trip() {
+        let data: Vec<f32> = (0..12).map(|v| v as f32 * 0.5 - 1.0).collect();
+        let bytes = npy_bytes(&data, 4, 3);
+        assert_eq!(
+            (10 + u16::from_le_bytes([bytes[8], bytes[9]]) as usize) % 64,
+            0
+        );
+        let (back, w, h) = parse_npy(&bytes).unwrap();
+        assert_eq!((back, w, h), (data, 4, 3));
+        assert!(parse_npy(&bytes[..20]).is_err());
+        assert!(parse_npy(b"not numpy").is_err());
+    }
 }

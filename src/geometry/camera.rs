@@ -51,7 +51,8 @@ impl Camera {
     /// The paper's C-arm at a given square image size: SDD 1020 mm and a 768-pixel detector
     /// (0.5 mm pixels, a 384 mm panel), rescaled to `size_px`.
     pub fn paper(size_px: u32) -> Self {
-        Self::new(PAPER_SDD_MM, PAPER_DETECTOR_PX, PAPER_DETECTOR_PX, 0.5, 0.5).rescaled(size_px as f64 / PAPER_DETECTOR_PX as f64)
+        Self::new(PAPER_SDD_MM, PAPER_DETECTOR_PX, PAPER_DETECTOR_PX, 0.5, 0.5)
+            .rescaled(size_px as f64 / PAPER_DETECTOR_PX as f64)
     }
 
     /// Checks that the numbers describe a camera.
@@ -103,7 +104,11 @@ impl Camera {
     /// The camera-frame direction (not normalised, z = sdd) of the ray through pixel position
     /// `uv`: the point on the detector plane.
     pub fn detector_point(&self, uv: &Point2<f64>) -> Point3<f64> {
-        Point3::new((uv.x - self.cx_px) * self.delx_mm, (uv.y - self.cy_px) * self.dely_mm, self.sdd_mm)
+        Point3::new(
+            (uv.x - self.cx_px) * self.delx_mm,
+            (uv.y - self.cy_px) * self.dely_mm,
+            self.sdd_mm,
+        )
     }
 
     /// The world point at camera depth `z_mm` that projects to `uv`.
@@ -128,7 +133,10 @@ mod tests {
     #[test]
     fn projected_then_backprojected_returns() {
         let cam = Camera::new(1020.0, 300, 200, 1.5, 1.2);
-        let pose = Pose::new(Vector3::new(0.2, -0.4, 0.1), Vector3::new(10.0, -20.0, 700.0));
+        let pose = Pose::new(
+            Vector3::new(0.2, -0.4, 0.1),
+            Vector3::new(10.0, -20.0, 700.0),
+        );
         let p = Point3::new(30.0, -45.0, 12.0);
         let uv = cam.project(&pose, &p);
         let z = pose.camera_from_world(&p).z;
@@ -152,7 +160,9 @@ mod tests {
         let p = Point3::new(40.0, -25.0, 750.0);
         let a = c768.project_camera(&p);
         let b = c512.project_camera(&p);
-        assert!((a.x * 512.0 / 768.0 - b.x).abs() < 1e-9 && (a.y * 512.0 / 768.0 - b.y).abs() < 1e-9);
+        assert!(
+            (a.x * 512.0 / 768.0 - b.x).abs() < 1e-9 && (a.y * 512.0 / 768.0 - b.y).abs() < 1e-9
+        );
     }
 
     #[test]

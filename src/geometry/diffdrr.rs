@@ -45,12 +45,21 @@ impl DiffDrrPose {
     pub fn parse(s: &str) -> Result<Self, String> {
         let v: Vec<f64> = s
             .split(',')
-            .map(|x| x.trim().parse::<f64>().map_err(|_| format!("\"{x}\" is not a number")))
+            .map(|x| {
+                x.trim()
+                    .parse::<f64>()
+                    .map_err(|_| format!("\"{x}\" is not a number"))
+            })
             .collect::<Result<_, _>>()?;
         if v.len() != 6 || v.iter().any(|x| !x.is_finite()) {
-            return Err(format!("a DiffDRR pose needs 6 finite numbers \"a,b,c,x,y,z\", got \"{s}\""));
+            return Err(format!(
+                "a DiffDRR pose needs 6 finite numbers \"a,b,c,x,y,z\", got \"{s}\""
+            ));
         }
-        Ok(Self { rotations: EulerZxyRad([v[0], v[1], v[2]]), translations_mm: Vector3::new(v[3], v[4], v[5]) })
+        Ok(Self {
+            rotations: EulerZxyRad([v[0], v[1], v[2]]),
+            translations_mm: Vector3::new(v[3], v[4], v[5]),
+        })
     }
 
     /// This project's camera_from_world pose for a CT whose grid centre is `center_lps`.
@@ -68,13 +77,28 @@ impl DiffDrrPose {
         // r = m R^T F  =>  R = (m^T r F)^T
         let rot = (m.transpose() * r * flip()).transpose();
         let t = -(m.transpose()) * (pose.translation_mm + r * center_lps.coords);
-        Self { rotations: EulerZxyRad::from_matrix(&rot), translations_mm: t }
+        Self {
+            rotations: EulerZxyRad::from_matrix(&rot),
+            translations_mm: t,
+        }
     }
 }
 
 /// DiffDRR's `DRR(subject, sdd, height, delx, width, dely)` detector as a [`Camera`].
-pub fn camera(sdd_mm: f64, height: u32, delx_mm: f64, width: Option<u32>, dely_mm: Option<f64>) -> Camera {
-    Camera::new(sdd_mm, width.unwrap_or(height), height, delx_mm, dely_mm.unwrap_or(delx_mm))
+pub fn camera(
+    sdd_mm: f64,
+    height: u32,
+    delx_mm: f64,
+    width: Option<u32>,
+    dely_mm: Option<f64>,
+) -> Camera {
+    Camera::new(
+        sdd_mm,
+        width.unwrap_or(height),
+        height,
+        delx_mm,
+        dely_mm.unwrap_or(delx_mm),
+    )
 }
 
 #[cfg(test)]
@@ -86,7 +110,11 @@ mod tests {
         // DiffDRR's README pose: rotations 0, translations (0, 850, 0). Its source then sits at
         // RAS (0, 850, 0) = anterior, the detector 1020 mm away, posterior.
         let c = Point3::new(10.0, 20.0, 30.0);
-        let pose = DiffDrrPose { rotations: EulerZxyRad([0.0; 3]), translations_mm: Vector3::new(0.0, 850.0, 0.0) }.to_pose(&c);
+        let pose = DiffDrrPose {
+            rotations: EulerZxyRad([0.0; 3]),
+            translations_mm: Vector3::new(0.0, 850.0, 0.0),
+        }
+        .to_pose(&c);
         let src = pose.source_world();
         // LPS y = -850 (anterior) relative to the centre.
         assert!((src - Point3::new(10.0, 20.0 - 850.0, 30.0)).norm() < 1e-9);
@@ -103,7 +131,10 @@ mod tests {
     #[test]
     fn to_and_from_pose_round_trip() {
         let c = Point3::new(-3.0, 7.0, -100.0);
-        let d = DiffDrrPose { rotations: EulerZxyRad([0.3, -0.5, 0.7]), translations_mm: Vector3::new(20.0, 830.0, -40.0) };
+        let d = DiffDrrPose {
+            rotations: EulerZxyRad([0.3, -0.5, 0.7]),
+            translations_mm: Vector3::new(20.0, 830.0, -40.0),
+        };
         let back = DiffDrrPose::from_pose(&d.to_pose(&c), &c);
         for i in 0..3 {
             assert!((back.rotations.0[i] - d.rotations.0[i]).abs() < 1e-9);

@@ -40,19 +40,28 @@ pub struct Pose {
 
 impl Default for Pose {
     fn default() -> Self {
-        Self { rotation: Vector3::zeros(), translation_mm: Vector3::zeros() }
+        Self {
+            rotation: Vector3::zeros(),
+            translation_mm: Vector3::zeros(),
+        }
     }
 }
 
 impl Pose {
     /// A pose from its rotation vector and translation.
     pub fn new(rotation: Vector3<f64>, translation_mm: Vector3<f64>) -> Self {
-        Self { rotation, translation_mm }
+        Self {
+            rotation,
+            translation_mm,
+        }
     }
 
     /// A pose from a rotation matrix and translation.
     pub fn from_matrix(r: &Matrix3<f64>, translation_mm: Vector3<f64>) -> Self {
-        Self { rotation: rodrigues_log(r), translation_mm }
+        Self {
+            rotation: rodrigues_log(r),
+            translation_mm,
+        }
     }
 
     /// The six parameters `(rx, ry, rz, tx, ty, tz)` as paper eq. 10 uses them.
@@ -63,7 +72,10 @@ impl Pose {
 
     /// The inverse of [`Pose::params`].
     pub fn from_params(p: &[f64; 6]) -> Self {
-        Self::new(Vector3::new(p[0], p[1], p[2]), Vector3::new(p[3], p[4], p[5]))
+        Self::new(
+            Vector3::new(p[0], p[1], p[2]),
+            Vector3::new(p[3], p[4], p[5]),
+        )
     }
 
     /// `R(r)`.
@@ -124,7 +136,11 @@ mod tests {
 
     #[test]
     fn rodrigues_matches_the_paper_formula_and_nalgebra() {
-        for r in [Vector3::new(0.3, -0.2, 0.9), Vector3::new(1e-5, 2e-5, -1e-5), Vector3::new(0.0, 3.0, 0.0)] {
+        for r in [
+            Vector3::new(0.3, -0.2, 0.9),
+            Vector3::new(1e-5, 2e-5, -1e-5),
+            Vector3::new(0.0, 3.0, 0.0),
+        ] {
             let t: f64 = r.norm();
             let k = skew(&(r / t));
             let paper = Matrix3::identity() + k * t.sin() + k * k * (1.0 - t.cos());

@@ -15,7 +15,9 @@
 use super::{MAX_VOXELS, Volume, VolumeError, VolumeMeta};
 use dicom::core::{DataElement, PrimitiveValue, VR};
 use dicom::dictionary_std::{tags, uids};
-use dicom::object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions, meta::FileMetaTableBuilder};
+use dicom::object::{
+    DefaultDicomObject, InMemDicomObject, OpenFileOptions, meta::FileMetaTableBuilder,
+};
 use dicom_pixeldata::PixelDecoder;
 use nalgebra::{Matrix3, Vector3};
 use std::collections::BTreeMap;
@@ -48,9 +50,13 @@ struct SliceHeader {
 }
 
 fn open_header(path: &Path) -> Result<DefaultDicomObject, VolumeError> {
-    crate::io::catch_panic(|| OpenFileOptions::new().read_until(tags::PIXEL_DATA).open_file(path))
-        .map_err(|p| VolumeError::dicom(path, format!("parser crashed: {p}")))?
-        .map_err(|e| VolumeError::dicom(path, e))
+    crate::io::catch_panic(|| {
+        OpenFileOptions::new()
+            .read_until(tags::PIXEL_DATA)
+            .open_file(path)
+    })
+    .map_err(|p| VolumeError::dicom(path, format!("parser crashed: {p}")))?
+    .map_err(|e| VolumeError::dicom(path, e))
 }
 
 fn text(obj: &InMemDicomObject, tag: dicom::core::Tag) -> Option<String> {
@@ -70,7 +76,11 @@ fn floats(obj: &InMemDicomObject, tag: dicom::core::Tag) -> Option<Vec<f64>> {
 }
 
 fn uint(obj: &InMemDicomObject, tag: dicom::core::Tag) -> Option<usize> {
-    obj.element_opt(tag).ok().flatten().and_then(|e| e.to_int::<u32>().ok()).map(|v| v as usize)
+    obj.element_opt(tag)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_int::<u32>().ok())
+        .map(|v| v as usize)
 }
 
 /// The SeriesInstanceUID of one file.
@@ -91,15 +101,22 @@ fn slice_header(path: &Path, obj: &InMemDicomObject) -> Result<SliceHeader, Volu
     let ps = floats(obj, tags::PIXEL_SPACING)
         .filter(|v| v.len() == 2 && v.iter().all(|s| *s > 0.0))
         .ok_or_else(|| need("PixelSpacing"))?;
-    let rows = uint(obj, tags::ROWS).filter(|r| *r > 0).ok_or_else(|| need("Rows"))?;
-    let cols = uint(obj, tags::COLUMNS).filter(|c| *c > 0).ok_or_else(|| need("Columns"))?;
+    let rows = uint(obj, tags::ROWS)
+        .filter(|r| *r > 0)
+        .ok_or_else(|| need("Rows"))?;
+    let cols = uint(obj, tags::COLUMNS)
+        .filter(|c| *c > 0)
+        .ok_or_else(|| need("Columns"))?;
     let row_cos = Vector3::new(iop[0], iop[1], iop[2]);
     let col_cos = Vector3::new(iop[3], iop[4], iop[5]);
     if (row_cos.norm() - 1.0).abs() > 1e-2
         || (col_cos.norm() - 1.0).abs() > 1e-2
         || row_cos.dot(&col_cos).abs() > 1e-2
     {
-        return Err(VolumeError::dicom(path, format!("ImageOrientationPatient {iop:?} is not two orthonormal vectors")));
+        return Err(VolumeError::dicom(
+            path,
+            format!("ImageOrientationPatient {iop:?} is not two orthonormal vectors"),
+        ));
     }
     Ok(SliceHeader {
         path: path.to_owned(),
@@ -120,7 +137,10 @@ fn list_files(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<(), Vo
             if depth > 0 {
                 list_files(&p, depth - 1, out)?;
             }
-        } else if !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
+        } else if !p
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        {
             out.push(p);
         }
     }
@@ -138,13 +158,17 @@ pub fn scan_dicom_folder(dir: &Path) -> Result<Vec<DicomSeriesInfo>, VolumeError
     for f in files {
         match open_header(&f) {
             Ok(obj) => {
-                let Some(uid) = text(&obj, tags::SERIES_INSTANCE_UID) else { continue };
-                let s = series.entry(uid.clone()).or_insert_with(|| DicomSeriesInfo {
-                    uid,
-                    modality: text(&obj, tags::MODALITY).unwrap_or_default(),
-                    description: text(&obj, tags::SERIES_DESCRIPTION).unwrap_or_default(),
-                    files: Vec::new(),
-                });
+                let Some(uid) = text(&obj, tags::SERIES_INSTANCE_UID) else {
+                    continue;
+                };
+                let s = series
+                    .entry(uid.clone())
+                    .or_insert_with(|| DicomSeriesInfo {
+                        uid,
+                        modality: text(&obj, tags::MODALITY).unwrap_or_default(),
+                        description: text(&obj, tags::SERIES_DESCRIPTION).unwrap_or_default(),
+                        files: Vec::new(),
+                    });
                 s.files.push(f);
             }
             Err(e) => {
@@ -154,7 +178,9 @@ pub fn scan_dicom_folder(dir: &Path) -> Result<Vec<DicomSeriesInfo>, VolumeError
     }
     if series.is_empty() {
         return Err(match first_error {
-            Some(e) => VolumeError::dicom(dir, format!("no readable DICOM file; first failure: {e}")),
+            Some(e) => {
+                VolumeError::dicom(dir, format!("no readable DICOM file; first failure: {e}"))
+            }
             None => VolumeError::dicom(dir, "the folder holds no files"),
         });
     }
@@ -167,20 +193,31 @@ pub fn scan_dicom_folder(dir: &Path) -> Result<Vec<DicomSeriesInfo>, VolumeError
 pub fn read_dicom_series(dir: &Path, series_uid: Option<&str>) -> Result<Volume, VolumeError> {
     let all = scan_dicom_folder(dir)?;
     let chosen = match series_uid {
-        Some(uid) => all.iter().find(|s| s.uid == uid).ok_or_else(|| VolumeError::SeveralSeries {
-            path: dir.to_owned(),
-            series: describe(&all),
-        })?,
+        Some(uid) => {
+            all.iter()
+                .find(|s| s.uid == uid)
+                .ok_or_else(|| VolumeError::SeveralSeries {
+                    path: dir.to_owned(),
+                    series: describe(&all),
+                })?
+        }
         None if all.len() == 1 => &all[0],
         None => {
-            return Err(VolumeError::SeveralSeries { path: dir.to_owned(), series: describe(&all) });
+            return Err(VolumeError::SeveralSeries {
+                path: dir.to_owned(),
+                series: describe(&all),
+            });
         }
     };
     stack_series(dir, chosen)
 }
 
 /// Stacks the given files as one series (the files of one folder, or a single file).
-pub(crate) fn read_dicom_files(label: &Path, files: &[PathBuf], uid: &str) -> Result<Volume, VolumeError> {
+pub(crate) fn read_dicom_files(
+    label: &Path,
+    files: &[PathBuf],
+    uid: &str,
+) -> Result<Volume, VolumeError> {
     let obj = open_header(&files[0])?;
     let info = DicomSeriesInfo {
         uid: uid.to_string(),
@@ -193,7 +230,15 @@ pub(crate) fn read_dicom_files(label: &Path, files: &[PathBuf], uid: &str) -> Re
 
 fn describe(all: &[DicomSeriesInfo]) -> Vec<String> {
     all.iter()
-        .map(|s| format!("  {}  {} \"{}\" ({} files)", s.uid, s.modality, s.description, s.files.len()))
+        .map(|s| {
+            format!(
+                "  {}  {} \"{}\" ({} files)",
+                s.uid,
+                s.modality,
+                s.description,
+                s.files.len()
+            )
+        })
         .collect()
 }
 
@@ -207,13 +252,31 @@ fn stack_series(dir: &Path, series: &DicomSeriesInfo) -> Result<Volume, VolumeEr
     let first = slices[0].clone();
     for s in &slices {
         if s.rows != first.rows || s.cols != first.cols {
-            return Err(VolumeError::dicom(&s.path, format!("{}x{} pixels, but {} has {}x{}", s.cols, s.rows, first.path.display(), first.cols, first.rows)));
+            return Err(VolumeError::dicom(
+                &s.path,
+                format!(
+                    "{}x{} pixels, but {} has {}x{}",
+                    s.cols,
+                    s.rows,
+                    first.path.display(),
+                    first.cols,
+                    first.rows
+                ),
+            ));
         }
         if (s.row_cos - first.row_cos).norm() > 1e-3 || (s.col_cos - first.col_cos).norm() > 1e-3 {
-            return Err(VolumeError::dicom(&s.path, "ImageOrientationPatient differs from the other slices of the series"));
+            return Err(VolumeError::dicom(
+                &s.path,
+                "ImageOrientationPatient differs from the other slices of the series",
+            ));
         }
-        if (s.pixel_spacing[0] - first.pixel_spacing[0]).abs() > 1e-4 || (s.pixel_spacing[1] - first.pixel_spacing[1]).abs() > 1e-4 {
-            return Err(VolumeError::dicom(&s.path, "PixelSpacing differs from the other slices of the series"));
+        if (s.pixel_spacing[0] - first.pixel_spacing[0]).abs() > 1e-4
+            || (s.pixel_spacing[1] - first.pixel_spacing[1]).abs() > 1e-4
+        {
+            return Err(VolumeError::dicom(
+                &s.path,
+                "PixelSpacing differs from the other slices of the series",
+            ));
         }
     }
     let normal = first.row_cos.cross(&first.col_cos).normalize();
@@ -221,13 +284,19 @@ fn stack_series(dir: &Path, series: &DicomSeriesInfo) -> Result<Volume, VolumeEr
     let z: Vec<f64> = slices.iter().map(|s| s.position.dot(&normal)).collect();
     for w in z.windows(2) {
         if (w[1] - w[0]).abs() < 1e-4 {
-            return Err(VolumeError::dicom(dir, "two slices share one position (several acquisitions in one series?)"));
+            return Err(VolumeError::dicom(
+                dir,
+                "two slices share one position (several acquisitions in one series?)",
+            ));
         }
     }
     let (rows, cols) = (first.rows, first.cols);
     let n_out_guess = slices.len();
     if rows.saturating_mul(cols).saturating_mul(n_out_guess) > MAX_VOXELS {
-        return Err(VolumeError::dicom(dir, "the series is larger than this reader accepts"));
+        return Err(VolumeError::dicom(
+            dir,
+            "the series is larger than this reader accepts",
+        ));
     }
 
     // Decode every slice (HU after the modality LUT).
@@ -241,8 +310,12 @@ fn stack_series(dir: &Path, series: &DicomSeriesInfo) -> Result<Volume, VolumeEr
     let offsets: Vec<(f64, f64)> = slices
         .iter()
         .map(|s| {
-            let d = s.position - first.position - normal * (s.position - first.position).dot(&normal);
-            (d.dot(&first.row_cos) / first.pixel_spacing[1], d.dot(&first.col_cos) / first.pixel_spacing[0])
+            let d =
+                s.position - first.position - normal * (s.position - first.position).dot(&normal);
+            (
+                d.dot(&first.row_cos) / first.pixel_spacing[1],
+                d.dot(&first.col_cos) / first.pixel_spacing[0],
+            )
         })
         .collect();
     let origin = slices[0].position;
@@ -255,16 +328,27 @@ fn stack_series(dir: &Path, series: &DicomSeriesInfo) -> Result<Volume, VolumeEr
     }
     let (spacing_k, out_z) = if slices.len() > 1 {
         let gaps: Vec<f64> = z.windows(2).map(|w| w[1] - w[0]).collect();
-        let (lo, hi) = gaps.iter().fold((f64::MAX, f64::MIN), |(a, b), &g| (a.min(g), b.max(g)));
+        let (lo, hi) = gaps
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(a, b), &g| (a.min(g), b.max(g)));
         let mean = (z[z.len() - 1] - z[0]) / (z.len() - 1) as f64;
         if hi - lo > 0.01 * mean.max(1e-6) {
-            warnings.push(format!("uneven slice spacing ({lo:.3}..{hi:.3} mm): resampled linearly to {mean:.3} mm"));
+            warnings.push(format!(
+                "uneven slice spacing ({lo:.3}..{hi:.3} mm): resampled linearly to {mean:.3} mm"
+            ));
         }
-        (mean, (0..z.len()).map(|k| z[0] + k as f64 * mean).collect::<Vec<_>>())
+        (
+            mean,
+            (0..z.len())
+                .map(|k| z[0] + k as f64 * mean)
+                .collect::<Vec<_>>(),
+        )
     } else {
         (1.0, vec![z[0]])
     };
-    let needs_shift = offsets.iter().any(|(a, b)| a.abs() > 1e-3 || b.abs() > 1e-3);
+    let needs_shift = offsets
+        .iter()
+        .any(|(a, b)| a.abs() > 1e-3 || b.abs() > 1e-3);
     let even = warnings.iter().all(|w| !w.starts_with("uneven"));
 
     let plane = rows * cols;
@@ -290,7 +374,11 @@ fn stack_series(dir: &Path, series: &DicomSeriesInfo) -> Result<Volume, VolumeEr
             for i in 0..cols {
                 let (x, y) = (i as f64 - off.0, j as f64 - off.1);
                 let va = bilinear(&planes[a], cols, rows, x, y);
-                let vb = if t > 0.0 { bilinear(&planes[b], cols, rows, x, y) } else { va };
+                let vb = if t > 0.0 {
+                    bilinear(&planes[b], cols, rows, x, y)
+                } else {
+                    va
+                };
                 out[j * cols + i] = (va as f64 * (1.0 - t) + vb as f64 * t) as f32;
             }
         }
@@ -327,18 +415,26 @@ fn decode_slice(path: &Path, rows: usize, cols: usize) -> Result<Vec<f32>, Volum
     let obj = crate::io::catch_panic(|| dicom::object::open_file(path))
         .map_err(|p| VolumeError::dicom(path, format!("parser crashed: {p}")))?
         .map_err(|e| VolumeError::dicom(path, e))?;
-    let decoded = crate::io::catch_panic(|| obj.decode_pixel_data().and_then(|d| {
-        let v = d.to_vec_frame::<f32>(0)?;
-        Ok((d.samples_per_pixel(), v))
-    }))
+    let decoded = crate::io::catch_panic(|| {
+        obj.decode_pixel_data().and_then(|d| {
+            let v = d.to_vec_frame::<f32>(0)?;
+            Ok((d.samples_per_pixel(), v))
+        })
+    })
     .map_err(|p| VolumeError::dicom(path, format!("pixel decoder crashed: {p}")))?
     .map_err(|e| VolumeError::dicom(path, format!("pixel data: {e}")))?;
     let (spp, v) = decoded;
     if spp != 1 {
-        return Err(VolumeError::dicom(path, format!("{spp} samples per pixel; a CT slice has 1")));
+        return Err(VolumeError::dicom(
+            path,
+            format!("{spp} samples per pixel; a CT slice has 1"),
+        ));
     }
     if v.len() != rows * cols {
-        return Err(VolumeError::dicom(path, format!("{} pixels decoded, expected {rows}x{cols}", v.len())));
+        return Err(VolumeError::dicom(
+            path,
+            format!("{} pixels decoded, expected {rows}x{cols}", v.len()),
+        ));
     }
     Ok(v)
 }
@@ -390,7 +486,11 @@ fn fresh_uid() -> String {
 
 /// Writes a volume as a CT series, one file per `k` slice (`slice_0000.dcm`, ...), each written
 /// atomically. Returns the files written.
-pub fn write_dicom_series(vol: &Volume, dir: &Path, opts: &DicomWriteOptions) -> Result<Vec<PathBuf>, VolumeError> {
+pub fn write_dicom_series(
+    vol: &Volume,
+    dir: &Path,
+    opts: &DicomWriteOptions,
+) -> Result<Vec<PathBuf>, VolumeError> {
     std::fs::create_dir_all(dir).map_err(|e| VolumeError::io(dir, e))?;
     let [nx, ny, nz] = vol.dims();
     let d = vol.direction();
@@ -402,49 +502,130 @@ pub fn write_dicom_series(vol: &Volume, dir: &Path, opts: &DicomWriteOptions) ->
         DicomCompression::None => uids::EXPLICIT_VR_LITTLE_ENDIAN,
         DicomCompression::Deflate => uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     };
-    let iop: Vec<f64> = vec![d[(0, 0)], d[(1, 0)], d[(2, 0)], d[(0, 1)], d[(1, 1)], d[(2, 1)]];
+    let iop: Vec<f64> = vec![
+        d[(0, 0)],
+        d[(1, 0)],
+        d[(2, 0)],
+        d[(0, 1)],
+        d[(1, 1)],
+        d[(2, 1)],
+    ];
     let mut written = Vec::with_capacity(nz);
     for k in 0..nz {
         let pos = vol.voxel_to_world(nalgebra::Point3::new(0.0, 0.0, k as f64));
         let stored: Vec<i16> = vol.hu()[k * nx * ny..(k + 1) * nx * ny]
             .iter()
-            .map(|&h| ((h as f64 - opts.rescale_intercept) / opts.rescale_slope).round().clamp(i16::MIN as f64, i16::MAX as f64) as i16)
+            .map(|&h| {
+                ((h as f64 - opts.rescale_intercept) / opts.rescale_slope)
+                    .round()
+                    .clamp(i16::MIN as f64, i16::MAX as f64) as i16
+            })
             .collect();
         let sop_uid = fresh_uid();
         let ds = |v: f64| format!("{v:.6}");
         let obj = InMemDicomObject::from_element_iter([
-            DataElement::new(tags::SOP_CLASS_UID, VR::UI, PrimitiveValue::from(uids::CT_IMAGE_STORAGE)),
-            DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from(sop_uid.as_str())),
-            DataElement::new(tags::STUDY_INSTANCE_UID, VR::UI, PrimitiveValue::from(study_uid.as_str())),
-            DataElement::new(tags::SERIES_INSTANCE_UID, VR::UI, PrimitiveValue::from(series_uid.as_str())),
-            DataElement::new(tags::FRAME_OF_REFERENCE_UID, VR::UI, PrimitiveValue::from(for_uid.as_str())),
+            DataElement::new(
+                tags::SOP_CLASS_UID,
+                VR::UI,
+                PrimitiveValue::from(uids::CT_IMAGE_STORAGE),
+            ),
+            DataElement::new(
+                tags::SOP_INSTANCE_UID,
+                VR::UI,
+                PrimitiveValue::from(sop_uid.as_str()),
+            ),
+            DataElement::new(
+                tags::STUDY_INSTANCE_UID,
+                VR::UI,
+                PrimitiveValue::from(study_uid.as_str()),
+            ),
+            DataElement::new(
+                tags::SERIES_INSTANCE_UID,
+                VR::UI,
+                PrimitiveValue::from(series_uid.as_str()),
+            ),
+            DataElement::new(
+                tags::FRAME_OF_REFERENCE_UID,
+                VR::UI,
+                PrimitiveValue::from(for_uid.as_str()),
+            ),
             DataElement::new(tags::MODALITY, VR::CS, PrimitiveValue::from("CT")),
-            DataElement::new(tags::SERIES_DESCRIPTION, VR::LO, PrimitiveValue::from(opts.description.as_str())),
-            DataElement::new(tags::PATIENT_NAME, VR::PN, PrimitiveValue::from("FLUOROPOSE^PHANTOM")),
-            DataElement::new(tags::INSTANCE_NUMBER, VR::IS, PrimitiveValue::from((k + 1).to_string())),
-            DataElement::new(tags::IMAGE_POSITION_PATIENT, VR::DS, PrimitiveValue::Strs([ds(pos.x), ds(pos.y), ds(pos.z)].into_iter().collect())),
-            DataElement::new(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, PrimitiveValue::Strs(iop.iter().map(|v| ds(*v)).collect())),
-            DataElement::new(tags::PIXEL_SPACING, VR::DS, PrimitiveValue::Strs([ds(s[1]), ds(s[0])].into_iter().collect())),
-            DataElement::new(tags::SLICE_THICKNESS, VR::DS, PrimitiveValue::from(ds(s[2]))),
+            DataElement::new(
+                tags::SERIES_DESCRIPTION,
+                VR::LO,
+                PrimitiveValue::from(opts.description.as_str()),
+            ),
+            DataElement::new(
+                tags::PATIENT_NAME,
+                VR::PN,
+                PrimitiveValue::from("FLUOROPOSE^PHANTOM"),
+            ),
+            DataElement::new(
+                tags::INSTANCE_NUMBER,
+                VR::IS,
+                PrimitiveValue::from((k + 1).to_string()),
+            ),
+            DataElement::new(
+                tags::IMAGE_POSITION_PATIENT,
+                VR::DS,
+                PrimitiveValue::Strs([ds(pos.x), ds(pos.y), ds(pos.z)].into_iter().collect()),
+            ),
+            DataElement::new(
+                tags::IMAGE_ORIENTATION_PATIENT,
+                VR::DS,
+                PrimitiveValue::Strs(iop.iter().map(|v| ds(*v)).collect()),
+            ),
+            DataElement::new(
+                tags::PIXEL_SPACING,
+                VR::DS,
+                PrimitiveValue::Strs([ds(s[1]), ds(s[0])].into_iter().collect()),
+            ),
+            DataElement::new(
+                tags::SLICE_THICKNESS,
+                VR::DS,
+                PrimitiveValue::from(ds(s[2])),
+            ),
             DataElement::new(tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(1u16)),
-            DataElement::new(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, PrimitiveValue::from("MONOCHROME2")),
+            DataElement::new(
+                tags::PHOTOMETRIC_INTERPRETATION,
+                VR::CS,
+                PrimitiveValue::from("MONOCHROME2"),
+            ),
             DataElement::new(tags::ROWS, VR::US, PrimitiveValue::from(ny as u16)),
             DataElement::new(tags::COLUMNS, VR::US, PrimitiveValue::from(nx as u16)),
             DataElement::new(tags::BITS_ALLOCATED, VR::US, PrimitiveValue::from(16u16)),
             DataElement::new(tags::BITS_STORED, VR::US, PrimitiveValue::from(16u16)),
             DataElement::new(tags::HIGH_BIT, VR::US, PrimitiveValue::from(15u16)),
-            DataElement::new(tags::PIXEL_REPRESENTATION, VR::US, PrimitiveValue::from(1u16)),
-            DataElement::new(tags::RESCALE_INTERCEPT, VR::DS, PrimitiveValue::from(ds(opts.rescale_intercept))),
-            DataElement::new(tags::RESCALE_SLOPE, VR::DS, PrimitiveValue::from(ds(opts.rescale_slope))),
+            DataElement::new(
+                tags::PIXEL_REPRESENTATION,
+                VR::US,
+                PrimitiveValue::from(1u16),
+            ),
+            DataElement::new(
+                tags::RESCALE_INTERCEPT,
+                VR::DS,
+                PrimitiveValue::from(ds(opts.rescale_intercept)),
+            ),
+            DataElement::new(
+                tags::RESCALE_SLOPE,
+                VR::DS,
+                PrimitiveValue::from(ds(opts.rescale_slope)),
+            ),
             DataElement::new(tags::RESCALE_TYPE, VR::LO, PrimitiveValue::from("HU")),
-            DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(stored.iter().map(|v| *v as u16).collect())),
+            DataElement::new(
+                tags::PIXEL_DATA,
+                VR::OW,
+                PrimitiveValue::U16(stored.iter().map(|v| *v as u16).collect()),
+            ),
         ]);
         let file_obj = obj
             .with_meta(FileMetaTableBuilder::new().transfer_syntax(ts))
             .map_err(|e| VolumeError::dicom(dir, e))?;
         let path = dir.join(format!("slice_{k:04}.dcm"));
-        crate::io::atomic_write_with(&path, |tmp| file_obj.write_to_file(tmp).map_err(std::io::Error::other))
-            .map_err(|e| VolumeError::dicom(&path, format!("writing: {e}")))?;
+        crate::io::atomic_write_with(&path, |tmp| {
+            file_obj.write_to_file(tmp).map_err(std::io::Error::other)
+        })
+        .map_err(|e| VolumeError::dicom(&path, format!("writing: {e}")))?;
         written.push(path);
     }
     Ok(written)

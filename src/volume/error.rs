@@ -45,13 +45,22 @@ pub enum VolumeError {
 
 impl VolumeError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        Self::Io { path: path.to_owned(), source }
+        Self::Io {
+            path: path.to_owned(),
+            source,
+        }
     }
     pub(crate) fn nifti(path: &Path, reason: impl std::fmt::Display) -> Self {
-        Self::Nifti { path: path.to_owned(), reason: reason.to_string() }
+        Self::Nifti {
+            path: path.to_owned(),
+            reason: reason.to_string(),
+        }
     }
     pub(crate) fn dicom(path: &Path, reason: impl std::fmt::Display) -> Self {
-        Self::Dicom { path: path.to_owned(), reason: reason.to_string() }
+        Self::Dicom {
+            path: path.to_owned(),
+            reason: reason.to_string(),
+        }
     }
     pub(crate) fn invalid(reason: impl std::fmt::Display) -> Self {
         Self::Invalid(reason.to_string())

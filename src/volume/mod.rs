@@ -14,7 +14,10 @@ mod error;
 mod nifti;
 pub mod phantom;
 
-pub use self::dicom::{DicomSeriesInfo, read_dicom_series, scan_dicom_folder, write_dicom_series, DicomWriteOptions, DicomCompression};
+pub use self::dicom::{
+    DicomCompression, DicomSeriesInfo, DicomWriteOptions, read_dicom_series, scan_dicom_folder,
+    write_dicom_series,
+};
 pub use self::error::VolumeError;
 pub use self::nifti::{read_nifti, write_nifti};
 
@@ -154,7 +157,8 @@ impl Volume {
         let inv_s = Matrix3::from_diagonal(&Vector3::from(self.spacing_mm.map(|s| 1.0 / s)));
         let m = inv_s * self.direction.transpose();
         let mut a = m.to_homogeneous();
-        a.fixed_view_mut::<3, 1>(0, 3).copy_from(&(-m * self.origin_mm));
+        a.fixed_view_mut::<3, 1>(0, 3)
+            .copy_from(&(-m * self.origin_mm));
         a
     }
 
@@ -184,7 +188,9 @@ impl Volume {
         self.hu
             .iter()
             .filter(|v| v.is_finite())
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)))
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+                (lo.min(v), hi.max(v))
+            })
     }
 
     /// The three-letter orientation code of the voxel axes (e.g. "LPS", "RAI"): for each of
@@ -213,7 +219,10 @@ pub fn read_volume(path: &Path, series_uid: Option<&str>) -> Result<Volume, Volu
     if path.is_dir() {
         read_dicom_series(path, series_uid)
     } else if !path.exists() {
-        Err(VolumeError::io(path, std::io::Error::from(std::io::ErrorKind::NotFound)))
+        Err(VolumeError::io(
+            path,
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        ))
     } else {
         let name = path.to_string_lossy().to_ascii_lowercase();
         if name.ends_with(".nii") || name.ends_with(".nii.gz") {
@@ -224,7 +233,8 @@ pub fn read_volume(path: &Path, series_uid: Option<&str>) -> Result<Volume, Volu
             // the file alone.
             let uid = dicom::read_series_uid(path)?;
             let dir = path.parent().unwrap_or(Path::new("."));
-            read_dicom_series(dir, Some(&uid)).or_else(|_| dicom::read_dicom_files(path, &[path.to_path_buf()], &uid))
+            read_dicom_series(dir, Some(&uid))
+                .or_else(|_| dicom::read_dicom_files(path, &[path.to_path_buf()], &uid))
         }
     }
 }
@@ -254,7 +264,8 @@ mod tests {
         let back = v.world_to_voxel(w);
         assert!((back - p).norm() < 1e-12);
         // One step along i moves by spacing[0] along direction column 0.
-        let step = v.voxel_to_world(Point3::new(1.0, 0.0, 0.0)) - v.voxel_to_world(Point3::origin());
+        let step =
+            v.voxel_to_world(Point3::new(1.0, 0.0, 0.0)) - v.voxel_to_world(Point3::origin());
         assert!((step.norm() - 0.7).abs() < 1e-12);
     }
 

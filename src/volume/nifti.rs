@@ -37,7 +37,10 @@ pub fn read_nifti(path: &Path) -> Result<Volume, VolumeError> {
         .map_err(|p| VolumeError::nifti(path, format!("decoder crashed: {p}")))?
         .map_err(|e| VolumeError::nifti(path, format!("voxel data: {e}")))?;
     if array.len() < dims.iter().product::<usize>() {
-        return Err(VolumeError::nifti(path, "fewer voxels than the header declares"));
+        return Err(VolumeError::nifti(
+            path,
+            "fewer voxels than the header declares",
+        ));
     }
     // The array is indexed [i, j, k, (t...)]; reversing the axes and iterating in logical order
     // yields i fastest, k slowest, which is our layout. Only the first 3D volume is kept.
@@ -58,9 +61,10 @@ pub fn read_nifti(path: &Path) -> Result<Volume, VolumeError> {
         warnings: Vec::new(),
     };
     if header.dim[0] > 3 && header.dim[4] > 1 {
-        vol.meta
-            .warnings
-            .push(format!("{} volumes in the file; the first one is used", header.dim[4]));
+        vol.meta.warnings.push(format!(
+            "{} volumes in the file; the first one is used",
+            header.dim[4]
+        ));
     }
     Ok(vol)
 }
@@ -76,7 +80,10 @@ fn check_header(path: &Path, h: &NiftiHeader, file_len: u64) -> Result<[usize; 3
     }
     let dims = [h.dim[1] as usize, h.dim[2] as usize, h.dim[3] as usize];
     if dims.contains(&0) {
-        return Err(VolumeError::nifti(path, format!("a dimension is zero: {dims:?}")));
+        return Err(VolumeError::nifti(
+            path,
+            format!("a dimension is zero: {dims:?}"),
+        ));
     }
     let all: usize = h.dim[1..=rank]
         .iter()
@@ -111,10 +118,16 @@ fn check_header(path: &Path, h: &NiftiHeader, file_len: u64) -> Result<[usize; 3
         ));
     }
     if !h.vox_offset.is_finite() || h.vox_offset < 0.0 {
-        return Err(VolumeError::nifti(path, format!("vox_offset {} is invalid", h.vox_offset)));
+        return Err(VolumeError::nifti(
+            path,
+            format!("vox_offset {} is invalid", h.vox_offset),
+        ));
     }
     if !h.scl_slope.is_finite() || !h.scl_inter.is_finite() {
-        return Err(VolumeError::nifti(path, "scl_slope/scl_inter is not finite"));
+        return Err(VolumeError::nifti(
+            path,
+            "scl_slope/scl_inter is not finite",
+        ));
     }
     let gz = path.to_string_lossy().to_ascii_lowercase().ends_with(".gz");
     let needed = h.vox_offset as u64 + (all as u64) * bytes as u64;
@@ -158,19 +171,19 @@ fn affine(path: &Path, h: &NiftiHeader) -> Result<Matrix4<f64>, VolumeError> {
     Ok(m)
 }
 
+/// Spacing, orthonormal direction cosines and origin of a voxel grid.
+type Placement = ([f64; 3], Matrix3<f64>, Vector3<f64>);
+
 /// Splits an affine into spacing, orthonormal direction cosines and origin.
-fn decompose(
-    path: &Path,
-    m: &Matrix4<f64>,
-) -> Result<([f64; 3], Matrix3<f64>, Vector3<f64>), VolumeError> {
+fn decompose(path: &Path, m: &Matrix4<f64>) -> Result<Placement, VolumeError> {
     let lin: Matrix3<f64> = m.fixed_view::<3, 3>(0, 0).into_owned();
     let spacing = [0, 1, 2].map(|c| lin.column(c).norm());
     if spacing.iter().any(|s| *s < 1e-9 || !s.is_finite()) {
         return Err(VolumeError::nifti(path, format!("degenerate affine: {m}")));
     }
     let mut dir = lin;
-    for c in 0..3 {
-        let col = dir.column(c) / spacing[c];
+    for (c, s) in spacing.iter().enumerate() {
+        let col = dir.column(c) / *s;
         dir.set_column(c, &col);
     }
     let gram = dir.transpose() * dir;
@@ -231,8 +244,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let rot = *Rotation3::from_euler_angles(0.2, 0.0, -0.4).matrix();
         let hu: Vec<f32> = (0..3 * 4 * 5).map(|v| v as f32 * 10.0 - 1000.0).collect();
-        let v = Volume::new([3, 4, 5], [0.5, 0.75, 2.0], Vector3::new(1.0, -2.0, 3.0), rot, hu)
-            .unwrap();
+        let v = Volume::new(
+            [3, 4, 5],
+            [0.5, 0.75, 2.0],
+            Vector3::new(1.0, -2.0, 3.0),
+            rot,
+            hu,
+        )
+        .unwrap();
         for name in ["a.nii", "b.nii.gz"] {
             let p = dir.path().join(name);
             write_nifti(&v, &p).unwrap();
@@ -251,8 +270,14 @@ mod tests {
     fn float_volumes_stay_float() {
         let dir = tempfile::tempdir().unwrap();
         let hu = vec![0.25f32, -1.5, 3.75, 1e5, 2.0, 3.0, 4.0, 5.5];
-        let v = Volume::new([2, 2, 2], [1.0; 3], Vector3::zeros(), Matrix3::identity(), hu)
-            .unwrap();
+        let v = Volume::new(
+            [2, 2, 2],
+            [1.0; 3],
+            Vector3::zeros(),
+            Matrix3::identity(),
+            hu,
+        )
+        .unwrap();
         let p = dir.path().join("f.nii.gz");
         write_nifti(&v, &p).unwrap();
         assert_eq!(read_nifti(&p).unwrap().hu(), v.hu());

@@ -115,7 +115,10 @@ enum Shape {
     /// `outer` with the ball (`c`, `r`) cut out (the acetabular cup).
     Cup { outer: Box<Shape>, c: P3, r: f64 },
     /// `outer` minus `inner` (hollow bone).
-    Hollow { outer: Box<Shape>, inner: Box<Shape> },
+    Hollow {
+        outer: Box<Shape>,
+        inner: Box<Shape>,
+    },
 }
 
 impl Shape {
@@ -130,7 +133,11 @@ impl Shape {
                 let q = rot.transpose() * (p - c);
                 let k0 = q.component_div(r).norm();
                 let k1 = q.component_div(&r.component_mul(r)).norm();
-                if k1 < 1e-12 { -r.min() } else { k0 * (k0 - 1.0) / k1 }
+                if k1 < 1e-12 {
+                    -r.min()
+                } else {
+                    k0 * (k0 - 1.0) / k1
+                }
             }
             Shape::Slab { t, half } => dist_triangle(p, t) - half,
             Shape::Cup { outer, c, r } => outer.sdf(p).max(r - (p - c).norm()),
@@ -146,18 +153,40 @@ impl Shape {
                 (a.inf(b) - V3::repeat(r), a.sup(b) + V3::repeat(r))
             }
             Shape::Ellipsoid { c, r, .. } => (c - V3::repeat(r.max()), c + V3::repeat(r.max())),
-            Shape::Slab { t, half } => (t[0].inf(&t[1]).inf(&t[2]) - V3::repeat(*half), t[0].sup(&t[1]).sup(&t[2]) + V3::repeat(*half)),
+            Shape::Slab { t, half } => (
+                t[0].inf(&t[1]).inf(&t[2]) - V3::repeat(*half),
+                t[0].sup(&t[1]).sup(&t[2]) + V3::repeat(*half),
+            ),
             Shape::Cup { outer, .. } | Shape::Hollow { outer, .. } => outer.bounds(),
         }
     }
 
     fn transformed(&self, f: &impl Fn(&P3) -> P3, lin: &Matrix3<f64>) -> Shape {
         match self {
-            Shape::Capsule { a, b, ra, rb } => Shape::Capsule { a: f(a), b: f(b), ra: *ra, rb: *rb },
-            Shape::Ellipsoid { c, rot, r } => Shape::Ellipsoid { c: f(c), rot: lin * rot, r: *r },
-            Shape::Slab { t, half } => Shape::Slab { t: [f(&t[0]), f(&t[1]), f(&t[2])], half: *half },
-            Shape::Cup { outer, c, r } => Shape::Cup { outer: Box::new(outer.transformed(f, lin)), c: f(c), r: *r },
-            Shape::Hollow { outer, inner } => Shape::Hollow { outer: Box::new(outer.transformed(f, lin)), inner: Box::new(inner.transformed(f, lin)) },
+            Shape::Capsule { a, b, ra, rb } => Shape::Capsule {
+                a: f(a),
+                b: f(b),
+                ra: *ra,
+                rb: *rb,
+            },
+            Shape::Ellipsoid { c, rot, r } => Shape::Ellipsoid {
+                c: f(c),
+                rot: lin * rot,
+                r: *r,
+            },
+            Shape::Slab { t, half } => Shape::Slab {
+                t: [f(&t[0]), f(&t[1]), f(&t[2])],
+                half: *half,
+            },
+            Shape::Cup { outer, c, r } => Shape::Cup {
+                outer: Box::new(outer.transformed(f, lin)),
+                c: f(c),
+                r: *r,
+            },
+            Shape::Hollow { outer, inner } => Shape::Hollow {
+                outer: Box::new(outer.transformed(f, lin)),
+                inner: Box::new(inner.transformed(f, lin)),
+            },
         }
     }
 }
@@ -230,12 +259,21 @@ pub struct Phantom {
 fn caps_chain(pts: &[P3], radii: &[f64]) -> Vec<Shape> {
     pts.windows(2)
         .zip(radii.windows(2))
-        .map(|(p, r)| Shape::Capsule { a: p[0], b: p[1], ra: r[0], rb: r[1] })
+        .map(|(p, r)| Shape::Capsule {
+            a: p[0],
+            b: p[1],
+            ra: r[0],
+            rb: r[1],
+        })
         .collect()
 }
 
 fn ell(c: P3, r: V3) -> Shape {
-    Shape::Ellipsoid { c, rot: Matrix3::identity(), r }
+    Shape::Ellipsoid {
+        c,
+        rot: Matrix3::identity(),
+        r,
+    }
 }
 
 impl Phantom {
@@ -246,7 +284,13 @@ impl Phantom {
         let fem = params.female;
         let mut rng = ChaCha8Rng::seed_from_u64(0xA5_0000 + params.subject);
         // Small independent asymmetries (mm), so left and right are not exact mirrors.
-        let mut jit = |amp: f64| V3::new(rng.random_range(-amp..amp), rng.random_range(-amp..amp), rng.random_range(-amp..amp));
+        let mut jit = |amp: f64| {
+            V3::new(
+                rng.random_range(-amp..amp),
+                rng.random_range(-amp..amp),
+                rng.random_range(-amp..amp),
+            )
+        };
         // Base anatomy in mm, left side (+x), before scaling: s scales everything, w widens x.
         let sc = |x: f64, y: f64, z: f64| P3::new(x * s * w, y * s, z * s);
 
@@ -260,21 +304,44 @@ impl Phantom {
             let hip = m(sc(85.0, 0.0, 0.0));
             let head_r = 23.5 * s;
             // Femur: head, neck, greater trochanter, lesser trochanter, hollow shaft.
-            femur.push(Shape::Ellipsoid { c: hip, rot: Matrix3::identity(), r: V3::repeat(head_r) });
+            femur.push(Shape::Ellipsoid {
+                c: hip,
+                rot: Matrix3::identity(),
+                r: V3::repeat(head_r),
+            });
             let gt = m(sc(128.0, 8.0, -30.0));
-            femur.push(Shape::Capsule { a: hip, b: m(sc(118.0, 6.0, -40.0)), ra: 16.0 * s, rb: 17.0 * s });
+            femur.push(Shape::Capsule {
+                a: hip,
+                b: m(sc(118.0, 6.0, -40.0)),
+                ra: 16.0 * s,
+                rb: 17.0 * s,
+            });
             femur.push(ell(gt, V3::new(14.0, 17.0, 20.0) * s));
             femur.push(ell(m(sc(104.0, 14.0, -62.0)), V3::new(9.0, 9.0, 11.0) * s));
             let shaft_a = m(sc(120.0, 8.0, -45.0));
             let shaft_b = m(sc(108.0, 4.0, -240.0));
             femur.push(Shape::Hollow {
-                outer: Box::new(Shape::Capsule { a: shaft_a, b: shaft_b, ra: 16.0 * s, rb: 13.5 * s }),
-                inner: Box::new(Shape::Capsule { a: shaft_a + (shaft_b - shaft_a) * 0.15, b: shaft_b + V3::new(0.0, 0.0, -20.0), ra: 8.0 * s, rb: 7.5 * s }),
+                outer: Box::new(Shape::Capsule {
+                    a: shaft_a,
+                    b: shaft_b,
+                    ra: 16.0 * s,
+                    rb: 13.5 * s,
+                }),
+                inner: Box::new(Shape::Capsule {
+                    a: shaft_a + (shaft_b - shaft_a) * 0.15,
+                    b: shaft_b + V3::new(0.0, 0.0, -20.0),
+                    ra: 8.0 * s,
+                    rb: 7.5 * s,
+                }),
             });
 
             // Acetabulum: a thick block with the cup for the head (2.5 mm joint space).
             cortical_bone.push(Shape::Cup {
-                outer: Box::new(Shape::Ellipsoid { c: m(sc(72.0, 2.0, 4.0)), rot: Matrix3::identity(), r: V3::new(27.0, 30.0, 33.0) * s }),
+                outer: Box::new(Shape::Ellipsoid {
+                    c: m(sc(72.0, 2.0, 4.0)),
+                    rot: Matrix3::identity(),
+                    r: V3::new(27.0, 30.0, 33.0) * s,
+                }),
                 c: hip,
                 r: head_r + 2.5 * s,
             });
@@ -304,25 +371,52 @@ impl Phantom {
             let asis_dir = (crest[0] - crest[1]).normalize();
             lm[if side > 0.0 { 0 } else { 7 }] = crest[0] + asis_dir * crest_r[0];
             cortical_bone.extend(caps_chain(&crest, &crest_r));
-            cortical_bone.extend(caps_chain(&base, &[11.0, 12.0, 12.0, 11.0, 10.0, 9.0].map(|r| r * s)));
+            cortical_bone.extend(caps_chain(
+                &base,
+                &[11.0, 12.0, 12.0, 11.0, 10.0, 9.0].map(|r| r * s),
+            ));
             // The iliac fossa: three rows (base, middle bulging medially, crest), 2 triangles a quad.
-            let mid: Vec<P3> = crest.iter().zip(&base).map(|(c, b)| {
-                let mp = P3::from((c.coords + b.coords) / 2.0);
-                mp + V3::new(-side * 9.0 * s, 0.0, 0.0)
-            }).collect();
+            let mid: Vec<P3> = crest
+                .iter()
+                .zip(&base)
+                .map(|(c, b)| {
+                    let mp = P3::from((c.coords + b.coords) / 2.0);
+                    mp + V3::new(-side * 9.0 * s, 0.0, 0.0)
+                })
+                .collect();
             for row in [(&base[..], &mid[..]), (&mid[..], &crest[..])] {
                 for i in 0..crest.len() - 1 {
                     let (a0, a1, b0, b1) = (row.0[i], row.0[i + 1], row.1[i], row.1[i + 1]);
-                    cortical_bone.push(Shape::Slab { t: [a0, a1, b1], half: 3.2 * s });
-                    cortical_bone.push(Shape::Slab { t: [a0, b1, b0], half: 3.2 * s });
+                    cortical_bone.push(Shape::Slab {
+                        t: [a0, a1, b1],
+                        half: 3.2 * s,
+                    });
+                    cortical_bone.push(Shape::Slab {
+                        t: [a0, b1, b0],
+                        half: 3.2 * s,
+                    });
                 }
             }
             // Ilium body: from acetabulum up to the plate.
-            cortical_bone.push(Shape::Capsule { a: m(sc(74.0, 2.0, 10.0)), b: m(sc(66.0, 18.0, 40.0)), ra: 17.0 * s, rb: 13.0 * s });
-            cortical_bone.push(Shape::Capsule { a: m(sc(70.0, 22.0, 8.0)), b: m(sc(48.0, 52.0, 40.0)), ra: 13.0 * s, rb: 11.0 * s });
+            cortical_bone.push(Shape::Capsule {
+                a: m(sc(74.0, 2.0, 10.0)),
+                b: m(sc(66.0, 18.0, 40.0)),
+                ra: 17.0 * s,
+                rb: 13.0 * s,
+            });
+            cortical_bone.push(Shape::Capsule {
+                a: m(sc(70.0, 22.0, 8.0)),
+                b: m(sc(48.0, 52.0, 40.0)),
+                ra: 13.0 * s,
+                rb: 11.0 * s,
+            });
 
             // Obturator ring around the foramen, in a plane turned 35 degrees about z.
-            let (fa_w, fa_h) = if fem { (19.0 * s, 21.0 * s) } else { (16.0 * s, 24.0 * s) };
+            let (fa_w, fa_h) = if fem {
+                (19.0 * s, 21.0 * s)
+            } else {
+                (16.0 * s, 24.0 * s)
+            };
             let centre = m(sc(40.0, -30.0, -44.0));
             let yaw = 35f64.to_radians();
             let e1 = V3::new(side * yaw.cos(), yaw.sin(), 0.0); // lateral (and posterior)
@@ -331,23 +425,41 @@ impl Phantom {
             let tube = |th: f64| {
                 // Superior ramus (top) thick, inferior ramus thin, ischium (lateral-low) thick.
                 let sup = th.sin().max(0.0);
-                let isch = (-(th + 0.5).sin()).max(0.0) * (th.cos() * side.signum()).max(0.0).min(1.0);
+                let isch =
+                    (-(th + 0.5).sin()).max(0.0) * (th.cos() * side.signum()).clamp(0.0, 1.0);
                 (6.0 + 5.0 * sup + 5.0 * isch) * s
             };
-            let ring: Vec<P3> = (0..=n).map(|i| {
-                let th = i as f64 / n as f64 * std::f64::consts::TAU;
-                let r = tube(th);
-                centre + e1 * ((fa_w + r) * th.cos()) + e2 * ((fa_h + r) * th.sin())
-            }).collect();
-            let ring_r: Vec<f64> = (0..=n).map(|i| tube(i as f64 / n as f64 * std::f64::consts::TAU)).collect();
+            let ring: Vec<P3> = (0..=n)
+                .map(|i| {
+                    let th = i as f64 / n as f64 * std::f64::consts::TAU;
+                    let r = tube(th);
+                    centre + e1 * ((fa_w + r) * th.cos()) + e2 * ((fa_h + r) * th.sin())
+                })
+                .collect();
+            let ring_r: Vec<f64> = (0..=n)
+                .map(|i| tube(i as f64 / n as f64 * std::f64::consts::TAU))
+                .collect();
             cortical_bone.extend(caps_chain(&ring, &ring_r));
             lm[if side > 0.0 { 1 } else { 6 }] = centre - e2 * fa_h; // IOF: lowest point of the foramen
             lm[if side > 0.0 { 2 } else { 5 }] = centre - e1 * fa_w; // MOF: its medial-most point
             // Superior ramus to the acetabulum, ischium to the tuberosity.
-            cortical_bone.push(Shape::Capsule { a: centre + e2 * (fa_h + 6.0 * s) + e1 * (fa_w * 0.4), b: m(sc(74.0, -6.0, -8.0)), ra: 10.0 * s, rb: 14.0 * s });
-            let tub = centre + e1 * (fa_w + 4.0 * s) + e2 * (-fa_h - 4.0 * s) + V3::new(0.0, 22.0 * s, 0.0);
+            cortical_bone.push(Shape::Capsule {
+                a: centre + e2 * (fa_h + 6.0 * s) + e1 * (fa_w * 0.4),
+                b: m(sc(74.0, -6.0, -8.0)),
+                ra: 10.0 * s,
+                rb: 14.0 * s,
+            });
+            let tub = centre
+                + e1 * (fa_w + 4.0 * s)
+                + e2 * (-fa_h - 4.0 * s)
+                + V3::new(0.0, 22.0 * s, 0.0);
             cortical_bone.push(ell(tub, V3::new(13.0, 17.0, 13.0) * s));
-            cortical_bone.push(Shape::Capsule { a: tub, b: m(sc(70.0, 12.0, -14.0)), ra: 12.0 * s, rb: 15.0 * s });
+            cortical_bone.push(Shape::Capsule {
+                a: tub,
+                b: m(sc(70.0, 12.0, -14.0)),
+                ra: 12.0 * s,
+                rb: 15.0 * s,
+            });
 
             // Pubic body: vertical capsule beside the midline; the symphysis gap is 4 mm.
             let (sym_top, sym_bot) = if fem { (-26.0, -60.0) } else { (-24.0, -66.0) };
@@ -356,10 +468,25 @@ impl Phantom {
             let y_sym = -44.0 * s;
             let pa = P3::new(side * pub_x, y_sym, sym_top * s);
             let pb = P3::new(side * pub_x, y_sym + 6.0 * s, sym_bot * s);
-            cortical_bone.push(Shape::Capsule { a: pa, b: pb, ra: pub_r, rb: pub_r });
+            cortical_bone.push(Shape::Capsule {
+                a: pa,
+                b: pb,
+                ra: pub_r,
+                rb: pub_r,
+            });
             // Join the pubic body to the ring's medial side (top and bottom rami).
-            cortical_bone.push(Shape::Capsule { a: pa, b: ring[n / 2 - 3], ra: 8.0 * s, rb: 9.0 * s });
-            cortical_bone.push(Shape::Capsule { a: pb, b: ring[n / 2 + 3], ra: 7.0 * s, rb: 6.5 * s });
+            cortical_bone.push(Shape::Capsule {
+                a: pa,
+                b: ring[n / 2 - 3],
+                ra: 8.0 * s,
+                rb: 9.0 * s,
+            });
+            cortical_bone.push(Shape::Capsule {
+                a: pb,
+                b: ring[n / 2 + 3],
+                ra: 7.0 * s,
+                rb: 6.5 * s,
+            });
             if side > 0.0 {
                 lm[3] = P3::new(0.0, y_sym, sym_top * s); // SPS
                 lm[4] = P3::new(0.0, y_sym + 6.0 * s, sym_bot * s); // IPS
@@ -384,7 +511,8 @@ impl Phantom {
                     let t = q as f64 / 3.0;
                     let l = |a: f64, b: f64| a + (b - a) * t;
                     let (y, z) = (l(p[0].0, p[1].0), l(p[0].1, p[1].1));
-                    let r = V3::new(l(p[0].2, p[1].2) * w, l(p[0].3, p[1].3), l(p[0].4, p[1].4)) * s;
+                    let r =
+                        V3::new(l(p[0].2, p[1].2) * w, l(p[0].3, p[1].3), l(p[0].4, p[1].4)) * s;
                     (sc(0.0, y, z), r)
                 })
             })
@@ -396,17 +524,32 @@ impl Phantom {
             .collect();
         // Alae joining the SI joints.
         for side in [1.0, -1.0] {
-            sacrum.push(Shape::Capsule { a: sc(side * 20.0, 52.0, 46.0), b: sc(side * 44.0, 58.0, 48.0), ra: 15.0 * s, rb: 13.0 * s });
+            sacrum.push(Shape::Capsule {
+                a: sc(side * 20.0, 52.0, 46.0),
+                b: sc(side * 44.0, 58.0, 48.0),
+                ra: 15.0 * s,
+                rb: 13.0 * s,
+            });
         }
         let foramina: Vec<Shape> = (0..4)
             .flat_map(|i| {
                 let (y, z, hw, ..) = sac[i];
-                [1.0, -1.0].map(|sd| ell(sc(sd * hw * 0.45, y - 8.0, z - 8.0), V3::new(4.5, 12.0, 4.5) * s))
+                [1.0, -1.0].map(|sd| {
+                    ell(
+                        sc(sd * hw * 0.45, y - 8.0, z - 8.0),
+                        V3::new(4.5, 12.0, 4.5) * s,
+                    )
+                })
             })
             .collect();
         let sacrum: Vec<Shape> = sacrum
             .into_iter()
-            .map(|sh| foramina.iter().fold(sh, |acc, f| Shape::Hollow { outer: Box::new(acc), inner: Box::new(f.clone()) }))
+            .map(|sh| {
+                foramina.iter().fold(sh, |acc, f| Shape::Hollow {
+                    outer: Box::new(acc),
+                    inner: Box::new(f.clone()),
+                })
+            })
             .collect();
 
         // Lumbar vertebrae L5..L3 with discs, posterior arch, spinous and transverse processes.
@@ -416,24 +559,74 @@ impl Phantom {
         let mut prev_top = sc(0.0, 50.0, 62.0);
         for &(y, z) in &vert {
             let c = sc(0.0, y, z);
-            spine.push(Shape::Capsule { a: c - V3::new(0.0, 0.0, 10.0 * s), b: c + V3::new(0.0, 0.0, 10.0 * s), ra: 22.0 * s, rb: 22.0 * s });
-            discs.push(Shape::Capsule { a: prev_top, b: c - V3::new(0.0, 0.0, 16.0 * s), ra: 20.0 * s, rb: 20.0 * s });
+            spine.push(Shape::Capsule {
+                a: c - V3::new(0.0, 0.0, 10.0 * s),
+                b: c + V3::new(0.0, 0.0, 10.0 * s),
+                ra: 22.0 * s,
+                rb: 22.0 * s,
+            });
+            discs.push(Shape::Capsule {
+                a: prev_top,
+                b: c - V3::new(0.0, 0.0, 16.0 * s),
+                ra: 20.0 * s,
+                rb: 20.0 * s,
+            });
             prev_top = c + V3::new(0.0, 0.0, 16.0 * s);
             let arch = c + V3::new(0.0, 30.0 * s, 0.0);
             for sd in [1.0, -1.0] {
-                spine.push(Shape::Capsule { a: c + V3::new(sd * 12.0 * s, 16.0 * s, 2.0 * s), b: arch + V3::new(sd * 10.0 * s, 6.0 * s, 0.0), ra: 5.5 * s, rb: 5.5 * s });
-                spine.push(Shape::Capsule { a: arch + V3::new(sd * 12.0 * s, 0.0, 2.0 * s), b: arch + V3::new(sd * 42.0 * s, 2.0 * s, 4.0 * s), ra: 5.0 * s, rb: 4.0 * s });
+                spine.push(Shape::Capsule {
+                    a: c + V3::new(sd * 12.0 * s, 16.0 * s, 2.0 * s),
+                    b: arch + V3::new(sd * 10.0 * s, 6.0 * s, 0.0),
+                    ra: 5.5 * s,
+                    rb: 5.5 * s,
+                });
+                spine.push(Shape::Capsule {
+                    a: arch + V3::new(sd * 12.0 * s, 0.0, 2.0 * s),
+                    b: arch + V3::new(sd * 42.0 * s, 2.0 * s, 4.0 * s),
+                    ra: 5.0 * s,
+                    rb: 4.0 * s,
+                });
             }
-            spine.push(Shape::Capsule { a: arch + V3::new(0.0, 6.0 * s, 0.0), b: arch + V3::new(0.0, 32.0 * s, -10.0 * s), ra: 5.5 * s, rb: 5.0 * s });
+            spine.push(Shape::Capsule {
+                a: arch + V3::new(0.0, 6.0 * s, 0.0),
+                b: arch + V3::new(0.0, 32.0 * s, -10.0 * s),
+                ra: 5.5 * s,
+                rb: 5.0 * s,
+            });
         }
-        let symphysis = Shape::Capsule { a: lm[3], b: lm[4], ra: 3.0 * s, rb: 3.0 * s };
+        let symphysis = Shape::Capsule {
+            a: lm[3],
+            b: lm[4],
+            ra: 3.0 * s,
+            rb: 3.0 * s,
+        };
 
         let d = params.bone_density as f32;
         let mut bones = vec![
-            Bone { shapes: cortical_bone, cortex_mm: 2.0, cortical_hu: 1150.0 * d, cancellous_hu: 260.0 * d },
-            Bone { shapes: femur, cortex_mm: 2.5, cortical_hu: 1300.0 * d, cancellous_hu: 300.0 * d },
-            Bone { shapes: sacrum, cortex_mm: 1.5, cortical_hu: 950.0 * d, cancellous_hu: 220.0 * d },
-            Bone { shapes: spine, cortex_mm: 1.5, cortical_hu: 1000.0 * d, cancellous_hu: 200.0 * d },
+            Bone {
+                shapes: cortical_bone,
+                cortex_mm: 2.0,
+                cortical_hu: 1150.0 * d,
+                cancellous_hu: 260.0 * d,
+            },
+            Bone {
+                shapes: femur,
+                cortex_mm: 2.5,
+                cortical_hu: 1300.0 * d,
+                cancellous_hu: 300.0 * d,
+            },
+            Bone {
+                shapes: sacrum,
+                cortex_mm: 1.5,
+                cortical_hu: 950.0 * d,
+                cancellous_hu: 220.0 * d,
+            },
+            Bone {
+                shapes: spine,
+                cortex_mm: 1.5,
+                cortical_hu: 1000.0 * d,
+                cancellous_hu: 200.0 * d,
+            },
         ];
 
         // Whole-pelvis pose: tilt (about x), obliquity (about y), rotation (about z).
@@ -465,7 +658,16 @@ impl Phantom {
             P3::new(-a - 10.0, body.1 - b - 10.0, -130.0 * s),
             P3::new(a + 10.0, body.1 + b + 10.0, 180.0 * s),
         );
-        Self { params: params.clone(), bones, cartilage, bladder, gas, body, landmarks, bounds }
+        Self {
+            params: params.clone(),
+            bones,
+            cartilage,
+            bladder,
+            gas,
+            body,
+            landmarks,
+            bounds,
+        }
     }
 
     /// HU at a point (no anti-aliasing).
@@ -497,8 +699,12 @@ impl Phantom {
         for (bone, bb) in self.bones.iter().zip(bone_bounds) {
             let mut dmin = f64::INFINITY;
             for (sh, (lo, hi)) in bone.shapes.iter().zip(bb) {
-                if p.x < lo.x - half_voxel || p.y < lo.y - half_voxel || p.z < lo.z - half_voxel
-                    || p.x > hi.x + half_voxel || p.y > hi.y + half_voxel || p.z > hi.z + half_voxel
+                if p.x < lo.x - half_voxel
+                    || p.y < lo.y - half_voxel
+                    || p.z < lo.z - half_voxel
+                    || p.x > hi.x + half_voxel
+                    || p.y > hi.y + half_voxel
+                    || p.z > hi.z + half_voxel
                 {
                     continue;
                 }
@@ -506,7 +712,8 @@ impl Phantom {
             }
             if dmin < half_voxel {
                 let cover = ((half_voxel - dmin) / (2.0 * half_voxel)).clamp(0.0, 1.0) as f32;
-                let inner = ((-dmin - bone.cortex_mm) / (2.0 * half_voxel) + 0.5).clamp(0.0, 1.0) as f32;
+                let inner =
+                    ((-dmin - bone.cortex_mm) / (2.0 * half_voxel) + 0.5).clamp(0.0, 1.0) as f32;
                 let bone_hu = bone.cortical_hu + (bone.cancellous_hu - bone.cortical_hu) * inner;
                 let base = if hu < FAT_HU { MUSCLE_HU } else { hu };
                 hu = base + (bone_hu - base) * cover;
@@ -521,16 +728,22 @@ impl Phantom {
         let (lo, hi) = self.bounds;
         let dims = [0, 1, 2].map(|a| (((hi[a] - lo[a]) / sp).ceil() as usize).max(1));
         let origin = lo.coords + V3::repeat(sp / 2.0);
-        let bone_bounds: Vec<Vec<(P3, P3)>> = self.bones.iter().map(|b| b.shapes.iter().map(Shape::bounds).collect()).collect();
+        let bone_bounds: Vec<Vec<(P3, P3)>> = self
+            .bones
+            .iter()
+            .map(|b| b.shapes.iter().map(Shape::bounds).collect())
+            .collect();
         let plane = dims[0] * dims[1];
         let mut hu = vec![0.0f32; plane * dims[2]];
-        hu.par_chunks_mut(dims[0]).enumerate().for_each(|(row, out)| {
-            let (j, k) = (row % dims[1], row / dims[1]);
-            for (i, o) in out.iter_mut().enumerate() {
-                let p = P3::from(origin + V3::new(i as f64, j as f64, k as f64) * sp);
-                *o = self.hu_at(&p, sp / 2.0, &bone_bounds);
-            }
-        });
+        hu.par_chunks_mut(dims[0])
+            .enumerate()
+            .for_each(|(row, out)| {
+                let (j, k) = (row % dims[1], row / dims[1]);
+                for (i, o) in out.iter_mut().enumerate() {
+                    let p = P3::from(origin + V3::new(i as f64, j as f64, k as f64) * sp);
+                    *o = self.hu_at(&p, sp / 2.0, &bone_bounds);
+                }
+            });
         let mut v = Volume::new(dims, [sp; 3], origin, Matrix3::identity(), hu)
             .expect("phantom bounds are finite and positive");
         let p = &self.params;
@@ -567,7 +780,11 @@ mod tests {
 
     #[test]
     fn triangle_distance() {
-        let t = [P3::new(0.0, 0.0, 0.0), P3::new(1.0, 0.0, 0.0), P3::new(0.0, 1.0, 0.0)];
+        let t = [
+            P3::new(0.0, 0.0, 0.0),
+            P3::new(1.0, 0.0, 0.0),
+            P3::new(0.0, 1.0, 0.0),
+        ];
         assert!((dist_triangle(&P3::new(0.2, 0.2, 3.0), &t) - 3.0).abs() < 1e-12);
         assert!((dist_triangle(&P3::new(-1.0, 0.0, 0.0), &t) - 1.0).abs() < 1e-12);
         assert!((dist_triangle(&P3::new(1.0, 1.0, 0.0), &t) - 0.5f64.sqrt()).abs() < 1e-12);
@@ -588,8 +805,7 @@ mod tests {
         for id in 0..6 {
             let ph = Phantom::new(&PhantomParams::subject(id));
             let l = ph.landmarks.all().unwrap();
-            let tilt = Rotation3::from_axis_angle(&V3::x_axis(), ph.params.tilt_rad)
-                .inverse();
+            let tilt = Rotation3::from_axis_angle(&V3::x_axis(), ph.params.tilt_rad).inverse();
             let l: Vec<P3> = l.iter().map(|p| tilt * p).collect();
             // Left landmarks at +x (LPS), right at -x, symphysis at the midline.
             assert!(l[0].x > 90.0 && l[7].x < -90.0, "ASIS width");
@@ -615,14 +831,21 @@ mod tests {
             for di in -2i64..=2 {
                 for dj in -2i64..=2 {
                     for dk in -2i64..=2 {
-                        let (i, j, k) = (ijk.x.round() as i64 + di, ijk.y.round() as i64 + dj, ijk.z.round() as i64 + dk);
+                        let (i, j, k) = (
+                            ijk.x.round() as i64 + di,
+                            ijk.y.round() as i64 + dj,
+                            ijk.z.round() as i64 + dk,
+                        );
                         if let Some(v) = vol.get(i as usize, j as usize, k as usize) {
                             max_hu = max_hu.max(v);
                         }
                     }
                 }
             }
-            assert!(max_hu > 300.0, "landmark {p} is not on bone (max {max_hu} HU)");
+            assert!(
+                max_hu > 300.0,
+                "landmark {p} is not on bone (max {max_hu} HU)"
+            );
         }
     }
 

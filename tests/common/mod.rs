@@ -10,7 +10,8 @@ pub fn root() -> PathBuf {
 }
 
 fn require() -> bool {
-    std::env::var("FLUOROPOSE_REQUIRE_DATA").is_ok_and(|v| v == "1") || std::env::var("CI").is_ok_and(|v| v == "true")
+    std::env::var("FLUOROPOSE_REQUIRE_DATA").is_ok_and(|v| v == "1")
+        || std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
 fn found_or_skip(p: PathBuf, how: &str) -> Option<PathBuf> {
@@ -26,11 +27,16 @@ fn found_or_skip(p: PathBuf, how: &str) -> Option<PathBuf> {
 
 /// A file under `../shared/data` (real CT, X-ray and fluoroscopy files beside the project).
 pub fn shared(rel: &str) -> Option<PathBuf> {
-    let base = std::env::var("FLUOROPOSE_SHARED_DATA").map(PathBuf::from).unwrap_or_else(|_| root().join("../shared/data"));
+    let base = std::env::var("FLUOROPOSE_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join("../shared/data"));
     found_or_skip(base.join(rel), "the shared data folder beside the project")
 }
 
 /// A file fetched from the package registries by `scripts/fetch-data.sh` into `data/registry`.
 pub fn registry(rel: &str) -> Option<PathBuf> {
-    found_or_skip(root().join("data/registry").join(rel), "run scripts/fetch-data.sh")
+    found_or_skip(
+        root().join("data/registry").join(rel),
+        "run scripts/fetch-data.sh",
+    )
 }
