@@ -6,7 +6,7 @@
 //!
 //! The one flow: `frame source -> model -> landmarks 2D -> registration -> pose -> DRR -> overlay`.
 //! Modules are named for the domain and depend only on modules above them in this list:
-//! [`io`], [`volume`], [`landmarks`], [`geometry`], [`drr`], then the CLI.
+//! [`io`], [`volume`], [`landmarks`], [`geometry`], [`drr`], [`registration`], then the CLI.
 //!
 //! Conventions: world = patient LPS millimetres; pixels have their origin at the top-left corner
 //! of the top-left pixel (x right, y down); poses are camera_from_world with a Rodrigues rotation
@@ -18,4 +18,5 @@ pub mod drr;
 pub mod geometry;
 pub mod io;
 pub mod landmarks;
+pub mod registration;
 pub mod volume;

@@ -13,6 +13,7 @@
 mod camera;
 pub mod diffdrr;
 mod pose;
+pub mod sampling;
 
 pub use camera::{Camera, PAPER_DETECTOR_PX, PAPER_SDD_MM, PAPER_TRAINING_PX, to_paper_centred};
-pub use pose::{EulerZxyRad, Pose, rodrigues, rodrigues_log};
+pub use pose::{EulerZxyRad, Pose, rodrigues, rodrigues_log, skew};

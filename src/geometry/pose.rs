@@ -1,24 +1,27 @@
 //! The 6-DoF pose: Rodrigues rotation (paper eqs. 5-6) and translation, camera_from_world.
 
-use nalgebra::{Matrix3, Point3, Rotation3, Vector3};
+use nalgebra::{Matrix3, Point3, RealField, Rotation3, Vector3};
 use serde::{Deserialize, Serialize};
 
 /// Skew-symmetric cross-product matrix `[v]x` (paper eq. 6 with the unit axis).
-pub(crate) fn skew(v: &Vector3<f64>) -> Matrix3<f64> {
-    Matrix3::new(0.0, -v.z, v.y, v.z, 0.0, -v.x, -v.y, v.x, 0.0)
+pub fn skew<T: RealField + Copy>(v: &Vector3<T>) -> Matrix3<T> {
+    let z = T::zero();
+    Matrix3::new(z, -v.z, v.y, v.z, z, -v.x, -v.y, v.x, z)
 }
 
 /// The Rodrigues map (paper eqs. 5-6): `R = I + sin(θ) K + (1 - cos θ) K²` with `θ = |r|`,
 /// `K = [r/θ]x`. Written as `I + a [r]x + b [r]x²` with `a = sin θ / θ`, `b = (1 - cos θ) / θ²`,
 /// whose Taylor series are used near θ = 0 so that the map and its derivatives stay exact there
 /// (the paper's solver starts at r = 0, where `r/θ` is 0/0).
-pub fn rodrigues(r: &Vector3<f64>) -> Matrix3<f64> {
+/// Generic over the float type, so that the paper's solver can run in f32 as well as f64.
+pub fn rodrigues<T: RealField + Copy>(r: &Vector3<T>) -> Matrix3<T> {
+    let c = |x: f64| nalgebra::convert::<f64, T>(x);
     let t2 = r.norm_squared();
-    let (a, b) = if t2 < 1e-8 {
-        (1.0 - t2 / 6.0, 0.5 - t2 / 24.0)
+    let (a, b) = if t2 < c(1e-8) {
+        (T::one() - t2 / c(6.0), c(0.5) - t2 / c(24.0))
     } else {
         let t = t2.sqrt();
-        (t.sin() / t, (1.0 - t.cos()) / t2)
+        (t.sin() / t, (T::one() - t.cos()) / t2)
     };
     let k = skew(r);
     Matrix3::identity() + k * a + k * k * b
