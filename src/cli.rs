@@ -31,6 +31,65 @@ pub enum Command {
     Project(ProjectArgs),
     /// Render a DRR of a CT at a pose (.npy float32, 16-bit .png or .tif).
     Render(RenderArgs),
+    /// Solve the C-arm pose from 2D-3D landmark correspondences (paper eqs. 3-8).
+    Register(RegisterArgs),
+    /// Measure speed (and, for registration, the paper solver's success rate).
+    Bench(BenchArgs),
+}
+
+/// Which registration solver.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SolverArg {
+    /// Robust P3P initialisation + Levenberg-Marquardt (production).
+    Lm,
+    /// The paper's Adam (lr 1e-3, 100 iterations from r = t = 0).
+    AdamPaper,
+    /// The paper's L-BFGS variant (100 iterations from r = t = 0).
+    LbfgsPaper,
+}
+
+/// `fluoropose register`.
+#[derive(Args, Debug)]
+pub struct RegisterArgs {
+    /// N 3D points, mm: JSON `[[x,y,z],...]`, or a landmark file (.mrk.json, .fcsv, .csv).
+    #[arg(long)]
+    pub points3d: PathBuf,
+    /// N pixel points: JSON `[[u,v],...]` (null for an absent one).
+    #[arg(long)]
+    pub points2d: PathBuf,
+    #[command(flatten)]
+    pub camera: CameraArgs,
+    /// Solver.
+    #[arg(long, value_enum, default_value_t = SolverArg::Lm)]
+    pub solver: SolverArg,
+    /// Per-point weights "w1,w2,..." (e.g. heatmap confidences).
+    #[arg(long)]
+    pub weights: Option<String>,
+    /// Start at this pose "rx,ry,rz,tx,ty,tz" (Rodrigues rad, mm) instead of the solver's own start.
+    #[arg(long, allow_hyphen_values = true)]
+    pub from_pose: Option<String>,
+}
+
+/// `fluoropose bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// What to measure.
+    #[command(subcommand)]
+    pub what: BenchWhat,
+}
+
+/// The benchmarks.
+#[derive(Subcommand, Debug)]
+pub enum BenchWhat {
+    /// One 8-point solve per solver, over poses drawn from the paper's range.
+    Register {
+        /// Number of problems.
+        #[arg(long, default_value_t = 500)]
+        problems: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `fluoropose info`.
@@ -172,6 +231,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Phantom(a)) => phantom(&a),
         Some(Command::Project(a)) => project(&a),
         Some(Command::Render(a)) => render(&a),
+        Some(Command::Register(a)) => register(&a),
+        Some(Command::Bench(a)) => match a.what {
+            BenchWhat::Register { problems, json } => crate::bench::register(problems, json),
+        },
     }
 }
 
@@ -400,4 +463,95 @@ fn render(a: &RenderArgs) -> Result<()> {
 /// Reads 3D landmarks for the CLI with context.
 pub fn read_landmarks3d(path: &Path) -> Result<Landmarks3d> {
     Ok(Landmarks3d::read(path)?)
+}
+
+fn read_points3d(path: &Path) -> Result<Vec<Point3<f64>>> {
+    let name = path.to_string_lossy().to_ascii_lowercase();
+    if name.ends_with(".mrk.json") || name.ends_with(".fcsv") || name.ends_with(".csv") {
+        let lm = Landmarks3d::read(path)?;
+        return lm
+            .points
+            .iter()
+            .enumerate()
+            .map(|(i, p)| p.ok_or_else(|| anyhow::anyhow!("{}: landmark {} is undefined", path.display(), crate::landmarks::LANDMARKS[i].code)))
+            .collect();
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+    crate::landmarks::parse_points::<3>(&v)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| p.map(Point3::from).ok_or_else(|| anyhow::anyhow!("{}: 3D point {} is absent", path.display(), i + 1)))
+        .collect()
+}
+
+fn read_points2d(path: &Path) -> Result<Vec<Option<nalgebra::Point2<f64>>>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+    Ok(crate::landmarks::parse_points::<2>(&v)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        .into_iter()
+        .map(|p| p.map(nalgebra::Point2::from))
+        .collect())
+}
+
+fn register(a: &RegisterArgs) -> Result<()> {
+    use crate::registration::{self as reg, Problem, Status};
+    let cam = a.camera.camera()?;
+    let p3 = read_points3d(&a.points3d)?;
+    let p2 = read_points2d(&a.points2d)?;
+    if p3.len() != p2.len() {
+        bail!("{} 3D points but {} 2D points", p3.len(), p2.len());
+    }
+    let weights: Option<Vec<f64>> = a
+        .weights
+        .as_deref()
+        .map(|w| w.split(',').map(|x| x.trim().parse::<f64>()).collect::<Result<_, _>>())
+        .transpose()
+        .context("--weights must be numbers separated by commas")?;
+    let pb = Problem { camera: &cam, points3d: &p3, points2d: &p2, weights: weights.as_deref() };
+    if let Err(e) = pb.validate() {
+        bail!("invalid input: {e}");
+    }
+    let from = a.from_pose.as_deref().map(parse_pose).transpose()?;
+    let out = match a.solver {
+        SolverArg::Lm => {
+            let o = reg::LmOptions::default();
+            let s = match from {
+                Some(p) => reg::solve_from(&pb, &p, &o),
+                None => reg::solve(&pb, &o),
+            };
+            let cov: Vec<f64> = s.covariance.iter().copied().collect();
+            serde_json::json!({
+                "rotation": s.pose.rotation.as_slice(),
+                "translation": s.pose.translation_mm.as_slice(),
+                "rmse_px": finite_or_null(s.rmse_px),
+                "iterations": s.iterations,
+                "status": s.status,
+                "residual_px": s.residual_px,
+                "inliers": s.inliers,
+                "covariance": if cov.iter().all(|v| v.is_finite()) { serde_json::json!(cov) } else { serde_json::Value::Null },
+            })
+        }
+        SolverArg::AdamPaper | SolverArg::LbfgsPaper => {
+            let init = from.map_or([0.0; 6], |p| p.params());
+            let o = reg::paper::PaperOptions::default();
+            let r = if a.solver == SolverArg::AdamPaper { reg::paper::adam::<f64>(&pb, init, &o) } else { reg::paper::lbfgs::<f64>(&pb, init, &o) };
+            let n = pb.active().len().max(1) as f64;
+            serde_json::json!({
+                "rotation": &r.theta[..3],
+                "translation": &r.theta[3..],
+                "rmse_px": finite_or_null((r.loss / n).sqrt()),
+                "iterations": r.iterations,
+                "status": Status::MaxIterations,
+            })
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+fn finite_or_null(v: f64) -> serde_json::Value {
+    if v.is_finite() { serde_json::json!(v) } else { serde_json::Value::Null }
 }

@@ -13,6 +13,7 @@
 //! vector (radians) and a translation (mm). Units sit in names where they could be doubted
 //! (`_mm`, `_px`, `_rad`, `_hu`). See `docs/geometry.md`.
 
+pub mod bench;
 pub mod cli;
 pub mod drr;
 pub mod geometry;

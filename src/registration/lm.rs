@@ -2,14 +2,12 @@
 //! Levenberg-Marquardt on eq. 4 (weighted) with an analytic Jacobian.
 
 use super::jacobian::{project_with_jacobian, projection_jacobian};
-use super::p3p::p3p;
 use super::{Problem, Solution, Status};
 use crate::geometry::{Pose, rodrigues, rodrigues_log, skew};
 use nalgebra::{Matrix2x6, Matrix3, Matrix6, Point3, Vector6};
 
 /// Options of [`solve`].
 #[derive(Clone, Copy, Debug, PartialEq)]
-#[non_exhaustive]
 pub struct LmOptions {
     /// Maximum Levenberg-Marquardt iterations.
     pub max_iterations: usize,
@@ -51,6 +49,11 @@ fn precheck(pb: &Problem) -> Result<Vec<usize>, Status> {
     Ok(act)
 }
 
+/// The robust initial hypotheses alone (for benchmarks).
+pub fn robust_hypotheses(pb: &Problem, opts: &LmOptions) -> usize {
+    precheck(pb).map(|act| hypotheses(pb, &act, opts, 3).len()).unwrap_or(0)
+}
+
 /// Solves eq. 3-4 from a robust initial pose. See the module docs.
 pub fn solve(pb: &Problem, opts: &LmOptions) -> Solution {
     let n = pb.points3d.len();
@@ -58,10 +61,37 @@ pub fn solve(pb: &Problem, opts: &LmOptions) -> Solution {
         Ok(a) => a,
         Err(s) => return Solution::failed(n, s),
     };
-    let Some(init) = robust_init(pb, &act, opts) else {
-        return Solution::failed(n, Status::Degenerate);
-    };
-    refine_with_inliers(pb, &act, init, opts)
+    // Refine the few best distinct hypotheses briefly; keep the one whose refined pose scores
+    // best, then let it converge. (A P3P pose from three noisy landmarks can score worse than a
+    // wrong pose before refinement, and better after.) Hypotheses far worse than the best are
+    // not worth refining.
+    let hyps = hypotheses(pb, &act, opts, 3);
+    let floor = hyps.first().map_or(0.0, |h| h.0);
+    let brief = LmOptions { max_iterations: 15, ..*opts };
+    let mut best: Option<(f64, Solution)> = None;
+    for (cost0, init) in hyps {
+        if cost0 > 4.0 * floor + act.len() as f64 {
+            continue;
+        }
+        let sol = refine_with_inliers(pb, &act, init, &brief);
+        if !sol.status.ok() {
+            continue;
+        }
+        let cost = msac(pb, &act, &sol.pose.rotation_matrix(), &sol.pose.translation_mm, opts.outlier_px, f64::INFINITY);
+        if best.as_ref().is_none_or(|b| cost < b.0) {
+            best = Some((cost, sol));
+        }
+    }
+    let best = best.map(|(c, sol)| {
+        if sol.status == Status::MaxIterations {
+            let more = levenberg_marquardt(pb, &sol.inliers, &sol.pose, opts);
+            let iterations = sol.iterations + more.iterations;
+            (c, Solution { iterations, ..more })
+        } else {
+            (c, sol)
+        }
+    });
+    best.map_or_else(|| Solution::failed(n, Status::Degenerate), |b| b.1)
 }
 
 /// Solves eq. 3-4 starting at `init` (all active landmarks trusted).
@@ -79,8 +109,12 @@ pub fn solve_from(pb: &Problem, init: &Pose, opts: &LmOptions) -> Solution {
 }
 
 fn reproj_error(pb: &Problem, pose: &Pose, i: usize) -> f64 {
+    reproj_error_rt(pb, &pose.rotation_matrix(), &pose.translation_mm, i)
+}
+
+fn reproj_error_rt(pb: &Problem, rm: &Matrix3<f64>, t: &nalgebra::Vector3<f64>, i: usize) -> f64 {
     let Some(l) = pb.points2d[i] else { return f64::INFINITY };
-    let q = pose.camera_from_world(&pb.points3d[i]);
+    let q = Point3::from(rm * pb.points3d[i].coords + t);
     if q.z <= 1e-3 {
         return f64::INFINITY;
     }
@@ -102,41 +136,57 @@ fn triplets(pb: &Problem, act: &[usize]) -> Vec<[usize; 3]> {
         (p[1] - p[0]).cross(&(p[2] - p[0])).norm()
     };
     t.sort_by(|x, y| area(y).total_cmp(&area(x)));
+    // The slimmest triangles give ill-conditioned P3P poses and add nothing but time. Keeping
+    // the widest 24 still leaves, for 8 landmarks with one outlier, at least 24 - C(7,2) = 3
+    // outlier-free triplets.
+    t.truncate(24.max(act.len()));
     t
 }
 
-/// MSAC over landmark triplets: the P3P pose that most landmarks agree with.
-fn robust_init(pb: &Problem, act: &[usize], opts: &LmOptions) -> Option<Pose> {
-    let tau2 = opts.outlier_px * opts.outlier_px;
-    let mut best: Option<(f64, usize, Pose)> = None;
-    let all = triplets(pb, act);
-    for (k, tr) in all.iter().enumerate() {
-        let world = tr.map(|i| pb.points3d[i]);
-        let Some(uv) = tr.iter().map(|&i| pb.points2d[i]).collect::<Option<Vec<_>>>() else { continue };
-        for pose in p3p(pb.camera, world, [uv[0], uv[1], uv[2]]) {
-            let mut cost = 0.0;
-            let mut inl = 0;
-            for &i in act {
-                let e = reproj_error(pb, &pose, i);
-                cost += pb.weight(i) * (e * e).min(tau2);
-                inl += usize::from(e * e < tau2);
-            }
-            if best.as_ref().is_none_or(|b| cost < b.0) {
-                best = Some((cost, inl, pose));
-            }
-        }
-        // Stop early once the best hypothesis has all landmarks but at most one as inliers and
-        // enough triplets were tried to have met an all-inlier one with high probability
-        // (inlier ratio w: 1 - (1 - w³)^k > 0.999).
-        if let Some((_, inl, _)) = &best {
-            let w = *inl as f64 / act.len() as f64;
-            let needed = (0.001f64.ln() / (1.0 - w.powi(3)).max(1e-12).ln()).ceil() as usize;
-            if *inl + 1 >= act.len() && k + 1 >= needed.max(1) {
-                break;
-            }
+/// MSAC score of a pose: `Σ w min(e², τ²)` over the active landmarks. Scoring stops as soon
+/// as the partial sum reaches `give_up` (the hypothesis cannot be kept anyway).
+fn msac(pb: &Problem, act: &[usize], rm: &Matrix3<f64>, t: &nalgebra::Vector3<f64>, tau: f64, give_up: f64) -> f64 {
+    let tau2 = tau * tau;
+    let mut cost = 0.0;
+    for &i in act {
+        let e = reproj_error_rt(pb, rm, t, i);
+        cost += pb.weight(i) * (e * e).min(tau2);
+        if cost >= give_up {
+            return f64::INFINITY;
         }
     }
-    best.map(|b| b.2)
+    cost
+}
+
+/// P3P hypotheses from every landmark triplet, best MSAC score first (at most `keep` of them,
+/// all distinct). Every triplet is tried: a hypothesis that fits all landmarks loosely can still
+/// be the wrong one (a near-planar pelvis can match one gross outlier with a pose 45° away),
+/// so there is no early exit on the inlier count.
+fn hypotheses(pb: &Problem, act: &[usize], opts: &LmOptions, keep: usize) -> Vec<(f64, Pose)> {
+    let bearings: Vec<Option<nalgebra::Vector3<f64>>> = pb.points2d.iter().map(|p| p.map(|p| super::p3p::bearing(pb.camera, &p))).collect();
+    let mut best: Vec<(f64, Matrix3<f64>, nalgebra::Vector3<f64>)> = Vec::with_capacity(keep + 1);
+    for tr in triplets(pb, act) {
+        let world = tr.map(|i| pb.points3d[i]);
+        let (Some(a), Some(b), Some(c)) = (bearings[tr[0]], bearings[tr[1]], bearings[tr[2]]) else { continue };
+        for (rm, t) in super::p3p::p3p_bearings(world, [a, b, c]) {
+            let give_up = if best.len() == keep { best[keep - 1].0 } else { f64::INFINITY };
+            let cost = msac(pb, act, &rm, &t, opts.outlier_px, give_up);
+            if !cost.is_finite() {
+                continue;
+            }
+            // Near-duplicates of a kept hypothesis (same basin) only replace it when better.
+            if let Some(k) = best.iter().position(|(_, r, _)| (r - rm).norm() < 0.05) {
+                if cost < best[k].0 {
+                    best[k] = (cost, rm, t);
+                }
+            } else {
+                best.push((cost, rm, t));
+            }
+            best.sort_by(|a, b| a.0.total_cmp(&b.0));
+            best.truncate(keep);
+        }
+    }
+    best.into_iter().map(|(c, r, t)| (c, Pose::from_matrix(&r, t))).collect()
 }
 
 fn refine_with_inliers(pb: &Problem, act: &[usize], init: Pose, opts: &LmOptions) -> Solution {
@@ -201,7 +251,8 @@ fn levenberg_marquardt(pb: &Problem, inl: &[bool], init: &Pose, opts: &LmOptions
     let mut rm = init.rotation_matrix();
     let mut t = init.translation_mm;
     let (mut cost, mut h, mut g) = linearize(pb, inl, &rm, &t);
-    let mut lambda = 1e-3 * (0..6).map(|k| h[(k, k)]).fold(0.0, f64::max).max(1e-12);
+    // Starts close to Gauss-Newton: the robust start is already in the right basin.
+    let mut lambda = 1e-6;
     let mut nu = 2.0;
     let mut status = Status::MaxIterations;
     let mut iterations = 0;
@@ -211,6 +262,7 @@ fn levenberg_marquardt(pb: &Problem, inl: &[bool], init: &Pose, opts: &LmOptions
             status = Status::Converged;
             break;
         }
+        // Marquardt's scaling: damping proportional to the curvature of each parameter.
         let mut a = h;
         for k in 0..6 {
             a[(k, k)] += lambda * h[(k, k)].max(1e-9);

@@ -20,7 +20,7 @@ pub mod metrics;
 pub mod p3p;
 pub mod paper;
 
-pub use lm::{LmOptions, solve, solve_from};
+pub use lm::{LmOptions, robust_hypotheses, solve, solve_from};
 
 use crate::geometry::{Camera, Pose};
 use nalgebra::{Matrix6, Point2, Point3};

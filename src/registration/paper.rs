@@ -9,7 +9,6 @@ use nalgebra::{Point3, RealField, Vector3, Vector6};
 
 /// Settings of the paper's optimisers.
 #[derive(Clone, Copy, Debug, PartialEq)]
-#[non_exhaustive]
 pub struct PaperOptions {
     /// Iterations (paper: 100).
     pub iterations: usize,
