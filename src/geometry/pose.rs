@@ -152,7 +152,7 @@ mod tests {
             assert!((rodrigues(&r) - na.matrix()).abs().max() < 1e-12);
             assert!((rodrigues_log(&rodrigues(&r)) - r).norm() < 1e-9);
         }
-        assert_eq!(rodrigues(&Vector3::zeros()), Matrix3::identity());
+        assert_eq!(rodrigues(&Vector3::<f64>::zeros()), Matrix3::identity());
     }
 
     #[test]

@@ -19,7 +19,12 @@ pub fn ap_pose(iso: &Point3<f64>, sod_mm: f64) -> Pose {
 
 /// The AP pose turned by `rot_rad` (x, y, z: about the patient's LPS axes, applied x then y then
 /// z, through the isocentre) and shifted by `shift_mm` (camera frame).
-pub fn perturbed_pose(iso: &Point3<f64>, sod_mm: f64, rot_rad: &Vector3<f64>, shift_mm: &Vector3<f64>) -> Pose {
+pub fn perturbed_pose(
+    iso: &Point3<f64>,
+    sod_mm: f64,
+    rot_rad: &Vector3<f64>,
+    shift_mm: &Vector3<f64>,
+) -> Pose {
     let turn = Rotation3::from_axis_angle(&Vector3::z_axis(), rot_rad.z)
         * Rotation3::from_axis_angle(&Vector3::y_axis(), rot_rad.y)
         * Rotation3::from_axis_angle(&Vector3::x_axis(), rot_rad.x);
@@ -41,7 +46,11 @@ pub struct PoseRange {
 
 impl Default for PoseRange {
     fn default() -> Self {
-        Self { max_rotation_rad: 45f64.to_radians(), max_translation_mm: 50.0, sod_mm: (700.0, 900.0) }
+        Self {
+            max_rotation_rad: 45f64.to_radians(),
+            max_translation_mm: 50.0,
+            sod_mm: (700.0, 900.0),
+        }
     }
 }
 
@@ -52,7 +61,11 @@ impl PoseRange {
         let m = self.max_translation_mm;
         let rot = Vector3::from_fn(|_, _| rng.random_range(-a..=a));
         let shift = Vector3::from_fn(|_, _| rng.random_range(-m..=m));
-        let sod = if self.sod_mm.1 > self.sod_mm.0 { rng.random_range(self.sod_mm.0..self.sod_mm.1) } else { self.sod_mm.0 };
+        let sod = if self.sod_mm.1 > self.sod_mm.0 {
+            rng.random_range(self.sod_mm.0..self.sod_mm.1)
+        } else {
+            self.sod_mm.0
+        };
         perturbed_pose(iso, sod, &rot, &shift)
     }
 }

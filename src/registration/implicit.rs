@@ -40,12 +40,17 @@ fn gradient(pb: &Problem, inliers: &[bool], pose: &Pose) -> Vector6<f64> {
 
 /// `dθ*/dl` as a 6 x 2N matrix (columns: u_1, v_1, u_2, ...); zero columns for landmarks that
 /// did not take part. `None` when H is singular.
-pub fn pose_jacobian_wrt_points(pb: &Problem, inliers: &[bool], pose: &Pose, mode: SecondOrder) -> Option<DMatrix<f64>> {
+pub fn pose_jacobian_wrt_points(
+    pb: &Problem,
+    inliers: &[bool],
+    pose: &Pose,
+    mode: SecondOrder,
+) -> Option<DMatrix<f64>> {
     let n = pb.points3d.len();
     let mut jtwj = Matrix6::zeros();
     let mut js = Vec::with_capacity(n);
-    for i in 0..n {
-        let active = inliers[i] && pb.points2d[i].is_some();
+    for (i, inlier) in inliers.iter().enumerate().take(n) {
+        let active = *inlier && pb.points2d[i].is_some();
         let (_, j) = project_with_jacobian(pb.camera, pose, &pb.points3d[i]);
         if active {
             jtwj += j.transpose() * j * pb.weight(i);
@@ -62,7 +67,9 @@ pub fn pose_jacobian_wrt_points(pb: &Problem, inliers: &[bool], pose: &Pose, mod
                 let (mut a, mut b) = (p, p);
                 a[k] += step;
                 b[k] -= step;
-                let col = (gradient(pb, inliers, &Pose::from_params(&a)) - gradient(pb, inliers, &Pose::from_params(&b))) / (2.0 * step);
+                let col = (gradient(pb, inliers, &Pose::from_params(&a))
+                    - gradient(pb, inliers, &Pose::from_params(&b)))
+                    / (2.0 * step);
                 h.set_column(k, &col);
             }
             (h + h.transpose()) * 0.5

@@ -31,7 +31,14 @@ pub fn projection_jacobian<T: RealField + Copy>(camera: &Camera, q: &Point3<T>) 
         return Matrix2x3::new(fx * iz, z0, z0, z0, fy * iz, z0);
     }
     let iz = T::one() / q.z;
-    Matrix2x3::new(fx * iz, z0, -fx * q.x * iz * iz, z0, fy * iz, -fy * q.y * iz * iz)
+    Matrix2x3::new(
+        fx * iz,
+        z0,
+        -fx * q.x * iz * iz,
+        z0,
+        fy * iz,
+        -fy * q.y * iz * iz,
+    )
 }
 
 /// Eq. 8 in any float type.
@@ -39,7 +46,10 @@ pub fn project_camera_t<T: RealField + Copy>(camera: &Camera, q: &Point3<T>) -> 
     let c = |x: f64| nalgebra::convert::<f64, T>(x);
     let (fx, fy) = camera.focal_px();
     let z = q.z.max(c(Z_MIN_MM));
-    Point2::new(c(fx) * q.x / z + c(camera.cx_px), c(fy) * q.y / z + c(camera.cy_px))
+    Point2::new(
+        c(fx) * q.x / z + c(camera.cx_px),
+        c(fy) * q.y / z + c(camera.cy_px),
+    )
 }
 
 /// [`project_with_jacobian`] in any float type, on raw (r, t).
@@ -61,7 +71,11 @@ pub fn project_with_jacobian_t<T: RealField + Copy>(
 }
 
 /// The projection of `p` and `∂π/∂(r, t)` (2x6), for the Rodrigues parameters of eqs. 5-7.
-pub fn project_with_jacobian(camera: &Camera, pose: &Pose, p: &Point3<f64>) -> (Point2<f64>, Matrix2x6<f64>) {
+pub fn project_with_jacobian(
+    camera: &Camera,
+    pose: &Pose,
+    p: &Point3<f64>,
+) -> (Point2<f64>, Matrix2x6<f64>) {
     project_with_jacobian_t(camera, &pose.rotation, &pose.translation_mm, p)
 }
 
@@ -74,7 +88,10 @@ mod tests {
         let cam = Camera::new(1020.0, 512, 400, 0.75, 0.8);
         for (r, p) in [
             (Vector3::new(0.3, -1.2, 0.4), Point3::new(40.0, -20.0, 15.0)),
-            (Vector3::new(1e-9, 0.0, -1e-9), Point3::new(-60.0, 10.0, 5.0)),
+            (
+                Vector3::new(1e-9, 0.0, -1e-9),
+                Point3::new(-60.0, 10.0, 5.0),
+            ),
             (Vector3::new(2.8, 0.5, 0.1), Point3::new(10.0, 80.0, -35.0)),
         ] {
             let pose = Pose::new(r, Vector3::new(12.0, -7.0, 800.0));
@@ -85,10 +102,17 @@ mod tests {
                 let mut b = pose.params();
                 a[k] += h;
                 b[k] -= h;
-                let d = (cam.project(&Pose::from_params(&a), &p) - cam.project(&Pose::from_params(&b), &p)) / (2.0 * h);
+                let d = (cam.project(&Pose::from_params(&a), &p)
+                    - cam.project(&Pose::from_params(&b), &p))
+                    / (2.0 * h);
                 for row in 0..2 {
                     let scale = j[(row, k)].abs().max(1.0);
-                    assert!((d[row] - j[(row, k)]).abs() < 1e-5 * scale, "k={k} row={row}: {} vs {}", d[row], j[(row, k)]);
+                    assert!(
+                        (d[row] - j[(row, k)]).abs() < 1e-5 * scale,
+                        "k={k} row={row}: {} vs {}",
+                        d[row],
+                        j[(row, k)]
+                    );
                 }
             }
         }

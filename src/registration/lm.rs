@@ -22,7 +22,12 @@ pub struct LmOptions {
 
 impl Default for LmOptions {
     fn default() -> Self {
-        Self { max_iterations: 100, outlier_px: 20.0, step_tolerance: 1e-12, gradient_tolerance: 1e-10 }
+        Self {
+            max_iterations: 100,
+            outlier_px: 20.0,
+            step_tolerance: 1e-12,
+            gradient_tolerance: 1e-10,
+        }
     }
 }
 
@@ -36,7 +41,9 @@ fn precheck(pb: &Problem) -> Result<Vec<usize>, Status> {
         return Err(Status::TooFewLandmarks);
     }
     // Collinear 3D points: the smallest two principal extents vanish.
-    let c = act.iter().fold(nalgebra::Vector3::zeros(), |a, &i| a + pb.points3d[i].coords) / act.len() as f64;
+    let c = act.iter().fold(nalgebra::Vector3::zeros(), |a, &i| {
+        a + pb.points3d[i].coords
+    }) / act.len() as f64;
     let cov = act.iter().fold(Matrix3::zeros(), |a, &i| {
         let d = pb.points3d[i].coords - c;
         a + d * d.transpose()
@@ -51,7 +58,9 @@ fn precheck(pb: &Problem) -> Result<Vec<usize>, Status> {
 
 /// The robust initial hypotheses alone (for benchmarks).
 pub fn robust_hypotheses(pb: &Problem, opts: &LmOptions) -> usize {
-    precheck(pb).map(|act| hypotheses(pb, &act, opts, 3).len()).unwrap_or(0)
+    precheck(pb)
+        .map(|act| hypotheses(pb, &act, opts, 3).len())
+        .unwrap_or(0)
 }
 
 /// Solves eq. 3-4 from a robust initial pose. See the module docs.
@@ -67,7 +76,10 @@ pub fn solve(pb: &Problem, opts: &LmOptions) -> Solution {
     // not worth refining.
     let hyps = hypotheses(pb, &act, opts, 3);
     let floor = hyps.first().map_or(0.0, |h| h.0);
-    let brief = LmOptions { max_iterations: 15, ..*opts };
+    let brief = LmOptions {
+        max_iterations: 15,
+        ..*opts
+    };
     let mut best: Option<(f64, Solution)> = None;
     for (cost0, init) in hyps {
         if cost0 > 4.0 * floor + act.len() as f64 {
@@ -77,7 +89,14 @@ pub fn solve(pb: &Problem, opts: &LmOptions) -> Solution {
         if !sol.status.ok() {
             continue;
         }
-        let cost = msac(pb, &act, &sol.pose.rotation_matrix(), &sol.pose.translation_mm, opts.outlier_px, f64::INFINITY);
+        let cost = msac(
+            pb,
+            &act,
+            &sol.pose.rotation_matrix(),
+            &sol.pose.translation_mm,
+            opts.outlier_px,
+            f64::INFINITY,
+        );
         if best.as_ref().is_none_or(|b| cost < b.0) {
             best = Some((cost, sol));
         }
@@ -113,7 +132,9 @@ fn reproj_error(pb: &Problem, pose: &Pose, i: usize) -> f64 {
 }
 
 fn reproj_error_rt(pb: &Problem, rm: &Matrix3<f64>, t: &nalgebra::Vector3<f64>, i: usize) -> f64 {
-    let Some(l) = pb.points2d[i] else { return f64::INFINITY };
+    let Some(l) = pb.points2d[i] else {
+        return f64::INFINITY;
+    };
     let q = Point3::from(rm * pb.points3d[i].coords + t);
     if q.z <= 1e-3 {
         return f64::INFINITY;
@@ -145,7 +166,14 @@ fn triplets(pb: &Problem, act: &[usize]) -> Vec<[usize; 3]> {
 
 /// MSAC score of a pose: `Σ w min(e², τ²)` over the active landmarks. Scoring stops as soon
 /// as the partial sum reaches `give_up` (the hypothesis cannot be kept anyway).
-fn msac(pb: &Problem, act: &[usize], rm: &Matrix3<f64>, t: &nalgebra::Vector3<f64>, tau: f64, give_up: f64) -> f64 {
+fn msac(
+    pb: &Problem,
+    act: &[usize],
+    rm: &Matrix3<f64>,
+    t: &nalgebra::Vector3<f64>,
+    tau: f64,
+    give_up: f64,
+) -> f64 {
     let tau2 = tau * tau;
     let mut cost = 0.0;
     for &i in act {
@@ -163,13 +191,24 @@ fn msac(pb: &Problem, act: &[usize], rm: &Matrix3<f64>, t: &nalgebra::Vector3<f6
 /// be the wrong one (a near-planar pelvis can match one gross outlier with a pose 45° away),
 /// so there is no early exit on the inlier count.
 fn hypotheses(pb: &Problem, act: &[usize], opts: &LmOptions, keep: usize) -> Vec<(f64, Pose)> {
-    let bearings: Vec<Option<nalgebra::Vector3<f64>>> = pb.points2d.iter().map(|p| p.map(|p| super::p3p::bearing(pb.camera, &p))).collect();
+    let bearings: Vec<Option<nalgebra::Vector3<f64>>> = pb
+        .points2d
+        .iter()
+        .map(|p| p.map(|p| super::p3p::bearing(pb.camera, &p)))
+        .collect();
     let mut best: Vec<(f64, Matrix3<f64>, nalgebra::Vector3<f64>)> = Vec::with_capacity(keep + 1);
     for tr in triplets(pb, act) {
         let world = tr.map(|i| pb.points3d[i]);
-        let (Some(a), Some(b), Some(c)) = (bearings[tr[0]], bearings[tr[1]], bearings[tr[2]]) else { continue };
+        let (Some(a), Some(b), Some(c)) = (bearings[tr[0]], bearings[tr[1]], bearings[tr[2]])
+        else {
+            continue;
+        };
         for (rm, t) in super::p3p::p3p_bearings(world, [a, b, c]) {
-            let give_up = if best.len() == keep { best[keep - 1].0 } else { f64::INFINITY };
+            let give_up = if best.len() == keep {
+                best[keep - 1].0
+            } else {
+                f64::INFINITY
+            };
             let cost = msac(pb, act, &rm, &t, opts.outlier_px, give_up);
             if !cost.is_finite() {
                 continue;
@@ -186,7 +225,9 @@ fn hypotheses(pb: &Problem, act: &[usize], opts: &LmOptions, keep: usize) -> Vec
             best.truncate(keep);
         }
     }
-    best.into_iter().map(|(c, r, t)| (c, Pose::from_matrix(&r, t))).collect()
+    best.into_iter()
+        .map(|(c, r, t)| (c, Pose::from_matrix(&r, t)))
+        .collect()
 }
 
 fn refine_with_inliers(pb: &Problem, act: &[usize], init: Pose, opts: &LmOptions) -> Solution {
@@ -203,7 +244,9 @@ fn refine_with_inliers(pb: &Problem, act: &[usize], init: Pose, opts: &LmOptions
     let mut sol = levenberg_marquardt(pb, &inl, &init, opts);
     // A landmark rejected at the rough start may fit the refined pose: re-admit and refine once.
     if sol.status.ok() {
-        let again: Vec<bool> = (0..n).map(|i| act.contains(&i) && reproj_error(pb, &sol.pose, i) < opts.outlier_px).collect();
+        let again: Vec<bool> = (0..n)
+            .map(|i| act.contains(&i) && reproj_error(pb, &sol.pose, i) < opts.outlier_px)
+            .collect();
         if again != inl && again.iter().filter(|b| **b).count() >= 4 {
             let iters = sol.iterations;
             sol = levenberg_marquardt(pb, &again, &sol.pose.clone(), opts);
@@ -215,12 +258,19 @@ fn refine_with_inliers(pb: &Problem, act: &[usize], init: Pose, opts: &LmOptions
 
 /// Weighted residuals and the Jacobian with respect to a left rotation increment δ
 /// (`R ← Exp(δ) R`) and the translation: `∂q/∂δ = -[R p]x`.
-fn linearize(pb: &Problem, inl: &[bool], rm: &Matrix3<f64>, t: &nalgebra::Vector3<f64>) -> (f64, Matrix6<f64>, Vector6<f64>) {
+fn linearize(
+    pb: &Problem,
+    inl: &[bool],
+    rm: &Matrix3<f64>,
+    t: &nalgebra::Vector3<f64>,
+) -> (f64, Matrix6<f64>, Vector6<f64>) {
     let mut h = Matrix6::zeros();
     let mut g = Vector6::zeros();
     let mut cost = 0.0;
     for i in (0..pb.points3d.len()).filter(|&i| inl[i]) {
-        let (Some(l), w) = (pb.points2d[i], pb.weight(i)) else { continue };
+        let (Some(l), w) = (pb.points2d[i], pb.weight(i)) else {
+            continue;
+        };
         let rp = rm * pb.points3d[i].coords;
         let q = Point3::from(rp + t);
         let r = pb.camera.project_camera(&q) - l;
@@ -300,19 +350,46 @@ fn levenberg_marquardt(pb: &Problem, inl: &[bool], init: &Pose, opts: &LmOptions
     }
     // Re-orthonormalise (products of rotations drift at 1e-16 per step).
     let pose = Pose::from_matrix(&nalgebra::Rotation3::from_matrix(&rm).into_inner(), t);
-    let pose = Pose { rotation: rodrigues_log(&pose.rotation_matrix()), ..pose };
+    let pose = Pose {
+        rotation: rodrigues_log(&pose.rotation_matrix()),
+        ..pose
+    };
     finish(pb, inl, pose, iterations, status, n)
 }
 
-fn finish(pb: &Problem, inl: &[bool], pose: Pose, iterations: usize, status: Status, n: usize) -> Solution {
-    let residual_px: Vec<Option<f64>> = (0..n).map(|i| pb.points2d[i].map(|_| reproj_error(pb, &pose, i))).collect();
-    if (0..n).any(|i| pb.points2d[i].is_some() && pose.camera_from_world(&pb.points3d[i]).z <= 1e-3) {
-        return Solution { pose, residual_px, inliers: inl.to_vec(), iterations, status: Status::BehindSource, ..Solution::failed(n, Status::BehindSource) };
+fn finish(
+    pb: &Problem,
+    inl: &[bool],
+    pose: Pose,
+    iterations: usize,
+    status: Status,
+    n: usize,
+) -> Solution {
+    let residual_px: Vec<Option<f64>> = (0..n)
+        .map(|i| pb.points2d[i].map(|_| reproj_error(pb, &pose, i)))
+        .collect();
+    if (0..n).any(|i| pb.points2d[i].is_some() && pose.camera_from_world(&pb.points3d[i]).z <= 1e-3)
+    {
+        return Solution {
+            pose,
+            residual_px,
+            inliers: inl.to_vec(),
+            iterations,
+            status: Status::BehindSource,
+            ..Solution::failed(n, Status::BehindSource)
+        };
     }
     let used: Vec<usize> = (0..n).filter(|&i| inl[i]).collect();
     let wsum: f64 = used.iter().map(|&i| pb.weight(i)).sum();
-    let sse: f64 = used.iter().map(|&i| pb.weight(i) * residual_px[i].unwrap_or(0.0).powi(2)).sum();
-    let rmse_px = if wsum > 0.0 { (sse / wsum).sqrt() } else { f64::NAN };
+    let sse: f64 = used
+        .iter()
+        .map(|&i| pb.weight(i) * residual_px[i].unwrap_or(0.0).powi(2))
+        .sum();
+    let rmse_px = if wsum > 0.0 {
+        (sse / wsum).sqrt()
+    } else {
+        f64::NAN
+    };
     // Covariance in (r, t) coordinates: σ² (Jᵀ W J)⁻¹, σ² from the residuals (2m - 6 dof).
     let mut jtj = Matrix6::zeros();
     for &i in &used {
@@ -321,9 +398,24 @@ fn finish(pb: &Problem, inl: &[bool], pose: Pose, iterations: usize, status: Sta
     }
     let dof = (2 * used.len()).saturating_sub(6).max(1) as f64;
     let sigma2 = (sse / dof).max(1e-24);
-    let covariance = jtj.try_inverse().map(|m| m * sigma2).unwrap_or_else(|| Matrix6::from_element(f64::INFINITY));
-    let status = if jtj.try_inverse().is_none() { Status::Degenerate } else { status };
-    Solution { pose, residual_px, rmse_px, inliers: inl.to_vec(), covariance, iterations, status }
+    let covariance = jtj
+        .try_inverse()
+        .map(|m| m * sigma2)
+        .unwrap_or_else(|| Matrix6::from_element(f64::INFINITY));
+    let status = if jtj.try_inverse().is_none() {
+        Status::Degenerate
+    } else {
+        status
+    };
+    Solution {
+        pose,
+        residual_px,
+        rmse_px,
+        inliers: inl.to_vec(),
+        covariance,
+        iterations,
+        status,
+    }
 }
 
 #[cfg(test)]
@@ -333,7 +425,11 @@ mod tests {
     use nalgebra::{Point2, Vector3};
 
     fn pelvis() -> Vec<Point3<f64>> {
-        crate::volume::phantom::Phantom::new(&crate::volume::phantom::PhantomParams::default()).landmarks.all().unwrap().to_vec()
+        crate::volume::phantom::Phantom::new(&crate::volume::phantom::PhantomParams::default())
+            .landmarks
+            .all()
+            .unwrap()
+            .to_vec()
     }
 
     #[test]
@@ -341,9 +437,21 @@ mod tests {
         let cam = Camera::paper(512);
         let p3 = pelvis();
         let pose = crate::geometry::sampling::ap_pose(&Point3::origin(), 800.0);
-        let mut p2: Vec<Option<Point2<f64>>> = p3.iter().map(|p| Some(cam.project(&pose, p))).collect();
+        let mut p2: Vec<Option<Point2<f64>>> =
+            p3.iter().map(|p| Some(cam.project(&pose, p))).collect();
         let o = LmOptions::default();
-        let pb = |p2: &[Option<Point2<f64>>]| solve(&Problem { camera: &cam, points3d: &p3, points2d: p2, weights: None }, &o).status;
+        let pb = |p2: &[Option<Point2<f64>>]| {
+            solve(
+                &Problem {
+                    camera: &cam,
+                    points3d: &p3,
+                    points2d: p2,
+                    weights: None,
+                },
+                &o,
+            )
+            .status
+        };
         assert_eq!(pb(&p2), Status::Converged);
         p2[0] = Some(Point2::new(f64::NAN, 1.0));
         assert_eq!(pb(&p2), Status::InvalidInput);
@@ -351,9 +459,20 @@ mod tests {
             *p = None;
         }
         assert_eq!(pb(&p2), Status::TooFewLandmarks);
-        let line: Vec<Point3<f64>> = (0..8).map(|i| Point3::new(i as f64 * 10.0, 0.0, 0.0)).collect();
+        let line: Vec<Point3<f64>> = (0..8)
+            .map(|i| Point3::new(i as f64 * 10.0, 0.0, 0.0))
+            .collect();
         let p2l: Vec<_> = line.iter().map(|p| Some(cam.project(&pose, p))).collect();
-        let s = solve(&Problem { camera: &cam, points3d: &line, points2d: &p2l, weights: None }, &o).status;
+        let s = solve(
+            &Problem {
+                camera: &cam,
+                points3d: &line,
+                points2d: &p2l,
+                weights: None,
+            },
+            &o,
+        )
+        .status;
         assert_eq!(s, Status::Degenerate);
         let _ = Vector3::<f64>::zeros();
     }

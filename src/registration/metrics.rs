@@ -6,13 +6,20 @@ use nalgebra::{Point2, Point3};
 /// Paper eq. 10: `L_pose = sqrt(1/6 Σ_j (θ_j − θ*_j)²)` over (rx, ry, rz, tx, ty, tz) (rad, mm).
 pub fn pose_loss(a: &Pose, b: &Pose) -> f64 {
     let (pa, pb) = (a.params(), b.params());
-    (pa.iter().zip(&pb).map(|(x, y)| (x - y).powi(2)).sum::<f64>() / 6.0).sqrt()
+    (pa.iter()
+        .zip(&pb)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        / 6.0)
+        .sqrt()
 }
 
 /// Geodesic angle between the two rotations, degrees.
 pub fn rotation_error_deg(a: &Pose, b: &Pose) -> f64 {
     let d = a.rotation_matrix().transpose() * b.rotation_matrix();
-    (((d.trace() - 1.0) / 2.0).clamp(-1.0, 1.0)).acos().to_degrees()
+    (((d.trace() - 1.0) / 2.0).clamp(-1.0, 1.0))
+        .acos()
+        .to_degrees()
 }
 
 /// Distance between the two X-ray source positions, mm (independent of the world origin's
@@ -27,13 +34,25 @@ pub fn mean_tre_mm(a: &Pose, b: &Pose, points: &[Point3<f64>]) -> f64 {
     if points.is_empty() {
         return f64::NAN;
     }
-    points.iter().map(|p| (a.camera_from_world(p) - b.camera_from_world(p)).norm()).sum::<f64>() / points.len() as f64
+    points
+        .iter()
+        .map(|p| (a.camera_from_world(p) - b.camera_from_world(p)).norm())
+        .sum::<f64>()
+        / points.len() as f64
 }
 
 /// Root mean square distance between paired 2D points, skipping pairs where either is absent.
 pub fn rmse_px(a: &[Option<Point2<f64>>], b: &[Option<Point2<f64>>]) -> f64 {
-    let d: Vec<f64> = a.iter().zip(b).filter_map(|(x, y)| Some((x.as_ref()? - y.as_ref()?).norm_squared())).collect();
-    if d.is_empty() { f64::NAN } else { (d.iter().sum::<f64>() / d.len() as f64).sqrt() }
+    let d: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .filter_map(|(x, y)| Some((x.as_ref()? - y.as_ref()?).norm_squared()))
+        .collect();
+    if d.is_empty() {
+        f64::NAN
+    } else {
+        (d.iter().sum::<f64>() / d.len() as f64).sqrt()
+    }
 }
 
 #[cfg(test)]
@@ -50,8 +69,15 @@ mod tests {
         b.translation_mm.x += 6.0;
         assert!((pose_loss(&a, &b) - 1.0).abs() < 1e-12);
         assert!((translation_error_mm(&a, &b) - 6.0).abs() < 1e-9);
-        assert!((mean_tre_mm(&a, &b, &[Point3::origin(), Point3::new(5.0, 5.0, 5.0)]) - 6.0).abs() < 1e-9);
-        let c = Pose::from_matrix(&(a.rotation_matrix() * nalgebra::Rotation3::from_axis_angle(&Vector3::x_axis(), 0.1).matrix()), a.translation_mm);
+        assert!(
+            (mean_tre_mm(&a, &b, &[Point3::origin(), Point3::new(5.0, 5.0, 5.0)]) - 6.0).abs()
+                < 1e-9
+        );
+        let c = Pose::from_matrix(
+            &(a.rotation_matrix()
+                * nalgebra::Rotation3::from_axis_angle(&Vector3::x_axis(), 0.1).matrix()),
+            a.translation_mm,
+        );
         assert!((rotation_error_deg(&a, &c) - 0.1f64.to_degrees()).abs() < 1e-9);
     }
 }

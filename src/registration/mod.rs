@@ -15,6 +15,7 @@
 
 pub mod implicit;
 pub mod jacobian;
+pub mod layer;
 mod lm;
 pub mod metrics;
 pub mod p3p;
@@ -50,14 +51,19 @@ impl Problem<'_> {
 
     /// Indices of the landmarks that take part (present, weight > 0).
     pub fn active(&self) -> Vec<usize> {
-        (0..self.points3d.len()).filter(|&i| self.weight(i) > 0.0).collect()
+        (0..self.points3d.len())
+            .filter(|&i| self.weight(i) > 0.0)
+            .collect()
     }
 
     /// Checks sizes and finiteness.
     pub fn validate(&self) -> Result<(), String> {
         let n = self.points3d.len();
         if self.points2d.len() != n {
-            return Err(format!("{n} 3D points but {} 2D points", self.points2d.len()));
+            return Err(format!(
+                "{n} 3D points but {} 2D points",
+                self.points2d.len()
+            ));
         }
         if let Some(w) = self.weights {
             if w.len() != n {
@@ -67,11 +73,22 @@ impl Problem<'_> {
                 return Err("weights must be finite and non-negative".into());
             }
         }
-        if self.points3d.iter().any(|p| !p.coords.iter().all(|v| v.is_finite())) {
+        if self
+            .points3d
+            .iter()
+            .any(|p| !p.coords.iter().all(|v| v.is_finite()))
+        {
             return Err("a 3D point is not finite".into());
         }
-        if self.points2d.iter().flatten().any(|p| !(p.x.is_finite() && p.y.is_finite())) {
-            return Err("a 2D point is NaN or infinite (mark absent landmarks as absent instead)".into());
+        if self
+            .points2d
+            .iter()
+            .flatten()
+            .any(|p| !(p.x.is_finite() && p.y.is_finite()))
+        {
+            return Err(
+                "a 2D point is NaN or infinite (mark absent landmarks as absent instead)".into(),
+            );
         }
         self.camera.validate()
     }

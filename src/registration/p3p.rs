@@ -20,7 +20,12 @@ pub fn quartic_roots(c: [f64; 5]) -> Vec<f64> {
     let [a4, a3, a2, a1, a0] = c;
     let f = |v: f64| (((a4 * v + a3) * v + a2) * v + a1) * v + a0;
     let df = |v: f64| ((4.0 * a4 * v + 3.0 * a3) * v + 2.0 * a2) * v + a1;
-    let scale = a4.abs().max(a3.abs()).max(a2.abs()).max(a1.abs()).max(a0.abs());
+    let scale = a4
+        .abs()
+        .max(a3.abs())
+        .max(a2.abs())
+        .max(a1.abs())
+        .max(a0.abs());
     if scale == 0.0 || a4.abs() < 1e-14 * scale {
         return Vec::new();
     }
@@ -88,7 +93,11 @@ fn largest_cubic_root(b: f64, c: f64, d: f64) -> f64 {
         (-q / 2.0 + s).cbrt() + (-q / 2.0 - s).cbrt()
     } else {
         let r = (-p / 3.0).max(0.0).sqrt();
-        let phi = if r > 0.0 { (-q / (2.0 * r * r * r)).clamp(-1.0, 1.0).acos() } else { 0.0 };
+        let phi = if r > 0.0 {
+            (-q / (2.0 * r * r * r)).clamp(-1.0, 1.0).acos()
+        } else {
+            0.0
+        };
         2.0 * r * (phi / 3.0).cos()
     };
     let mut m = t - b / 3.0;
@@ -104,7 +113,10 @@ fn largest_cubic_root(b: f64, c: f64, d: f64) -> f64 {
 
 /// Rotation and translation taking three points onto three others exactly congruent to them
 /// (P3P's output): orthonormal frames built on each triangle, `R = F_to F_fromᵀ`.
-fn triangle_orientation(from: &[Point3<f64>; 3], to: &[Point3<f64>; 3]) -> Option<(Matrix3<f64>, Vector3<f64>)> {
+fn triangle_orientation(
+    from: &[Point3<f64>; 3],
+    to: &[Point3<f64>; 3],
+) -> Option<(Matrix3<f64>, Vector3<f64>)> {
     let frame = |p: &[Point3<f64>; 3]| -> Option<Matrix3<f64>> {
         let e1 = (p[1] - p[0]).try_normalize(1e-12)?;
         let e3 = e1.cross(&(p[2] - p[0])).try_normalize(1e-12)?;
@@ -122,7 +134,9 @@ pub fn absolute_orientation(from: &[Point3<f64>], to: &[Point3<f64>]) -> Option<
     let n = from.len() as f64;
     let cf = from.iter().fold(Vector3::zeros(), |a, p| a + p.coords) / n;
     let ct = to.iter().fold(Vector3::zeros(), |a, p| a + p.coords) / n;
-    let h = from.iter().zip(to).fold(Matrix3::zeros(), |a, (p, q)| a + (p.coords - cf) * (q.coords - ct).transpose());
+    let h = from.iter().zip(to).fold(Matrix3::zeros(), |a, (p, q)| {
+        a + (p.coords - cf) * (q.coords - ct).transpose()
+    });
     let svd = h.svd(true, true);
     let (u, vt) = (svd.u?, svd.v_t?);
     let v = vt.transpose();
@@ -136,11 +150,17 @@ pub fn absolute_orientation(from: &[Point3<f64>], to: &[Point3<f64>]) -> Option<
 
 /// Up to four poses that project `world[i]` exactly onto `uv[i]` (i = 0, 1, 2).
 pub fn p3p(camera: &Camera, world: [Point3<f64>; 3], uv: [Point2<f64>; 3]) -> Vec<Pose> {
-    p3p_bearings(world, uv.map(|p| bearing(camera, &p))).into_iter().map(|(r, t)| Pose::from_matrix(&r, t)).collect()
+    p3p_bearings(world, uv.map(|p| bearing(camera, &p)))
+        .into_iter()
+        .map(|(r, t)| Pose::from_matrix(&r, t))
+        .collect()
 }
 
 /// [`p3p`] on unit bearing vectors, returning rotation matrices and translations.
-pub fn p3p_bearings(world: [Point3<f64>; 3], j: [Vector3<f64>; 3]) -> Vec<(Matrix3<f64>, Vector3<f64>)> {
+pub fn p3p_bearings(
+    world: [Point3<f64>; 3],
+    j: [Vector3<f64>; 3],
+) -> Vec<(Matrix3<f64>, Vector3<f64>)> {
     let a2 = (world[1] - world[2]).norm_squared();
     let b2 = (world[0] - world[2]).norm_squared();
     let c2 = (world[0] - world[1]).norm_squared();
@@ -148,11 +168,18 @@ pub fn p3p_bearings(world: [Point3<f64>; 3], j: [Vector3<f64>; 3]) -> Vec<(Matri
         return Vec::new();
     }
     let (ca, cb, cg) = (j[1].dot(&j[2]), j[0].dot(&j[2]), j[0].dot(&j[1]));
-    let (amc, apc, bmc, bma) = ((a2 - c2) / b2, (a2 + c2) / b2, (b2 - c2) / b2, (b2 - a2) / b2);
+    let (amc, apc, bmc, bma) = (
+        (a2 - c2) / b2,
+        (a2 + c2) / b2,
+        (b2 - c2) / b2,
+        (b2 - a2) / b2,
+    );
     let coeffs = [
         (amc - 1.0).powi(2) - 4.0 * c2 / b2 * ca * ca,
         4.0 * (amc * (1.0 - amc) * cb - (1.0 - apc) * ca * cg + 2.0 * c2 / b2 * ca * ca * cb),
-        2.0 * (amc * amc - 1.0 + 2.0 * amc * amc * cb * cb + 2.0 * bmc * ca * ca - 4.0 * apc * ca * cb * cg + 2.0 * bma * cg * cg),
+        2.0 * (amc * amc - 1.0 + 2.0 * amc * amc * cb * cb + 2.0 * bmc * ca * ca
+            - 4.0 * apc * ca * cb * cg
+            + 2.0 * bma * cg * cg),
         4.0 * (-amc * (1.0 + amc) * cb + 2.0 * a2 / b2 * cg * cg * cb - (1.0 - apc) * ca * cg),
         (1.0 + amc).powi(2) - 4.0 * a2 / b2 * cg * cg,
     ];
@@ -170,11 +197,15 @@ pub fn p3p_bearings(world: [Point3<f64>; 3], j: [Vector3<f64>; 3]) -> Vec<(Matri
             continue;
         }
         let s1_2 = c2 / (1.0 + u * u - 2.0 * u * cg);
-        if !(s1_2 > 0.0) {
+        if s1_2.is_nan() || s1_2 <= 0.0 {
             continue;
         }
         let s1 = s1_2.sqrt();
-        let cam = [Point3::from(j[0] * s1), Point3::from(j[1] * (u * s1)), Point3::from(j[2] * (v * s1))];
+        let cam = [
+            Point3::from(j[0] * s1),
+            Point3::from(j[1] * (u * s1)),
+            Point3::from(j[2] * (v * s1)),
+        ];
         if let Some(rt) = triangle_orientation(&world, &cam) {
             out.push(rt);
         }
@@ -193,7 +224,11 @@ mod tests {
         let cam = Camera::paper(512);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
         let iso = Point3::new(0.0, 0.0, 0.0);
-        let world = [Point3::new(117.0, -42.0, 62.0), Point3::new(0.0, -44.0, -24.0), Point3::new(-46.0, -30.0, -66.0)];
+        let world = [
+            Point3::new(117.0, -42.0, 62.0),
+            Point3::new(0.0, -44.0, -24.0),
+            Point3::new(-46.0, -30.0, -66.0),
+        ];
         for _ in 0..50 {
             let pose = PoseRange::default().sample(&mut rng, &iso);
             let uv = world.map(|p| cam.project(&pose, &p));
@@ -201,7 +236,10 @@ mod tests {
             assert!(!sols.is_empty());
             let best = sols
                 .iter()
-                .map(|s| (s.rotation_matrix() - pose.rotation_matrix()).norm() + (s.translation_mm - pose.translation_mm).norm() * 1e-3)
+                .map(|s| {
+                    (s.rotation_matrix() - pose.rotation_matrix()).norm()
+                        + (s.translation_mm - pose.translation_mm).norm() * 1e-3
+                })
                 .fold(f64::INFINITY, f64::min);
             assert!(best < 1e-6, "closest P3P solution is off by {best}");
         }
@@ -219,15 +257,26 @@ mod tests {
         assert!(quartic_roots([1.0, 0.0, 0.0, 0.0, 1.0]).is_empty());
         let mut r = quartic_roots([1.0, 0.0, -3.0, 0.0, -4.0]);
         r.sort_by(f64::total_cmp);
-        assert!(r.len() == 2 && (r[0] + 2.0).abs() < 1e-12 && (r[1] - 2.0).abs() < 1e-12, "{r:?}");
+        assert!(
+            r.len() == 2 && (r[0] + 2.0).abs() < 1e-12 && (r[1] - 2.0).abs() < 1e-12,
+            "{r:?}"
+        );
     }
 
     #[test]
     fn kabsch_is_exact_for_rigid_motion() {
         let pose = Pose::new(Vector3::new(0.4, -0.2, 1.1), Vector3::new(3.0, 4.0, 500.0));
-        let from = [Point3::new(1.0, 2.0, 3.0), Point3::new(-4.0, 0.0, 1.0), Point3::new(0.0, 5.0, -2.0), Point3::new(2.0, -3.0, 0.5)];
+        let from = [
+            Point3::new(1.0, 2.0, 3.0),
+            Point3::new(-4.0, 0.0, 1.0),
+            Point3::new(0.0, 5.0, -2.0),
+            Point3::new(2.0, -3.0, 0.5),
+        ];
         let to = from.map(|p| pose.camera_from_world(&p));
         let got = absolute_orientation(&from, &to).unwrap();
-        assert!((got.rotation - pose.rotation).norm() < 1e-12 && (got.translation_mm - pose.translation_mm).norm() < 1e-9);
+        assert!(
+            (got.rotation - pose.rotation).norm() < 1e-12
+                && (got.translation_mm - pose.translation_mm).norm() < 1e-9
+        );
     }
 }

@@ -99,12 +99,20 @@ pub fn adam<T: RealField + Copy>(pb: &Problem, init: [f64; 6], o: &PaperOptions)
         clamp(&mut theta, o);
     }
     let (loss, _) = loss_and_grad(pb, &theta);
-    PaperResult { theta: to_array(&theta), loss, iterations: o.iterations }
+    PaperResult {
+        theta: to_array(&theta),
+        loss,
+        iterations: o.iterations,
+    }
 }
 
 /// L-BFGS (history 10, backtracking Armijo line search) on eq. 4 from `init`, projected onto the
 /// same bounds, for at most `o.iterations` iterations.
-pub fn lbfgs<T: RealField + Copy>(pb: &Problem, init: [f64; 6], o: &PaperOptions) -> PaperResult<T> {
+pub fn lbfgs<T: RealField + Copy>(
+    pb: &Problem,
+    init: [f64; 6],
+    o: &PaperOptions,
+) -> PaperResult<T> {
     let c = |x: f64| nalgebra::convert::<f64, T>(x);
     let mut x = Vector6::from_iterator(init.iter().map(|&v| c(v)));
     clamp(&mut x, o);
@@ -124,7 +132,10 @@ pub fn lbfgs<T: RealField + Copy>(pb: &Problem, init: [f64; 6], o: &PaperOptions
             q -= y * a;
             alphas.push(a);
         }
-        let gamma = hist.last().map_or_else(|| T::one() / g.norm().max(c(1e-12)), |(s, y, _)| s.dot(y) / y.dot(y));
+        let gamma = hist.last().map_or_else(
+            || T::one() / g.norm().max(c(1e-12)),
+            |(s, y, _)| s.dot(y) / y.dot(y),
+        );
         let mut d = q * gamma;
         for ((s, y, rho), a) in hist.iter().zip(alphas.iter().rev()) {
             let b = *rho * y.dot(&d);
@@ -148,7 +159,9 @@ pub fn lbfgs<T: RealField + Copy>(pb: &Problem, init: [f64; 6], o: &PaperOptions
             }
             step *= c(0.5);
         }
-        let Some((xn, fnew, gnew)) = accepted else { break };
+        let Some((xn, fnew, gnew)) = accepted else {
+            break;
+        };
         let (s, y) = (xn - x, gnew - g);
         let sy = s.dot(&y);
         if sy > c(1e-12) {
@@ -163,5 +176,9 @@ pub fn lbfgs<T: RealField + Copy>(pb: &Problem, init: [f64; 6], o: &PaperOptions
             break;
         }
     }
-    PaperResult { theta: to_array(&x), loss: f, iterations: it }
+    PaperResult {
+        theta: to_array(&x),
+        loss: f,
+        iterations: it,
+    }
 }
