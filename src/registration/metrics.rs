@@ -64,7 +64,7 @@ mod tests {
     fn errors_vanish_for_equal_poses_and_measure_known_offsets() {
         let a = Pose::new(Vector3::new(0.1, 0.2, 0.3), Vector3::new(1.0, 2.0, 800.0));
         assert_eq!(pose_loss(&a, &a), 0.0);
-        assert!(rotation_error_deg(&a, &a) < 1e-6);
+        assert!(rotation_error_deg(&a, &a) < 1e-12);
         let mut b = a;
         b.translation_mm.x += 6.0;
         assert!((pose_loss(&a, &b) - 1.0).abs() < 1e-12);
