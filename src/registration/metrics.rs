@@ -17,9 +17,15 @@ pub fn pose_loss(a: &Pose, b: &Pose) -> f64 {
 /// Geodesic angle between the two rotations, degrees.
 pub fn rotation_error_deg(a: &Pose, b: &Pose) -> f64 {
     let d = a.rotation_matrix().transpose() * b.rotation_matrix();
-    (((d.trace() - 1.0) / 2.0).clamp(-1.0, 1.0))
-        .acos()
-        .to_degrees()
+    // atan2 of (sin, cos) rather than acos(cos): accurate for tiny angles too.
+    let sin = nalgebra::Vector3::new(
+        d[(2, 1)] - d[(1, 2)],
+        d[(0, 2)] - d[(2, 0)],
+        d[(1, 0)] - d[(0, 1)],
+    )
+    .norm()
+        / 2.0;
+    sin.atan2((d.trace() - 1.0) / 2.0).to_degrees()
 }
 
 /// Distance between the two X-ray source positions, mm (independent of the world origin's
@@ -64,7 +70,8 @@ mod tests {
     fn errors_vanish_for_equal_poses_and_measure_known_offsets() {
         let a = Pose::new(Vector3::new(0.1, 0.2, 0.3), Vector3::new(1.0, 2.0, 800.0));
         assert_eq!(pose_loss(&a, &a), 0.0);
-        assert!(rotation_error_deg(&a, &a) < 1e-12);
+        let e0 = rotation_error_deg(&a, &a);
+        assert!(e0 < 1e-12, "{e0}");
         let mut b = a;
         b.translation_mm.x += 6.0;
         assert!((pose_loss(&a, &b) - 1.0).abs() < 1e-12);
