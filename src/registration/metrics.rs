@@ -74,7 +74,7 @@ mod tests {
         assert!(e0 < 1e-12, "{e0}");
         let mut b = a;
         b.translation_mm.x += 6.0;
-        assert!((pose_loss(&a, &b) - 1.0).abs() < 1e-12);
+        assert!((pose_loss(&a, &b) - 6f64.sqrt()).abs() < 1e-12); // sqrt(6² / 6)
         assert!((translation_error_mm(&a, &b) - 6.0).abs() < 1e-9);
         assert!(
             (mean_tre_mm(&a, &b, &[Point3::origin(), Point3::new(5.0, 5.0, 5.0)]) - 6.0).abs()
