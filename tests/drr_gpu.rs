@@ -159,10 +159,13 @@ fn gpu_matches_diffdrr_images() {
     let cases: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("drr_cases.json")).unwrap())
             .unwrap();
-    for case in cases["cases"].as_array().unwrap() {
+    // Square images at 128 and 256 px, and non-square ones with unequal pixel spacing.
+    let all = cases["cases"].as_array().unwrap().iter().chain(cases["nonsquare_cases"].as_array().unwrap());
+    for case in all {
         let f = |v: &serde_json::Value| v.as_f64().unwrap();
         let height = case["height"].as_u64().unwrap() as u32;
-        let cam = diffdrr::camera(f(&case["sdd"]), height, f(&case["delx"]), None, None);
+        let width = case["width"].as_u64().unwrap() as u32;
+        let cam = diffdrr::camera(f(&case["sdd"]), height, f(&case["delx"]), Some(width), Some(f(&case["dely"])));
         let (rr, tt) = (&case["rotations_zxy_rad"], &case["translations_mm"]);
         let pose = DiffDrrPose {
             rotations: EulerZxyRad([f(&rr[0]), f(&rr[1]), f(&rr[2])]),
@@ -213,4 +216,57 @@ fn errors_instead_of_panics() {
     let mut c = cam;
     c.sdd_mm = -1.0;
     assert!(r.render(&c, &[pose], ALL[0]).is_err());
+}
+
+#[test]
+fn window_pass_writes_the_display_texture_on_the_gpu() {
+    use eframe::wgpu;
+    let Some((d, q)) = gpu() else { return };
+    let (vol, _) = phantom_subject(1, Some(6.0));
+    let dv = Arc::new(DensityVolume::from_volume(&vol, Attenuation::default()));
+    let mut r = DrrRenderer::new(d, q);
+    r.set_volume(dv.clone()).unwrap();
+    let cam = Camera::new(1020.0, 40, 24, 9.0, 9.0);
+    let pose = ap_pose(&vol.center_mm(), 800.0);
+    let reference = cpu::render(&dv, &cam, &pose, ALL[0]);
+    let (lo, hi) = (1.0f32, 6.0f32);
+    let texture = d.create_texture(&wgpu::TextureDescriptor {
+        label: Some("test display"),
+        size: wgpu::Extent3d { width: 40, height: 24, depth_or_array_layers: 1 },
+        mip_level_count: 1,
+        sample_count: 1,
+        dimension: wgpu::TextureDimension::D2,
+        format: wgpu::TextureFormat::Rgba8Unorm,
+        usage: wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::COPY_SRC | wgpu::TextureUsages::TEXTURE_BINDING,
+        view_formats: &[],
+    });
+    let view = texture.create_view(&Default::default());
+    let mut enc = d.create_command_encoder(&Default::default());
+    let images = r.encode(&mut enc, &cam, &[pose, pose], ALL[0]).unwrap();
+    let window = fluoropose::drr::gpu::Window { low: lo, high: hi, invert: true, intensity: false, tint: [1.0, 1.0, 1.0, 1.0] };
+    r.encode_window(&mut enc, &images, 1, &window, &view);
+    let readback = d.create_buffer(&wgpu::BufferDescriptor { label: None, size: 256 * 24, usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST, mapped_at_creation: false });
+    enc.copy_texture_to_buffer(
+        texture.as_image_copy(),
+        wgpu::TexelCopyBufferInfo { buffer: &readback, layout: wgpu::TexelCopyBufferLayout { offset: 0, bytes_per_row: Some(256), rows_per_image: None } },
+        wgpu::Extent3d { width: 40, height: 24, depth_or_array_layers: 1 },
+    );
+    q.submit(Some(enc.finish()));
+    readback.slice(..).map_async(wgpu::MapMode::Read, |_| {});
+    d.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+    let bytes = readback.slice(..).get_mapped_range().unwrap().to_vec();
+    let mut checked = 0;
+    for y in 0..24 {
+        for x in 0..40 {
+            let v = reference[y * 40 + x];
+            let want = (1.0 - ((v - lo) / (hi - lo)).clamp(0.0, 1.0)) * 255.0;
+            let got = bytes[y * 256 + x * 4] as f32;
+            assert!((got - want).abs() <= 1.0, "({x}, {y}): {got} vs {want}");
+            assert_eq!(bytes[y * 256 + x * 4 + 3], 255);
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 960);
+    // Not all one colour: the window spans the image's values.
+    assert!(bytes.chunks(4).take(40).any(|p| p[0] > 20) && bytes.chunks(4).take(40).any(|p| p[0] < 235));
 }
