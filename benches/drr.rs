@@ -21,13 +21,33 @@ fn bench(c: &mut Criterion) {
     if let Ok((device, queue, _)) = headless_device(false) {
         let mut r = DrrRenderer::new(&device, &queue);
         if r.set_volume(dv.clone()).is_ok() {
-            g.bench_function("gpu_siddon", |b| b.iter(|| black_box(r.render(&cam, &[pose], Renderer::Siddon { full_line: false }))));
+            g.bench_function("gpu_siddon", |b| {
+                b.iter(|| black_box(r.render(&cam, &[pose], Renderer::Siddon { full_line: false })))
+            });
             g.bench_function("gpu_trilinear_1mm", |b| {
-                b.iter(|| black_box(r.render(&cam, &[pose], Renderer::TrilinearStep { step_mm: 1.0, full_line: false })))
+                b.iter(|| {
+                    black_box(r.render(
+                        &cam,
+                        &[pose],
+                        Renderer::TrilinearStep {
+                            step_mm: 1.0,
+                            full_line: false,
+                        },
+                    ))
+                })
             });
         }
     }
-    g.bench_function("cpu_siddon", |b| b.iter(|| black_box(cpu::render(&dv, &cam, &pose, Renderer::Siddon { full_line: false }))));
+    g.bench_function("cpu_siddon", |b| {
+        b.iter(|| {
+            black_box(cpu::render(
+                &dv,
+                &cam,
+                &pose,
+                Renderer::Siddon { full_line: false },
+            ))
+        })
+    });
     g.finish();
 }
 

@@ -20,44 +20,57 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         image[ray.out_index] = 0.0;
         return;
     }
-    let n = vec3<i32>(u.dims.xyz);
+    // Scalars per axis rather than vec3 components indexed by a variable: dynamic vector
+    // indexing is slow on some drivers (lavapipe spills it to memory).
     let a_in = amin + 1e-6 * (amax - amin);
-    var idx = vec3<i32>(0, 0, 0);
-    var stp = vec3<i32>(0, 0, 0);
-    var nxt = vec3<f32>(3.0e38, 3.0e38, 3.0e38);
-    var inv = vec3<f32>(0.0, 0.0, 0.0);
-    for (var a = 0u; a < 3u; a++) {
-        let p = s[a] + d[a] * a_in;
-        idx[a] = clamp(i32(floor(p + 0.5)), 0, n[a] - 1);
-        if (abs(d[a]) >= 1e-12) {
-            stp[a] = select(-1, 1, d[a] > 0.0);
-            inv[a] = 1.0 / d[a];
-            nxt[a] = (f32(idx[a]) + 0.5 * f32(stp[a]) - s[a]) * inv[a];
-        }
-    }
+    let p = s + d * a_in;
+    let n = vec3<i32>(u.dims.xyz);
+    var ix = clamp(i32(floor(p.x + 0.5)), 0, n.x - 1);
+    var iy = clamp(i32(floor(p.y + 0.5)), 0, n.y - 1);
+    var iz = clamp(i32(floor(p.z + 0.5)), 0, n.z - 1);
+    let sx = select(-1, 1, d.x > 0.0);
+    let sy = select(-1, 1, d.y > 0.0);
+    let sz = select(-1, 1, d.z > 0.0);
+    let movx = abs(d.x) >= 1e-12;
+    let movy = abs(d.y) >= 1e-12;
+    let movz = abs(d.z) >= 1e-12;
+    let invx = select(0.0, 1.0 / d.x, movx);
+    let invy = select(0.0, 1.0 / d.y, movy);
+    let invz = select(0.0, 1.0 / d.z, movz);
+    // Next plane crossing on each axis, from the voxel index (no accumulated rounding).
+    var nx = select(3.0e38, (f32(ix) + 0.5 * f32(sx) - s.x) * invx, movx);
+    var ny = select(3.0e38, (f32(iy) + 0.5 * f32(sy) - s.y) * invy, movy);
+    var nz = select(3.0e38, (f32(iz) + 0.5 * f32(sz) - s.z) * invz, movz);
     var acc = 0.0;
     var cur = amin;
     let max_steps = u.dims.x + u.dims.y + u.dims.z + 3u;
     for (var it = 0u; it < max_steps; it++) {
-        var axis = 2u;
-        if (nxt.x <= nxt.y && nxt.x <= nxt.z) {
-            axis = 0u;
-        } else if (nxt.y <= nxt.z) {
-            axis = 1u;
-        }
-        let end = min(nxt[axis], amax);
-        if (end > cur) {
-            acc += voxel(idx) * (end - cur);
-            cur = end;
-        }
-        if (nxt[axis] >= amax) {
+        let next = min(nx, min(ny, nz));
+        let end = min(next, amax);
+        acc += textureLoad(density, vec3<i32>(ix, iy, iz), 0).x * max(end - cur, 0.0);
+        cur = max(cur, end);
+        if (next >= amax) {
             break;
         }
-        idx[axis] += stp[axis];
-        if (idx[axis] < 0 || idx[axis] >= n[axis]) {
-            break;
+        if (nx <= ny && nx <= nz) {
+            ix += sx;
+            if (ix < 0 || ix >= n.x) {
+                break;
+            }
+            nx = (f32(ix) + 0.5 * f32(sx) - s.x) * invx;
+        } else if (ny <= nz) {
+            iy += sy;
+            if (iy < 0 || iy >= n.y) {
+                break;
+            }
+            ny = (f32(iy) + 0.5 * f32(sy) - s.y) * invy;
+        } else {
+            iz += sz;
+            if (iz < 0 || iz >= n.z) {
+                break;
+            }
+            nz = (f32(iz) + 0.5 * f32(sz) - s.z) * invz;
         }
-        nxt[axis] = (f32(idx[axis]) + 0.5 * f32(stp[axis]) - s[axis]) * inv[axis];
     }
     image[ray.out_index] = acc * ray.length_mm;
 }

@@ -255,11 +255,15 @@ pub fn drr(ct: Option<&str>, sizes: &[u32], with_cpu: bool, json: bool) -> Resul
             } else {
                 None
             };
-            rows.push(serde_json::json!({
+            let row = serde_json::json!({
                 "size": size, "renderer": name, "gpu_ms": single,
                 "gpu_batch64_fps": batch_ms.map(|ms| 64.0 * 1e3 / ms),
                 "cpu_ms": cpu_ms,
-            }));
+            });
+            if !json {
+                eprintln!("  {row}");
+            }
+            rows.push(row);
         }
     }
     if json {

