@@ -8,8 +8,10 @@ struct DrrUniforms {
     image: vec4<u32>,
     // voxel spacing (mm) x, y, z; trilinear step along the ray (mm)
     spacing: vec4<f32>,
-    // unused (kept for alignment and future use)
-    reserved: vec4<f32>,
+    // The box of non-zero voxels in continuous voxel coordinates, [lo - 0.5, hi + 0.5]: Siddon
+    // rays are clipped to it (air adds nothing but steps). xyz used.
+    box_lo: vec4<f32>,
+    box_hi: vec4<f32>,
 };
 
 // One C-arm pose, everything in continuous voxel coordinates (integers at voxel centres).
@@ -40,25 +42,29 @@ fn voxel(i: vec3<i32>) -> f32 {
     return textureLoad(density, i, 0).x;
 }
 
-// Parameter range [lo, hi] where the ray s + a d is inside the grid's box [-0.5, n - 0.5],
-// intersected with [lo0, hi0]. Empty when lo >= hi.
-fn clip_to_grid(s: vec3<f32>, d: vec3<f32>, lo0: f32, hi0: f32) -> vec2<f32> {
+// Parameter range [lo, hi] where the ray s + a d is inside the box [b0, b1], intersected with
+// [lo0, hi0]. Empty when lo >= hi.
+fn clip_to_box(s: vec3<f32>, d: vec3<f32>, lo0: f32, hi0: f32, b0: vec3<f32>, b1: vec3<f32>) -> vec2<f32> {
     var lo = lo0;
     var hi = hi0;
-    let n = vec3<f32>(u.dims.xyz);
     for (var a = 0u; a < 3u; a++) {
         if (abs(d[a]) < 1e-12) {
-            if (s[a] < -0.5 || s[a] > n[a] - 0.5) {
+            if (s[a] < b0[a] || s[a] > b1[a]) {
                 return vec2<f32>(1.0, 0.0);
             }
             continue;
         }
-        let a0 = (-0.5 - s[a]) / d[a];
-        let a1 = (n[a] - 0.5 - s[a]) / d[a];
+        let a0 = (b0[a] - s[a]) / d[a];
+        let a1 = (b1[a] - s[a]) / d[a];
         lo = max(lo, min(a0, a1));
         hi = min(hi, max(a0, a1));
     }
     return vec2<f32>(lo, hi);
+}
+
+// The same for the whole grid, [-0.5, n - 0.5].
+fn clip_to_grid(s: vec3<f32>, d: vec3<f32>, lo0: f32, hi0: f32) -> vec2<f32> {
+    return clip_to_box(s, d, lo0, hi0, vec3<f32>(-0.5), vec3<f32>(u.dims.xyz) - vec3<f32>(0.5));
 }
 
 // The ray of this invocation's pixel, or false when it is outside the image or batch.

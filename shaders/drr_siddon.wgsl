@@ -13,7 +13,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let s = ray.s;
     let d = ray.d;
     let full = (u.image.z & FLAG_FULL_LINE) != 0u;
-    let range = clip_to_grid(s, d, select(0.0, -3.0e38, full), select(1.0, 3.0e38, full));
+    // Only the box of non-zero voxels (as the CPU reference): outside it everything adds zero.
+    let range = clip_to_box(s, d, select(0.0, -3.0e38, full), select(1.0, 3.0e38, full), u.box_lo.xyz, u.box_hi.xyz);
     let amin = range.x;
     let amax = range.y;
     if (amin >= amax) {
@@ -24,10 +25,12 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     // indexing is slow on some drivers (lavapipe spills it to memory).
     let a_in = amin + 1e-6 * (amax - amin);
     let p = s + d * a_in;
-    let n = vec3<i32>(u.dims.xyz);
-    var ix = clamp(i32(floor(p.x + 0.5)), 0, n.x - 1);
-    var iy = clamp(i32(floor(p.y + 0.5)), 0, n.y - 1);
-    var iz = clamp(i32(floor(p.z + 0.5)), 0, n.z - 1);
+    // Index limits of the box (inclusive).
+    let lo = vec3<i32>(round(u.box_lo.xyz + vec3<f32>(0.5)));
+    let hi = vec3<i32>(round(u.box_hi.xyz - vec3<f32>(0.5)));
+    var ix = clamp(i32(floor(p.x + 0.5)), lo.x, hi.x);
+    var iy = clamp(i32(floor(p.y + 0.5)), lo.y, hi.y);
+    var iz = clamp(i32(floor(p.z + 0.5)), lo.z, hi.z);
     let sx = select(-1, 1, d.x > 0.0);
     let sy = select(-1, 1, d.y > 0.0);
     let sz = select(-1, 1, d.z > 0.0);
@@ -54,19 +57,19 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         }
         if (nx <= ny && nx <= nz) {
             ix += sx;
-            if (ix < 0 || ix >= n.x) {
+            if (ix < lo.x || ix > hi.x) {
                 break;
             }
             nx = (f32(ix) + 0.5 * f32(sx) - s.x) * invx;
         } else if (ny <= nz) {
             iy += sy;
-            if (iy < 0 || iy >= n.y) {
+            if (iy < lo.y || iy > hi.y) {
                 break;
             }
             ny = (f32(iy) + 0.5 * f32(sy) - s.y) * invy;
         } else {
             iz += sz;
-            if (iz < 0 || iz >= n.z) {
+            if (iz < lo.z || iz > hi.z) {
                 break;
             }
             nz = (f32(iz) + 0.5 * f32(sz) - s.z) * invz;

@@ -70,17 +70,20 @@ pub fn siddon_ray_within(
     a_hi: f64,
 ) -> f64 {
     let d = t - s;
-    let n = vol.dims;
+    // Only the box of non-zero voxels: outside it every voxel adds zero.
+    let Some([occ_lo, occ_hi]) = vol.occupied else {
+        return 0.0;
+    };
     let (mut amin, mut amax) = (a_lo, a_hi);
     for a in 0..3 {
-        let hi = n[a] as f64 - 0.5;
+        let (lo, hi) = (occ_lo[a] as f64 - 0.5, occ_hi[a] as f64 + 0.5);
         if d[a].abs() < 1e-12 {
-            if s[a] < -0.5 || s[a] > hi {
+            if s[a] < lo || s[a] > hi {
                 return 0.0;
             }
             continue;
         }
-        let a0 = (-0.5 - s[a]) / d[a];
+        let a0 = (lo - s[a]) / d[a];
         let a1 = (hi - s[a]) / d[a];
         amin = amin.max(a0.min(a1));
         amax = amax.min(a0.max(a1));
@@ -96,7 +99,7 @@ pub fn siddon_ray_within(
     let mut delta = [f64::INFINITY; 3];
     for a in 0..3 {
         let p = s[a] + d[a] * a_in;
-        idx[a] = ((p + 0.5).floor() as i64).clamp(0, n[a] as i64 - 1);
+        idx[a] = ((p + 0.5).floor() as i64).clamp(occ_lo[a] as i64, occ_hi[a] as i64);
         if d[a].abs() >= 1e-12 {
             step[a] = if d[a] > 0.0 { 1 } else { -1 };
             let plane = idx[a] as f64 + 0.5 * step[a] as f64;
@@ -123,7 +126,7 @@ pub fn siddon_ray_within(
             break;
         }
         idx[axis] += step[axis];
-        if idx[axis] < 0 || idx[axis] >= n[axis] as i64 {
+        if idx[axis] < occ_lo[axis] as i64 || idx[axis] > occ_hi[axis] as i64 {
             break;
         }
         next[axis] += delta[axis];
@@ -331,13 +334,33 @@ mod tests {
 
     #[test]
     fn siddon_weights_each_voxel_by_its_chord() {
-        // One hot voxel: the ray through it integrates exactly its chord.
-        let mut vol = cube(5, -1000.0); // mu = 0
-        let idx = 2 + 5 * (2 + 5 * 2);
-        vol.data[idx] = 3.0;
+        // One hot voxel (mu = 3/mm) in air: the ray through it integrates exactly its chord,
+        // a ray beside it nothing (the occupied box is that one voxel).
+        let mut hu = vec![-1000.0f32; 125];
+        hu[2 + 5 * (2 + 5 * 2)] = 2000.0;
+        let v = Volume::new([5; 3], [1.0; 3], Vector3::zeros(), Matrix3::identity(), hu).unwrap();
+        let vol = DensityVolume::from_volume(
+            &v,
+            Attenuation::Physical {
+                mu_water_per_mm: 1.0,
+            },
+        );
+        assert_eq!(vol.occupied, Some([[2, 2, 2], [2, 2, 2]]));
         let s = Point3::new(2.0, 2.0, -10.0);
         let t = Point3::new(2.0, 2.0, 10.0);
         assert!((siddon_ray(&vol, &s, &t) * 20.0 - 3.0).abs() < 1e-9);
+        // Diagonal through the hot voxel's centre: chord sqrt(3).
+        let s = Point3::new(-3.0, -3.0, -3.0);
+        let t = Point3::new(7.0, 7.0, 7.0);
+        assert!((siddon_ray(&vol, &s, &t) * (t - s).norm() - 3.0 * 3f64.sqrt()).abs() < 1e-9);
+        assert_eq!(
+            siddon_ray(
+                &vol,
+                &Point3::new(1.0, 2.0, -10.0),
+                &Point3::new(1.0, 2.0, 10.0)
+            ),
+            0.0
+        );
     }
 
     #[test]

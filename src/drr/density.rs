@@ -56,6 +56,10 @@ pub struct DensityVolume {
     pub data: Vec<f32>,
     /// The mode it was made with.
     pub attenuation: Attenuation,
+    /// Smallest and largest voxel index (inclusive) of the non-zero attenuation, per axis, or
+    /// `None` when everything is zero. Rays are clipped to this box: the air around a body (and
+    /// a scanner's padding outside its field of view) adds nothing but traversal steps.
+    pub occupied: Option<[[usize; 3]; 2]>,
 }
 
 impl DensityVolume {
@@ -112,9 +116,16 @@ impl DensityVolume {
             dims: vol.dims(),
             voxel_from_world: vol.voxel_from_world(),
             spacing_mm: vol.spacing_mm(),
+            occupied: occupied_box(&data, vol.dims()),
             data,
             attenuation,
         }
+    }
+
+    /// The occupied box in continuous voxel coordinates: `[lo - 0.5, hi + 0.5]` per axis.
+    pub fn occupied_bounds(&self) -> Option<([f64; 3], [f64; 3])> {
+        self.occupied
+            .map(|[lo, hi]| (lo.map(|v| v as f64 - 0.5), hi.map(|v| v as f64 + 0.5)))
     }
 
     /// Value at integer voxel `(i, j, k)`; callers keep indices in range.
@@ -122,6 +133,28 @@ impl DensityVolume {
     pub fn at(&self, i: usize, j: usize, k: usize) -> f32 {
         self.data[i + self.dims[0] * (j + self.dims[1] * k)]
     }
+}
+
+/// Inclusive index bounds of the non-zero voxels.
+fn occupied_box(data: &[f32], dims: [usize; 3]) -> Option<[[usize; 3]; 2]> {
+    let mut lo = dims;
+    let mut hi = [0usize; 3];
+    let mut any = false;
+    for (n, v) in data.iter().enumerate() {
+        if *v != 0.0 {
+            let ijk = [
+                n % dims[0],
+                (n / dims[0]) % dims[1],
+                n / (dims[0] * dims[1]),
+            ];
+            for a in 0..3 {
+                lo[a] = lo[a].min(ijk[a]);
+                hi[a] = hi[a].max(ijk[a]);
+            }
+            any = true;
+        }
+    }
+    any.then_some([lo, hi])
 }
 
 #[cfg(test)]
@@ -156,5 +189,34 @@ mod tests {
         for (a, b) in d.iter().zip(want) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
         }
+    }
+
+    #[test]
+    fn occupied_box_bounds_the_non_zero_voxels() {
+        let mut hu = vec![-1000.0f32; 4 * 5 * 6];
+        hu[1 + 4 * (2 + 5 * 3)] = 0.0; // voxel (1, 2, 3)
+        hu[2 + 4 * (4 + 5)] = 100.0; // voxel (2, 4, 1)
+        let v = Volume::new(
+            [4, 5, 6],
+            [1.0; 3],
+            Vector3::zeros(),
+            Matrix3::identity(),
+            hu,
+        )
+        .unwrap();
+        let d = DensityVolume::from_volume(&v, Attenuation::default());
+        assert_eq!(d.occupied, Some([[1, 2, 1], [2, 4, 3]]));
+        let empty = Volume::new(
+            [2, 2, 2],
+            [1.0; 3],
+            Vector3::zeros(),
+            Matrix3::identity(),
+            vec![-1000.0; 8],
+        )
+        .unwrap();
+        assert_eq!(
+            DensityVolume::from_volume(&empty, Attenuation::default()).occupied,
+            None
+        );
     }
 }

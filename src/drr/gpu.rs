@@ -60,8 +60,10 @@ pub struct DrrUniforms {
     pub image: [u32; 4],
     /// spacing x, y, z (mm), trilinear step (mm).
     pub spacing: [f32; 4],
-    /// Reserved.
-    pub reserved: [f32; 4],
+    /// Box of the non-zero voxels, continuous voxel coordinates: low corner (xyz).
+    pub box_lo: [f32; 4],
+    /// High corner (xyz).
+    pub box_hi: [f32; 4],
 }
 
 /// One pose in voxel coordinates. Keep in sync with `GpuPose` in shaders/drr_common.wgsl.
@@ -90,7 +92,7 @@ pub struct WindowUniforms {
     pub tint: [f32; 4],
 }
 
-const _: () = assert!(std::mem::size_of::<DrrUniforms>() == 64);
+const _: () = assert!(std::mem::size_of::<DrrUniforms>() == 80);
 const _: () = assert!(std::mem::size_of::<GpuPose>() == 64);
 const _: () = assert!(std::mem::size_of::<WindowUniforms>() == 48);
 
@@ -424,11 +426,14 @@ impl DrrRenderer {
             }
         };
         let sp = dv.spacing_mm;
+        // An all-zero volume: an empty box (every ray misses).
+        let b = dv.occupied_bounds().unwrap_or(([1.0; 3], [0.0; 3]));
         let uniforms = DrrUniforms {
             dims: [dv.dims[0] as u32, dv.dims[1] as u32, dv.dims[2] as u32, n],
             image: [w, h, flags, samples],
             spacing: [sp[0] as f32, sp[1] as f32, sp[2] as f32, step],
-            reserved: [0.0; 4],
+            box_lo: [(b.0)[0] as f32, (b.0)[1] as f32, (b.0)[2] as f32, 0.0],
+            box_hi: [(b.1)[0] as f32, (b.1)[1] as f32, (b.1)[2] as f32, 0.0],
         };
         let gpu_poses: Vec<GpuPose> = poses
             .iter()
