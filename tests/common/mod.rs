@@ -40,3 +40,18 @@ pub fn registry(rel: &str) -> Option<PathBuf> {
         "run scripts/fetch-data.sh",
     )
 }
+
+/// Normalised cross-correlation of two images.
+pub fn ncc(a: &[f32], b: &[f32]) -> f64 {
+    let n = a.len() as f64;
+    let ma = a.iter().map(|v| *v as f64).sum::<f64>() / n;
+    let mb = b.iter().map(|v| *v as f64).sum::<f64>() / n;
+    let (mut ab, mut aa, mut bb) = (0.0, 0.0, 0.0);
+    for (x, y) in a.iter().zip(b) {
+        let (dx, dy) = (*x as f64 - ma, *y as f64 - mb);
+        ab += dx * dy;
+        aa += dx * dx;
+        bb += dy * dy;
+    }
+    ab / (aa * bb).sqrt()
+}
