@@ -24,7 +24,7 @@ use wgpu::util::DeviceExt;
 #[non_exhaustive]
 pub enum GpuError {
     /// No adapter (no Vulkan/Metal/DX12/GL driver): the CPU reference is the fallback.
-    #[error("no GPU adapter available ({0}); the CPU renderer will be used")]
+    #[error("no GPU adapter available ({0})")]
     NoAdapter(String),
     /// The adapter refused to make a device.
     #[error("the GPU refused a device: {0}")]
