@@ -1,0 +1,233 @@
+//! The command line end to end: each subcommand on files it made itself, checked against the
+//! library (the same numbers, the documented JSON shapes, clear errors).
+
+#![allow(clippy::unwrap_used)] // test helpers may panic: that is how a test fails
+
+use fluoropose::geometry::Camera;
+use fluoropose::geometry::sampling::PoseRange;
+use fluoropose::landmarks::Landmarks3d;
+use fluoropose::registration::metrics::rotation_error_deg;
+use rand::SeedableRng;
+use serde_json::Value;
+use std::process::Command;
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fluoropose"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn phantom_info_register_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let (ok, _, err) = run(&["phantom", "--subject", "3..4", "--spacing", "6", "--out", d]);
+    assert!(ok, "{err}");
+    let nii = dir.path().join("phantom_0004.nii.gz");
+    let mrk = dir.path().join("phantom_0004.mrk.json");
+    assert!(nii.exists() && mrk.exists() && dir.path().join("phantom_0003.nii.gz").exists());
+
+    let (ok, out, err) = run(&["info", "--json", nii.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let info: Value = serde_json::from_str(&out).unwrap();
+    let vol = fluoropose::volume::read_nifti(&nii).unwrap();
+    assert_eq!(info["dims"], serde_json::json!(vol.dims()));
+    assert_eq!(info["orientation"], "LPS");
+
+    // Project the subject's landmarks at a random pose, then ask `register` for the pose.
+    let lm = Landmarks3d::read(&mrk).unwrap().all().unwrap();
+    let cam = Camera::new(1020.0, 512, 512, 0.75, 0.75);
+    let iso = vol.center_mm();
+    let truth = PoseRange::default().sample(&mut rand_chacha::ChaCha8Rng::seed_from_u64(5), &iso);
+    let uv: Vec<[f64; 2]> = lm
+        .iter()
+        .map(|p| {
+            let q = cam.project(&truth, p);
+            [q.x, q.y]
+        })
+        .collect();
+    let p2 = dir.path().join("points2d.json");
+    std::fs::write(&p2, serde_json::to_string(&uv).unwrap()).unwrap();
+    let (ok, out, err) = run(&[
+        "register",
+        "--points3d",
+        mrk.to_str().unwrap(),
+        "--points2d",
+        p2.to_str().unwrap(),
+        "--sdd",
+        "1020",
+        "--height",
+        "512",
+        "--delx",
+        "0.75",
+    ]);
+    assert!(ok, "{err}");
+    let r: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["status"], "converged");
+    let f = |v: &Value| v.as_f64().unwrap();
+    let pose = fluoropose::geometry::Pose::new(
+        nalgebra::Vector3::new(
+            f(&r["rotation"][0]),
+            f(&r["rotation"][1]),
+            f(&r["rotation"][2]),
+        ),
+        nalgebra::Vector3::new(
+            f(&r["translation"][0]),
+            f(&r["translation"][1]),
+            f(&r["translation"][2]),
+        ),
+    );
+    assert!(rotation_error_deg(&pose, &truth) < 1e-4);
+    assert!((pose.translation_mm - truth.translation_mm).norm() < 1e-3);
+    assert!(f(&r["rmse_px"]) < 1e-3);
+    assert!(r["iterations"].as_u64().is_some());
+
+    // The paper's solver answers in the same shape.
+    let (ok, out, _) = run(&[
+        "register",
+        "--points3d",
+        mrk.to_str().unwrap(),
+        "--points2d",
+        p2.to_str().unwrap(),
+        "--sdd",
+        "1020",
+        "--height",
+        "512",
+        "--delx",
+        "0.75",
+        "--solver",
+        "adam-paper",
+    ]);
+    assert!(ok);
+    let r: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["rotation"].as_array().unwrap().len(), 3);
+    assert_eq!(r["iterations"], 100);
+}
+
+#[test]
+fn render_on_the_cpu_matches_the_library() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("drr.npy");
+    let (ok, _, err) = run(&[
+        "render",
+        "--ct",
+        "phantom:2",
+        "--height",
+        "24",
+        "--width",
+        "32",
+        "--delx",
+        "12",
+        "--sdd",
+        "1020",
+        "--diffdrr-pose",
+        "0.2,-0.1,0.3,10,850,-5",
+        "--cpu",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let (img, w, h) = fluoropose::drr::image_io::read_npy(&out).unwrap();
+    assert_eq!((w, h), (32, 24));
+    let vol = fluoropose::cli::load_ct("phantom:2", None).unwrap();
+    let dv =
+        fluoropose::drr::DensityVolume::from_volume(&vol, fluoropose::drr::Attenuation::diffdrr());
+    let pose = fluoropose::geometry::diffdrr::DiffDrrPose::parse("0.2,-0.1,0.3,10,850,-5")
+        .unwrap()
+        .to_pose(&vol.center_mm());
+    let cam = fluoropose::geometry::diffdrr::camera(1020.0, 24, 12.0, Some(32), None);
+    let want = fluoropose::drr::cpu::render(
+        &dv,
+        &cam,
+        &pose,
+        fluoropose::drr::cpu::Renderer::Siddon { full_line: true },
+    );
+    assert_eq!(img, want);
+    // A PNG is written too, 16-bit.
+    let png = dir.path().join("drr.png");
+    let (ok, _, _) = run(&[
+        "render",
+        "--ct",
+        "phantom:2",
+        "--height",
+        "24",
+        "--delx",
+        "12",
+        "--sdd",
+        "1020",
+        "--pose",
+        "1.5708,0,0,0,0,800",
+        "--cpu",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(ok);
+    assert_eq!(image::open(&png).unwrap().color(), image::ColorType::L16);
+}
+
+#[test]
+fn bad_input_gives_a_clear_error_and_a_failure_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.nii.gz");
+    let (ok, _, err) = run(&["info", missing.to_str().unwrap()]);
+    assert!(!ok && err.contains("nope.nii.gz"), "{err}");
+    let (ok, _, err) = run(&[
+        "render",
+        "--ct",
+        "phantom:x",
+        "--height",
+        "8",
+        "--delx",
+        "1",
+        "--sdd",
+        "1020",
+        "--pose",
+        "0,0,0,0,0,800",
+        "--out",
+        "/tmp/x.npy",
+    ]);
+    assert!(
+        !ok && err.contains("phantom subject must be a number"),
+        "{err}"
+    );
+    let p2 = dir.path().join("p2.json");
+    std::fs::write(&p2, "[[1,2],[3,NaN]]").unwrap();
+    let p3 = dir.path().join("p3.json");
+    std::fs::write(&p3, "[[1,2,3],[4,5,6]]").unwrap();
+    let (ok, _, err) = run(&[
+        "register",
+        "--points3d",
+        p3.to_str().unwrap(),
+        "--points2d",
+        p2.to_str().unwrap(),
+        "--sdd",
+        "1020",
+        "--height",
+        "8",
+        "--delx",
+        "1",
+    ]);
+    assert!(!ok && err.contains("p2.json"), "{err}");
+    let (ok, _, err) = run(&[
+        "project",
+        "--ct",
+        "phantom:0",
+        "--height",
+        "8",
+        "--delx",
+        "1",
+        "--sdd",
+        "1020",
+        "--diffdrr-pose",
+        "0,0,0",
+        "--voxels",
+        "1,2,3",
+    ]);
+    assert!(!ok && err.contains("6 finite numbers"), "{err}");
+}
