@@ -20,4 +20,5 @@ pub mod geometry;
 pub mod io;
 pub mod landmarks;
 pub mod registration;
+pub mod stream;
 pub mod volume;

@@ -1,0 +1,85 @@
+//! X-ray and fluoroscopy DICOM frames from real files: the 12-frame XA cine, a hip radiograph in
+//! five encodings, and a headerless ACR-NEMA scout.
+
+#![allow(clippy::unwrap_used)] // test helpers may panic: that is how a test fails
+
+mod common;
+
+use fluoropose::stream::read_xray_dicom;
+
+#[test]
+fn xa_cine_gives_twelve_frames_and_its_geometry() {
+    let Some(p) = common::shared("fluoro/XA-MONO2-8-12x-catheter.dcm") else {
+        return;
+    };
+    let x = read_xray_dicom(&p).unwrap();
+    assert_eq!((x.width, x.height, x.frames.len()), (512, 512, 12));
+    assert_eq!(x.modality, "XA");
+    assert_eq!(x.frame_time_ms, Some(33.0));
+    assert_eq!(x.geometry.primary_angle_deg, Some(77.0));
+    assert_eq!(x.geometry.secondary_angle_deg, Some(-45.0));
+    // Frames differ (it is a cine, not one image repeated) and are 8-bit values.
+    assert_ne!(x.frames[0], x.frames[11]);
+    assert!(x.frames.iter().flatten().all(|v| (0.0..=255.0).contains(v)));
+}
+
+#[test]
+fn hip_radiograph_decodes_identically_in_every_pure_rust_encoding() {
+    let Some(unc) = common::shared("xray/WG04_RG2_hip/RG2_UNC") else {
+        return;
+    };
+    let want = read_xray_dicom(&unc).unwrap();
+    assert_eq!(want.frames.len(), 1);
+    assert!(want.width > 1000 && want.height > 1000);
+    let (sr, sc) = want.geometry.pixel_spacing_mm.unwrap();
+    assert!((sr - 0.2).abs() < 1e-6 && (sc - 0.2).abs() < 1e-6);
+    for enc in ["RG2_RLE", "RG2_JPLL", "RG2_J2KR"] {
+        let got = read_xray_dicom(&common::shared(&format!("xray/WG04_RG2_hip/{enc}")).unwrap())
+            .unwrap_or_else(|e| panic!("{enc}: {e}"));
+        assert_eq!((got.width, got.height), (want.width, want.height), "{enc}");
+        assert!(got.frames[0] == want.frames[0], "{enc}: pixels differ");
+    }
+    // JPEG-LS needs the charls C library, which is not built: a clear error, naming the file.
+    let jls = common::shared("xray/WG04_RG2_hip/RG2_JLSL").unwrap();
+    let e = read_xray_dicom(&jls).unwrap_err().to_string();
+    assert!(e.contains("RG2_JLSL") && e.contains("pixel data"), "{e}");
+}
+
+#[test]
+fn headerless_acr_nema_scout_is_read() {
+    let Some(p) = common::shared("xray/OT-MONO2-8-hip.dcm") else {
+        return;
+    };
+    let x = read_xray_dicom(&p).unwrap();
+    assert_eq!((x.width, x.height, x.frames.len()), (512, 512, 1));
+    let (lo, hi) = x.frames[0]
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
+    assert!(lo >= 0.0 && hi <= 255.0 && hi > lo + 100.0, "{lo}..{hi}");
+}
+
+#[test]
+fn truncated_and_foreign_files_are_errors_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    if let Some(p) = common::shared("fluoro/XA-MONO2-8-12x-catheter.dcm") {
+        let b = std::fs::read(p).unwrap();
+        let cut = dir.path().join("cut.dcm");
+        std::fs::write(&cut, &b[..b.len() / 3]).unwrap();
+        let e = read_xray_dicom(&cut).unwrap_err().to_string();
+        assert!(e.contains("cut.dcm"), "{e}");
+    }
+    let txt = dir.path().join("notes.txt");
+    std::fs::write(&txt, "not an image at all").unwrap();
+    assert!(
+        read_xray_dicom(&txt)
+            .unwrap_err()
+            .to_string()
+            .contains("notes.txt")
+    );
+    assert!(
+        read_xray_dicom(&dir.path().join("absent.dcm"))
+            .unwrap_err()
+            .to_string()
+            .contains("absent.dcm")
+    );
+}
