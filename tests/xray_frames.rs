@@ -83,3 +83,67 @@ fn truncated_and_foreign_files_are_errors_naming_the_file() {
             .contains("absent.dcm")
     );
 }
+
+#[test]
+fn png_and_tiff_frames_keep_their_values_and_folders_sort_naturally() {
+    use fluoropose::stream::{list_frames, read_image_file};
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u16> = (0..6 * 4).map(|v| (v * 2731) as u16).collect();
+    let img = image::ImageBuffer::<image::Luma<u16>, _>::from_raw(6, 4, data.clone()).unwrap();
+    for name in ["frame_10.png", "frame_2.tif", "frame_1.tiff"] {
+        img.save(dir.path().join(name)).unwrap();
+    }
+    image::GrayImage::from_raw(6, 4, (0..24u8).collect())
+        .unwrap()
+        .save(dir.path().join("frame_3.png"))
+        .unwrap();
+    std::fs::write(dir.path().join("readme.txt"), "skip me").unwrap();
+    std::fs::write(dir.path().join(".hidden.png"), "skip me too").unwrap();
+    let files = list_frames(dir.path()).unwrap();
+    let names: Vec<String> = files
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        ["frame_1.tiff", "frame_2.tif", "frame_3.png", "frame_10.png"]
+    );
+    for f in &files {
+        let x = read_image_file(f).unwrap();
+        assert_eq!((x.width, x.height, x.frames.len()), (6, 4, 1));
+        if f.ends_with("frame_3.png") {
+            assert_eq!(x.frames[0], (0..24).map(|v| v as f32).collect::<Vec<_>>());
+        } else {
+            assert_eq!(
+                x.frames[0],
+                data.iter().map(|v| *v as f32).collect::<Vec<_>>(),
+                "{}",
+                f.display()
+            );
+        }
+    }
+    // A DICOM file without an extension in a folder is a frame too.
+    if let Some(p) = common::shared("fluoro/WG04_XA1/XA1_UNC") {
+        let d2 = tempfile::tempdir().unwrap();
+        std::fs::copy(p, d2.path().join("XA1")).unwrap();
+        let files = list_frames(d2.path()).unwrap();
+        let x = read_image_file(&files[0]).unwrap();
+        assert_eq!(x.modality, "XA");
+    }
+    // A broken PNG names the file; an empty folder says so.
+    let bad = dir.path().join("broken.png");
+    std::fs::write(&bad, b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    assert!(
+        read_image_file(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("broken.png")
+    );
+    let empty = tempfile::tempdir().unwrap();
+    assert!(
+        list_frames(empty.path())
+            .unwrap_err()
+            .to_string()
+            .contains("no image files")
+    );
+}
