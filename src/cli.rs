@@ -35,6 +35,46 @@ pub enum Command {
     Register(RegisterArgs),
     /// Measure speed (and, for registration, the paper solver's success rate).
     Bench(BenchArgs),
+    /// Describe the X-ray frames of a file or folder (DICOM, cine, PNG, TIFF) and their C-arm header.
+    Frames(FramesArgs),
+    /// Record a simulated C-arm stream: noisy DRRs along a smooth trajectory, with the true poses.
+    Simulate(SimulateArgs),
+}
+
+/// `fluoropose frames`.
+#[derive(Args, Debug)]
+pub struct FramesArgs {
+    /// A DICOM file (single or multi-frame), a PNG/TIFF, or a folder of them.
+    pub path: PathBuf,
+}
+
+/// `fluoropose simulate`.
+#[derive(Args, Debug)]
+pub struct SimulateArgs {
+    /// The CT: NIfTI file or DICOM folder, or `phantom:N` (default: the phantom).
+    #[arg(long, default_value = "phantom:0")]
+    pub ct: String,
+    /// Number of frames.
+    #[arg(long, default_value_t = 30)]
+    pub frames: u64,
+    /// Frames per second of stream time.
+    #[arg(long, default_value_t = 15.0)]
+    pub fps: f64,
+    /// Image size (square, the paper's C-arm rescaled).
+    #[arg(long, default_value_t = 256)]
+    pub size: u32,
+    /// Photons per pixel for quantum noise (0: none).
+    #[arg(long, default_value_t = 2000.0)]
+    pub photons: f64,
+    /// Noise seed.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Use the CPU reference renderer.
+    #[arg(long)]
+    pub cpu: bool,
+    /// Output folder: frame_NNNN.npy and poses.jsonl.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// Which registration solver.
@@ -248,6 +288,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Project(a)) => project(&a),
         Some(Command::Render(a)) => render(&a),
         Some(Command::Register(a)) => register(&a),
+        Some(Command::Frames(a)) => frames(&a),
+        Some(Command::Simulate(a)) => simulate(&a),
         Some(Command::Bench(a)) => match a.what {
             BenchWhat::Register { problems, json } => crate::bench::register(problems, json),
             BenchWhat::Drr {
@@ -633,4 +675,104 @@ fn render_gpu(
     r.set_volume(density.clone())?;
     let mut images = r.render(cam, std::slice::from_ref(pose), renderer)?;
     images.pop().context("the GPU returned no image")
+}
+
+fn frames(a: &FramesArgs) -> Result<()> {
+    use crate::stream::{list_frames, read_image_file};
+    let files = if a.path.is_dir() {
+        list_frames(&a.path)?
+    } else {
+        vec![a.path.clone()]
+    };
+    let mut out = Vec::new();
+    for f in &files {
+        let x = read_image_file(f)?;
+        let g = &x.geometry;
+        out.push(serde_json::json!({
+            "file": f.display().to_string(),
+            "modality": x.modality,
+            "frames": x.frames.len(),
+            "width": x.width,
+            "height": x.height,
+            "frame_time_ms": x.frame_time_ms,
+            "sdd_mm": g.sdd_mm,
+            "sod_mm": g.sod_mm,
+            "pixel_spacing_mm": g.pixel_spacing_mm.map(|(r, c)| [r, c]),
+            "primary_angle_deg": g.primary_angle_deg,
+            "secondary_angle_deg": g.secondary_angle_deg,
+        }));
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+fn simulate(a: &SimulateArgs) -> Result<()> {
+    use crate::stream::simulated::{CpuDrr, DrrSource, QuantumNoise, SimulatedStream, Trajectory};
+    if !(a.fps.is_finite() && a.fps > 0.0) || a.size == 0 {
+        bail!("--fps must be positive and --size at least 1");
+    }
+    let vol = load_ct(&a.ct, None)?;
+    let density = std::sync::Arc::new(DensityVolume::from_volume(&vol, Attenuation::default()));
+    let cam = Camera::paper(a.size);
+    let traj = Trajectory::around(vol.center_mm());
+    let noise = (a.photons > 0.0).then_some(QuantumNoise {
+        photons_per_pixel: a.photons,
+    });
+    let cpu_src = || CpuDrr {
+        volume: density.clone(),
+        renderer: cpu::Renderer::Siddon { full_line: false },
+    };
+    let renderer: Box<dyn DrrSource> = if a.cpu {
+        Box::new(cpu_src())
+    } else {
+        match crate::drr::gpu::headless_device(false)
+            .map_err(anyhow::Error::from)
+            .and_then(|(d, q, _)| {
+                let mut r = crate::drr::gpu::DrrRenderer::new(&d, &q);
+                r.set_volume(density.clone())?;
+                Ok(r)
+            }) {
+            Ok(r) => Box::new(r),
+            Err(e) => {
+                eprintln!("note: {e:#}; rendering on the CPU reference instead");
+                Box::new(cpu_src())
+            }
+        }
+    };
+    let mut stream = SimulatedStream::new(traj, cam, renderer, a.fps, noise, a.seed);
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let pb = progress(a.frames, "simulate");
+    let mut poses = String::new();
+    for _ in 0..a.frames {
+        let f = stream.next_frame().map_err(anyhow::Error::msg)?;
+        let name = format!("frame_{:04}.npy", f.index);
+        crate::drr::image_io::write_image(
+            &a.out.join(&name),
+            &f.pixels,
+            cam.width_px as usize,
+            cam.height_px as usize,
+        )?;
+        poses.push_str(&serde_json::to_string(&serde_json::json!({
+            "frame": name, "time_s": f.time_s,
+            "rotation": f.pose.rotation.as_slice(), "translation": f.pose.translation_mm.as_slice(),
+        }))?);
+        poses.push('\n');
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    crate::io::atomic_write(&a.out.join("poses.jsonl"), poses.as_bytes())
+        .context("writing poses.jsonl")?;
+    crate::io::atomic_write(
+        &a.out.join("camera.json"),
+        serde_json::to_string_pretty(&cam)?.as_bytes(),
+    )
+    .context("writing camera.json")?;
+    println!(
+        "{} frames of {}x{} in {}",
+        a.frames,
+        cam.width_px,
+        cam.height_px,
+        a.out.display()
+    );
+    Ok(())
 }

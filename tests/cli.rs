@@ -231,3 +231,35 @@ fn bad_input_gives_a_clear_error_and_a_failure_code() {
     ]);
     assert!(!ok && err.contains("6 finite numbers"), "{err}");
 }
+
+#[test]
+fn frames_and_simulate_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let (ok, out, err) = run(&[
+        "simulate", "--frames", "3", "--size", "24", "--cpu", "--out", d,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("3 frames"));
+    let poses = std::fs::read_to_string(dir.path().join("poses.jsonl")).unwrap();
+    assert_eq!(poses.lines().count(), 3);
+    let (img, w, h) =
+        fluoropose::drr::image_io::read_npy(&dir.path().join("frame_0002.npy")).unwrap();
+    assert_eq!((w, h, img.len()), (24, 24, 576));
+    let cam: Camera =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("camera.json")).unwrap())
+            .unwrap();
+    assert_eq!(cam.width_px, 24);
+
+    let (ok, out, err) = run(&["frames", "/definitely/not/here.dcm"]);
+    assert!(!ok && err.contains("here.dcm"), "{out}{err}");
+    let cine = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/fluoro/XA-MONO2-8-12x-catheter.dcm");
+    if cine.exists() {
+        let (ok, out, err) = run(&["frames", cine.to_str().unwrap()]);
+        assert!(ok, "{err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v[0]["frames"], 12);
+        assert_eq!(v[0]["primary_angle_deg"], 77.0);
+    }
+}

@@ -103,6 +103,12 @@ pub trait DrrSource {
     fn render(&mut self, camera: &Camera, pose: &Pose) -> Result<Vec<f32>, String>;
 }
 
+impl<T: DrrSource + ?Sized> DrrSource for Box<T> {
+    fn render(&mut self, camera: &Camera, pose: &Pose) -> Result<Vec<f32>, String> {
+        (**self).render(camera, pose)
+    }
+}
+
 /// The simulated C-arm: a trajectory, a renderer, noise, a frame rate, a seed.
 pub struct SimulatedStream<R: DrrSource> {
     /// The C-arm's motion.
