@@ -663,17 +663,22 @@ fn finite_or_null(v: f64) -> serde_json::Value {
     }
 }
 
+/// A GPU renderer of its own with `density` uploaded (the CLI's device; the app uses eframe's).
+fn gpu_renderer(density: &std::sync::Arc<DensityVolume>) -> Result<crate::drr::gpu::DrrRenderer> {
+    let (device, queue, info) = crate::drr::gpu::headless_device(false)?;
+    log::info!("rendering on {} ({:?})", info.name, info.backend);
+    let mut r = crate::drr::gpu::DrrRenderer::new(&device, &queue);
+    r.set_volume(density.clone())?;
+    Ok(r)
+}
+
 fn render_gpu(
     density: &std::sync::Arc<DensityVolume>,
     cam: &Camera,
     pose: &Pose,
     renderer: cpu::Renderer,
 ) -> Result<Vec<f32>> {
-    let (device, queue, info) = crate::drr::gpu::headless_device(false)?;
-    log::info!("rendering on {} ({:?})", info.name, info.backend);
-    let mut r = crate::drr::gpu::DrrRenderer::new(&device, &queue);
-    r.set_volume(density.clone())?;
-    let mut images = r.render(cam, std::slice::from_ref(pose), renderer)?;
+    let mut images = gpu_renderer(density)?.render(cam, std::slice::from_ref(pose), renderer)?;
     images.pop().context("the GPU returned no image")
 }
 
@@ -725,13 +730,7 @@ fn simulate(a: &SimulateArgs) -> Result<()> {
     let renderer: Box<dyn DrrSource> = if a.cpu {
         Box::new(cpu_src())
     } else {
-        match crate::drr::gpu::headless_device(false)
-            .map_err(anyhow::Error::from)
-            .and_then(|(d, q, _)| {
-                let mut r = crate::drr::gpu::DrrRenderer::new(&d, &q);
-                r.set_volume(density.clone())?;
-                Ok(r)
-            }) {
+        match gpu_renderer(&density) {
             Ok(r) => Box::new(r),
             Err(e) => {
                 eprintln!("note: {e:#}; rendering on the CPU reference instead");

@@ -4,6 +4,7 @@
 //! Headerless files (ACR-NEMA style: no preamble, no file meta group) are read as implicit VR
 //! little endian, as the standard's predecessor wrote them.
 
+use crate::volume::dicom::floats;
 use dicom::dictionary_std::{tags, uids};
 use dicom::object::{InMemDicomObject, meta::FileMetaTableBuilder};
 use dicom_pixeldata::PixelDecoder;
@@ -77,14 +78,6 @@ fn float(obj: &InMemDicomObject, tag: dicom::core::Tag) -> Option<f64> {
         .flatten()
         .and_then(|e| e.to_float64().ok())
         .filter(|v| v.is_finite())
-}
-
-fn floats(obj: &InMemDicomObject, tag: dicom::core::Tag) -> Option<Vec<f64>> {
-    obj.element_opt(tag)
-        .ok()
-        .flatten()
-        .and_then(|e| e.to_multi_float64().ok())
-        .filter(|v| v.iter().all(|x| x.is_finite()))
 }
 
 /// Reads every frame of an X-ray DICOM file.

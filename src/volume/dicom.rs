@@ -67,7 +67,8 @@ fn text(obj: &InMemDicomObject, tag: dicom::core::Tag) -> Option<String> {
         .map(|s| s.trim().trim_end_matches('\0').to_string())
 }
 
-fn floats(obj: &InMemDicomObject, tag: dicom::core::Tag) -> Option<Vec<f64>> {
+/// A multi-valued numeric attribute, when present and finite.
+pub(crate) fn floats(obj: &InMemDicomObject, tag: dicom::core::Tag) -> Option<Vec<f64>> {
     obj.element_opt(tag)
         .ok()
         .flatten()

@@ -9,7 +9,7 @@
 //! `world_from_voxel = [direction * diag(spacing) | origin]`, with the columns of `direction`
 //! the unit vectors of the `i`, `j`, `k` axes in LPS.
 
-mod dicom;
+pub(crate) mod dicom;
 mod error;
 mod nifti;
 pub mod phantom;
