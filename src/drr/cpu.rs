@@ -231,16 +231,35 @@ pub(crate) fn diffdrr_alpha_range(
     (lo.max(0.0), hi.min(1.0))
 }
 
+/// DiffDRR's sample range for a whole image: the extremes of its rays' own ranges.
+pub(crate) fn diffdrr_image_alpha_range(
+    vol: &DensityVolume,
+    src: &Point3<f64>,
+    targets: &[(Point3<f64>, f64)],
+) -> (f64, f64) {
+    targets
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), (t, _)| {
+            let (a, b) = diffdrr_alpha_range(vol, src, t);
+            (lo.min(a), hi.max(b))
+        })
+}
+
+/// The ray parameter range integrated: source to detector, or the whole line.
+fn line_range(full_line: bool) -> (f64, f64) {
+    if full_line {
+        (f64::NEG_INFINITY, f64::INFINITY)
+    } else {
+        (0.0, 1.0)
+    }
+}
+
 /// Renders a DRR on the CPU: `height x width` values, row 0 at the top, in mm x attenuation.
 pub fn render(vol: &DensityVolume, camera: &Camera, pose: &Pose, renderer: Renderer) -> Vec<f32> {
     let (src, targets) = rays(vol, camera, pose);
     match renderer {
         Renderer::Siddon { full_line } => {
-            let (lo, hi) = if full_line {
-                (f64::NEG_INFINITY, f64::INFINITY)
-            } else {
-                (0.0, 1.0)
-            };
+            let (lo, hi) = line_range(full_line);
             targets
                 .par_iter()
                 .map(|(t, len)| (siddon_ray_within(vol, &src, t, lo, hi) * len) as f32)
@@ -248,13 +267,7 @@ pub fn render(vol: &DensityVolume, camera: &Camera, pose: &Pose, renderer: Rende
         }
         Renderer::Trilinear { n_points } => {
             let n_points = n_points.max(2);
-            let (lo, hi) =
-                targets
-                    .iter()
-                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), (t, _)| {
-                        let (a, b) = diffdrr_alpha_range(vol, &src, t);
-                        (lo.min(a), hi.max(b))
-                    });
+            let (lo, hi) = diffdrr_image_alpha_range(vol, &src, &targets);
             let step = (hi - lo) / (n_points - 1) as f64;
             targets
                 .par_iter()
@@ -268,11 +281,7 @@ pub fn render(vol: &DensityVolume, camera: &Camera, pose: &Pose, renderer: Rende
                 .collect()
         }
         Renderer::TrilinearStep { step_mm, full_line } => {
-            let (lo0, hi0) = if full_line {
-                (f64::NEG_INFINITY, f64::INFINITY)
-            } else {
-                (0.0, 1.0)
-            };
+            let (lo0, hi0) = line_range(full_line);
             targets
                 .par_iter()
                 .map(|(t, len)| {

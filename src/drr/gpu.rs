@@ -443,13 +443,7 @@ impl DrrRenderer {
                     // DiffDRR's sample range is shared by every ray of an image: the extremes
                     // of the per-ray ranges (computed here in f64, as the CPU reference does).
                     let (src, targets) = cpu::rays(dv, camera, p);
-                    let (lo, hi) = targets.iter().fold(
-                        (f64::INFINITY, f64::NEG_INFINITY),
-                        |(lo, hi), (t, _)| {
-                            let (a, b) = cpu::diffdrr_alpha_range(dv, &src, t);
-                            (lo.min(a), hi.max(b))
-                        },
-                    );
+                    let (lo, hi) = cpu::diffdrr_image_alpha_range(dv, &src, &targets);
                     g.source[3] = lo as f32;
                     g.origin[3] = hi as f32;
                 }
