@@ -302,3 +302,100 @@ pub fn drr(ct: Option<&str>, sizes: &[u32], with_cpu: bool, json: bool) -> Resul
     }
     Ok(())
 }
+
+/// The U-Net: median forward time per frame (fused inference network, batch 1) and one training
+/// step (batch `batch`, BCE), with the fast kernels and, with `reference`, candle's own.
+#[allow(clippy::too_many_arguments)]
+pub fn model(
+    size: usize,
+    base: usize,
+    depth: usize,
+    batch: usize,
+    reps: usize,
+    reference: bool,
+    json: bool,
+) -> Result<()> {
+    use crate::model::{ModelConfig, UNet, conv, heatmap};
+    use candle_core::{Device, Tensor};
+    use candle_nn::Optimizer;
+    let dev = Device::Cpu;
+    let cfg = ModelConfig {
+        base_channels: base,
+        depth,
+        input_size: size,
+        ..ModelConfig::default()
+    };
+    let net = UNet::new(cfg.clone(), &dev)?;
+    let x1 = Tensor::randn(0f32, 1.0, (1, 1, size, size), &dev)?;
+    let xb = Tensor::randn(0f32, 1.0, (batch, 1, size, size), &dev)?;
+    let pts: Vec<Vec<Option<nalgebra::Point2<f64>>>> = (0..batch)
+        .map(|b| {
+            (0..cfg.n_landmarks)
+                .map(|i| Some(nalgebra::Point2::new((10 + 20 * i + b) as f64, 40.0)))
+                .collect()
+        })
+        .collect();
+    let tgt = heatmap::targets(&pts, size, cfg.target_sigma_px, &dev)?;
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let mut rows = Vec::new();
+    let kinds: &[bool] = if reference { &[false, true] } else { &[false] };
+    for &reference_kernels in kinds {
+        conv::use_reference_kernels(reference_kernels);
+        let fused = net.fused()?;
+        fused.forward(&x1, false)?; // warm-up
+        let fwd = median(
+            (0..reps.max(1))
+                .map(|_| {
+                    let t = Instant::now();
+                    let _ = fused.forward(&x1, false);
+                    t.elapsed().as_secs_f64() * 1e3
+                })
+                .collect(),
+        );
+        let mut opt = candle_nn::AdamW::new(net.trainable_vars(), Default::default())?;
+        let mut step = || -> Result<f64> {
+            let t = Instant::now();
+            let loss = heatmap::bce_with_logits(&net.forward(&xb, true)?, &tgt)?;
+            opt.backward_step(&loss)?;
+            Ok(t.elapsed().as_secs_f64() * 1e3)
+        };
+        step()?;
+        let mut times = Vec::new();
+        for _ in 0..reps.clamp(1, 3) {
+            times.push(step()?);
+        }
+        let train = median(times);
+        rows.push(serde_json::json!({
+            "kernels": if reference_kernels { "candle" } else { "fluoropose" },
+            "size": size, "base_channels": base, "depth": depth,
+            "parameters": net.parameter_count(),
+            "forward_ms": fwd, "train_step_ms": train, "batch": batch,
+            "threads": rayon::current_num_threads(),
+        }));
+    }
+    conv::use_reference_kernels(false);
+    if json {
+        // The shape: one object for the fast kernels; the reference rides along.
+        let mut main = rows[0].clone();
+        if let Some(r) = rows.get(1) {
+            main["reference"] = r.clone();
+        }
+        println!("{}", serde_json::to_string(&main)?);
+    } else {
+        println!("| kernels | size | forward ms | train step ms (batch {batch}) |");
+        println!("|---|---|---|---|");
+        for r in &rows {
+            println!(
+                "| {} | {} | {:.1} | {:.1} |",
+                r["kernels"].as_str().unwrap_or(""),
+                size,
+                r["forward_ms"].as_f64().unwrap_or(f64::NAN),
+                r["train_step_ms"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
+    }
+    Ok(())
+}

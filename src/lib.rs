@@ -13,12 +13,18 @@
 //! vector (radians) and a translation (mm). Units sit in names where they could be doubted
 //! (`_mm`, `_px`, `_rad`, `_hu`). See `docs/geometry.md`.
 
+pub mod app;
 pub mod bench;
 pub mod cli;
+pub mod dataset;
 pub mod drr;
+pub mod eval;
 pub mod geometry;
 pub mod io;
 pub mod landmarks;
+pub mod model;
 pub mod registration;
 pub mod stream;
+pub mod task;
+pub mod train;
 pub mod volume;

@@ -54,6 +54,18 @@ pub struct CarmHeader {
     pub secondary_angle_deg: Option<f64>,
 }
 
+impl CarmHeader {
+    /// The camera of a `width x height` frame: the header's SDD and detector pixel spacing where
+    /// present, else the paper's C-arm (SDD 1020 mm, a 384 mm detector spread over the frame).
+    pub fn camera(&self, width: u32, height: u32) -> crate::geometry::Camera {
+        let sdd = self.sdd_mm.unwrap_or(crate::geometry::PAPER_SDD_MM);
+        let (dely, delx) = self
+            .pixel_spacing_mm
+            .unwrap_or((384.0 / height.max(1) as f64, 384.0 / width.max(1) as f64));
+        crate::geometry::Camera::new(sdd, width, height, delx, dely)
+    }
+}
+
 /// Decoded frames of one file, as f32 (after the modality LUT; MONOCHROME1 inverted so that
 /// larger is always brighter).
 #[derive(Clone, Debug)]

@@ -11,6 +11,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use nalgebra::{Point3, Vector3};
 use std::path::{Path, PathBuf};
 
+mod learn;
+
 /// Real-time pelvic fluoroscopy: landmarks, 2D/3D registration, DRR verification.
 #[derive(Parser, Debug)]
 #[command(name = "fluoropose", version, about, long_about = None)]
@@ -18,6 +20,15 @@ pub struct Cli {
     /// What to do; with none, the desktop app opens (on its embedded default).
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// Run the app, save a screenshot of the window here after `--frames` frames, and quit.
+    #[arg(long)]
+    pub screenshot: Option<PathBuf>,
+    /// Frames to run before the screenshot.
+    #[arg(long, default_value_t = 60)]
+    pub frames: u32,
+    /// The tab the app opens on (live, ct, annotate, train).
+    #[arg(long)]
+    pub tab: Option<String>,
 }
 
 /// The subcommands.
@@ -39,6 +50,16 @@ pub enum Command {
     Frames(FramesArgs),
     /// Record a simulated C-arm stream: noisy DRRs along a smooth trajectory, with the true poses.
     Simulate(SimulateArgs),
+    /// Generate a training dataset: DRRs of CTs at random poses with their 2D landmarks.
+    Dataset(learn::DatasetArgs),
+    /// Train the landmark U-Net (baseline BCE, composite, pose-loss only, or pose-loss fine-tuning).
+    Train(learn::TrainArgs),
+    /// Evaluate a model on a dataset as the paper's Table 1 (RMSE at 512 scale, TRE).
+    Eval(learn::EvalArgs),
+    /// Detect the 8 landmarks on X-ray frames and solve the pose.
+    Predict(learn::PredictArgs),
+    /// The whole Table 1 study: generate, train four ways, evaluate both splits.
+    Experiment(learn::ExperimentArgs),
 }
 
 /// `fluoropose frames`.
@@ -133,6 +154,30 @@ pub enum BenchWhat {
         /// Skip the (slow) CPU reference.
         #[arg(long)]
         no_cpu: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The U-Net: forward per frame (fast kernels and candle's own) and one training step.
+    Model {
+        /// Input size (square).
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+        /// Base channels.
+        #[arg(long, default_value_t = 8)]
+        base: usize,
+        /// Encoder depth.
+        #[arg(long, default_value_t = 5)]
+        depth: usize,
+        /// Training batch.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Repetitions (median reported).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Also time candle's own convolution for comparison.
+        #[arg(long)]
+        reference: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -278,10 +323,18 @@ pub struct RenderArgs {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         None => {
-            use clap::CommandFactory;
-            Cli::command().print_help()?;
-            println!();
-            Ok(())
+            let tab = match cli.tab.as_deref() {
+                Some(t) => Some(
+                    crate::app::Tab::parse(t)
+                        .with_context(|| format!("--tab {t:?}: use live, ct, annotate or train"))?,
+                ),
+                None => None,
+            };
+            crate::app::run(crate::app::AppOptions {
+                screenshot: cli.screenshot,
+                frames: cli.frames,
+                tab,
+            })
         }
         Some(Command::Info(a)) => info(&a),
         Some(Command::Phantom(a)) => phantom(&a),
@@ -290,8 +343,22 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Register(a)) => register(&a),
         Some(Command::Frames(a)) => frames(&a),
         Some(Command::Simulate(a)) => simulate(&a),
+        Some(Command::Dataset(a)) => learn::dataset(&a),
+        Some(Command::Train(a)) => learn::train(&a),
+        Some(Command::Eval(a)) => learn::eval(&a),
+        Some(Command::Predict(a)) => learn::predict(&a),
+        Some(Command::Experiment(a)) => learn::experiment(&a),
         Some(Command::Bench(a)) => match a.what {
             BenchWhat::Register { problems, json } => crate::bench::register(problems, json),
+            BenchWhat::Model {
+                size,
+                base,
+                depth,
+                batch,
+                reps,
+                reference,
+                json,
+            } => crate::bench::model(size, base, depth, batch, reps, reference, json),
             BenchWhat::Drr {
                 ct,
                 sizes,
@@ -374,7 +441,7 @@ fn parse_range(s: &str) -> Result<(u64, u64)> {
     Ok((a, b))
 }
 
-fn progress(n: u64, what: &str) -> ProgressBar {
+pub(crate) fn progress(n: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(n);
     pb.set_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")

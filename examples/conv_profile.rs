@@ -1,0 +1,42 @@
+//! Times the fast 3x3 convolution kernels on the U-Net's top-level shape (forward, input
+//! gradient, weight gradient): `cargo run --release --example conv_profile`.
+use fluoropose::model::conv::{ConvShape, conv3x3, conv3x3_grad_input, conv3x3_grad_weight};
+use std::time::Instant;
+
+fn main() {
+    for &(batch, cin, cout, hw) in &[
+        (4, 8, 8, 256),
+        (4, 16, 8, 256),
+        (4, 64, 64, 32),
+        (1, 8, 8, 256),
+    ] {
+        let s = ConvShape {
+            batch,
+            cin,
+            cout,
+            h: hw,
+            w: hw,
+        };
+        let x = vec![0.5f32; batch * cin * hw * hw];
+        let w = vec![0.1f32; cout * cin * 9];
+        let g = vec![0.2f32; batch * cout * hw * hw];
+        let time = |f: &dyn Fn()| {
+            f();
+            let t = Instant::now();
+            for _ in 0..5 {
+                f();
+            }
+            t.elapsed().as_secs_f64() * 1e3 / 5.0
+        };
+        let fwd = time(&|| {
+            std::hint::black_box(conv3x3(&x, &w, None, false, s));
+        });
+        let gi = time(&|| {
+            std::hint::black_box(conv3x3_grad_input(&g, &w, s));
+        });
+        let gw = time(&|| {
+            std::hint::black_box(conv3x3_grad_weight(&x, &g, s));
+        });
+        println!("{s:?}: forward {fwd:.2} ms, grad input {gi:.2} ms, grad weight {gw:.2} ms");
+    }
+}

@@ -1,0 +1,894 @@
+//! The desktop app (eframe, wgpu renderer): Live, CT, Annotate and Train tabs over one scene.
+//!
+//! Threads: the UI thread draws and owns the GPU resources (the verification DRR renders on
+//! eframe's own device into a texture egui samples: no CPU round trip); the live pipeline runs
+//! on its worker ([`pipeline`]); CT loading and training run on their own threads and report
+//! through channels and [`crate::task::Task`]. Errors go to the toast list; the app keeps
+//! running.
+
+pub mod pipeline;
+mod views;
+
+use crate::drr::gpu::{DrrRenderer, Window};
+use crate::drr::{Attenuation, DensityVolume};
+use crate::geometry::{Camera, Pose};
+use crate::landmarks::{Landmarks2d, Landmarks3d, N_LANDMARKS};
+use crate::model::Predictor;
+use crate::task::Task;
+use crate::train::Metric;
+use crate::volume::Volume;
+use eframe::egui;
+use eframe::wgpu;
+use pipeline::{Command, Pipeline, Processed, Source};
+use std::path::PathBuf;
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// How the app starts.
+#[derive(Clone, Debug, Default)]
+pub struct AppOptions {
+    /// Save a screenshot here after `frames` frames, then quit.
+    pub screenshot: Option<PathBuf>,
+    /// Frames before the screenshot.
+    pub frames: u32,
+    /// The tab to open on.
+    pub tab: Option<Tab>,
+}
+
+/// The tabs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Tab {
+    /// Live overlay, pose and DRR.
+    Live,
+    /// CT slices and 3D landmarks.
+    Ct,
+    /// Landmark correction.
+    Annotate,
+    /// Fine-tuning.
+    Train,
+}
+
+impl Tab {
+    /// Parses a tab name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "live" => Some(Self::Live),
+            "ct" => Some(Self::Ct),
+            "annotate" => Some(Self::Annotate),
+            "train" => Some(Self::Train),
+            _ => None,
+        }
+    }
+}
+
+/// Settings that persist between runs (eframe storage).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// Frame clock, fps.
+    pub fps: f64,
+    /// Loop finite sources.
+    pub looping: bool,
+    /// Overlay opacity of the DRR over the frame.
+    pub overlay_alpha: f32,
+    /// How the DRR is compared with the frame.
+    pub compare: Compare,
+    /// Quantum noise of the simulated stream.
+    pub photons: f64,
+    /// Where annotations are saved.
+    pub annotation_dir: PathBuf,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            fps: 10.0,
+            looping: true,
+            overlay_alpha: 0.4,
+            compare: Compare::Blend,
+            photons: 10000.0,
+            annotation_dir: PathBuf::from("annotations"),
+        }
+    }
+}
+
+/// DRR-versus-frame display.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Compare {
+    /// Side by side only.
+    SideBySide,
+    /// DRR alpha-blended over the frame.
+    Blend,
+    /// Checkerboard of frame and DRR tiles.
+    Checkerboard,
+}
+
+/// The loaded CT and what is derived from it.
+pub struct Scene {
+    /// Where it came from.
+    pub name: String,
+    /// The volume.
+    pub volume: Arc<Volume>,
+    /// Its attenuation for the DRR.
+    pub density: Arc<DensityVolume>,
+    /// Its 3D landmarks.
+    pub landmarks: Landmarks3d,
+}
+
+impl Scene {
+    /// A scene from a volume and its landmarks.
+    pub fn new(name: String, volume: Volume, landmarks: Landmarks3d) -> Self {
+        let density = Arc::new(DensityVolume::from_volume(&volume, Attenuation::default()));
+        Self {
+            name,
+            volume: Arc::new(volume),
+            density,
+            landmarks,
+        }
+    }
+
+    /// The embedded default: held-out phantom subject 10.
+    pub fn default_phantom() -> Self {
+        let (v, l) = crate::volume::phantom::phantom_subject(DEFAULT_PHANTOM, None);
+        Self::new(format!("phantom:{DEFAULT_PHANTOM}"), v, l)
+    }
+}
+
+/// The phantom subject the app opens on (held out from the shipped model's training).
+pub const DEFAULT_PHANTOM: u64 = 10;
+
+/// A message for the user.
+pub struct Toast {
+    /// Text.
+    pub text: String,
+    /// An error (red) or information.
+    pub error: bool,
+    /// When it appeared.
+    pub at: Instant,
+}
+
+/// The verification DRR on eframe's device.
+struct GpuDrr {
+    renderer: DrrRenderer,
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    egui_renderer: Arc<egui::mutex::RwLock<eframe::egui_wgpu::Renderer>>,
+    texture: Option<(
+        wgpu::Texture,
+        wgpu::TextureView,
+        egui::TextureId,
+        (u32, u32),
+    )>,
+    window: Option<Window>,
+}
+
+/// Annotation state of the current image.
+#[derive(Default)]
+pub struct Annotation {
+    /// The image being corrected.
+    pub current: Option<Landmarks2d>,
+    /// Undo stack.
+    pub undo: Vec<Landmarks2d>,
+    /// Redo stack.
+    pub redo: Vec<Landmarks2d>,
+    /// Landmark being dragged.
+    pub dragging: Option<usize>,
+    /// Pixels of the image being annotated.
+    pub frame: Option<Processed>,
+    /// Where it was last saved.
+    pub saved: Option<PathBuf>,
+    /// Where the image was drawn last (screen points), for pointer mapping.
+    pub rect: Option<egui::Rect>,
+}
+
+/// Training started from the Train tab.
+pub struct TrainingRun {
+    /// Progress and cancellation.
+    pub task: Task,
+    /// Metrics so far.
+    pub metrics: Arc<Mutex<Vec<Metric>>>,
+    /// Result when finished.
+    pub done: Receiver<Result<PathBuf, String>>,
+    /// Output weights.
+    pub out: PathBuf,
+}
+
+/// Train tab settings.
+pub struct TrainForm {
+    /// Dataset folder.
+    pub data: String,
+    /// Mode.
+    pub mode: crate::train::Mode,
+    /// Epochs.
+    pub epochs: usize,
+    /// Batch.
+    pub batch: usize,
+    /// Learning rate.
+    pub lr: f64,
+    /// Max steps (0: no limit).
+    pub max_steps: usize,
+    /// Output weights.
+    pub out: String,
+}
+
+impl Default for TrainForm {
+    fn default() -> Self {
+        Self {
+            data: "experiment/data".into(),
+            mode: crate::train::Mode::Finetune,
+            epochs: 1,
+            batch: 4,
+            lr: 1e-4,
+            max_steps: 0,
+            out: "models/finetuned.safetensors".into(),
+        }
+    }
+}
+
+/// The app.
+pub struct FluoroApp {
+    /// Persisted settings.
+    pub settings: Settings,
+    /// Current tab.
+    pub tab: Tab,
+    /// The CT.
+    pub scene: Scene,
+    /// The live pipeline.
+    pipeline: Pipeline,
+    /// Newest processed frame.
+    pub latest: Option<Processed>,
+    /// When it was shown (frame-to-overlay latency).
+    shown_latency_ms: f64,
+    fps_meter: Vec<Instant>,
+    /// Playing.
+    pub playing: bool,
+    /// Manual pose mode.
+    pub manual: bool,
+    /// The manual pose (rx, ry, rz in degrees; tx, ty, tz mm).
+    pub manual_pose: [f64; 6],
+    gpu: Option<GpuDrr>,
+    drr_pose: Option<(Pose, Camera)>,
+    drr_ms: f64,
+    frame_tex: Option<egui::TextureHandle>,
+    frame_tex_index: Option<u64>,
+    /// Messages.
+    pub toasts: Vec<Toast>,
+    /// Models the Live tab can switch between: (name, weights path or None for the shipped).
+    pub models: Vec<(String, Option<PathBuf>)>,
+    /// Selected model.
+    pub model_index: usize,
+    /// CT being loaded.
+    ct_loading: Option<(String, Receiver<Result<Scene, String>>)>,
+    /// Slice positions (i, j, k) and window preset.
+    pub slices: [usize; 3],
+    /// HU window (low, high).
+    pub hu_window: (f32, f32),
+    /// Selected 3D landmark in the CT tab.
+    pub selected_landmark: usize,
+    slice_tex: [Option<egui::TextureHandle>; 3],
+    slice_key: [Option<(usize, (i32, i32))>; 3],
+    /// Annotation.
+    pub annotation: Annotation,
+    /// Training form and run.
+    pub train_form: TrainForm,
+    /// The current training run.
+    pub training: Option<TrainingRun>,
+    options: AppOptions,
+    frames_drawn: u32,
+    screenshot_requested: bool,
+    gpu_status: String,
+}
+
+impl FluoroApp {
+    /// Builds the app on eframe's creation context (its wgpu device, its storage).
+    pub fn new(cc: &eframe::CreationContext<'_>, options: AppOptions) -> Self {
+        let settings: Settings = cc
+            .storage
+            .and_then(|s| eframe::get_value(s, eframe::APP_KEY))
+            .unwrap_or_default();
+        let mut toasts = Vec::new();
+        let scene = Scene::default_phantom();
+        let model = match crate::model::shipped::predictor(&candle_core::Device::Cpu) {
+            Ok(p) => Some(Arc::new(p)),
+            Err(e) => {
+                toasts.push(Toast {
+                    text: format!("no model: {e}"),
+                    error: true,
+                    at: Instant::now(),
+                });
+                None
+            }
+        };
+        let source = Source::Simulated {
+            density: scene.density.clone(),
+            isocenter: scene.volume.center_mm(),
+            size: 256,
+            photons: settings.photons,
+        };
+        let pipeline = Pipeline::start(source, model, scene.landmarks.clone());
+        pipeline.send(Command::Fps(settings.fps));
+        pipeline.send(Command::Loop(settings.looping));
+        let (gpu, gpu_status) = match cc.wgpu_render_state.as_ref() {
+            Some(rs) => {
+                let mut renderer = DrrRenderer::new(&rs.device, &rs.queue);
+                let status = match renderer.set_volume(scene.density.clone()) {
+                    Ok(()) => format!(
+                        "DRR on {} ({:?})",
+                        rs.adapter.get_info().name,
+                        rs.adapter.get_info().backend
+                    ),
+                    Err(e) => format!("DRR unavailable: {e}"),
+                };
+                (
+                    Some(GpuDrr {
+                        renderer,
+                        device: rs.device.clone(),
+                        queue: rs.queue.clone(),
+                        egui_renderer: rs.renderer.clone(),
+                        texture: None,
+                        window: None,
+                    }),
+                    status,
+                )
+            }
+            None => (
+                None,
+                "no GPU adapter: DRR verification off, CPU paths only".into(),
+            ),
+        };
+        let playing = options.screenshot.is_some();
+        if playing {
+            pipeline.send(Command::Play(true));
+        }
+        let c = scene.volume.dims();
+        Self {
+            settings,
+            tab: options.tab.unwrap_or(Tab::Live),
+            pipeline,
+            latest: None,
+            shown_latency_ms: 0.0,
+            fps_meter: Vec::new(),
+            playing,
+            manual: false,
+            manual_pose: [0.0, 0.0, 0.0, 0.0, 0.0, 800.0],
+            gpu,
+            drr_pose: None,
+            drr_ms: 0.0,
+            frame_tex: None,
+            frame_tex_index: None,
+            toasts,
+            models: vec![("shipped (models/default)".into(), None)],
+            model_index: 0,
+            ct_loading: None,
+            slices: [c[0] / 2, c[1] / 2, c[2] / 2],
+            hu_window: (-400.0, 1200.0),
+            selected_landmark: 0,
+            slice_tex: [None, None, None],
+            slice_key: [None, None, None],
+            annotation: Annotation::default(),
+            train_form: TrainForm::default(),
+            training: None,
+            scene,
+            options,
+            frames_drawn: 0,
+            screenshot_requested: false,
+            gpu_status,
+        }
+    }
+
+    /// Shows a message.
+    pub fn toast(&mut self, text: impl Into<String>, error: bool) {
+        let text = text.into();
+        if error {
+            log::error!("{text}");
+        }
+        self.toasts.push(Toast {
+            text,
+            error,
+            at: Instant::now(),
+        });
+    }
+
+    /// Starts or stops the stream.
+    pub fn set_playing(&mut self, p: bool) {
+        self.playing = p;
+        self.pipeline.send(Command::Play(p));
+    }
+
+    /// Sends a command to the pipeline.
+    pub fn send(&self, c: Command) {
+        self.pipeline.send(c);
+    }
+
+    /// Replaces the scene (after a CT load) and tells the pipeline and the DRR.
+    pub fn set_scene(&mut self, scene: Scene) {
+        if let Some(g) = &mut self.gpu
+            && let Err(e) = g.renderer.set_volume(scene.density.clone())
+        {
+            self.toasts.push(Toast {
+                text: format!("DRR: {e}"),
+                error: true,
+                at: Instant::now(),
+            });
+        }
+        if let Some(g) = &mut self.gpu {
+            g.window = None;
+        }
+        self.pipeline
+            .send(Command::Landmarks(scene.landmarks.clone()));
+        if matches!(self.source_kind(), SourceKind::Simulated) {
+            self.pipeline.send(Command::Source(Source::Simulated {
+                density: scene.density.clone(),
+                isocenter: scene.volume.center_mm(),
+                size: 256,
+                photons: self.settings.photons,
+            }));
+        }
+        let d = scene.volume.dims();
+        self.slices = [d[0] / 2, d[1] / 2, d[2] / 2];
+        self.slice_key = [None, None, None];
+        self.drr_pose = None;
+        self.scene = scene;
+    }
+
+    fn source_kind(&self) -> SourceKind {
+        match self.latest.as_ref().map(|p| p.truth.is_some()) {
+            Some(false) => SourceKind::Frames,
+            _ => SourceKind::Simulated,
+        }
+    }
+
+    /// Loads a CT (and landmarks beside it, if any) in the background.
+    pub fn load_ct(&mut self, path: PathBuf) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let name = path.display().to_string();
+        std::thread::spawn(move || {
+            let r = crate::io::catch_panic(|| {
+                let v = crate::volume::read_volume(&path, None).map_err(|e| format!("{e}"))?;
+                let lm = landmarks_beside(&path).unwrap_or_default();
+                Ok(Scene::new(path.display().to_string(), v, lm))
+            })
+            .unwrap_or_else(|e| Err(format!("loading crashed: {e}")));
+            let _ = tx.send(r);
+        });
+        self.ct_loading = Some((name, rx));
+    }
+
+    /// Whether a CT is loading.
+    pub fn ct_loading(&self) -> Option<&str> {
+        self.ct_loading.as_ref().map(|(n, _)| n.as_str())
+    }
+
+    fn poll_background(&mut self) {
+        if let Some((name, rx)) = &self.ct_loading {
+            match rx.try_recv() {
+                Ok(Ok(scene)) => {
+                    let n = name.clone();
+                    self.ct_loading = None;
+                    self.set_scene(scene);
+                    self.toast(format!("loaded {n}"), false);
+                }
+                Ok(Err(e)) => {
+                    let n = name.clone();
+                    self.ct_loading = None;
+                    self.toast(format!("{n}: {e} (the previous CT stays loaded)"), true);
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => {}
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => self.ct_loading = None,
+            }
+        }
+        let finished = self.training.as_ref().and_then(|t| t.done.try_recv().ok());
+        if let Some(r) = finished {
+            match r {
+                Ok(path) => {
+                    let name = path.display().to_string();
+                    if !self.models.iter().any(|(_, p)| p.as_ref() == Some(&path)) {
+                        self.models.push((name.clone(), Some(path)));
+                    }
+                    self.toast(
+                        format!("training finished: {name} (pick it in Live)"),
+                        false,
+                    );
+                }
+                Err(e) => self.toast(format!("training: {e}"), true),
+            }
+            if let Some(t) = &mut self.training {
+                // Keep the curves; the receiver is spent.
+                let (_tx, rx) = std::sync::mpsc::channel();
+                t.done = rx;
+            }
+        }
+        match self.pipeline.latest() {
+            Some(Ok(p)) => {
+                self.shown_latency_ms = p.produced.elapsed().as_secs_f64() * 1e3;
+                let now = Instant::now();
+                self.fps_meter.push(now);
+                self.fps_meter
+                    .retain(|t| now.duration_since(*t).as_secs_f64() < 2.0);
+                self.latest = Some(p);
+            }
+            Some(Err(e)) => self.toast(e, true),
+            None => {}
+        }
+    }
+
+    /// Frames per second shown over the last two seconds.
+    pub fn fps(&self) -> f64 {
+        if self.fps_meter.len() < 2 {
+            return 0.0;
+        }
+        let span = self.fps_meter[self.fps_meter.len() - 1]
+            .duration_since(self.fps_meter[0])
+            .as_secs_f64();
+        (self.fps_meter.len() - 1) as f64 / span.max(1e-9)
+    }
+
+    /// Frame-to-overlay latency of the newest frame, ms.
+    pub fn latency_ms(&self) -> f64 {
+        self.shown_latency_ms
+    }
+
+    /// DRR time of the last update, ms.
+    pub fn drr_ms(&self) -> f64 {
+        self.drr_ms
+    }
+
+    /// Status of the GPU.
+    pub fn gpu_status(&self) -> &str {
+        &self.gpu_status
+    }
+
+    /// The pose the DRR shows: manual sliders or the solved pose.
+    pub fn display_pose(&self) -> Option<Pose> {
+        if self.manual {
+            let m = self.manual_pose;
+            return Some(Pose::from_params(&[
+                m[0].to_radians(),
+                m[1].to_radians(),
+                m[2].to_radians(),
+                m[3],
+                m[4],
+                m[5],
+            ]));
+        }
+        let s = self.latest.as_ref()?.solution.as_ref()?;
+        s.status.ok().then_some(s.pose)
+    }
+
+    /// Renders the DRR at `pose` into the GPU texture if it changed; returns its texture.
+    pub fn drr_texture(&mut self, camera: &Camera) -> Option<(egui::TextureId, (u32, u32))> {
+        let pose = self.display_pose()?;
+        let g = self.gpu.as_mut()?;
+        let g_renderer_ready = g.renderer.volume().is_some();
+        if !g_renderer_ready {
+            return None;
+        }
+        // The verification DRR at up to 256 px: enough to compare, cheap on any GPU.
+        let scale = (256.0 / camera.width_px.max(camera.height_px) as f64).min(1.0);
+        let cam = camera.rescaled(scale);
+        let size = (cam.width_px, cam.height_px);
+        let changed = self.drr_pose.as_ref() != Some(&(pose, cam));
+        if changed {
+            let t0 = Instant::now();
+            if g.window.is_none() {
+                // Window from one read-back render of this CT; then it stays on the GPU.
+                match g.renderer.render(
+                    &cam,
+                    std::slice::from_ref(&pose),
+                    crate::drr::cpu::Renderer::Siddon { full_line: false },
+                ) {
+                    Ok(imgs) => {
+                        let (lo, hi) = imgs
+                            .first()
+                            .map(|i| crate::drr::image_io::percentile_window(i))
+                            .unwrap_or((0.0, 1.0));
+                        g.window = Some(Window {
+                            low: lo,
+                            high: hi.max(lo + 1e-6),
+                            invert: false,
+                            intensity: false,
+                            tint: [1.0, 0.85, 0.55, 1.0],
+                        });
+                    }
+                    Err(e) => {
+                        self.toasts.push(Toast {
+                            text: format!("DRR: {e}"),
+                            error: true,
+                            at: Instant::now(),
+                        });
+                        self.gpu = None;
+                        return None;
+                    }
+                }
+            }
+            let need_new = g.texture.as_ref().is_none_or(|t| t.3 != size);
+            if need_new {
+                let tex = g.device.create_texture(&wgpu::TextureDescriptor {
+                    label: Some("verification drr"),
+                    size: wgpu::Extent3d {
+                        width: size.0,
+                        height: size.1,
+                        depth_or_array_layers: 1,
+                    },
+                    mip_level_count: 1,
+                    sample_count: 1,
+                    dimension: wgpu::TextureDimension::D2,
+                    format: wgpu::TextureFormat::Rgba8Unorm,
+                    usage: wgpu::TextureUsages::STORAGE_BINDING
+                        | wgpu::TextureUsages::TEXTURE_BINDING,
+                    view_formats: &[],
+                });
+                let view = tex.create_view(&wgpu::TextureViewDescriptor::default());
+                let mut er = g.egui_renderer.write();
+                let id = match g.texture.take() {
+                    Some((_, _, id, _)) => {
+                        er.update_egui_texture_from_wgpu_texture(
+                            &g.device,
+                            &view,
+                            wgpu::FilterMode::Linear,
+                            id,
+                        );
+                        id
+                    }
+                    None => er.register_native_texture(&g.device, &view, wgpu::FilterMode::Linear),
+                };
+                drop(er);
+                g.texture = Some((tex, view, id, size));
+            }
+            let (Some((_, view, _, _)), Some(window)) = (g.texture.as_ref(), g.window) else {
+                return None;
+            };
+            let mut enc = g
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("verification drr"),
+                });
+            match g.renderer.encode(
+                &mut enc,
+                &cam,
+                std::slice::from_ref(&pose),
+                crate::drr::cpu::Renderer::Siddon { full_line: false },
+            ) {
+                Ok(images) => {
+                    g.renderer
+                        .encode_window(&mut enc, &images, 0, &window, view);
+                    g.queue.submit([enc.finish()]);
+                }
+                Err(e) => {
+                    self.toasts.push(Toast {
+                        text: format!("DRR: {e}"),
+                        error: true,
+                        at: Instant::now(),
+                    });
+                    return None;
+                }
+            }
+            self.drr_pose = Some((pose, cam));
+            self.drr_ms = t0.elapsed().as_secs_f64() * 1e3;
+        }
+        g.texture.as_ref().map(|t| (t.2, t.3))
+    }
+
+    /// The frame as an egui texture (uploaded when the frame changes).
+    pub fn frame_texture(&mut self, ctx: &egui::Context) -> Option<egui::TextureId> {
+        let p = self.latest.as_ref()?;
+        if self.frame_tex_index != Some(p.index) || self.frame_tex.is_none() {
+            let img = gray_image(&p.pixels, p.size.0, p.size.1);
+            match &mut self.frame_tex {
+                Some(t) => t.set(img, egui::TextureOptions::LINEAR),
+                None => {
+                    self.frame_tex =
+                        Some(ctx.load_texture("frame", img, egui::TextureOptions::LINEAR))
+                }
+            }
+            self.frame_tex_index = Some(p.index);
+        }
+        self.frame_tex.as_ref().map(|t| t.id())
+    }
+
+    /// Switches the live model to entry `i` of [`FluoroApp::models`].
+    pub fn select_model(&mut self, i: usize) {
+        let Some((name, path)) = self.models.get(i).cloned() else {
+            return;
+        };
+        let r = match &path {
+            None => crate::model::shipped::predictor(&candle_core::Device::Cpu),
+            Some(p) => Predictor::load(p, &candle_core::Device::Cpu),
+        };
+        match r {
+            Ok(p) => {
+                self.model_index = i;
+                self.pipeline.send(Command::Model(Arc::new(p)));
+                self.toast(format!("model: {name}"), false);
+            }
+            Err(e) => self.toast(format!("{name}: {e}"), true),
+        }
+    }
+
+    /// Opens frames (a DICOM file or cine, an image, or a folder of images) as the source.
+    pub fn open_frames(&mut self, path: PathBuf) {
+        let r = (|| -> Result<Source, String> {
+            let files = if path.is_dir() {
+                crate::stream::list_frames(&path).map_err(|e| e.to_string())?
+            } else {
+                vec![path.clone()]
+            };
+            let mut frames = Vec::new();
+            let mut size = None;
+            let mut header = None;
+            for f in &files {
+                let x = crate::stream::read_image_file(f)
+                    .map_err(|e| format!("{}: {e}", f.display()))?;
+                if *size.get_or_insert((x.width, x.height)) != (x.width, x.height) {
+                    return Err(format!("{}: frames of different sizes", f.display()));
+                }
+                header.get_or_insert(x.geometry.clone());
+                frames.extend(x.frames);
+            }
+            let (w, h) = size.ok_or("no frames found")?;
+            let camera = header.unwrap_or_default().camera(w as u32, h as u32);
+            Ok(Source::Frames {
+                origin: path.clone(),
+                size: (w, h),
+                frames: Arc::new(frames),
+                camera,
+            })
+        })();
+        match r {
+            Ok(s) => {
+                self.pipeline.send(Command::Source(s));
+                self.toast(format!("frames from {}", path.display()), false);
+            }
+            Err(e) => self.toast(e, true),
+        }
+    }
+
+    /// Back to the simulated stream of the current CT.
+    pub fn open_simulated(&mut self) {
+        self.pipeline.send(Command::Source(Source::Simulated {
+            density: self.scene.density.clone(),
+            isocenter: self.scene.volume.center_mm(),
+            size: 256,
+            photons: self.settings.photons,
+        }));
+    }
+}
+
+enum SourceKind {
+    Simulated,
+    Frames,
+}
+
+/// Finds `NAME.mrk.json`, `NAME.fcsv` or `NAME.csv` beside a CT (file or folder).
+pub fn landmarks_beside(ct: &std::path::Path) -> Option<Landmarks3d> {
+    let s = ct.to_string_lossy();
+    let base = s
+        .trim_end_matches('/')
+        .trim_end_matches(".gz")
+        .trim_end_matches(".nii");
+    [".mrk.json", ".fcsv", ".csv"]
+        .iter()
+        .map(|e| PathBuf::from(format!("{base}{e}")))
+        .find(|p| p.exists())
+        .and_then(|p| Landmarks3d::read(&p).ok())
+}
+
+/// Min-max-windowed grey image (1st to 99th percentile).
+pub fn gray_image(pixels: &[f32], w: usize, h: usize) -> egui::ColorImage {
+    let (lo, hi) = crate::drr::image_io::percentile_window(pixels);
+    let span = (hi - lo).max(1e-12);
+    let bytes: Vec<u8> = pixels
+        .iter()
+        .map(|v| {
+            if v.is_finite() {
+                (((v - lo) / span).clamp(0.0, 1.0) * 255.0) as u8
+            } else {
+                0
+            }
+        })
+        .collect();
+    egui::ColorImage::from_gray([w, h], &bytes)
+}
+
+impl eframe::App for FluoroApp {
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        self.poll_background();
+        let ctx = ui.ctx().clone();
+        // Dropped files: CTs go to the CT tab, images and DICOM frames to the live source.
+        let dropped: Vec<PathBuf> = ctx.input(|i| {
+            i.raw
+                .dropped_files
+                .iter()
+                .map(|f| f.path().to_path_buf())
+                .filter(|p| !p.as_os_str().is_empty())
+                .collect()
+        });
+        for p in dropped {
+            let n = p.to_string_lossy().to_ascii_lowercase();
+            if n.ends_with(".nii") || n.ends_with(".nii.gz") || p.is_dir() && self.tab == Tab::Ct {
+                self.load_ct(p);
+            } else {
+                self.open_frames(p);
+            }
+        }
+        views::top_bar(self, ui);
+        views::status_bar(self, ui);
+        egui::CentralPanel::default().show(ui, |ui| match self.tab {
+            Tab::Live => views::live(self, ui),
+            Tab::Ct => views::ct(self, ui),
+            Tab::Annotate => views::annotate(self, ui),
+            Tab::Train => views::train(self, ui),
+        });
+        views::toasts(self, &ctx);
+        self.frames_drawn += 1;
+        if let Some(path) = self.options.screenshot.clone()
+            && self.frames_drawn >= self.options.frames.max(1)
+            && self.latest.is_some()
+            && !self.screenshot_requested
+        {
+            self.screenshot_requested = true;
+            let c2 = ctx.clone();
+            ctx.request_screenshot(move |img| {
+                let [w, h] = img.size;
+                let bytes: Vec<u8> = img.pixels.iter().flat_map(|c| c.to_array()).collect();
+                match image::RgbaImage::from_raw(w as u32, h as u32, bytes) {
+                    Some(buf) => {
+                        let r = crate::io::atomic_write_with(&path, |tmp| {
+                            buf.save_with_format(tmp, image::ImageFormat::Png)
+                                .map_err(std::io::Error::other)
+                        });
+                        match r {
+                            Ok(()) => println!("screenshot: {}", path.display()),
+                            Err(e) => eprintln!("screenshot {}: {e}", path.display()),
+                        }
+                    }
+                    None => eprintln!("screenshot: bad image size"),
+                }
+                c2.send_viewport_cmd(egui::ViewportCommand::Close);
+            });
+        }
+        // Keep drawing while the stream plays, training runs or a CT loads.
+        if self.playing
+            || self.training.is_some()
+            || self.ct_loading.is_some()
+            || self.options.screenshot.is_some()
+        {
+            ctx.request_repaint_after(std::time::Duration::from_millis(15));
+        }
+    }
+
+    fn save(&mut self, storage: &mut dyn eframe::Storage) {
+        eframe::set_value(storage, eframe::APP_KEY, &self.settings);
+    }
+}
+
+/// Opens the window.
+pub fn run(options: AppOptions) -> anyhow::Result<()> {
+    let native = eframe::NativeOptions {
+        renderer: eframe::Renderer::Wgpu,
+        viewport: egui::ViewportBuilder::default()
+            .with_inner_size([1280.0, 800.0])
+            .with_title("fluoropose")
+            .with_drag_and_drop(true),
+        ..Default::default()
+    };
+    eframe::run_native(
+        "fluoropose",
+        native,
+        Box::new(move |cc| Ok(Box::new(FluoroApp::new(cc, options)))),
+    )
+    .map_err(|e| anyhow::anyhow!("the window could not open: {e}"))
+}
+
+/// Colours of the 8 landmarks (distinct on grey).
+pub const COLOURS: [egui::Color32; N_LANDMARKS] = [
+    egui::Color32::from_rgb(230, 25, 75),
+    egui::Color32::from_rgb(60, 180, 75),
+    egui::Color32::from_rgb(255, 225, 25),
+    egui::Color32::from_rgb(0, 130, 200),
+    egui::Color32::from_rgb(245, 130, 48),
+    egui::Color32::from_rgb(145, 30, 180),
+    egui::Color32::from_rgb(70, 240, 240),
+    egui::Color32::from_rgb(240, 50, 230),
+];

@@ -1,0 +1,451 @@
+//! The live pipeline on a worker thread: source -> model -> landmarks -> pose, one way.
+//! The UI sends [`Command`]s and takes the newest [`Processed`] frame; when the worker falls
+//! behind the frame clock it skips source frames (simulated) or drops results the UI has not
+//! taken (channel of one), so the overlay never lags behind the stream.
+
+use crate::geometry::{Camera, Pose};
+use crate::landmarks::Landmarks3d;
+use crate::model::{Detection, Predictor};
+use crate::registration::{LmOptions, Problem, Solution, solve, solve_from};
+use crate::stream::simulated::{CpuDrr, DrrSource, QuantumNoise, SimulatedStream, Trajectory};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
+use std::time::{Duration, Instant};
+
+/// Where frames come from.
+#[derive(Clone)]
+pub enum Source {
+    /// DRRs of the scene's CT along a smooth trajectory with quantum noise.
+    Simulated {
+        /// Attenuation volume to render.
+        density: Arc<crate::drr::DensityVolume>,
+        /// Trajectory centre.
+        isocenter: nalgebra::Point3<f64>,
+        /// Detector size, pixels.
+        size: u32,
+        /// Photons per pixel (0: clean).
+        photons: f64,
+    },
+    /// Pre-decoded frames (a folder of images, a DICOM file or cine).
+    Frames {
+        /// What they were read from.
+        origin: PathBuf,
+        /// Width, height.
+        size: (usize, usize),
+        /// The frames.
+        frames: Arc<Vec<Vec<f32>>>,
+        /// The camera from the header (or the default).
+        camera: Camera,
+    },
+}
+
+/// What the UI asks of the worker.
+pub enum Command {
+    /// Start or stop the frame clock.
+    Play(bool),
+    /// Process the next frame once.
+    Step,
+    /// Go to frame N.
+    Seek(u64),
+    /// Frames per second of the clock.
+    Fps(f64),
+    /// Wrap at the end of a finite source.
+    Loop(bool),
+    /// Replace the source.
+    Source(Source),
+    /// Replace the model (hot swap).
+    Model(Arc<Predictor>),
+    /// Replace the CT's 3D landmarks the pose is solved with.
+    Landmarks(Landmarks3d),
+    /// Stop the thread.
+    Quit,
+}
+
+/// Per-stage latency, milliseconds.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Timings {
+    /// Producing the frame (rendering for the simulated source).
+    pub source_ms: f64,
+    /// U-Net inference.
+    pub inference_ms: f64,
+    /// Registration.
+    pub pose_ms: f64,
+}
+
+/// One processed frame.
+#[derive(Clone)]
+pub struct Processed {
+    /// Frame number.
+    pub index: u64,
+    /// Number of frames of a finite source.
+    pub count: Option<u64>,
+    /// Width, height.
+    pub size: (usize, usize),
+    /// Pixels (row 0 at the top).
+    pub pixels: Arc<Vec<f32>>,
+    /// The camera of the frame.
+    pub camera: Camera,
+    /// Detected landmarks (empty without a model).
+    pub detections: Vec<Detection>,
+    /// The solved pose.
+    pub solution: Option<Solution>,
+    /// The true pose (simulated source).
+    pub truth: Option<Pose>,
+    /// Stage latencies.
+    pub timings: Timings,
+    /// When the frame was produced (for frame-to-overlay latency).
+    pub produced: Instant,
+    /// Frames skipped because the worker was behind, so far.
+    pub skipped: u64,
+}
+
+/// The worker's handle.
+pub struct Pipeline {
+    commands: std::sync::mpsc::Sender<Command>,
+    results: Receiver<Result<Processed, String>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Pipeline {
+    /// Starts the worker (paused) on `source`.
+    pub fn start(source: Source, model: Option<Arc<Predictor>>, landmarks: Landmarks3d) -> Self {
+        let (ctx, crx) = std::sync::mpsc::channel();
+        let (rtx, rrx) = sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name("fluoropose-pipeline".into())
+            .spawn(move || Worker::new(source, model, landmarks, rtx).run(crx))
+            .ok();
+        Self {
+            commands: ctx,
+            results: rrx,
+            thread,
+        }
+    }
+
+    /// Sends a command (ignored if the worker is gone).
+    pub fn send(&self, c: Command) {
+        let _ = self.commands.send(c);
+    }
+
+    /// The newest result, if any arrived.
+    pub fn latest(&self) -> Option<Result<Processed, String>> {
+        let mut last = None;
+        loop {
+            match self.results.try_recv() {
+                Ok(r) => last = Some(r),
+                Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => return last,
+            }
+        }
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Quit);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A frame before inference: pixels, (width, height), camera, true pose, index.
+type RawFrame = (Vec<f32>, (usize, usize), Camera, Option<Pose>, u64);
+
+struct Worker {
+    source: Source,
+    sim: Option<SimulatedStream<Box<dyn DrrSource>>>,
+    model: Option<Arc<Predictor>>,
+    landmarks: Landmarks3d,
+    out: SyncSender<Result<Processed, String>>,
+    playing: bool,
+    fps: f64,
+    looping: bool,
+    next: u64,
+    last_pose: Option<Pose>,
+    skipped: u64,
+}
+
+impl Worker {
+    fn new(
+        source: Source,
+        model: Option<Arc<Predictor>>,
+        landmarks: Landmarks3d,
+        out: SyncSender<Result<Processed, String>>,
+    ) -> Self {
+        let mut w = Self {
+            source: source.clone(),
+            sim: None,
+            model,
+            landmarks,
+            out,
+            playing: false,
+            fps: 10.0,
+            looping: true,
+            next: 0,
+            last_pose: None,
+            skipped: 0,
+        };
+        w.set_source(source);
+        w
+    }
+
+    fn set_source(&mut self, source: Source) {
+        self.sim = match &source {
+            Source::Simulated {
+                density,
+                isocenter,
+                size,
+                photons,
+            } => {
+                // Frames are rendered on a headless device of their own (the GPU path), else on
+                // the CPU reference: the UI's device stays free for the verification DRR.
+                let renderer: Box<dyn DrrSource> = match crate::drr::gpu::headless_device(false)
+                    .map_err(|e| e.to_string())
+                    .and_then(|(d, q, _)| {
+                        let mut r = crate::drr::gpu::DrrRenderer::new(&d, &q);
+                        r.set_volume(density.clone()).map_err(|e| e.to_string())?;
+                        Ok(r)
+                    }) {
+                    Ok(r) => Box::new(r),
+                    Err(e) => {
+                        log::warn!("simulated stream on the CPU reference: {e}");
+                        Box::new(CpuDrr {
+                            volume: density.clone(),
+                            renderer: crate::drr::cpu::Renderer::Siddon { full_line: false },
+                        })
+                    }
+                };
+                let noise = (*photons > 0.0).then_some(QuantumNoise {
+                    photons_per_pixel: *photons,
+                });
+                Some(SimulatedStream::new(
+                    Trajectory::around(*isocenter),
+                    Camera::paper(*size),
+                    renderer,
+                    self.fps,
+                    noise,
+                    42,
+                ))
+            }
+            Source::Frames { .. } => None,
+        };
+        self.source = source;
+        self.next = 0;
+        self.last_pose = None;
+    }
+
+    fn count(&self) -> Option<u64> {
+        match &self.source {
+            Source::Frames { frames, .. } => Some(frames.len() as u64),
+            Source::Simulated { .. } => None,
+        }
+    }
+
+    fn handle(&mut self, c: Command) -> bool {
+        match c {
+            Command::Play(p) => self.playing = p,
+            Command::Step => {
+                self.process();
+            }
+            Command::Seek(i) => {
+                self.next = i;
+                self.last_pose = None;
+                self.process();
+            }
+            Command::Fps(f) => {
+                self.fps = f.clamp(0.1, 120.0);
+                if let Some(s) = &mut self.sim {
+                    s.fps = self.fps;
+                }
+            }
+            Command::Loop(l) => self.looping = l,
+            Command::Source(s) => {
+                self.set_source(s);
+                self.process();
+            }
+            Command::Model(m) => {
+                self.model = Some(m);
+                self.last_pose = None;
+            }
+            Command::Landmarks(l) => {
+                self.landmarks = l;
+                self.last_pose = None;
+            }
+            Command::Quit => return false,
+        }
+        true
+    }
+
+    fn run(mut self, commands: Receiver<Command>) {
+        // The first frame at once, so that the app shows something before Play.
+        self.process();
+        let mut clock = Instant::now();
+        loop {
+            let period = Duration::from_secs_f64(1.0 / self.fps);
+            let wait = if self.playing {
+                period.saturating_sub(clock.elapsed())
+            } else {
+                Duration::from_millis(200)
+            };
+            match commands.recv_timeout(wait) {
+                Ok(c) => {
+                    if !self.handle(c) {
+                        return;
+                    }
+                    continue;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if !self.playing {
+                continue;
+            }
+            // Behind the clock: skip the frames whose time has passed (the simulated source
+            // follows wall time; a recorded one plays every frame at most at the clock rate).
+            let late = (clock.elapsed().as_secs_f64() / period.as_secs_f64()).floor() as u64;
+            if late > 1 && self.sim.is_some() {
+                self.next += late - 1;
+                self.skipped += late - 1;
+            }
+            clock = Instant::now();
+            self.process();
+        }
+    }
+
+    fn frame(&mut self) -> Result<RawFrame, String> {
+        let index = self.next;
+        match (&mut self.sim, &self.source) {
+            (Some(sim), _) => {
+                sim.seek(index);
+                let f = sim.next_frame()?;
+                let c = sim.camera;
+                Ok((
+                    f.pixels,
+                    (c.width_px as usize, c.height_px as usize),
+                    c,
+                    Some(f.pose),
+                    index,
+                ))
+            }
+            (
+                None,
+                Source::Frames {
+                    size,
+                    frames,
+                    camera,
+                    ..
+                },
+            ) => {
+                let n = frames.len() as u64;
+                if n == 0 {
+                    return Err("the source has no frames".into());
+                }
+                let i = if index >= n {
+                    if self.looping {
+                        index % n
+                    } else {
+                        self.playing = false;
+                        n - 1
+                    }
+                } else {
+                    index
+                };
+                self.next = i;
+                Ok((frames[i as usize].clone(), *size, *camera, None, i))
+            }
+            (None, Source::Simulated { .. }) => Err("the simulated stream did not start".into()),
+        }
+    }
+
+    fn process(&mut self) {
+        let t0 = Instant::now();
+        let r = self.frame();
+        let (pixels, size, camera, truth, index) = match r {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = self.out.try_send(Err(e));
+                self.playing = false;
+                return;
+            }
+        };
+        self.next = index + 1;
+        let source_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let t1 = Instant::now();
+        let detections = match &self.model {
+            Some(m) => match m.predict(&pixels, size.0, size.1) {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = self.out.try_send(Err(format!("inference: {e}")));
+                    Vec::new()
+                }
+            },
+            None => Vec::new(),
+        };
+        let inference_ms = t1.elapsed().as_secs_f64() * 1e3;
+        let t2 = Instant::now();
+        let solution = self.solve(&camera, &detections);
+        let pose_ms = t2.elapsed().as_secs_f64() * 1e3;
+        let p = Processed {
+            index,
+            count: self.count(),
+            size,
+            pixels: Arc::new(pixels),
+            camera,
+            detections,
+            solution,
+            truth,
+            timings: Timings {
+                source_ms,
+                inference_ms,
+                pose_ms,
+            },
+            produced: t0,
+            skipped: self.skipped,
+        };
+        // A full channel means the UI has not taken the last frame: drop this one (no lag).
+        let _ = self.out.try_send(Ok(p));
+    }
+
+    fn solve(&mut self, camera: &Camera, det: &[Detection]) -> Option<Solution> {
+        if det.is_empty() {
+            return None;
+        }
+        let pts: Vec<nalgebra::Point3<f64>> = self
+            .landmarks
+            .points
+            .iter()
+            .map(|p| p.unwrap_or_default())
+            .collect();
+        let p2: Vec<_> = det.iter().map(|d| Some(d.point)).collect();
+        let w: Vec<f64> = det
+            .iter()
+            .zip(&self.landmarks.points)
+            .map(|(d, p)| {
+                if p.is_some() {
+                    d.confidence.max(1e-3)
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let pb = Problem {
+            camera,
+            points3d: &pts,
+            points2d: &p2,
+            weights: Some(&w),
+        };
+        let opts = LmOptions::default();
+        // Start from the previous frame's pose (the C-arm moves little between frames); fall
+        // back to the robust global start when that does not converge well.
+        let mut s = match &self.last_pose {
+            Some(prev) => solve_from(&pb, prev, &opts),
+            None => solve(&pb, &opts),
+        };
+        if self.last_pose.is_some() && (!s.status.ok() || s.rmse_px > 5.0) {
+            s = solve(&pb, &opts);
+        }
+        self.last_pose = s.status.ok().then_some(s.pose);
+        Some(s)
+    }
+}

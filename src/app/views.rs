@@ -1,0 +1,873 @@
+//! The tabs' drawing and interaction. State lives in [`FluoroApp`]; these functions only read
+//! it, draw, and turn clicks into calls on it.
+
+use super::{COLOURS, Compare, FluoroApp, Tab, TrainingRun};
+use crate::landmarks::{LANDMARKS, Landmarks2d, N_LANDMARKS};
+use crate::task::Task;
+use eframe::egui::{self, Color32, Pos2, Rect, Stroke, Vec2};
+use nalgebra::Point2;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+pub fn top_bar(app: &mut FluoroApp, ui: &mut egui::Ui) {
+    egui::Panel::top("tabs").show(ui, |ui| {
+        ui.horizontal(|ui| {
+            ui.heading("fluoropose");
+            ui.separator();
+            for (t, name) in [
+                (Tab::Live, "Live"),
+                (Tab::Ct, "CT"),
+                (Tab::Annotate, "Annotate"),
+                (Tab::Train, "Train"),
+            ] {
+                ui.selectable_value(&mut app.tab, t, name);
+            }
+        });
+    });
+}
+
+pub fn status_bar(app: &mut FluoroApp, ui: &mut egui::Ui) {
+    egui::Panel::bottom("status").show(ui, |ui| {
+        ui.horizontal(|ui| {
+            ui.label(format!("CT: {}", app.scene.name));
+            ui.separator();
+            ui.label(app.gpu_status().to_string());
+            if let Some(n) = app.ct_loading() {
+                ui.separator();
+                ui.spinner();
+                ui.label(format!("loading {n}"));
+            }
+        });
+    });
+}
+
+pub fn toasts(app: &mut FluoroApp, ctx: &egui::Context) {
+    app.toasts.retain(|t| t.at.elapsed().as_secs_f64() < 8.0);
+    if app.toasts.is_empty() {
+        return;
+    }
+    egui::Area::new(egui::Id::unique("toasts"))
+        .anchor(egui::Align2::RIGHT_BOTTOM, Vec2::new(-12.0, -40.0))
+        .show(ctx, |ui| {
+            for t in &app.toasts {
+                egui::Frame::popup(ui.style()).show(ui, |ui| {
+                    let c = if t.error {
+                        Color32::LIGHT_RED
+                    } else {
+                        Color32::LIGHT_GREEN
+                    };
+                    ui.colored_label(c, &t.text);
+                });
+            }
+        });
+    ctx.request_repaint_after(std::time::Duration::from_millis(500));
+}
+
+/// Fits a `w x h` image into `avail`, keeping its aspect.
+fn fit(avail: Vec2, w: f32, h: f32) -> Vec2 {
+    let s = (avail.x / w).min(avail.y / h).max(0.01);
+    Vec2::new(w * s, h * s)
+}
+
+fn to_screen(rect: Rect, size: (usize, usize), p: Point2<f64>) -> Pos2 {
+    // Pixel centres: pixel i spans [i, i+1) in image units.
+    Pos2::new(
+        rect.min.x + ((p.x + 0.5) as f32) * rect.width() / size.0 as f32,
+        rect.min.y + ((p.y + 0.5) as f32) * rect.height() / size.1 as f32,
+    )
+}
+
+fn from_screen(rect: Rect, size: (usize, usize), p: Pos2) -> Point2<f64> {
+    Point2::new(
+        ((p.x - rect.min.x) * size.0 as f32 / rect.width()) as f64 - 0.5,
+        ((p.y - rect.min.y) * size.1 as f32 / rect.height()) as f64 - 0.5,
+    )
+}
+
+fn marker(painter: &egui::Painter, at: Pos2, i: usize, label: &str) {
+    let c = COLOURS[i];
+    painter.circle_stroke(at, 6.0, Stroke::new(2.0, c));
+    painter.text(
+        at + Vec2::new(8.0, -8.0),
+        egui::Align2::LEFT_BOTTOM,
+        label,
+        egui::FontId::monospace(11.0),
+        c,
+    );
+}
+
+fn cross(painter: &egui::Painter, at: Pos2, c: Color32) {
+    let d = 5.0;
+    painter.line_segment(
+        [at - Vec2::new(d, d), at + Vec2::new(d, d)],
+        Stroke::new(1.5, c),
+    );
+    painter.line_segment(
+        [at - Vec2::new(d, -d), at + Vec2::new(d, -d)],
+        Stroke::new(1.5, c),
+    );
+}
+
+fn transport(app: &mut FluoroApp, ui: &mut egui::Ui) {
+    ui.horizontal(|ui| {
+        let label = if app.playing { "Pause" } else { "Play" };
+        if ui.button(label).clicked() {
+            let p = !app.playing;
+            app.set_playing(p);
+        }
+        if ui.button("Step").clicked() {
+            app.set_playing(false);
+            app.send(super::Command::Step);
+        }
+        if let Some(p) = &app.latest
+            && let Some(n) = p.count
+        {
+            let mut i = p.index;
+            if ui
+                .add(egui::Slider::new(&mut i, 0..=n.saturating_sub(1)).text("frame"))
+                .changed()
+            {
+                app.send(super::Command::Seek(i));
+            }
+        }
+        let mut fps = app.settings.fps;
+        if ui
+            .add(egui::Slider::new(&mut fps, 1.0..=60.0).text("fps"))
+            .changed()
+        {
+            app.settings.fps = fps;
+            app.send(super::Command::Fps(fps));
+        }
+        if ui.checkbox(&mut app.settings.looping, "loop").changed() {
+            app.send(super::Command::Loop(app.settings.looping));
+        }
+        ui.separator();
+        if ui.button("Open frames…").clicked()
+            && let Some(p) = rfd::FileDialog::new().pick_file()
+        {
+            app.open_frames(p);
+        }
+        if ui.button("Open folder…").clicked()
+            && let Some(p) = rfd::FileDialog::new().pick_folder()
+        {
+            app.open_frames(p);
+        }
+        if ui.button("Simulated").clicked() {
+            app.open_simulated();
+        }
+    });
+}
+
+pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
+    transport(app, ui);
+    let ctx = ui.ctx().clone();
+    let Some(p) = app.latest.clone() else {
+        ui.spinner();
+        ui.label("waiting for the first frame");
+        return;
+    };
+    egui::Panel::right("pose").min_size(300.0).show(ui, |ui| {
+        ui.heading("Pose");
+        match &p.solution {
+            Some(s) => {
+                let v = s.pose.params();
+                ui.label(format!("status: {:?}", s.status));
+                ui.monospace(format!(
+                    "r  = ({:+.1}°, {:+.1}°, {:+.1}°)\nt  = ({:+.1}, {:+.1}, {:+.1}) mm",
+                    v[0].to_degrees(),
+                    v[1].to_degrees(),
+                    v[2].to_degrees(),
+                    v[3],
+                    v[4],
+                    v[5]
+                ));
+                ui.label(format!("reprojection RMSE {:.2} px", s.rmse_px));
+                if let Some(t) = &p.truth {
+                    let tv = t.params();
+                    ui.monospace(format!(
+                        "true r = ({:+.1}°, {:+.1}°, {:+.1}°)\ntrue t = ({:+.1}, {:+.1}, {:+.1}) mm",
+                        tv[0].to_degrees(),
+                        tv[1].to_degrees(),
+                        tv[2].to_degrees(),
+                        tv[3],
+                        tv[4],
+                        tv[5]
+                    ));
+                    if s.status.ok() {
+                        let pts: Vec<_> = app.scene.landmarks.points.iter().flatten().copied().collect();
+                        ui.label(format!(
+                            "error: {:.2}° rotation, {:.1} mm TRE",
+                            crate::registration::metrics::rotation_error_deg(&s.pose, t),
+                            crate::registration::metrics::mean_tre_mm(&s.pose, t, &pts)
+                        ));
+                    }
+                }
+            }
+            None => {
+                ui.label("no pose (no model or no landmarks)");
+            }
+        }
+        ui.separator();
+        ui.heading("Latency");
+        ui.monospace(format!(
+            "source    {:6.1} ms\ninference {:6.1} ms\npose      {:6.2} ms\nDRR       {:6.1} ms\nframe→overlay {:6.1} ms\n{:.1} fps shown, {} skipped",
+            p.timings.source_ms,
+            p.timings.inference_ms,
+            p.timings.pose_ms,
+            app.drr_ms(),
+            app.latency_ms(),
+            app.fps(),
+            p.skipped
+        ));
+        ui.separator();
+        ui.heading("Landmarks");
+        for (i, d) in p.detections.iter().enumerate() {
+            ui.colored_label(
+                COLOURS[i],
+                format!(
+                    "{} {:>6.1} {:>6.1}  {:.2}",
+                    LANDMARKS[i].code, d.point.x, d.point.y, d.confidence
+                ),
+            );
+        }
+        ui.separator();
+        ui.heading("Model");
+        let names: Vec<String> = app.models.iter().map(|m| m.0.clone()).collect();
+        let mut sel = app.model_index;
+        egui::ComboBox::from_id_salt("model")
+            .selected_text(names.get(sel).cloned().unwrap_or_default())
+            .show_ui(ui, |ui| {
+                for (i, n) in names.iter().enumerate() {
+                    ui.selectable_value(&mut sel, i, n);
+                }
+            });
+        if sel != app.model_index {
+            app.select_model(sel);
+        }
+        ui.separator();
+        ui.heading("Verification");
+        ui.horizontal(|ui| {
+            ui.selectable_value(&mut app.settings.compare, Compare::SideBySide, "side by side");
+            ui.selectable_value(&mut app.settings.compare, Compare::Blend, "blend");
+            ui.selectable_value(&mut app.settings.compare, Compare::Checkerboard, "checker");
+        });
+        ui.add(egui::Slider::new(&mut app.settings.overlay_alpha, 0.0..=1.0).text("DRR opacity"));
+        ui.checkbox(&mut app.manual, "manual pose (sliders move the C-arm)");
+        if app.manual {
+            if let Some(s) = p.solution.as_ref().filter(|_| ui.button("start from solved pose").clicked()) {
+                let v = s.pose.params();
+                app.manual_pose = [v[0].to_degrees(), v[1].to_degrees(), v[2].to_degrees(), v[3], v[4], v[5]];
+            }
+            for (k, (name, range)) in [
+                ("rx °", -180.0..=180.0),
+                ("ry °", -180.0..=180.0),
+                ("rz °", -180.0..=180.0),
+                ("tx mm", -300.0..=300.0),
+                ("ty mm", -300.0..=300.0),
+                ("tz mm", 300.0..=1000.0),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                ui.add(egui::Slider::new(&mut app.manual_pose[k], range).text(name));
+            }
+        }
+    });
+    let frame_tex = app.frame_texture(&ctx);
+    let drr = app.drr_texture(&p.camera);
+    let avail = ui.available_size();
+    let side = app.settings.compare == Compare::SideBySide && drr.is_some();
+    let per = if side {
+        Vec2::new(avail.x / 2.0 - 4.0, avail.y)
+    } else {
+        avail
+    };
+    let size = fit(per, p.size.0 as f32, p.size.1 as f32);
+    ui.horizontal(|ui| {
+        let (rect, _) = ui.allocate_exact_size(size, egui::Sense::hover());
+        let painter = ui.painter_at(rect);
+        let uv = Rect::from_min_max(Pos2::ZERO, Pos2::new(1.0, 1.0));
+        if let Some(t) = frame_tex {
+            painter.image(t, rect, uv, Color32::WHITE);
+        }
+        if let Some((id, _)) = drr {
+            let a = (app.settings.overlay_alpha * 255.0) as u8;
+            match app.settings.compare {
+                Compare::Blend => {
+                    painter.image(id, rect, uv, Color32::from_white_alpha(a));
+                }
+                Compare::Checkerboard => {
+                    let n = 8;
+                    for cy in 0..n {
+                        for cx in 0..n {
+                            if (cx + cy) % 2 == 1 {
+                                let (u0, v0) = (cx as f32 / n as f32, cy as f32 / n as f32);
+                                let (u1, v1) =
+                                    ((cx + 1) as f32 / n as f32, (cy + 1) as f32 / n as f32);
+                                let r = Rect::from_min_max(
+                                    rect.lerp_inside(Vec2::new(u0, v0)),
+                                    rect.lerp_inside(Vec2::new(u1, v1)),
+                                );
+                                painter.image(
+                                    id,
+                                    r,
+                                    Rect::from_min_max(Pos2::new(u0, v0), Pos2::new(u1, v1)),
+                                    Color32::WHITE,
+                                );
+                            }
+                        }
+                    }
+                }
+                Compare::SideBySide => {}
+            }
+        }
+        draw_landmarks(app, &painter, rect, &p);
+        if side && let Some((id, _)) = drr {
+            let (r2, _) = ui.allocate_exact_size(size, egui::Sense::hover());
+            let painter = ui.painter_at(r2);
+            painter.image(id, r2, uv, Color32::WHITE);
+            draw_landmarks(app, &painter, r2, &p);
+        }
+    });
+}
+
+fn draw_landmarks(app: &FluoroApp, painter: &egui::Painter, rect: Rect, p: &super::Processed) {
+    for (i, d) in p.detections.iter().enumerate() {
+        let at = to_screen(rect, p.size, d.point);
+        marker(
+            painter,
+            at,
+            i,
+            &format!("{} {:.0}%", LANDMARKS[i].code, d.confidence * 100.0),
+        );
+    }
+    // The CT's 3D landmarks reprojected at the shown pose: where the DRR says they are.
+    if let Some(pose) = app.display_pose() {
+        for (i, l) in app.scene.landmarks.points.iter().enumerate() {
+            if let Some(l) = l {
+                let uv = p.camera.project(&pose, l);
+                cross(painter, to_screen(rect, p.size, uv), COLOURS[i]);
+            }
+        }
+    }
+}
+
+pub fn ct(app: &mut FluoroApp, ui: &mut egui::Ui) {
+    ui.horizontal(|ui| {
+        if ui.button("Open NIfTI…").clicked()
+            && let Some(p) = rfd::FileDialog::new()
+                .add_filter("NIfTI", &["nii", "gz"])
+                .pick_file()
+        {
+            app.load_ct(p);
+        }
+        if ui.button("Open DICOM folder…").clicked()
+            && let Some(p) = rfd::FileDialog::new().pick_folder()
+        {
+            app.load_ct(p);
+        }
+        ui.separator();
+        for (name, w) in [
+            ("bone", (-400.0, 1200.0)),
+            ("soft tissue", (-160.0, 240.0)),
+            ("lung", (-1350.0, 150.0)),
+        ] {
+            if ui.button(name).clicked() {
+                app.hu_window = w;
+            }
+        }
+        ui.add(egui::DragValue::new(&mut app.hu_window.0).prefix("low "));
+        ui.add(egui::DragValue::new(&mut app.hu_window.1).prefix("high "));
+        ui.separator();
+        if ui.button("Load landmarks…").clicked()
+            && let Some(p) = rfd::FileDialog::new().pick_file()
+        {
+            match crate::landmarks::Landmarks3d::read(&p) {
+                Ok(l) => {
+                    app.scene.landmarks = l.clone();
+                    app.send(super::Command::Landmarks(l));
+                }
+                Err(e) => app.toast(format!("{}: {e}", p.display()), true),
+            }
+        }
+        if ui.button("Save landmarks…").clicked()
+            && let Some(p) = rfd::FileDialog::new()
+                .set_file_name("landmarks.mrk.json")
+                .save_file()
+        {
+            match app.scene.landmarks.write(&p) {
+                Ok(()) => app.toast(format!("saved {}", p.display()), false),
+                Err(e) => app.toast(format!("{}: {e}", p.display()), true),
+            }
+        }
+    });
+    let dims = app.scene.volume.dims();
+    egui::Panel::right("ct-landmarks")
+        .min_size(260.0)
+        .show(ui, |ui| {
+            ui.heading("3D landmarks (LPS mm)");
+            ui.label("select one, then click a slice to place it");
+            let mut changed = false;
+            for i in 0..N_LANDMARKS {
+                ui.horizontal(|ui| {
+                    ui.radio_value(&mut app.selected_landmark, i, "");
+                    ui.colored_label(COLOURS[i], LANDMARKS[i].code);
+                    match app.scene.landmarks.points[i] {
+                        Some(p) => {
+                            ui.monospace(format!("{:>7.1} {:>7.1} {:>7.1}", p.x, p.y, p.z));
+                            if ui.small_button("delete").clicked() {
+                                app.scene.landmarks.points[i] = None;
+                                changed = true;
+                            }
+                        }
+                        None => {
+                            ui.label("—");
+                        }
+                    }
+                });
+            }
+            if changed {
+                app.send(super::Command::Landmarks(app.scene.landmarks.clone()));
+            }
+        });
+    let avail = ui.available_size();
+    let labels = ["axial", "coronal", "sagittal"];
+    ui.horizontal(|ui| {
+        for (view, label) in labels.iter().enumerate() {
+            ui.vertical(|ui| {
+                let axis = [2, 1, 0][view];
+                let mut s = app.slices[axis];
+                ui.add(egui::Slider::new(&mut s, 0..=dims[axis].saturating_sub(1)).text(*label));
+                app.slices[axis] = s;
+                let (img, w, h) = slice_image(app, view);
+                let key = (
+                    app.slices[axis],
+                    (app.hu_window.0 as i32, app.hu_window.1 as i32),
+                );
+                if app.slice_key[view] != Some(key) || app.slice_tex[view].is_none() {
+                    let t = ui.ctx().load_texture(
+                        format!("slice{view}"),
+                        img,
+                        egui::TextureOptions::LINEAR,
+                    );
+                    app.slice_tex[view] = Some(t);
+                    app.slice_key[view] = Some(key);
+                }
+                let sp = app.scene.volume.spacing_mm();
+                let (sw, sh) = match view {
+                    0 => (w as f64 * sp[0], h as f64 * sp[1]),
+                    1 => (w as f64 * sp[0], h as f64 * sp[2]),
+                    _ => (w as f64 * sp[1], h as f64 * sp[2]),
+                };
+                let size = fit(
+                    Vec2::new(avail.x / 3.0 - 10.0, avail.y - 40.0),
+                    sw as f32,
+                    sh as f32,
+                );
+                let (rect, resp) = ui.allocate_exact_size(size, egui::Sense::click());
+                if let Some(t) = &app.slice_tex[view] {
+                    ui.painter_at(rect).image(
+                        t.id(),
+                        rect,
+                        Rect::from_min_max(Pos2::ZERO, Pos2::new(1.0, 1.0)),
+                        Color32::WHITE,
+                    );
+                }
+                let to_ijk = |u: f64, v: f64, slices: [usize; 3]| -> nalgebra::Point3<f64> {
+                    match view {
+                        0 => nalgebra::Point3::new(u, v, slices[2] as f64),
+                        1 => nalgebra::Point3::new(u, slices[1] as f64, (h as f64 - 1.0) - v),
+                        _ => nalgebra::Point3::new(slices[0] as f64, u, (h as f64 - 1.0) - v),
+                    }
+                };
+                if resp.clicked()
+                    && let Some(pos) = resp.interact_pointer_pos()
+                {
+                    let uv = from_screen(rect, (w, h), pos);
+                    let world = app
+                        .scene
+                        .volume
+                        .voxel_to_world(to_ijk(uv.x, uv.y, app.slices));
+                    app.scene.landmarks.points[app.selected_landmark] = Some(world);
+                    app.send(super::Command::Landmarks(app.scene.landmarks.clone()));
+                }
+                // Landmarks near this slice.
+                let painter = ui.painter_at(rect);
+                for (i, l) in app.scene.landmarks.points.iter().enumerate() {
+                    let Some(l) = l else { continue };
+                    let v = app.scene.volume.world_to_voxel(*l);
+                    let (u, vv, d) = match view {
+                        0 => (v.x, v.y, v.z - app.slices[2] as f64),
+                        1 => (v.x, (h as f64 - 1.0) - v.z, v.y - app.slices[1] as f64),
+                        _ => (v.y, (h as f64 - 1.0) - v.z, v.x - app.slices[0] as f64),
+                    };
+                    if d.abs() < 3.0 {
+                        marker(
+                            &painter,
+                            to_screen(rect, (w, h), Point2::new(u, vv)),
+                            i,
+                            LANDMARKS[i].code,
+                        );
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// One slice through the current CT, windowed: axial (i, j at k), coronal (i, k at j, superior
+/// up), sagittal (j, k at i, superior up).
+fn slice_image(app: &FluoroApp, view: usize) -> (egui::ColorImage, usize, usize) {
+    let v = &app.scene.volume;
+    let [ni, nj, nk] = v.dims();
+    let (lo, hi) = app.hu_window;
+    let span = (hi - lo).max(1.0);
+    let g = |x: f32| (((x - lo) / span).clamp(0.0, 1.0) * 255.0) as u8;
+    let s = app.slices;
+    let (w, h) = match view {
+        0 => (ni, nj),
+        1 => (ni, nk),
+        _ => (nj, nk),
+    };
+    let mut bytes = vec![0u8; w * h];
+    for y in 0..h {
+        for x in 0..w {
+            let (i, j, k) = match view {
+                0 => (x, y, s[2].min(nk - 1)),
+                1 => (x, s[1].min(nj - 1), nk - 1 - y),
+                _ => (s[0].min(ni - 1), x, nk - 1 - y),
+            };
+            bytes[y * w + x] = g(v.get(i, j, k).unwrap_or(-1000.0));
+        }
+    }
+    (egui::ColorImage::from_gray([w, h], &bytes), w, h)
+}
+
+pub fn annotate(app: &mut FluoroApp, ui: &mut egui::Ui) {
+    ui.horizontal(|ui| {
+        if ui.button("Take current frame").clicked()
+            && let Some(p) = app.latest.clone()
+        {
+            app.set_playing(false);
+            let mut l = Landmarks2d {
+                image: format!("frame_{:05}.png", p.index),
+                width: p.size.0 as u32,
+                height: p.size.1 as u32,
+                ..Default::default()
+            };
+            for (i, d) in p.detections.iter().enumerate().take(N_LANDMARKS) {
+                l.points[i] = Some(d.point);
+            }
+            app.annotation.current = Some(l);
+            app.annotation.undo.clear();
+            app.annotation.redo.clear();
+            app.annotation.frame = Some(p);
+            app.annotation.saved = None;
+        }
+        if ui.button("Undo").clicked()
+            && let Some(prev) = app.annotation.undo.pop()
+            && let Some(cur) = app.annotation.current.replace(prev)
+        {
+            app.annotation.redo.push(cur);
+            autosave(app);
+        }
+        if ui.button("Redo").clicked()
+            && let Some(next) = app.annotation.redo.pop()
+            && let Some(cur) = app.annotation.current.replace(next)
+        {
+            app.annotation.undo.push(cur);
+            autosave(app);
+        }
+        if ui.button("Previous").clicked()
+            && let Some(p) = &app.latest
+        {
+            app.send(super::Command::Seek(p.index.saturating_sub(1)));
+        }
+        if ui.button("Next").clicked()
+            && let Some(p) = &app.latest
+        {
+            app.send(super::Command::Seek(p.index + 1));
+        }
+        let mut dir = app.settings.annotation_dir.display().to_string();
+        ui.label("save to");
+        if ui.text_edit_singleline(&mut dir).changed() {
+            app.settings.annotation_dir = PathBuf::from(dir);
+        }
+    });
+    let (Some(frame), Some(_)) = (
+        app.annotation.frame.clone(),
+        app.annotation.current.as_ref(),
+    ) else {
+        ui.label("Take a frame from the live stream to correct its landmarks: drag a marker to move it; right-click marks it not visible. Every change is saved at once (atomically).");
+        return;
+    };
+    egui::Panel::right("annot-list")
+        .min_size(240.0)
+        .show(ui, |ui| {
+            ui.heading("Landmarks (px)");
+            let mut toggled = None;
+            if let Some(cur) = &app.annotation.current {
+                for i in 0..N_LANDMARKS {
+                    ui.horizontal(|ui| {
+                        ui.colored_label(COLOURS[i], LANDMARKS[i].code);
+                        match cur.points[i] {
+                            Some(p) => ui.monospace(format!("{:>6.1} {:>6.1}", p.x, p.y)),
+                            None => ui.label("not visible"),
+                        };
+                        if ui.small_button("toggle visible").clicked() {
+                            toggled = Some(i);
+                        }
+                    });
+                }
+            }
+            if let Some(i) = toggled {
+                let det = frame.detections.get(i).map(|d| d.point);
+                edit(app, |l| {
+                    l.points[i] = match l.points[i] {
+                        Some(_) => None,
+                        None => det.or(Some(Point2::new(
+                            l.width as f64 / 2.0,
+                            l.height as f64 / 2.0,
+                        ))),
+                    };
+                });
+            }
+            if let Some(s) = &app.annotation.saved {
+                ui.label(format!("saved: {}", s.display()));
+            }
+        });
+    let ctx = ui.ctx().clone();
+    let tex = ctx.load_texture(
+        "annot-frame",
+        super::gray_image(&frame.pixels, frame.size.0, frame.size.1),
+        egui::TextureOptions::LINEAR,
+    );
+    let size = fit(
+        ui.available_size(),
+        frame.size.0 as f32,
+        frame.size.1 as f32,
+    );
+    let (rect, resp) = ui.allocate_exact_size(size, egui::Sense::click_and_drag());
+    app.annotation.rect = Some(rect);
+    let painter = ui.painter_at(rect);
+    painter.image(
+        tex.id(),
+        rect,
+        Rect::from_min_max(Pos2::ZERO, Pos2::new(1.0, 1.0)),
+        Color32::WHITE,
+    );
+    let pts = app
+        .annotation
+        .current
+        .as_ref()
+        .map(|c| c.points)
+        .unwrap_or_default();
+    for (i, p) in pts.iter().enumerate() {
+        if let Some(p) = p {
+            marker(
+                &painter,
+                to_screen(rect, frame.size, *p),
+                i,
+                LANDMARKS[i].code,
+            );
+        }
+    }
+    let nearest = |pos: Pos2| -> Option<usize> {
+        pts.iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.map(|p| (i, to_screen(rect, frame.size, p).distance(pos))))
+            .filter(|(_, d)| *d < 15.0)
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(i, _)| i)
+    };
+    if resp.drag_started()
+        && let Some(pos) = resp.interact_pointer_pos()
+    {
+        app.annotation.dragging = nearest(pos);
+        if app.annotation.dragging.is_some()
+            && let Some(c) = app.annotation.current.clone()
+        {
+            app.annotation.undo.push(c);
+            app.annotation.redo.clear();
+        }
+    }
+    if let (Some(i), Some(pos)) = (app.annotation.dragging, resp.interact_pointer_pos())
+        && resp.dragged()
+        && let Some(c) = &mut app.annotation.current
+    {
+        c.points[i] = Some(from_screen(rect, frame.size, pos));
+    }
+    if resp.drag_stopped() && app.annotation.dragging.take().is_some() {
+        autosave(app);
+    }
+    if resp.secondary_clicked()
+        && let Some(pos) = resp.interact_pointer_pos()
+        && let Some(i) = nearest(pos)
+    {
+        edit(app, |l| l.points[i] = None);
+    }
+}
+
+fn edit(app: &mut FluoroApp, f: impl FnOnce(&mut Landmarks2d)) {
+    if let Some(c) = app.annotation.current.clone() {
+        app.annotation.undo.push(c);
+        app.annotation.redo.clear();
+    }
+    if let Some(c) = &mut app.annotation.current {
+        f(c);
+    }
+    autosave(app);
+}
+
+/// Writes the current annotation (atomically) as `DIR/NAME.json`.
+pub fn autosave(app: &mut FluoroApp) {
+    let Some(c) = &app.annotation.current else {
+        return;
+    };
+    let dir = app.settings.annotation_dir.clone();
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        app.toast(format!("{}: {e}", dir.display()), true);
+        return;
+    }
+    let path = dir.join(format!("{}.json", c.image.trim_end_matches(".png")));
+    match c.write_json(&path) {
+        Ok(()) => app.annotation.saved = Some(path),
+        Err(e) => app.toast(format!("saving {}: {e}", path.display()), true),
+    }
+}
+
+pub fn train(app: &mut FluoroApp, ui: &mut egui::Ui) {
+    use crate::train::Mode;
+    let running = app.training.as_ref().is_some_and(|t| {
+        !t.task.is_cancelled() && t.task.progress().0 < t.task.progress().1.max(1)
+    });
+    egui::Grid::new("train-form").num_columns(2).show(ui, |ui| {
+        let f = &mut app.train_form;
+        ui.label("dataset");
+        ui.horizontal(|ui| {
+            ui.text_edit_singleline(&mut f.data);
+            if ui.button("…").clicked()
+                && let Some(p) = rfd::FileDialog::new().pick_folder()
+            {
+                f.data = p.display().to_string();
+            }
+        });
+        ui.end_row();
+        ui.label("mode");
+        ui.horizontal(|ui| {
+            ui.selectable_value(&mut f.mode, Mode::Finetune, "finetune (PEL)");
+            ui.selectable_value(&mut f.mode, Mode::Baseline, "baseline (BCE)");
+            ui.selectable_value(&mut f.mode, Mode::Composite, "composite");
+            ui.selectable_value(&mut f.mode, Mode::PelOnly, "PEL only");
+        });
+        ui.end_row();
+        ui.label("epochs");
+        ui.add(egui::DragValue::new(&mut f.epochs).range(1..=1000));
+        ui.end_row();
+        ui.label("batch");
+        ui.add(egui::DragValue::new(&mut f.batch).range(1..=64));
+        ui.end_row();
+        ui.label("learning rate");
+        ui.add(
+            egui::DragValue::new(&mut f.lr)
+                .speed(1e-5)
+                .range(1e-7..=1.0),
+        );
+        ui.end_row();
+        ui.label("max steps (0: all)");
+        ui.add(egui::DragValue::new(&mut f.max_steps));
+        ui.end_row();
+        ui.label("save to");
+        ui.text_edit_singleline(&mut f.out);
+        ui.end_row();
+    });
+    ui.horizontal(|ui| {
+        if ui
+            .add_enabled(!running, egui::Button::new("Start"))
+            .clicked()
+        {
+            start_training(app);
+        }
+        if ui.add_enabled(running, egui::Button::new("Stop")).clicked()
+            && let Some(t) = &app.training
+        {
+            t.task.cancel();
+        }
+    });
+    if let Some(t) = &app.training {
+        let (d, n, m) = t.task.progress();
+        ui.add(egui::ProgressBar::new(d as f32 / n.max(1) as f32).text(format!("{d}/{n} {m}")));
+        let metrics = t.metrics.lock().map(|m| m.clone()).unwrap_or_default();
+        let pts: Vec<[f64; 2]> = metrics.iter().map(|m| [m.step as f64, m.loss]).collect();
+        egui_plot::Plot::new("loss")
+            .height(ui.available_height().max(100.0))
+            .x_axis_label("step")
+            .y_axis_label("loss")
+            .show(ui, |pu| {
+                pu.line(egui_plot::Line::new(
+                    "loss",
+                    egui_plot::PlotPoints::from(pts),
+                ));
+            });
+    }
+}
+
+fn start_training(app: &mut FluoroApp) {
+    let f = &app.train_form;
+    let data = match crate::dataset::Dataset::open(std::path::Path::new(&f.data)) {
+        Ok(d) => d,
+        Err(e) => {
+            app.toast(format!("{}: {e}", f.data), true);
+            return;
+        }
+    };
+    let init = match f.mode {
+        crate::train::Mode::Finetune => app
+            .models
+            .get(app.model_index)
+            .and_then(|m| m.1.clone())
+            .or_else(|| {
+                // The shipped model as the starting point: write it out once.
+                let p = std::env::temp_dir().join("fluoropose-shipped.safetensors");
+                crate::model::shipped::network(&candle_core::Device::Cpu)
+                    .ok()
+                    .and_then(|n| n.save(&p).ok())
+                    .map(|_| p)
+            }),
+        _ => None,
+    };
+    let opts = crate::train::TrainOptions {
+        mode: f.mode,
+        epochs: f.epochs,
+        batch: f.batch,
+        lr: f.lr,
+        max_steps: (f.max_steps > 0).then_some(f.max_steps),
+        init,
+        out: PathBuf::from(&f.out),
+        config: crate::model::ModelConfig {
+            input_size: data.manifest.size,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let task = Task::new();
+    let metrics = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (t2, m2, out) = (task.clone(), metrics.clone(), opts.out.clone());
+    std::thread::spawn(move || {
+        let r = crate::train::train(&data, &opts, &candle_core::Device::Cpu, &t2, &mut |m| {
+            if let Ok(mut v) = m2.lock() {
+                v.push(m.clone());
+            }
+        })
+        .map(|_| opts.out.clone())
+        .map_err(|e| e.to_string());
+        let _ = tx.send(r);
+    });
+    app.training = Some(TrainingRun {
+        task,
+        metrics,
+        done: rx,
+        out,
+    });
+}

@@ -1,0 +1,466 @@
+//! The learning subcommands: dataset, train, eval, predict, experiment.
+
+use crate::dataset::{self, Dataset, Realism, Request, Split};
+use crate::eval::{self, Report};
+use crate::geometry::sampling::PoseRange;
+use crate::model::{ModelConfig, Predictor, UNet};
+use crate::task::Task;
+use crate::train::{self, Mode, TrainOptions};
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+use clap::Args;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Runs `work` while a progress bar follows `task`.
+fn with_bar<T>(task: &Task, what: &str, work: impl FnOnce() -> T) -> T {
+    let pb = super::progress(0, what);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let (d, t, m) = task.progress();
+                pb.set_length(t);
+                pb.set_position(d);
+                if !m.is_empty() {
+                    pb.set_message(format!("{what}: {m}"));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let out = work();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        pb.finish_and_clear();
+        out
+    })
+}
+
+/// The device training and inference run on: CUDA with the `cuda` feature when present.
+pub fn device() -> Device {
+    #[cfg(feature = "cuda")]
+    {
+        match Device::new_cuda(0) {
+            Ok(d) => return d,
+            Err(e) => eprintln!("note: no CUDA device ({e}); using the CPU"),
+        }
+    }
+    Device::Cpu
+}
+
+/// `fluoropose dataset`.
+#[derive(Args, Debug)]
+pub struct DatasetArgs {
+    /// CTs: `phantom:FIRST..LAST`, `phantom:N`, a CT file or a folder of CTs (each with
+    /// NAME.mrk.json / .fcsv / .csv landmarks beside it).
+    #[arg(long)]
+    pub ct: String,
+    /// Views per subject.
+    #[arg(long, default_value_t = 100)]
+    pub views: usize,
+    /// Extra novel-view images per training subject.
+    #[arg(long, default_value_t = 20)]
+    pub novel_views: usize,
+    /// The last N subjects are held out (novel-subject split).
+    #[arg(long, default_value_t = 0)]
+    pub held_out: usize,
+    /// Stored image size (the model's input size).
+    #[arg(long, default_value_t = 256)]
+    pub size: usize,
+    /// Master seed.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Quantum noise, photons per pixel (0 = clean DRRs as the paper's).
+    #[arg(long, default_value_t = 0.0)]
+    pub photons: f64,
+    /// Gaussian blur, pixels.
+    #[arg(long, default_value_t = 0.0)]
+    pub blur: f64,
+    /// Random gamma range g: gamma in [1/(1+g), 1+g].
+    #[arg(long, default_value_t = 0.0)]
+    pub gamma: f64,
+    /// Probability of a circular collimator edge.
+    #[arg(long, default_value_t = 0.0)]
+    pub collimation: f64,
+    /// Render on the CPU reference.
+    #[arg(long)]
+    pub cpu: bool,
+    /// Output folder (resumable).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// `fluoropose train`.
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Dataset folder.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// baseline | composite | pel-only | finetune.
+    #[arg(long, default_value = "baseline")]
+    pub mode: String,
+    /// Epochs.
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Batch size.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Learning rate (AdamW).
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// λ of the composite loss (eq. 9).
+    #[arg(long, default_value_t = 0.01)]
+    pub lambda: f64,
+    /// Seed.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Stop after this many steps.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Start from these weights (required for finetune).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Base channels of a new network.
+    #[arg(long, default_value_t = 8)]
+    pub base: usize,
+    /// Encoder depth of a new network.
+    #[arg(long, default_value_t = 5)]
+    pub depth: usize,
+    /// Soft-argmax temperature τ of a new network.
+    #[arg(long, default_value_t = 1.0)]
+    pub tau: f64,
+    /// BCE weight of the mask pixels of a new network (PyTorch's pos_weight).
+    #[arg(long, default_value_t = 100.0)]
+    pub pos_weight: f64,
+    /// Gaussian mask sigma of a new network, pixels at its input size.
+    #[arg(long, default_value_t = 3.0)]
+    pub sigma: f64,
+    /// Output weights (`.safetensors`; the JSON, state and metrics log go beside it).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// `fluoropose eval`.
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Model weights (`.safetensors` with its `.json`).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Dataset folder.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// all | novel-view | novel-subject | train.
+    #[arg(long, default_value = "all")]
+    pub split: String,
+    /// Write the JSON report here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write markdown and CSV tables with this stem.
+    #[arg(long)]
+    pub table: Option<PathBuf>,
+}
+
+/// `fluoropose predict`.
+#[derive(Args, Debug)]
+pub struct PredictArgs {
+    /// Model weights (default: the shipped model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Frames: an image, a DICOM file (cine: every frame) or a folder.
+    pub frames: PathBuf,
+    /// The CT's 3D landmarks to solve the pose with (`phantom:N` or a landmarks file).
+    #[arg(long)]
+    pub landmarks: Option<String>,
+}
+
+/// `fluoropose experiment`.
+#[derive(Args, Debug)]
+pub struct ExperimentArgs {
+    /// small (minutes on a laptop CPU) or paper (80/10 CTs x 100 views; days on a CPU).
+    #[arg(long, default_value = "small")]
+    pub scale: String,
+    /// Working folder.
+    #[arg(long, default_value = "experiment")]
+    pub out: PathBuf,
+    /// Epochs of baseline/composite/pel-only training (the paper: 28).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+}
+
+pub fn dataset(a: &DatasetArgs) -> Result<()> {
+    let subjects = dataset::parse_subjects(&a.ct, a.held_out)?;
+    let req = Request {
+        subjects,
+        views: a.views,
+        novel_views: a.novel_views,
+        size: a.size,
+        seed: a.seed,
+        range: PoseRange::default(),
+        realism: Realism {
+            photons: a.photons,
+            blur_px: a.blur,
+            gamma: a.gamma,
+            collimation: a.collimation,
+        },
+        cpu: a.cpu,
+    };
+    let task = Task::new();
+    let t0 = std::time::Instant::now();
+    let n = with_bar(&task, "dataset", || dataset::generate(&req, &a.out, &task))
+        .with_context(|| format!("generating {}", a.out.display()))?;
+    let ds = Dataset::open(&a.out)?;
+    println!(
+        "{} images in {} ({n} rendered now, {:.1} s)",
+        ds.samples.len(),
+        a.out.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn train_options(a: &TrainArgs) -> Result<TrainOptions> {
+    let mode = Mode::parse(&a.mode).with_context(|| {
+        format!(
+            "--mode {:?}: use baseline|composite|pel-only|finetune",
+            a.mode
+        )
+    })?;
+    Ok(TrainOptions {
+        mode,
+        epochs: a.epochs,
+        batch: a.batch,
+        lr: a.lr,
+        lambda: a.lambda,
+        seed: a.seed,
+        max_steps: a.max_steps,
+        init: a.init.clone(),
+        out: a.out.clone(),
+        config: ModelConfig {
+            base_channels: a.base,
+            depth: a.depth,
+            tau: a.tau,
+            pos_weight: a.pos_weight,
+            target_sigma_px: a.sigma,
+            ..ModelConfig::default()
+        },
+        ..TrainOptions::default()
+    })
+}
+
+pub fn train(a: &TrainArgs) -> Result<()> {
+    let data = Dataset::open(&a.data)?;
+    let mut opts = train_options(a)?;
+    opts.config.input_size = data.manifest.size;
+    let task = Task::new();
+    let dev = device();
+    let s = with_bar(&task, "train", || {
+        train::train(&data, &opts, &dev, &task, &mut |_| {})
+    });
+    match s {
+        Ok(s) => {
+            println!(
+                "{} epochs, {} steps, last epoch loss {:.5}, {:.2} images/s -> {}",
+                s.epochs_done,
+                s.steps,
+                s.last_epoch_loss,
+                s.images_per_s,
+                a.out.display()
+            );
+            Ok(())
+        }
+        Err(e @ train::TrainError::Diverged { .. }) => {
+            println!("DIV");
+            Err(e.into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn parse_split(s: &str) -> Result<Option<Split>> {
+    if s == "all" {
+        return Ok(None);
+    }
+    Split::parse(s)
+        .map(Some)
+        .with_context(|| format!("--split {s:?}: use all|novel-view|novel-subject|train"))
+}
+
+fn run_eval(model: &Path, data: &Dataset, split: Option<Split>) -> Result<Report> {
+    let net =
+        UNet::load(model, &device()).with_context(|| format!("loading {}", model.display()))?;
+    let task = Task::new();
+    Ok(with_bar(&task, "eval", || {
+        eval::evaluate(&net, data, split, &task)
+    })?)
+}
+
+pub fn eval(a: &EvalArgs) -> Result<()> {
+    let data = Dataset::open(&a.data)?;
+    let r = run_eval(&a.model, &data, parse_split(&a.split)?)?;
+    let rows = vec![(a.model.display().to_string(), r.clone())];
+    print!("{}", eval::markdown(&rows));
+    if let Some(j) = &a.json {
+        crate::io::atomic_write(j, serde_json::to_string_pretty(&r)?.as_bytes())
+            .with_context(|| format!("writing {}", j.display()))?;
+    }
+    if let Some(t) = &a.table {
+        crate::io::atomic_write(&t.with_extension("md"), eval::markdown(&rows).as_bytes())?;
+        crate::io::atomic_write(&t.with_extension("csv"), eval::csv(&rows).as_bytes())?;
+    }
+    Ok(())
+}
+
+/// The shipped model: `models/default.safetensors` next to the executable's source tree, or
+/// embedded in the binary.
+pub fn default_model(device: &Device) -> Result<Predictor> {
+    Ok(crate::model::shipped::predictor(device)?)
+}
+
+pub fn predict(a: &PredictArgs) -> Result<()> {
+    let dev = device();
+    let p = match &a.model {
+        Some(m) => Predictor::load(m, &dev).with_context(|| format!("loading {}", m.display()))?,
+        None => default_model(&dev)?,
+    };
+    let files = if a.frames.is_dir() {
+        crate::stream::list_frames(&a.frames)?
+    } else {
+        vec![a.frames.clone()]
+    };
+    let lm3 = match &a.landmarks {
+        Some(spec) => Some(match spec.strip_prefix("phantom:") {
+            Some(id) => crate::volume::phantom::phantom_subject(id.parse()?, None).1,
+            None => crate::landmarks::Landmarks3d::read(Path::new(spec))?,
+        }),
+        None => None,
+    };
+    let mut out = Vec::new();
+    for f in &files {
+        let x = crate::stream::read_image_file(f)
+            .with_context(|| format!("reading {}", f.display()))?;
+        for (k, frame) in x.frames.iter().enumerate() {
+            let t0 = std::time::Instant::now();
+            let det = p.predict(frame, x.width, x.height)?;
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            let mut rec = serde_json::json!({
+                "file": f.display().to_string(), "frame": k, "inference_ms": ms,
+                "landmarks": det.iter().map(|d| [d.point.x, d.point.y]).collect::<Vec<_>>(),
+                "confidence": det.iter().map(|d| d.confidence).collect::<Vec<_>>(),
+            });
+            if let Some(l3) = &lm3 {
+                let cam = x.geometry.camera(x.width as u32, x.height as u32);
+                let pts: Vec<_> = l3.points.iter().map(|p| p.unwrap_or_default()).collect();
+                let p2: Vec<_> = det.iter().map(|d| Some(d.point)).collect();
+                let w: Vec<f64> = det
+                    .iter()
+                    .zip(&l3.points)
+                    .map(|(d, p)| {
+                        if p.is_some() {
+                            d.confidence.max(1e-3)
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let s = crate::registration::solve(
+                    &crate::registration::Problem {
+                        camera: &cam,
+                        points3d: &pts,
+                        points2d: &p2,
+                        weights: Some(&w),
+                    },
+                    &Default::default(),
+                );
+                rec["pose"] = serde_json::json!(s.pose.params());
+                rec["status"] = serde_json::json!(format!("{:?}", s.status));
+                rec["reprojection_rmse_px"] = serde_json::json!(s.rmse_px);
+            }
+            out.push(rec);
+        }
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+/// Paper Table 1 as its text gives it (mean RMSE at 512 scale; novel view, novel subject). The
+/// composite row is the text's "about 2.4x and 2.1x the baseline"; pel-only is not quantified.
+const PAPER_TABLE: [(&str, f64, f64); 4] = [
+    ("baseline", 8.58, 5.58),
+    ("composite", 8.58 * 2.4, 5.58 * 2.1),
+    ("pel-only", f64::NAN, f64::NAN),
+    ("finetune", 8.45, 5.09),
+];
+
+pub fn experiment(a: &ExperimentArgs) -> Result<()> {
+    let (subjects, held, views, nviews, epochs) = match a.scale.as_str() {
+        "small" => ("phantom:1..12", 2, 40, 8, 4),
+        "paper" => ("phantom:1..90", 10, 100, 20, 28),
+        s => bail!("--scale {s:?}: use small|paper"),
+    };
+    let epochs = a.epochs.unwrap_or(epochs);
+    let data_dir = a.out.join("data");
+    dataset(&DatasetArgs {
+        ct: subjects.into(),
+        views,
+        novel_views: nviews,
+        held_out: held,
+        size: 256,
+        seed: 42,
+        photons: 0.0,
+        blur: 0.0,
+        gamma: 0.0,
+        collimation: 0.0,
+        cpu: false,
+        out: data_dir.clone(),
+    })?;
+    let data = Dataset::open(&data_dir)?;
+    let mut rows = Vec::new();
+    let base_w = a.out.join("baseline.safetensors");
+    for mode in ["baseline", "composite", "pel-only", "finetune"] {
+        let out = a.out.join(format!("{mode}.safetensors"));
+        let targs = TrainArgs {
+            data: data_dir.clone(),
+            mode: mode.into(),
+            epochs: if mode == "finetune" { 1 } else { epochs },
+            batch: 4,
+            lr: 1e-4,
+            lambda: 0.01,
+            seed: 42,
+            max_steps: None,
+            init: (mode == "finetune").then(|| base_w.clone()),
+            base: 8,
+            depth: 5,
+            tau: 1.0,
+            pos_weight: 100.0,
+            sigma: 3.0,
+            out: out.clone(),
+        };
+        match train(&targs) {
+            Ok(()) => {
+                for split in [Split::NovelView, Split::NovelSubject] {
+                    rows.push((mode.to_string(), run_eval(&out, &data, Some(split))?));
+                }
+            }
+            Err(e) => {
+                eprintln!("{mode}: {e:#}");
+                for split in ["novel-view", "novel-subject"] {
+                    rows.push((
+                        format!("{mode} (DIV)"),
+                        Report {
+                            split: split.into(),
+                            ..Report::default()
+                        },
+                    ));
+                }
+            }
+        }
+    }
+    let md = eval::markdown(&rows);
+    crate::io::atomic_write(&a.out.join("table1.md"), md.as_bytes())?;
+    crate::io::atomic_write(&a.out.join("table1.csv"), eval::csv(&rows).as_bytes())?;
+    println!("{md}");
+    println!("paper (mean RMSE px @512, novel view / novel subject):");
+    for (m, v, s) in PAPER_TABLE {
+        println!("  {m:10} {v:6.2} / {s:6.2}");
+    }
+    Ok(())
+}

@@ -1,0 +1,193 @@
+//! Evaluation as the paper's Table 1: landmarks by argmax, RMSE in pixels at 512 scale (mean and
+//! per landmark L1..L8), and beyond the paper the pose the production solver recovers from the
+//! predicted landmarks (TRE, rotation and translation errors).
+
+use crate::dataset::{Dataset, Sample, Split};
+use crate::landmarks::N_LANDMARKS;
+use crate::model::{UNet, heatmap};
+use crate::registration::{LmOptions, Problem, metrics, solve};
+use crate::task::{Cancelled, Task};
+use candle_core::Tensor;
+use nalgebra::Point2;
+use serde::{Deserialize, Serialize};
+
+/// Table 1's numbers for one split.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Report {
+    /// Which split (`all`, `novel-view`, `novel-subject`, `train`).
+    pub split: String,
+    /// Images evaluated.
+    pub images: usize,
+    /// RMSE at 512 scale, integer argmax (the paper's measure): `mean`, `L1`..`L8`.
+    pub rmse_px: serde_json::Map<String, serde_json::Value>,
+    /// Mean RMSE at 512 scale with the sub-pixel argmax.
+    pub rmse_subpixel_px: f64,
+    /// Mean target registration error over the 8 3D landmarks, mm (solved from the predictions).
+    pub tre_mm: f64,
+    /// Median TRE, mm.
+    pub tre_median_mm: f64,
+    /// Mean rotation error, degrees.
+    pub rotation_error_deg: f64,
+    /// Mean translation error (source position), mm.
+    pub translation_error_mm: f64,
+    /// Images whose registration failed (not in the pose errors).
+    pub registration_failures: usize,
+}
+
+/// Evaluates `net` on `split` (all when `None`).
+pub fn evaluate(
+    net: &UNet,
+    data: &Dataset,
+    split: Option<Split>,
+    task: &Task,
+) -> Result<Report, crate::train::TrainError> {
+    let fused = net.fused()?;
+    let cfg = &net.config;
+    let size = data.manifest.size;
+    if cfg.input_size != size {
+        return Err(crate::train::TrainError::Invalid(format!(
+            "the model takes {0}x{0} images but the dataset holds {1}x{1}",
+            cfg.input_size, size
+        )));
+    }
+    let samples: Vec<&Sample> = data.split(split);
+    let scale = 512.0 / size as f64;
+    let mut sq = [0.0f64; N_LANDMARKS];
+    let mut cnt = [0usize; N_LANDMARKS];
+    let mut sq_sub = 0.0;
+    let mut tres = Vec::new();
+    let (mut rot, mut trans, mut failures) = (0.0, 0.0, 0usize);
+    task.set_total(samples.len() as u64);
+    task.set_done(0);
+    for chunk in samples.chunks(8) {
+        if task.is_cancelled() {
+            return Err(Cancelled.into());
+        }
+        let mut v = Vec::with_capacity(chunk.len() * size * size);
+        for s in chunk {
+            v.extend(cfg.normalisation.apply(&data.image(s)?));
+        }
+        let x = Tensor::from_vec(v, (chunk.len(), 1, size, size), net.device())?;
+        let logits = fused.forward(&x, false)?;
+        for (b, s) in chunk.iter().enumerate() {
+            let l = logits.get(b)?;
+            let int = heatmap::argmax(&l)?;
+            let sub = heatmap::argmax_subpixel(&l)?;
+            for i in 0..N_LANDMARKS {
+                if let Some([x, y]) = s.landmarks[i] {
+                    let d =
+                        |p: Point2<f64>| ((p.x - x).powi(2) + (p.y - y).powi(2)) * scale * scale;
+                    sq[i] += d(int[i].0);
+                    sq_sub += d(sub[i].0);
+                    cnt[i] += 1;
+                }
+            }
+            let subject = &data.manifest.subjects[s.subject];
+            let p3 = subject.points3d();
+            let p2: Vec<Option<Point2<f64>>> = sub.iter().map(|(p, _)| Some(*p)).collect();
+            let w: Vec<f64> = sub.iter().map(|(_, c)| c.max(1e-3)).collect();
+            let sol = solve(
+                &Problem {
+                    camera: &data.manifest.camera,
+                    points3d: &p3,
+                    points2d: &p2,
+                    weights: Some(&w),
+                },
+                &LmOptions::default(),
+            );
+            if sol.status.ok() {
+                let truth = s.pose();
+                tres.push(metrics::mean_tre_mm(&sol.pose, &truth, &p3));
+                rot += metrics::rotation_error_deg(&sol.pose, &truth);
+                trans += metrics::translation_error_mm(&sol.pose, &truth);
+            } else {
+                failures += 1;
+            }
+            task.inc(1);
+        }
+    }
+    let mut rmse = serde_json::Map::new();
+    let total: usize = cnt.iter().sum();
+    let mean = (sq.iter().sum::<f64>() / total.max(1) as f64).sqrt();
+    rmse.insert("mean".into(), mean.into());
+    for i in 0..N_LANDMARKS {
+        rmse.insert(
+            format!("L{}", i + 1),
+            (sq[i] / cnt[i].max(1) as f64).sqrt().into(),
+        );
+    }
+    let ok = tres.len().max(1) as f64;
+    let mut sorted = tres.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    Ok(Report {
+        split: split.map_or("all".into(), |s| {
+            serde_json::to_value(s)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default()
+        }),
+        images: samples.len(),
+        rmse_px: rmse,
+        rmse_subpixel_px: (sq_sub / total.max(1) as f64).sqrt(),
+        tre_mm: tres.iter().sum::<f64>() / ok,
+        tre_median_mm: sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN),
+        rotation_error_deg: rot / ok,
+        translation_error_mm: trans / ok,
+        registration_failures: failures,
+    })
+}
+
+/// Table 1 rows as markdown: one row per (model, split).
+pub fn markdown(rows: &[(String, Report)]) -> String {
+    let mut s = String::from(
+        "| model | split | images | mean | L1 | L2 | L3 | L4 | L5 | L6 | L7 | L8 | sub-px mean | TRE mm | rot deg | trans mm |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for (name, r) in rows {
+        let g = |k: &str| {
+            r.rmse_px
+                .get(k)
+                .and_then(|v| v.as_f64())
+                .unwrap_or(f64::NAN)
+        };
+        s.push_str(&format!(
+            "| {name} | {} | {} | {:.2} |",
+            r.split,
+            r.images,
+            g("mean")
+        ));
+        for i in 1..=N_LANDMARKS {
+            s.push_str(&format!(" {:.2} |", g(&format!("L{i}"))));
+        }
+        s.push_str(&format!(
+            " {:.2} | {:.2} | {:.2} | {:.2} |\n",
+            r.rmse_subpixel_px, r.tre_mm, r.rotation_error_deg, r.translation_error_mm
+        ));
+    }
+    s
+}
+
+/// Table 1 rows as CSV.
+pub fn csv(rows: &[(String, Report)]) -> String {
+    let mut s = String::from("model,split,images,mean");
+    for i in 1..=N_LANDMARKS {
+        s.push_str(&format!(",L{i}"));
+    }
+    s.push_str(",rmse_subpixel_px,tre_mm,rotation_error_deg,translation_error_mm\n");
+    for (name, r) in rows {
+        let g = |k: &str| {
+            r.rmse_px
+                .get(k)
+                .and_then(|v| v.as_f64())
+                .unwrap_or(f64::NAN)
+        };
+        s.push_str(&format!("{name},{},{},{:.4}", r.split, r.images, g("mean")));
+        for i in 1..=N_LANDMARKS {
+            s.push_str(&format!(",{:.4}", g(&format!("L{i}"))));
+        }
+        s.push_str(&format!(
+            ",{:.4},{:.4},{:.4},{:.4}\n",
+            r.rmse_subpixel_px, r.tre_mm, r.rotation_error_deg, r.translation_error_mm
+        ));
+    }
+    s
+}

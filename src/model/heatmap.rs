@@ -1,0 +1,256 @@
+//! Heatmaps <-> points: training targets and loss (paper section 2.4's mask + BCE with logits),
+//! soft-argmax with temperature τ (eqs. 1-2, differentiable, batched on the device) and argmax
+//! with a sub-pixel refinement and a confidence for evaluation and the app.
+
+use candle_core::{DType, Device, Tensor};
+use nalgebra::Point2;
+
+/// Target masks `(B, N, S, S)`: a Gaussian of `sigma` pixels at each visible landmark (pixel
+/// coordinates at the input size), all zero for a landmark that is absent or outside the image.
+pub fn targets(
+    points: &[Vec<Option<Point2<f64>>>],
+    size: usize,
+    sigma: f64,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let n = points.first().map_or(0, |p| p.len());
+    let mut data = vec![0.0f32; points.len() * n * size * size];
+    let r = (3.0 * sigma).ceil() as i64;
+    for (b, item) in points.iter().enumerate() {
+        for (i, p) in item.iter().enumerate() {
+            let Some(p) = p else { continue };
+            if !(p.x.is_finite() && p.y.is_finite()) {
+                continue;
+            }
+            let plane = &mut data[(b * n + i) * size * size..][..size * size];
+            let (cx, cy) = (p.x.round() as i64, p.y.round() as i64);
+            for y in (cy - r).max(0)..=(cy + r).min(size as i64 - 1) {
+                for x in (cx - r).max(0)..=(cx + r).min(size as i64 - 1) {
+                    let d2 = (x as f64 - p.x).powi(2) + (y as f64 - p.y).powi(2);
+                    plane[y as usize * size + x as usize] =
+                        (-d2 / (2.0 * sigma * sigma)).exp() as f32;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(data, (points.len(), n, size, size), device)
+}
+
+/// Mean binary cross-entropy with logits, in the stable form
+/// `max(x, 0) - x t + log(1 + e^{-|x|})` (as PyTorch's `BCEWithLogitsLoss`).
+pub fn bce_with_logits(logits: &Tensor, target: &Tensor) -> candle_core::Result<Tensor> {
+    bce_with_logits_weighted(logits, target, 1.0)
+}
+
+/// BCE with logits with PyTorch's `pos_weight`: the positive term weighted by `w`, so that
+/// 8 small masks on a 256x256 background are not drowned by it:
+/// `(1 - t) x + (1 + (w - 1) t) softplus(-x)`.
+pub fn bce_with_logits_weighted(
+    logits: &Tensor,
+    target: &Tensor,
+    pos_weight: f64,
+) -> candle_core::Result<Tensor> {
+    // softplus(-x) = log(1 + e^{-|x|}) + max(-x, 0), stable for any x.
+    let softplus_neg =
+        (logits.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()? + logits.neg()?.relu()?)?;
+    let neg_part = (target.affine(-1.0, 1.0)? * logits)?;
+    let weight = target.affine(pos_weight - 1.0, 1.0)?;
+    (neg_part + (weight * softplus_neg)?)?.mean_all()
+}
+
+/// Soft-argmax (eqs. 1-2): `(B, N, H, W)` logits -> `(B, N, 2)` expected `(x, y)` in pixels
+/// under `softmax(h / τ)` over all pixels. Differentiable.
+pub fn soft_argmax(logits: &Tensor, tau: f64) -> candle_core::Result<Tensor> {
+    let (b, n, h, w) = logits.dims4()?;
+    let flat = (logits.reshape((b, n, h * w))? / tau)?;
+    // The composed softmax (max-subtracted exp / sum) so that autograd reaches the logits.
+    let p = candle_nn::ops::softmax(&flat, candle_core::D::Minus1)?;
+    let mut coords = Vec::with_capacity(h * w * 2);
+    for y in 0..h {
+        for x in 0..w {
+            coords.push(x as f32);
+            coords.push(y as f32);
+        }
+    }
+    let grid = Tensor::from_vec(coords, (h * w, 2), logits.device())?.to_dtype(logits.dtype())?;
+    p.broadcast_matmul(&grid)
+}
+
+/// Per heatmap of `(N, H, W)` logits: the argmax pixel refined to sub-pixel precision by a
+/// parabola through its neighbours on each axis, and the peak probability `sigmoid(max)`.
+pub fn argmax_subpixel(logits: &Tensor) -> candle_core::Result<Vec<(Point2<f64>, f64)>> {
+    let (n, h, w) = logits.dims3()?;
+    let v = logits
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok((0..n)
+        .map(|i| peak(&v[i * h * w..(i + 1) * h * w], w, h, true))
+        .collect())
+}
+
+/// Per heatmap: the integer argmax (the paper's evaluation) and its probability.
+pub fn argmax(logits: &Tensor) -> candle_core::Result<Vec<(Point2<f64>, f64)>> {
+    let (n, h, w) = logits.dims3()?;
+    let v = logits
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok((0..n)
+        .map(|i| peak(&v[i * h * w..(i + 1) * h * w], w, h, false))
+        .collect())
+}
+
+fn peak(plane: &[f32], w: usize, h: usize, subpixel: bool) -> (Point2<f64>, f64) {
+    let (mut best, mut bv) = (0usize, f32::NEG_INFINITY);
+    for (i, v) in plane.iter().enumerate() {
+        if *v > bv {
+            (best, bv) = (i, *v);
+        }
+    }
+    let (x, y) = (best % w, best / w);
+    let conf = 1.0 / (1.0 + (-(bv as f64)).exp());
+    if !subpixel {
+        return (Point2::new(x as f64, y as f64), conf);
+    }
+    // Parabola through (−1, a), (0, b), (1, c): vertex at (a − c) / (2 (a − 2b + c)).
+    let offset = |a: f32, b: f32, c: f32| -> f64 {
+        let den = a as f64 - 2.0 * b as f64 + c as f64;
+        if den < -1e-12 {
+            (0.5 * (a as f64 - c as f64) / den).clamp(-0.5, 0.5)
+        } else {
+            0.0
+        }
+    };
+    let dx = if x > 0 && x + 1 < w {
+        offset(plane[best - 1], bv, plane[best + 1])
+    } else {
+        0.0
+    };
+    let dy = if y > 0 && y + 1 < h {
+        offset(plane[best - w], bv, plane[best + w])
+    } else {
+        0.0
+    };
+    (Point2::new(x as f64 + dx, y as f64 + dy), conf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gaussian_logits(points: &[(f64, f64)], size: usize, sigma: f64, peak: f64) -> Tensor {
+        let mut v = vec![0.0f32; points.len() * size * size];
+        for (i, (px, py)) in points.iter().enumerate() {
+            for y in 0..size {
+                for x in 0..size {
+                    let d2 = (x as f64 - px).powi(2) + (y as f64 - py).powi(2);
+                    // log of a Gaussian: its softmax is the sampled Gaussian itself.
+                    v[i * size * size + y * size + x] = (peak - d2 / (2.0 * sigma * sigma)) as f32;
+                }
+            }
+        }
+        Tensor::from_vec(v, (1, points.len(), size, size), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn soft_argmax_finds_a_synthetic_peak() {
+        let pts = [(20.3, 41.7), (15.0, 50.0), (47.5, 12.25)];
+        let t = gaussian_logits(&pts, 64, 2.0, 30.0);
+        let out = soft_argmax(&t, 1.0).unwrap().to_vec3::<f32>().unwrap();
+        for (i, (x, y)) in pts.iter().enumerate() {
+            assert!((out[0][i][0] as f64 - x).abs() < 0.01, "{:?}", out[0][i]);
+            assert!((out[0][i][1] as f64 - y).abs() < 0.01, "{:?}", out[0][i]);
+        }
+        // A hot τ spreads the mass: the estimate is pulled towards the image centre.
+        let hot = soft_argmax(&t, 100.0).unwrap().to_vec3::<f32>().unwrap();
+        assert!((hot[0][1][0] - 31.5).abs() < (15.0f32 - 31.5).abs() - 1.0);
+    }
+
+    #[test]
+    fn soft_argmax_is_differentiable() {
+        let t = candle_core::Var::from_tensor(&gaussian_logits(&[(10.0, 20.0)], 32, 2.0, 20.0))
+            .unwrap();
+        let p = soft_argmax(t.as_tensor(), 1.0).unwrap();
+        let g = p.sum_all().unwrap().backward().unwrap();
+        let gt = g.get(&t).unwrap().abs().unwrap().sum_all().unwrap();
+        assert!(gt.to_scalar::<f32>().unwrap() > 0.0);
+    }
+
+    #[test]
+    fn argmax_subpixel_recovers_offsets() {
+        let pts = [(20.3, 41.7), (0.0, 63.0)];
+        let t = gaussian_logits(&pts, 64, 2.0, 30.0).squeeze(0).unwrap();
+        let sub = argmax_subpixel(&t).unwrap();
+        assert!(
+            (sub[0].0.x - 20.3).abs() < 1e-3 && (sub[0].0.y - 41.7).abs() < 1e-3,
+            "{:?}",
+            sub[0]
+        );
+        assert_eq!(sub[1].0, Point2::new(0.0, 63.0));
+        let int = argmax(&t).unwrap();
+        assert_eq!(int[0].0, Point2::new(20.0, 42.0));
+        assert!(int[0].1 > 0.99); // peak logit 30
+    }
+
+    #[test]
+    fn targets_peak_at_points_and_absent_is_empty() {
+        let pts = vec![vec![
+            Some(Point2::new(3.0, 4.0)),
+            None,
+            Some(Point2::new(-50.0, 2.0)),
+        ]];
+        let t = targets(&pts, 8, 1.0, &Device::Cpu).unwrap();
+        let v = t.to_vec3::<f32>();
+        assert!(v.is_err()); // 4-D
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(v[4 * 8 + 3], 1.0);
+        assert!(v[64..].iter().all(|x| *x == 0.0));
+    }
+
+    #[test]
+    fn bce_matches_the_definition_and_is_stable() {
+        let x = Tensor::new(&[-100.0f32, -1.0, 0.0, 2.0, 100.0], &Device::Cpu).unwrap();
+        let t = Tensor::new(&[0.0f32, 1.0, 0.5, 0.0, 1.0], &Device::Cpu).unwrap();
+        let l = bce_with_logits(&x, &t).unwrap().to_scalar::<f32>().unwrap() as f64;
+        let s = |v: f64| 1.0 / (1.0 + (-v).exp());
+        let want = [
+            (-100.0, 0.0),
+            (-1.0, 1.0),
+            (0.0, 0.5),
+            (2.0, 0.0),
+            (100.0, 1.0),
+        ]
+        .iter()
+        .map(|&(v, t): &(f64, f64)| {
+            let p = s(v).clamp(1e-300, 1.0 - 1e-16);
+            -(t * p.ln() + (1.0 - t) * (1.0 - p).ln())
+        })
+        .sum::<f64>()
+            / 5.0;
+        assert!(l.is_finite());
+        assert!((l - want).abs() < 1e-4, "{l} vs {want}");
+        // pos_weight scales exactly the positive term: t = 1 items scale by w, t = 0 do not.
+        let one = Tensor::new(&[1.0f32], &Device::Cpu).unwrap();
+        let x1 = Tensor::new(&[-0.7f32], &Device::Cpu).unwrap();
+        let a = bce_with_logits(&x1, &one)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let b = bce_with_logits_weighted(&x1, &one, 5.0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((b - 5.0 * a).abs() < 1e-5);
+        let zero = Tensor::new(&[0.0f32], &Device::Cpu).unwrap();
+        let c = bce_with_logits(&x1, &zero)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let d = bce_with_logits_weighted(&x1, &zero, 5.0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((c - d).abs() < 1e-6);
+    }
+}

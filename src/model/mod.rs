@@ -1,0 +1,880 @@
+//! The landmark U-Net (paper section 2.1, after Suh et al.): an X-ray frame in, one heatmap per
+//! landmark out; soft-argmax (eqs. 1-2) for training, argmax for evaluation.
+//!
+//! - [`ModelConfig`]: architecture, input size, τ, intensity normalisation; saved as JSON beside
+//!   the safetensors weights and checked when they are loaded.
+//! - [`UNet`]: encoder depth, base width configurable; 3x3 conv + batch norm + ReLU blocks,
+//!   max-pool down, nearest-neighbour up, skip concatenation, a 1x1 head. Its convolutions run
+//!   on the fast CPU kernels of [`conv`]; [`UNet::fused`] folds batch norm into the
+//!   convolutions for inference.
+//! - [`heatmap`]: targets, BCE, soft-argmax, argmax and confidence.
+//! - [`Predictor`]: frame pixels -> 8 landmarks with confidences, the one call the app makes.
+
+pub mod batchnorm;
+pub mod conv;
+pub mod heatmap;
+pub mod shipped;
+
+use crate::landmarks::N_LANDMARKS;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{Init, VarBuilder, VarMap};
+use nalgebra::Point2;
+use rand::{RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Errors of model construction, loading and inference.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A configuration that cannot describe a network.
+    #[error("invalid model configuration: {0}")]
+    Config(String),
+    /// Reading or writing a file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The JSON configuration could not be parsed.
+    #[error("{path}: {source}")]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: serde_json::Error,
+    },
+    /// The weights do not fit the configuration (missing tensors, wrong shapes).
+    #[error("{path}: weights do not match the configuration: {message}")]
+    Mismatch {
+        /// The weights file.
+        path: PathBuf,
+        /// What does not match.
+        message: String,
+    },
+    /// An input image of the wrong size or with non-finite values.
+    #[error("bad input image: {0}")]
+    Input(String),
+    /// An error inside candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// How frame intensities are mapped to the network's input range.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Normalisation {
+    /// Per image: the `lo` and `hi` quantiles map to 0 and 1 (clamped). Robust to the
+    /// attenuation model, the detector and the dose.
+    Quantile {
+        /// Lower quantile, e.g. 0.01.
+        lo: f32,
+        /// Upper quantile, e.g. 0.99.
+        hi: f32,
+    },
+}
+
+impl Default for Normalisation {
+    fn default() -> Self {
+        Self::Quantile { lo: 0.01, hi: 0.99 }
+    }
+}
+
+impl Normalisation {
+    /// Applies the mapping (NaN pixels become 0).
+    pub fn apply(&self, pixels: &[f32]) -> Vec<f32> {
+        let Self::Quantile { lo, hi } = *self;
+        let mut v: Vec<f32> = pixels.iter().copied().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return vec![0.0; pixels.len()];
+        }
+        let q = |f: f32, v: &mut Vec<f32>| {
+            let i = ((v.len() - 1) as f32 * f.clamp(0.0, 1.0)).round() as usize;
+            *v.select_nth_unstable_by(i, |a, b| a.total_cmp(b)).1
+        };
+        let a = q(lo, &mut v);
+        let b = q(hi, &mut v);
+        let scale = if b > a { 1.0 / (b - a) } else { 0.0 };
+        pixels
+            .iter()
+            .map(|x| {
+                if x.is_finite() {
+                    ((x - a) * scale).clamp(0.0, 1.0)
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    }
+}
+
+/// What a model is and how it was made: saved as `NAME.json` beside `NAME.safetensors`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// Always "unet".
+    pub architecture: String,
+    /// Encoder levels (the paper: 5).
+    pub depth: usize,
+    /// Channels of the first level; level i has `base_channels * 2^i`.
+    pub base_channels: usize,
+    /// Square input size in pixels (the paper: 512).
+    pub input_size: usize,
+    /// Number of heatmaps.
+    pub n_landmarks: usize,
+    /// Soft-argmax temperature τ (eq. 2).
+    pub tau: f64,
+    /// Standard deviation of the Gaussian target masks, pixels at the input size.
+    pub target_sigma_px: f64,
+    /// Weight of the positive (mask) term of the BCE (PyTorch's `pos_weight`; 1 = plain BCE).
+    #[serde(default = "one")]
+    pub pos_weight: f64,
+    /// Input intensity mapping.
+    #[serde(default)]
+    pub normalisation: Normalisation,
+    /// Model card: training data, settings and measured metrics (free-form JSON).
+    #[serde(default)]
+    pub card: serde_json::Value,
+}
+
+impl Default for ModelConfig {
+    /// The shipped default: 5 levels of 8..128 channels at 256x256, sized for interactive
+    /// inference on a laptop CPU (see the model card for measured speed and accuracy).
+    fn default() -> Self {
+        Self {
+            architecture: "unet".into(),
+            depth: 5,
+            base_channels: 8,
+            input_size: 256,
+            n_landmarks: N_LANDMARKS,
+            tau: 1.0,
+            target_sigma_px: 3.0,
+            pos_weight: 100.0,
+            normalisation: Normalisation::default(),
+            card: serde_json::Value::Null,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// Checks that the numbers describe a network this code can build.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let bad = |m: String| Err(ModelError::Config(m));
+        if self.architecture != "unet" {
+            return bad(format!("unknown architecture {:?}", self.architecture));
+        }
+        if !(1..=7).contains(&self.depth) {
+            return bad(format!("depth {} not in 1..=7", self.depth));
+        }
+        if self.base_channels == 0 || self.base_channels > 256 {
+            return bad(format!(
+                "base_channels {} not in 1..=256",
+                self.base_channels
+            ));
+        }
+        let step = 1usize << (self.depth - 1);
+        if self.input_size == 0 || !self.input_size.is_multiple_of(step) {
+            return bad(format!(
+                "input_size {} must be a positive multiple of 2^(depth-1) = {step}",
+                self.input_size
+            ));
+        }
+        if self.n_landmarks == 0 {
+            return bad("n_landmarks must be positive".into());
+        }
+        if !(self.tau.is_finite() && self.tau > 0.0) {
+            return bad(format!("tau {} must be positive", self.tau));
+        }
+        if !(self.target_sigma_px.is_finite() && self.target_sigma_px > 0.0) {
+            return bad(format!(
+                "target_sigma_px {} must be positive",
+                self.target_sigma_px
+            ));
+        }
+        Ok(())
+    }
+
+    /// Channels at level `i`.
+    pub fn channels(&self, level: usize) -> usize {
+        self.base_channels << level
+    }
+
+    /// Reads `path` (a `.json`).
+    pub fn read(path: &Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+            path: path.into(),
+            source,
+        })?;
+        let c: Self = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+            path: path.into(),
+            source,
+        })?;
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// Batch norm whose running statistics live in the [`VarMap`], so that checkpoints carry them
+/// (candle-nn's `BatchNorm` copies them out of the map and they would be lost on save).
+struct Bn {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+}
+
+const BN_EPS: f64 = 1e-5;
+const BN_MOMENTUM: f64 = 0.1;
+
+impl Bn {
+    fn new(c: usize, vb: VarBuilder, map: &VarMap) -> candle_core::Result<Self> {
+        let weight = vb.get_with_hints(c, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(c, "bias", Init::Const(0.0))?;
+        vb.get_with_hints(c, "running_mean", Init::Const(0.0))?;
+        vb.get_with_hints(c, "running_var", Init::Const(1.0))?;
+        let var = |n: &str| -> candle_core::Result<Var> {
+            let key = format!("{}.{n}", vb.prefix());
+            map.data()
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("variable map poisoned".into()))?
+                .get(&key)
+                .cloned()
+                .ok_or_else(|| candle_core::Error::Msg(format!("missing {key}")))
+        };
+        Ok(Self {
+            weight,
+            bias,
+            running_mean: var("running_mean")?,
+            running_var: var("running_var")?,
+        })
+    }
+
+    /// `(scale, shift)` per channel for inference: `y = x * scale + shift`.
+    fn affine(&self) -> candle_core::Result<(Tensor, Tensor)> {
+        let scale = (&self.weight / (self.running_var.as_tensor() + BN_EPS)?.sqrt()?)?;
+        let shift = (&self.bias - (self.running_mean.as_tensor() * &scale)?)?;
+        Ok((scale, shift))
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let c = x.dim(1)?;
+        let shape = (1, c, 1, 1);
+        if !train {
+            let (scale, shift) = self.affine()?;
+            return x
+                .broadcast_mul(&scale.reshape(shape)?)?
+                .broadcast_add(&shift.reshape(shape)?);
+        }
+        let n = (x.elem_count() / c) as f64;
+        let (y, mean, var) = if x.device().is_cpu() && x.dtype() == DType::F32 {
+            let op = batchnorm::BatchNormTrain {
+                eps: BN_EPS,
+                stats: Default::default(),
+            };
+            let y = x
+                .contiguous()?
+                .apply_op3(&self.weight, &self.bias, op.clone())?;
+            let (m, v) = op
+                .stats
+                .lock()
+                .ok()
+                .and_then(|mut s| s.take())
+                .ok_or_else(|| candle_core::Error::Msg("batch norm: no statistics".into()))?;
+            let dev = x.device();
+            (
+                y,
+                Tensor::from_vec(m, c, dev)?,
+                Tensor::from_vec(v, c, dev)?,
+            )
+        } else {
+            let (b, _, h, w) = x.dims4()?;
+            let stat = |t: &Tensor| -> candle_core::Result<Tensor> {
+                t.reshape((b, c, h * w))?
+                    .mean_keepdim(2)?
+                    .mean_keepdim(0)?
+                    .reshape((1, c, 1, 1))
+            };
+            let mean = stat(x)?;
+            let centred = x.broadcast_sub(&mean)?;
+            let var = stat(&centred.sqr()?)?;
+            let y = centred
+                .broadcast_div(&(&var + BN_EPS)?.sqrt()?)?
+                .broadcast_mul(&self.weight.reshape(shape)?)?
+                .broadcast_add(&self.bias.reshape(shape)?)?;
+            (y, mean.flatten_all()?, var.flatten_all()?)
+        };
+        // Running statistics (no gradient), unbiased variance as PyTorch keeps it.
+        let m = mean.detach();
+        let v = (var.detach() * (n / (n - 1.0).max(1.0)))?;
+        self.running_mean
+            .set(&((self.running_mean.as_tensor() * (1.0 - BN_MOMENTUM))? + (m * BN_MOMENTUM)?)?)?;
+        self.running_var
+            .set(&((self.running_var.as_tensor() * (1.0 - BN_MOMENTUM))? + (v * BN_MOMENTUM)?)?)?;
+        Ok(y)
+    }
+}
+
+/// One 3x3 convolution + batch norm + ReLU: trainable, or folded for inference.
+enum ConvUnit {
+    Train { weight: Tensor, bn: Bn },
+    Fused { weight: Tensor, bias: Tensor },
+}
+
+impl ConvUnit {
+    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Train { weight, bn } => bn.forward(&conv::conv3x3_t(x, weight)?, train)?.relu(),
+            Self::Fused { weight, bias } => conv::conv3x3_bias_act(x, weight, bias, true),
+        }
+    }
+
+    fn fused(&self) -> candle_core::Result<Self> {
+        Ok(match self {
+            Self::Train { weight, bn } => {
+                let (scale, shift) = bn.affine()?;
+                let cout = weight.dim(0)?;
+                Self::Fused {
+                    weight: weight
+                        .broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?
+                        .detach(),
+                    bias: shift.detach(),
+                }
+            }
+            Self::Fused { weight, bias } => Self::Fused {
+                weight: weight.clone(),
+                bias: bias.clone(),
+            },
+        })
+    }
+}
+
+/// The U-Net. Trainable through its [`VarMap`]; [`UNet::fused`] gives the inference network.
+pub struct UNet {
+    /// Architecture.
+    pub config: ModelConfig,
+    /// `[encoder level][2]` then `[decoder level][2]`.
+    encoder: Vec<[ConvUnit; 2]>,
+    decoder: Vec<[ConvUnit; 2]>,
+    head_w: Tensor,
+    head_b: Tensor,
+    /// The parameters (and batch-norm statistics) by name; empty for a fused network.
+    pub vars: VarMap,
+    device: Device,
+}
+
+fn conv_unit(
+    cin: usize,
+    cout: usize,
+    vb: VarBuilder,
+    map: &VarMap,
+) -> candle_core::Result<ConvUnit> {
+    // Drawn from a seeded generator by `UNet::with_seed`.
+    let weight = vb.get_with_hints((cout, cin, 3, 3), "conv.weight", Init::Const(0.0))?;
+    Ok(ConvUnit::Train {
+        weight,
+        bn: Bn::new(cout, vb.pp("bn"), map)?,
+    })
+}
+
+fn block(
+    cin: usize,
+    cout: usize,
+    vb: VarBuilder,
+    map: &VarMap,
+) -> candle_core::Result<[ConvUnit; 2]> {
+    Ok([
+        conv_unit(cin, cout, vb.pp("0"), map)?,
+        conv_unit(cout, cout, vb.pp("1"), map)?,
+    ])
+}
+
+impl UNet {
+    /// A freshly initialised network (seed 42, as the paper's).
+    pub fn new(config: ModelConfig, device: &Device) -> Result<Self, ModelError> {
+        Self::with_seed(config, device, 42)
+    }
+
+    /// A freshly initialised network; the same seed gives the same weights on every device
+    /// (candle's CPU generator cannot be seeded, so the weights are drawn here).
+    pub fn with_seed(config: ModelConfig, device: &Device, seed: u64) -> Result<Self, ModelError> {
+        let net = Self::unseeded(config, device)?;
+        let data = match net.vars.data().lock() {
+            Ok(d) => d,
+            Err(p) => p.into_inner(),
+        };
+        let mut names: Vec<&String> = data.keys().filter(|k| k.ends_with(".weight")).collect();
+        names.sort();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        for name in names {
+            let var = &data[name];
+            let dims = var.dims().to_vec();
+            if dims.len() < 2 {
+                continue; // batch-norm scales stay 1
+            }
+            // Kaiming-normal for ReLU (fan_in = cin * kh * kw), as PyTorch U-Nets are usually
+            // initialised; the 1x1 head gets unit gain.
+            let fan_in: usize = dims[1..].iter().product();
+            let gain = if name.starts_with("head") { 1.0 } else { 2.0 };
+            let normal = rand_distr::Normal::new(0.0f32, (gain / fan_in as f64).sqrt() as f32)
+                .map_err(|e| ModelError::Config(e.to_string()))?;
+            let v: Vec<f32> = (0..var.elem_count()).map(|_| rng.sample(normal)).collect();
+            var.set(&Tensor::from_vec(v, dims, device)?)?;
+        }
+        drop(data);
+        Ok(net)
+    }
+
+    fn unseeded(config: ModelConfig, device: &Device) -> Result<Self, ModelError> {
+        config.validate()?;
+        let vars = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vars, DType::F32, device);
+        let d = config.depth;
+        let mut encoder = Vec::with_capacity(d);
+        for i in 0..d {
+            let cin = if i == 0 { 1 } else { config.channels(i - 1) };
+            encoder.push(block(
+                cin,
+                config.channels(i),
+                vb.pp(format!("enc{i}")),
+                &vars,
+            )?);
+        }
+        let mut decoder = Vec::with_capacity(d.saturating_sub(1));
+        for j in 0..d - 1 {
+            let cin = config.channels(j + 1) + config.channels(j);
+            decoder.push(block(
+                cin,
+                config.channels(j),
+                vb.pp(format!("dec{j}")),
+                &vars,
+            )?);
+        }
+        let c0 = config.channels(0);
+        let head_w =
+            vb.get_with_hints((config.n_landmarks, c0), "head.weight", Init::Const(0.0))?;
+        // Start the heatmaps at a low probability everywhere (sigmoid(-4) ~ 0.018) so that BCE
+        // on sparse masks does not spend its first epoch learning the background.
+        let head_b = vb.get_with_hints(config.n_landmarks, "head.bias", Init::Const(-4.0))?;
+        Ok(Self {
+            config,
+            encoder,
+            decoder,
+            head_w,
+            head_b,
+            vars,
+            device: device.clone(),
+        })
+    }
+
+    /// The device the network lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Heatmap logits `(B, N, S, S)` for input `(B, 1, S, S)`; `train` uses batch statistics.
+    pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let mut skips = Vec::with_capacity(self.encoder.len());
+        let mut h = x.clone();
+        for (i, [a, b]) in self.encoder.iter().enumerate() {
+            if i > 0 {
+                h = h.max_pool2d(2)?;
+            }
+            h = b.forward(&a.forward(&h, train)?, train)?;
+            skips.push(h.clone());
+        }
+        for (j, [a, b]) in self.decoder.iter().enumerate().rev() {
+            let skip = &skips[j];
+            let (_, _, sh, sw) = skip.dims4()?;
+            let up = h.upsample_nearest2d(sh, sw)?;
+            h = Tensor::cat(&[&up, skip], 1)?;
+            h = b.forward(&a.forward(&h, train)?, train)?;
+        }
+        // 1x1 head as one GEMM: (N, C) x (B, C, HW).
+        let (bsz, c, hh, ww) = h.dims4()?;
+        let flat = h.reshape((bsz, c, hh * ww))?;
+        let out = self
+            .head_w
+            .broadcast_left(bsz)?
+            .matmul(&flat)?
+            .broadcast_add(&self.head_b.reshape((1, self.config.n_landmarks, 1))?)?;
+        out.reshape((bsz, self.config.n_landmarks, hh, ww))
+    }
+
+    /// The inference network: batch norm folded into each convolution, bias and ReLU fused.
+    pub fn fused(&self) -> Result<UNet, ModelError> {
+        let fuse = |v: &Vec<[ConvUnit; 2]>| -> candle_core::Result<Vec<[ConvUnit; 2]>> {
+            v.iter()
+                .map(|[a, b]| Ok([a.fused()?, b.fused()?]))
+                .collect()
+        };
+        Ok(UNet {
+            config: self.config.clone(),
+            encoder: fuse(&self.encoder)?,
+            decoder: fuse(&self.decoder)?,
+            head_w: self.head_w.detach(),
+            head_b: self.head_b.detach(),
+            vars: VarMap::new(),
+            device: self.device.clone(),
+        })
+    }
+
+    /// The trainable variables (batch-norm running statistics excluded).
+    pub fn trainable_vars(&self) -> Vec<Var> {
+        let data = match self.vars.data().lock() {
+            Ok(d) => d,
+            Err(p) => p.into_inner(),
+        };
+        let mut named: Vec<(&String, &Var)> = data
+            .iter()
+            .filter(|(k, _)| !k.ends_with("running_mean") && !k.ends_with("running_var"))
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(b.0));
+        named.into_iter().map(|(_, v)| v.clone()).collect()
+    }
+
+    /// Number of trainable parameters.
+    pub fn parameter_count(&self) -> usize {
+        self.trainable_vars().iter().map(|v| v.elem_count()).sum()
+    }
+
+    /// All tensors by name, for saving.
+    pub fn tensors(&self) -> HashMap<String, Tensor> {
+        let data = match self.vars.data().lock() {
+            Ok(d) => d,
+            Err(p) => p.into_inner(),
+        };
+        data.iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect()
+    }
+
+    /// Writes `PATH.safetensors` and `PATH.json` (atomically: a crash leaves the old files).
+    pub fn save(&self, weights: &Path) -> Result<(), ModelError> {
+        let tensors = self.tensors();
+        if tensors.is_empty() {
+            return Err(ModelError::Config(
+                "a fused network has no variables to save; save the trainable one".into(),
+            ));
+        }
+        if let Some(dir) = weights.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
+                path: dir.into(),
+                source,
+            })?;
+        }
+        crate::io::atomic_write_with(weights, |tmp| {
+            candle_core::safetensors::save(&tensors, tmp).map_err(std::io::Error::other)
+        })
+        .map_err(|source| ModelError::Io {
+            path: weights.into(),
+            source,
+        })?;
+        let json = config_path(weights);
+        let text =
+            serde_json::to_string_pretty(&self.config).map_err(|source| ModelError::Json {
+                path: json.clone(),
+                source,
+            })?;
+        crate::io::atomic_write(&json, text.as_bytes())
+            .map_err(|source| ModelError::Io { path: json, source })
+    }
+
+    /// Loads `PATH.safetensors` with its `PATH.json`; every tensor must be present with the
+    /// configured shape.
+    pub fn load(weights: &Path, device: &Device) -> Result<Self, ModelError> {
+        let config = ModelConfig::read(&config_path(weights))?;
+        Self::load_with(weights, config, device)
+    }
+
+    /// Loads weights into a network built from `config`.
+    pub fn load_with(
+        weights: &Path,
+        config: ModelConfig,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let bytes = std::fs::read(weights).map_err(|source| ModelError::Io {
+            path: weights.into(),
+            source,
+        })?;
+        Self::from_bytes(&bytes, config, device, weights)
+    }
+
+    /// Builds a network from safetensors bytes (`origin` names them in errors).
+    pub fn from_bytes(
+        bytes: &[u8],
+        config: ModelConfig,
+        device: &Device,
+        origin: &Path,
+    ) -> Result<Self, ModelError> {
+        let weights = origin;
+        let loaded = candle_core::safetensors::load_buffer(bytes, device).map_err(|e| {
+            ModelError::Mismatch {
+                path: weights.into(),
+                message: format!("not a safetensors file: {e}"),
+            }
+        })?;
+        let net = Self::unseeded(config, device)?;
+        let data = match net.vars.data().lock() {
+            Ok(d) => d,
+            Err(p) => p.into_inner(),
+        };
+        for (name, var) in data.iter() {
+            let t = loaded.get(name).ok_or_else(|| ModelError::Mismatch {
+                path: weights.into(),
+                message: format!("tensor {name} is missing"),
+            })?;
+            if t.dims() != var.dims() {
+                return Err(ModelError::Mismatch {
+                    path: weights.into(),
+                    message: format!("{name} has shape {:?}, expected {:?}", t.dims(), var.dims()),
+                });
+            }
+            var.set(&t.to_dtype(DType::F32)?)?;
+        }
+        if let Some(extra) = loaded.keys().find(|k| !data.contains_key(*k)) {
+            return Err(ModelError::Mismatch {
+                path: weights.into(),
+                message: format!("unexpected tensor {extra} (a different architecture?)"),
+            });
+        }
+        drop(data);
+        Ok(net)
+    }
+}
+
+/// `models/x.safetensors` -> `models/x.json`.
+pub fn config_path(weights: &Path) -> PathBuf {
+    weights.with_extension("json")
+}
+
+/// One detected landmark.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Detection {
+    /// Position in the frame's pixels (x right, y down).
+    pub point: Point2<f64>,
+    /// Peak probability of its heatmap, 0..1.
+    pub confidence: f64,
+}
+
+/// Frame pixels -> landmarks: resize to the model input, normalise, run the fused network,
+/// read the heatmaps with sub-pixel argmax, and map back to frame pixels.
+pub struct Predictor {
+    net: UNet,
+    /// The model's configuration (input size, τ, card).
+    pub config: ModelConfig,
+}
+
+impl Predictor {
+    /// Wraps a trained network (fusing it).
+    pub fn new(net: &UNet) -> Result<Self, ModelError> {
+        Ok(Self {
+            config: net.config.clone(),
+            net: net.fused()?,
+        })
+    }
+
+    /// Loads `weights` (+ its JSON) for inference.
+    pub fn load(weights: &Path, device: &Device) -> Result<Self, ModelError> {
+        Self::new(&UNet::load(weights, device)?)
+    }
+
+    /// The model's input tensor `(1, 1, S, S)` for a `width x height` frame.
+    pub fn input(&self, pixels: &[f32], width: usize, height: usize) -> Result<Tensor, ModelError> {
+        if width == 0 || height == 0 || pixels.len() != width * height {
+            return Err(ModelError::Input(format!(
+                "{} pixels for a {width}x{height} frame",
+                pixels.len()
+            )));
+        }
+        let s = self.config.input_size;
+        let resized = resize_bilinear(pixels, width, height, s, s);
+        let norm = self.config.normalisation.apply(&resized);
+        Ok(Tensor::from_vec(norm, (1, 1, s, s), self.net.device())?)
+    }
+
+    /// Heatmap logits `(N, S, S)` for a frame.
+    pub fn heatmaps(
+        &self,
+        pixels: &[f32],
+        width: usize,
+        height: usize,
+    ) -> Result<Tensor, ModelError> {
+        let x = self.input(pixels, width, height)?;
+        Ok(self.net.forward(&x, false)?.squeeze(0)?)
+    }
+
+    /// The landmarks of a frame, in its own pixel coordinates.
+    pub fn predict(
+        &self,
+        pixels: &[f32],
+        width: usize,
+        height: usize,
+    ) -> Result<Vec<Detection>, ModelError> {
+        let logits = self.heatmaps(pixels, width, height)?;
+        let peaks = heatmap::argmax_subpixel(&logits)?;
+        let s = self.config.input_size as f64;
+        let (sx, sy) = (width as f64 / s, height as f64 / s);
+        Ok(peaks
+            .into_iter()
+            .map(|(p, c)| Detection {
+                // Pixel centres: input pixel i covers frame [i sx, (i+1) sx).
+                point: Point2::new((p.x + 0.5) * sx - 0.5, (p.y + 0.5) * sy - 0.5),
+                confidence: c,
+            })
+            .collect())
+    }
+}
+
+/// Bilinear resampling with pixel-centre alignment (as `align_corners=False`), area-averaged
+/// first when shrinking by 2x or more so that noise and thin edges do not alias.
+pub fn resize_bilinear(src: &[f32], w: usize, h: usize, ow: usize, oh: usize) -> Vec<f32> {
+    if w == ow && h == oh {
+        return src.to_vec();
+    }
+    if w >= 2 * ow && h >= 2 * oh && w.is_multiple_of(2) && h.is_multiple_of(2) {
+        let (hw, hh) = (w / 2, h / 2);
+        let mut half = vec![0.0f32; hw * hh];
+        for y in 0..hh {
+            for x in 0..hw {
+                let i = 2 * y * w + 2 * x;
+                half[y * hw + x] = 0.25 * (src[i] + src[i + 1] + src[i + w] + src[i + w + 1]);
+            }
+        }
+        return resize_bilinear(&half, hw, hh, ow, oh);
+    }
+    let mut out = vec![0.0f32; ow * oh];
+    let (fx, fy) = (w as f32 / ow as f32, h as f32 / oh as f32);
+    for y in 0..oh {
+        let sy = ((y as f32 + 0.5) * fy - 0.5).clamp(0.0, (h - 1) as f32);
+        let y0 = sy.floor() as usize;
+        let y1 = (y0 + 1).min(h - 1);
+        let ty = sy - y0 as f32;
+        for x in 0..ow {
+            let sx = ((x as f32 + 0.5) * fx - 0.5).clamp(0.0, (w - 1) as f32);
+            let x0 = sx.floor() as usize;
+            let x1 = (x0 + 1).min(w - 1);
+            let tx = sx - x0 as f32;
+            let a = src[y0 * w + x0] * (1.0 - tx) + src[y0 * w + x1] * tx;
+            let b = src[y1 * w + x0] * (1.0 - tx) + src[y1 * w + x1] * tx;
+            out[y * ow + x] = a * (1.0 - ty) + b * ty;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> ModelConfig {
+        ModelConfig {
+            depth: 3,
+            base_channels: 4,
+            input_size: 32,
+            ..ModelConfig::default()
+        }
+    }
+
+    #[test]
+    fn shapes_and_fused_equals_eval() {
+        let dev = Device::Cpu;
+        let net = UNet::new(tiny(), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 1, 32, 32), &dev).unwrap();
+        // A training step's worth of batch statistics, so that folding has something to fold.
+        for _ in 0..3 {
+            net.forward(&x, true).unwrap();
+        }
+        let eval = net.forward(&x, false).unwrap();
+        assert_eq!(eval.dims(), &[2, 8, 32, 32]);
+        let fused = net.fused().unwrap().forward(&x, false).unwrap();
+        let d = (eval - fused).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-4);
+    }
+
+    #[test]
+    fn config_is_validated() {
+        let mut c = tiny();
+        c.input_size = 30;
+        assert!(c.validate().is_err());
+        c = tiny();
+        c.tau = 0.0;
+        assert!(c.validate().is_err());
+        assert!(tiny().validate().is_ok());
+    }
+
+    #[test]
+    fn save_load_round_trip_is_exact_and_mismatch_is_reported() {
+        let dev = Device::Cpu;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let net = UNet::new(tiny(), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 1, 32, 32), &dev).unwrap();
+        net.forward(&x, true).unwrap();
+        net.save(&path).unwrap();
+        let back = UNet::load(&path, &dev).unwrap();
+        let a = net
+            .forward(&x, false)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = back
+            .forward(&x, false)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(a, b);
+        // The same weights under a different architecture are refused with a reason.
+        let other = ModelConfig {
+            base_channels: 8,
+            ..tiny()
+        };
+        let e = UNet::load_with(&path, other, &dev)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("shape"), "{e}");
+        std::fs::write(&path, b"garbage").unwrap();
+        assert!(UNet::load(&path, &dev).is_err());
+    }
+
+    #[test]
+    fn normalisation_maps_quantiles() {
+        let v: Vec<f32> = (0..1000).map(|i| i as f32).chain([f32::NAN]).collect();
+        let n = Normalisation::default().apply(&v);
+        assert_eq!(n[0], 0.0);
+        assert_eq!(n[999], 1.0);
+        assert!((n[500] - 0.5).abs() < 0.01);
+        assert_eq!(n[1000], 0.0);
+    }
+
+    #[test]
+    fn predictor_rejects_wrong_sizes() {
+        let net = UNet::new(tiny(), &Device::Cpu).unwrap();
+        let p = Predictor::new(&net).unwrap();
+        assert!(p.predict(&[0.0; 10], 4, 4).is_err());
+        assert_eq!(p.predict(&vec![0.5; 64 * 48], 64, 48).unwrap().len(), 8);
+    }
+
+    #[test]
+    fn resize_keeps_constant_and_centres() {
+        let src = vec![3.0f32; 20 * 10];
+        assert!(
+            resize_bilinear(&src, 20, 10, 7, 5)
+                .iter()
+                .all(|v| (v - 3.0).abs() < 1e-6)
+        );
+        // A ramp stays a ramp under 2x shrink (area) and bilinear resampling.
+        let ramp: Vec<f32> = (0..64 * 64).map(|i| (i % 64) as f32).collect();
+        let r = resize_bilinear(&ramp, 64, 64, 32, 32);
+        assert!((r[0] - 0.5).abs() < 1e-5 && (r[31] - 62.5).abs() < 1e-5);
+    }
+}

@@ -1,0 +1,451 @@
+//! Training the U-Net (paper section 2.4 and 3.2): BCE on heatmap masks (baseline), BCE plus
+//! λ·L_pose (composite, eq. 9), L_pose alone (pel-only), or a baseline checkpoint fine-tuned
+//! with L_pose alone (finetune; the paper: one epoch). L_pose (eq. 10) compares the pose that
+//! the registration layer solves from the soft-argmax points with the image's true pose; its
+//! gradient reaches the network through the implicit-function-theorem backward pass.
+//!
+//! Checkpoints are written atomically after every epoch with a small state file, so an
+//! interrupted run resumes at the next epoch; a loss that stops being finite or explodes is
+//! reported as divergence ("DIV" in the paper's table) and never written as weights.
+
+use crate::dataset::{Dataset, Sample, Split};
+use crate::model::{ModelConfig, UNet, heatmap};
+use crate::registration::layer::RegistrationLayer;
+use crate::task::{Cancelled, Task};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::Optimizer;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// How the network is trained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// BCE with logits on the heatmap masks.
+    Baseline,
+    /// BCE + λ L_pose (eq. 9).
+    Composite,
+    /// L_pose alone from scratch.
+    PelOnly,
+    /// L_pose alone, from a baseline checkpoint.
+    Finetune,
+}
+
+impl Mode {
+    /// Parses `baseline|composite|pel-only|finetune`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "baseline" => Some(Self::Baseline),
+            "composite" => Some(Self::Composite),
+            "pel-only" => Some(Self::PelOnly),
+            "finetune" => Some(Self::Finetune),
+            _ => None,
+        }
+    }
+    fn uses_seg(self) -> bool {
+        matches!(self, Self::Baseline | Self::Composite)
+    }
+    fn uses_pose(self) -> bool {
+        !matches!(self, Self::Baseline)
+    }
+}
+
+/// Errors of training.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Bad settings or data.
+    #[error("{0}")]
+    Invalid(String),
+    /// The loss diverged; no weights were written for the diverged state.
+    #[error("diverged at epoch {epoch}, step {step}: loss {loss}")]
+    Diverged {
+        /// Epoch (1-based).
+        epoch: usize,
+        /// Step within the run.
+        step: usize,
+        /// The offending loss.
+        loss: f64,
+    },
+    /// Cancelled; the last finished epoch's checkpoint is kept.
+    #[error(transparent)]
+    Cancelled(#[from] Cancelled),
+    /// Model errors.
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    /// Dataset errors.
+    #[error(transparent)]
+    Dataset(#[from] crate::dataset::DatasetError),
+    /// candle errors.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// Writing logs and state.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// Training settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainOptions {
+    /// Loss.
+    pub mode: Mode,
+    /// Epochs over the training split.
+    pub epochs: usize,
+    /// Images per step.
+    pub batch: usize,
+    /// AdamW learning rate (the paper: 1e-4).
+    pub lr: f64,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// λ of eq. 9.
+    pub lambda: f64,
+    /// Seed of initialisation and shuffling (the paper: 42).
+    pub seed: u64,
+    /// Stop after this many steps in total (for tests and quick looks).
+    pub max_steps: Option<usize>,
+    /// Start from these weights (required for finetune).
+    pub init: Option<PathBuf>,
+    /// Where the weights go (`NAME.safetensors`, with `NAME.json`, `NAME.state.json` and
+    /// `NAME.metrics.jsonl` beside it).
+    pub out: PathBuf,
+    /// The architecture for a fresh network.
+    pub config: ModelConfig,
+    /// A loss above this multiple of the first step's counts as divergence.
+    pub divergence_factor: f64,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Baseline,
+            epochs: 1,
+            batch: 4,
+            lr: 1e-4,
+            weight_decay: 0.0,
+            lambda: 0.01,
+            seed: 42,
+            max_steps: None,
+            init: None,
+            out: PathBuf::from("model.safetensors"),
+            config: ModelConfig::default(),
+            divergence_factor: 1e3,
+        }
+    }
+}
+
+/// One line of the metrics log.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Metric {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Global step.
+    pub step: usize,
+    /// Total loss of the step.
+    pub loss: f64,
+    /// BCE part (0 when unused).
+    pub seg_loss: f64,
+    /// L_pose part (0 when unused).
+    pub pose_loss: f64,
+    /// Training throughput, images per second.
+    pub images_per_s: f64,
+    /// Items whose registration failed in this step.
+    pub registration_failures: usize,
+}
+
+/// Resume state beside the weights.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct State {
+    epochs_done: usize,
+    steps_done: usize,
+    mode: Mode,
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Summary {
+    /// Epochs finished in total (including resumed ones).
+    pub epochs_done: usize,
+    /// Steps taken in total.
+    pub steps: usize,
+    /// Mean loss of the last epoch.
+    pub last_epoch_loss: f64,
+    /// Images per second over this run.
+    pub images_per_s: f64,
+}
+
+fn sidecar(out: &Path, ext: &str) -> PathBuf {
+    out.with_extension(ext)
+}
+
+/// Loads a batch: inputs `(B, 1, S, S)` normalised as the model does, and the samples.
+fn batch_tensor(
+    data: &Dataset,
+    cfg: &ModelConfig,
+    images: &[Vec<f32>],
+    device: &Device,
+) -> Result<Tensor, TrainError> {
+    let s = data.manifest.size;
+    let mut v = Vec::with_capacity(images.len() * s * s);
+    for img in images {
+        v.extend(cfg.normalisation.apply(img));
+    }
+    Ok(Tensor::from_vec(v, (images.len(), 1, s, s), device)?)
+}
+
+/// The pose estimation loss of eq. 10 for a batch: mean over items whose solve succeeded.
+fn pose_loss(
+    logits: &Tensor,
+    samples: &[&Sample],
+    data: &Dataset,
+    tau: f64,
+) -> Result<(Tensor, usize), TrainError> {
+    let pts = heatmap::soft_argmax(logits, tau)?;
+    let points3d = samples
+        .iter()
+        .map(|s| data.manifest.subjects[s.subject].points3d())
+        .collect();
+    let mut layer = RegistrationLayer::new(data.manifest.camera, points3d);
+    // Landmarks outside the image cannot be found on it: they do not take part.
+    layer.weights = Some(
+        samples
+            .iter()
+            .map(|s| {
+                s.landmarks
+                    .iter()
+                    .map(|l| f64::from(u8::from(l.is_some())))
+                    .collect()
+            })
+            .collect(),
+    );
+    let poses = layer.forward(&pts)?;
+    let failures = layer.failures.load(std::sync::atomic::Ordering::Relaxed);
+    let truth: Vec<f32> = samples
+        .iter()
+        .flat_map(|s| s.pose.map(|v| v as f32))
+        .collect();
+    let b = samples.len();
+    let truth = Tensor::from_vec(truth, (b, 6), logits.device())?;
+    // A failed solve returns zeros: mask it out of the mean (it has no gradient either).
+    let ok = poses.abs()?.sum_keepdim(1)?.gt(0.0)?.to_dtype(DType::F32)?;
+    let n_ok = ok.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
+    let per_item = ((poses - truth)?.sqr()?.mean_keepdim(1)? + 1e-8)?.sqrt()?;
+    Ok((((per_item * ok)?.sum_all()? / n_ok)?, failures))
+}
+
+/// Trains on the `train` split of `data`. `on_metric` sees every step (the GUI's curves).
+pub fn train(
+    data: &Dataset,
+    opts: &TrainOptions,
+    device: &Device,
+    task: &Task,
+    on_metric: &mut dyn FnMut(&Metric),
+) -> Result<Summary, TrainError> {
+    if opts.batch == 0 || opts.epochs == 0 || !(opts.lr.is_finite() && opts.lr > 0.0) {
+        return Err(TrainError::Invalid(
+            "batch and epochs must be positive and lr a positive number".into(),
+        ));
+    }
+    let state_path = sidecar(&opts.out, "state.json");
+    let resume: Option<State> = std::fs::read_to_string(&state_path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .filter(|s: &State| s.mode == opts.mode && opts.out.exists());
+    let net = match (&resume, &opts.init) {
+        (Some(_), _) => UNet::load(&opts.out, device)?,
+        (None, Some(init)) => UNet::load(init, device)?,
+        (None, None) if opts.mode == Mode::Finetune => {
+            return Err(TrainError::Invalid(
+                "finetune needs --init with a baseline checkpoint".into(),
+            ));
+        }
+        (None, None) => UNet::with_seed(opts.config.clone(), device, opts.seed)?,
+    };
+    let cfg = net.config.clone();
+    if cfg.input_size != data.manifest.size {
+        return Err(TrainError::Invalid(format!(
+            "the model takes {0}x{0} images but the dataset holds {1}x{1}",
+            cfg.input_size, data.manifest.size
+        )));
+    }
+    let train_set = data.split(Some(Split::Train));
+    if train_set.is_empty() {
+        return Err(TrainError::Invalid(format!(
+            "{}: no training images",
+            data.dir.display()
+        )));
+    }
+    task.set_message("loading images");
+    let images: Vec<Vec<f32>> = train_set
+        .iter()
+        .map(|s| data.image(s))
+        .collect::<Result<_, _>>()?;
+    let mut opt = candle_nn::AdamW::new(
+        net.trainable_vars(),
+        candle_nn::ParamsAdamW {
+            lr: opts.lr,
+            weight_decay: opts.weight_decay,
+            ..Default::default()
+        },
+    )?;
+    let (mut epochs_done, mut step) = resume
+        .as_ref()
+        .map_or((0, 0), |s| (s.epochs_done, s.steps_done));
+    let steps_per_epoch = train_set.len().div_ceil(opts.batch);
+    let total_steps = opts
+        .max_steps
+        .unwrap_or(usize::MAX)
+        .min(steps_per_epoch * opts.epochs);
+    task.set_total(total_steps as u64);
+    task.set_done(step.min(total_steps) as u64);
+    let log_path = sidecar(&opts.out, "metrics.jsonl");
+    if let Some(dir) = opts.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| TrainError::Io {
+            path: dir.into(),
+            source,
+        })?;
+    }
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|source| TrainError::Io {
+            path: log_path.clone(),
+            source,
+        })?;
+    let started = Instant::now();
+    let mut seen = 0usize;
+    let mut first_loss: Option<f64> = None;
+    let mut last_epoch_loss = f64::NAN;
+    let mut order: Vec<usize> = (0..train_set.len()).collect();
+    while epochs_done < opts.epochs && step < total_steps {
+        let epoch = epochs_done + 1;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed.wrapping_add(epoch as u64));
+        order.sort_unstable();
+        order.shuffle(&mut rng);
+        let mut sum = 0.0;
+        let mut n = 0usize;
+        for chunk in order.chunks(opts.batch) {
+            if step >= total_steps {
+                break;
+            }
+            if task.is_cancelled() {
+                return Err(Cancelled.into());
+            }
+            let t0 = Instant::now();
+            let samples: Vec<&Sample> = chunk.iter().map(|&i| train_set[i]).collect();
+            let imgs: Vec<Vec<f32>> = chunk.iter().map(|&i| images[i].clone()).collect();
+            let x = batch_tensor(data, &cfg, &imgs, device)?;
+            let logits = net.forward(&x, true)?;
+            let mut loss = Tensor::zeros((), DType::F32, device)?;
+            let (mut seg_v, mut pose_v, mut failures) = (0.0, 0.0, 0);
+            if opts.mode.uses_seg() {
+                let pts: Vec<_> = samples.iter().map(|s| s.points()).collect();
+                let tgt = heatmap::targets(&pts, cfg.input_size, cfg.target_sigma_px, device)?;
+                let seg = heatmap::bce_with_logits_weighted(&logits, &tgt, cfg.pos_weight)?;
+                seg_v = seg.to_scalar::<f32>()? as f64;
+                loss = (loss + seg)?;
+            }
+            if opts.mode.uses_pose() {
+                let (pl, f) = pose_loss(&logits, &samples, data, cfg.tau)?;
+                pose_v = pl.to_scalar::<f32>()? as f64;
+                failures = f;
+                let w = if opts.mode == Mode::Composite {
+                    opts.lambda
+                } else {
+                    1.0
+                };
+                loss = (loss + (pl * w)?)?;
+            }
+            let lv = loss.to_scalar::<f32>()? as f64;
+            let reference = *first_loss.get_or_insert(lv);
+            if !lv.is_finite() || lv > opts.divergence_factor * reference.max(1e-6) {
+                return Err(TrainError::Diverged {
+                    epoch,
+                    step,
+                    loss: lv,
+                });
+            }
+            opt.backward_step(&loss)?;
+            step += 1;
+            seen += samples.len();
+            sum += lv;
+            n += 1;
+            let m = Metric {
+                epoch,
+                step,
+                loss: lv,
+                seg_loss: seg_v,
+                pose_loss: pose_v,
+                images_per_s: samples.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+                registration_failures: failures,
+            };
+            if let Ok(line) = serde_json::to_string(&m) {
+                writeln!(log, "{line}").map_err(|source| TrainError::Io {
+                    path: log_path.clone(),
+                    source,
+                })?;
+            }
+            task.inc(1);
+            task.set_message(format!(
+                "epoch {epoch} loss {lv:.4} ({:.1} img/s)",
+                m.images_per_s
+            ));
+            on_metric(&m);
+        }
+        last_epoch_loss = sum / n.max(1) as f64;
+        // A run cut short by max_steps still checkpoints what it learned.
+        if step >= total_steps && step < steps_per_epoch * epoch {
+            epochs_done = epoch - 1;
+        } else {
+            epochs_done = epoch;
+        }
+        let mut net_cfg = net.config.clone();
+        net_cfg.card = serde_json::json!({
+            "training": {
+                "mode": opts.mode, "epochs_done": epochs_done, "steps": step,
+                "batch": opts.batch, "lr": opts.lr, "lambda": opts.lambda, "seed": opts.seed,
+                "data": data.dir.display().to_string(),
+                "subjects": data.manifest.subjects.iter().filter(|s| !s.held_out).map(|s| s.ct.clone()).collect::<Vec<_>>(),
+                "images": train_set.len(), "size": data.manifest.size,
+                "realism": data.manifest.realism,
+                "last_epoch_loss": last_epoch_loss,
+            }
+        });
+        save_with_card(&net, net_cfg, &opts.out)?;
+        let st = State {
+            epochs_done,
+            steps_done: step,
+            mode: opts.mode,
+        };
+        let text = serde_json::to_string(&st).unwrap_or_default();
+        crate::io::atomic_write(&state_path, text.as_bytes()).map_err(|source| TrainError::Io {
+            path: state_path.clone(),
+            source,
+        })?;
+    }
+    Ok(Summary {
+        epochs_done,
+        steps: step,
+        last_epoch_loss,
+        images_per_s: seen as f64 / started.elapsed().as_secs_f64().max(1e-9),
+    })
+}
+
+/// Saves `net` with `config` as its JSON (keeping the card).
+fn save_with_card(net: &UNet, config: ModelConfig, out: &Path) -> Result<(), TrainError> {
+    // The weights are the network's; the JSON carries the card. Write both atomically.
+    net.save(out)?;
+    let json = crate::model::config_path(out);
+    let text =
+        serde_json::to_string_pretty(&config).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    crate::io::atomic_write(&json, text.as_bytes())
+        .map_err(|source| TrainError::Io { path: json, source })
+}

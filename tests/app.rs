@@ -1,0 +1,227 @@
+//! The desktop app driven through egui_kittest on wgpu (lavapipe here): the default start, CT
+//! loading (good and corrupt), landmark correction by dragging, and training from the Train tab.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use eframe::egui;
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
+use fluoropose::app::{AppOptions, FluoroApp, Tab};
+use std::time::{Duration, Instant};
+
+fn skip() -> bool {
+    std::env::var_os("FLUOROPOSE_SKIP_GPU").is_some()
+}
+
+fn harness<'a>() -> Harness<'a, FluoroApp> {
+    Harness::builder()
+        .with_size(egui::Vec2::new(1280.0, 800.0))
+        .wgpu()
+        .build_eframe(|cc| FluoroApp::new(cc, AppOptions::default()))
+}
+
+/// Steps the UI until `done` holds (the pipeline and loaders run on their own threads).
+fn wait(h: &mut Harness<'_, FluoroApp>, what: &str, done: impl Fn(&FluoroApp) -> bool) {
+    let t0 = Instant::now();
+    while !done(h.state()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "timed out waiting for {what}"
+        );
+        h.step();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn default_start_shows_landmarks_and_a_pose() {
+    if skip() {
+        return;
+    }
+    let mut h = harness();
+    wait(&mut h, "the first processed frame", |a| a.latest.is_some());
+    let p = h.state().latest.clone().unwrap();
+    assert_eq!(p.detections.len(), 8, "the shipped model gives 8 landmarks");
+    assert!(p.solution.is_some(), "a pose is solved on the first frame");
+    assert!(
+        p.truth.is_some(),
+        "the simulated stream carries its true pose"
+    );
+    // The tabs are reachable through AccessKit.
+    h.get_by_label("CT").click();
+    h.step();
+    assert_eq!(h.state().tab, Tab::Ct);
+    h.get_by_label("Live").click();
+    h.step();
+    // The DRR at the solved pose renders on eframe's device.
+    h.get_by_label("Step").click();
+    for _ in 0..5 {
+        h.step();
+    }
+    assert!(
+        h.state().gpu_status().starts_with("DRR on"),
+        "{}",
+        h.state().gpu_status()
+    );
+}
+
+#[test]
+fn loading_ct_files_and_a_corrupt_file_keeps_the_old_ct() {
+    if skip() {
+        return;
+    }
+    let mut h = harness();
+    // A NIfTI written by the project (the phantom of another subject) loads.
+    let dir = tempfile::tempdir().unwrap();
+    let (v, _) = fluoropose::volume::phantom::phantom_subject(3, Some(4.0));
+    let nii = dir.path().join("p3.nii.gz");
+    fluoropose::volume::write_nifti(&v, &nii).unwrap();
+    h.state_mut().load_ct(nii.clone());
+    wait(&mut h, "the NIfTI", |a| a.ct_loading().is_none());
+    assert_eq!(h.state().scene.name, nii.display().to_string());
+    let dims = h.state().scene.volume.dims();
+    // A corrupt file: an error toast, and the NIfTI stays loaded.
+    let bad = dir.path().join("bad.nii.gz");
+    std::fs::write(&bad, b"\x1f\x8b not really gzip").unwrap();
+    h.state_mut().load_ct(bad);
+    wait(&mut h, "the corrupt file", |a| a.ct_loading().is_none());
+    assert_eq!(h.state().scene.volume.dims(), dims);
+    assert!(
+        h.state()
+            .toasts
+            .iter()
+            .any(|t| t.error && t.text.contains("bad.nii.gz"))
+    );
+    // A DICOM folder (the phantom written as a compressed series) loads too.
+    let dcm = dir.path().join("series");
+    std::fs::create_dir_all(&dcm).unwrap();
+    fluoropose::volume::write_dicom_series(&v, &dcm, &Default::default()).unwrap();
+    h.state_mut().load_ct(dcm.clone());
+    wait(&mut h, "the DICOM series", |a| a.ct_loading().is_none());
+    assert_eq!(h.state().scene.name, dcm.display().to_string());
+    assert_eq!(h.state().scene.volume.dims(), v.dims());
+    // And a real CT from outside the project, when the shared data are here.
+    if let Some(ct) = common::shared("ct/totalseg_example_ct.nii.gz") {
+        h.state_mut().load_ct(ct.clone());
+        wait(&mut h, "the real CT", |a| a.ct_loading().is_none());
+        assert_eq!(h.state().scene.name, ct.display().to_string());
+    }
+}
+
+#[test]
+fn dragging_a_landmark_moves_it_and_saves_it() {
+    if skip() {
+        return;
+    }
+    let mut h = harness();
+    let dir = tempfile::tempdir().unwrap();
+    h.state_mut().settings.annotation_dir = dir.path().to_path_buf();
+    wait(&mut h, "a frame", |a| a.latest.is_some());
+    h.get_by_label("Annotate").click();
+    h.step();
+    h.get_by_label("Take current frame").click();
+    for _ in 0..3 {
+        h.step();
+    }
+    let app = h.state();
+    let rect = app.annotation.rect.expect("the frame is drawn");
+    let cur = app
+        .annotation
+        .current
+        .clone()
+        .expect("an annotation started");
+    let (i, p) = cur
+        .points
+        .iter()
+        .enumerate()
+        .find_map(|(i, p)| p.map(|p| (i, p)))
+        .expect("a landmark to drag");
+    let (w, hh) = (cur.width as f32, cur.height as f32);
+    let at = egui::pos2(
+        rect.min.x + (p.x as f32 + 0.5) * rect.width() / w,
+        rect.min.y + (p.y as f32 + 0.5) * rect.height() / hh,
+    );
+    // Move only inside the image: keep the target away from its edges.
+    let delta = egui::vec2(if at.x > rect.center().x { -30.0 } else { 30.0 }, 20.0);
+    h.hover_at(at);
+    h.step();
+    h.drag_at(at);
+    h.step();
+    for k in 1..=5 {
+        h.hover_at(at + delta * (k as f32 / 5.0));
+        h.step();
+    }
+    h.drop_at(at + delta);
+    h.step();
+    h.step();
+    let moved = h.state().annotation.current.clone().unwrap().points[i].unwrap();
+    let scale = w / rect.width();
+    assert!(
+        ((moved.x - p.x) as f32 - delta.x * scale).abs() < 2.0,
+        "{p:?} -> {moved:?}"
+    );
+    assert!(
+        ((moved.y - p.y) as f32 - delta.y * scale).abs() < 2.0,
+        "{p:?} -> {moved:?}"
+    );
+    // Saved at once, atomically, and the file says where it is now.
+    let saved = h.state().annotation.saved.clone().expect("autosaved");
+    let back = fluoropose::landmarks::Landmarks2d::read_json(&saved).unwrap();
+    let q = back.points[i].unwrap();
+    assert!((q.x - moved.x).abs() < 1e-6 && (q.y - moved.y).abs() < 1e-6);
+    // Undo puts it back (and saves that too).
+    h.get_by_label("Undo").click();
+    h.step();
+    let undone = h.state().annotation.current.clone().unwrap().points[i].unwrap();
+    assert!((undone.x - p.x).abs() < 1e-9 && (undone.y - p.y).abs() < 1e-9);
+}
+
+#[test]
+fn the_train_tab_trains_and_its_curve_grows() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    fluoropose::dataset::generate(
+        &fluoropose::dataset::Request {
+            subjects: fluoropose::dataset::parse_subjects("phantom:1..2", 0).unwrap(),
+            views: 4,
+            novel_views: 0,
+            size: 256,
+            seed: 1,
+            range: Default::default(),
+            realism: Default::default(),
+            cpu: false,
+        },
+        &data,
+        &fluoropose::task::Task::new(),
+    )
+    .unwrap();
+    let mut h = harness();
+    h.get_by_label("Train").click();
+    h.step();
+    {
+        let f = &mut h.state_mut().train_form;
+        f.data = data.display().to_string();
+        f.mode = fluoropose::train::Mode::Baseline;
+        f.max_steps = 3;
+        f.batch = 2;
+        f.out = dir.path().join("m.safetensors").display().to_string();
+    }
+    h.get_by_label("Start").click();
+    h.step();
+    wait(&mut h, "three training steps", |a| {
+        a.training
+            .as_ref()
+            .is_some_and(|t| t.metrics.lock().map(|m| m.len() >= 3).unwrap_or(false))
+    });
+    wait(&mut h, "the checkpoint in the model list", |a| {
+        a.models
+            .iter()
+            .any(|m| m.1.as_ref().is_some_and(|p| p.ends_with("m.safetensors")))
+    });
+    assert!(dir.path().join("m.safetensors").exists());
+    assert!(dir.path().join("m.json").exists());
+}

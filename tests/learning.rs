@@ -1,0 +1,227 @@
+//! The paper's method end to end on tiny data: dataset generation (labels, resume), training
+//! (the loss falls; checkpoints reload exactly; resume; divergence is reported and not
+//! written), PEL fine-tuning through the registration layer, and evaluation.
+#![allow(clippy::unwrap_used)]
+
+use candle_core::Device;
+use fluoropose::dataset::{Dataset, Request, Split, generate, parse_subjects};
+use fluoropose::model::{ModelConfig, Predictor, UNet};
+use fluoropose::task::Task;
+use fluoropose::train::{Mode, TrainError, TrainOptions, train};
+use std::path::Path;
+
+fn request(size: usize, views: usize) -> Request {
+    Request {
+        subjects: parse_subjects("phantom:1..3", 1).unwrap(),
+        views,
+        novel_views: 2,
+        size,
+        seed: 7,
+        range: Default::default(),
+        realism: Default::default(),
+        cpu: true,
+    }
+}
+
+fn tiny(size: usize) -> ModelConfig {
+    ModelConfig {
+        depth: 3,
+        base_channels: 4,
+        input_size: size,
+        ..ModelConfig::default()
+    }
+}
+
+fn options(out: &Path, mode: Mode, steps: usize) -> TrainOptions {
+    TrainOptions {
+        mode,
+        epochs: 50,
+        batch: 4,
+        lr: 1e-2,
+        max_steps: Some(steps),
+        out: out.to_path_buf(),
+        config: tiny(32),
+        ..TrainOptions::default()
+    }
+}
+
+#[test]
+fn dataset_labels_splits_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let req = request(32, 3);
+    let n = generate(&req, dir.path(), &Task::new()).unwrap();
+    // 2 training subjects x (3 + 2 novel views) + 1 held-out subject x 3.
+    assert_eq!(n, 13);
+    let ds = Dataset::open(dir.path()).unwrap();
+    assert_eq!(ds.split(Some(Split::Train)).len(), 6);
+    assert_eq!(ds.split(Some(Split::NovelView)).len(), 4);
+    assert_eq!(ds.split(Some(Split::NovelSubject)).len(), 3);
+    // Labels are the projections of the subject's 3D landmarks at the stored pose.
+    for s in &ds.samples {
+        let subj = &ds.manifest.subjects[s.subject];
+        for (i, p) in subj.points3d().iter().enumerate() {
+            let uv = ds.manifest.camera.project(&s.pose(), p);
+            assert!((uv.x - s.projected[i][0]).abs() < 1e-9);
+            if let Some([x, y]) = s.landmarks[i] {
+                assert!((0.0..32.0).contains(&(x + 0.5)) && (0.0..32.0).contains(&(y + 0.5)));
+            }
+        }
+        assert_eq!(ds.image(s).unwrap().len(), 32 * 32);
+    }
+    // Resume: a cut-off label line and a lost image are re-rendered, nothing else.
+    let labels = dir.path().join("labels.jsonl");
+    let text = std::fs::read_to_string(&labels).unwrap();
+    let cut = &text[..text.len() - 40];
+    std::fs::write(&labels, cut).unwrap();
+    assert_eq!(generate(&req, dir.path(), &Task::new()).unwrap(), 1);
+    assert_eq!(Dataset::open(dir.path()).unwrap().samples.len(), 13);
+    assert_eq!(generate(&req, dir.path(), &Task::new()).unwrap(), 0);
+    // Asking for something else in the same folder is refused.
+    let mut other = request(32, 3);
+    other.seed = 8;
+    let e = generate(&other, dir.path(), &Task::new())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("different dataset"), "{e}");
+    // Cancelled work stops with an error and keeps what was written.
+    let d2 = tempfile::tempdir().unwrap();
+    let t = Task::new();
+    t.cancel();
+    assert!(generate(&req, d2.path(), &t).is_err());
+}
+
+#[test]
+fn training_lowers_the_loss_checkpoints_reload_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    generate(&request(32, 4), &dir.path().join("d"), &Task::new()).unwrap();
+    let ds = Dataset::open(&dir.path().join("d")).unwrap();
+    let out = dir.path().join("m.safetensors");
+    let mut losses = Vec::new();
+    let s = train(
+        &ds,
+        &options(&out, Mode::Baseline, 40),
+        &Device::Cpu,
+        &Task::new(),
+        &mut |m| losses.push(m.loss),
+    )
+    .unwrap();
+    assert_eq!(s.steps, 40);
+    let first: f64 = losses[..5].iter().sum::<f64>() / 5.0;
+    let last: f64 = losses[losses.len() - 5..].iter().sum::<f64>() / 5.0;
+    assert!(last < 0.7 * first, "loss {first} -> {last}");
+    // The metrics log has one line per step.
+    let log = std::fs::read_to_string(dir.path().join("m.metrics.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 40);
+    // The checkpoint reloads to identical outputs, and its card says how it was made.
+    let net = UNet::load(&out, &Device::Cpu).unwrap();
+    let p1 = Predictor::new(&net).unwrap();
+    let p2 = Predictor::load(&out, &Device::Cpu).unwrap();
+    let img = ds.image(&ds.samples[0]).unwrap();
+    assert_eq!(
+        p1.predict(&img, 32, 32).unwrap(),
+        p2.predict(&img, 32, 32).unwrap()
+    );
+    assert_eq!(net.config.card["training"]["mode"], "baseline");
+    // Resume: the state file says 40 steps; asking for 10 more continues from there.
+    let mut more = options(&out, Mode::Baseline, 50);
+    more.max_steps = Some(50);
+    let s2 = train(&ds, &more, &Device::Cpu, &Task::new(), &mut |_| {}).unwrap();
+    assert_eq!(s2.steps, 50);
+}
+
+#[test]
+fn divergence_is_reported_and_not_written() {
+    let dir = tempfile::tempdir().unwrap();
+    generate(&request(32, 2), &dir.path().join("d"), &Task::new()).unwrap();
+    let ds = Dataset::open(&dir.path().join("d")).unwrap();
+    let out = dir.path().join("div.safetensors");
+    let mut o = options(&out, Mode::Baseline, 20);
+    // A loss that grows past the threshold at all is "divergence" here: any second step does.
+    o.lr = 10.0;
+    o.divergence_factor = 1.0 + 1e-9;
+    let mut prev = f64::NAN;
+    let mut grew = false;
+    let r = train(&ds, &o, &Device::Cpu, &Task::new(), &mut |m| {
+        grew |= m.loss > prev;
+        prev = m.loss;
+    });
+    let div_step = match r {
+        Err(TrainError::Diverged { step, .. }) => step,
+        other => panic!(
+            "expected divergence (grew: {grew}), got {:?}",
+            other.map(|s| s.steps)
+        ),
+    };
+    assert!(div_step >= 1, "the first step sets the reference");
+    // Only whole epochs before the divergence may have been checkpointed, never the diverged state.
+    if out.exists() {
+        let st: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("div.state.json")).unwrap(),
+        )
+        .unwrap();
+        assert!(st["steps_done"].as_u64().unwrap() <= div_step as u64);
+        let net = UNet::load(&out, &Device::Cpu).unwrap();
+        for (name, t) in net.tensors() {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            assert!(v.iter().all(|x| x.is_finite()), "{name} is not finite");
+        }
+    }
+}
+
+#[test]
+fn pel_finetuning_runs_through_the_registration_layer_and_evaluation_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    generate(&request(32, 4), &dir.path().join("d"), &Task::new()).unwrap();
+    let ds = Dataset::open(&dir.path().join("d")).unwrap();
+    let base = dir.path().join("base.safetensors");
+    train(
+        &ds,
+        &options(&base, Mode::Baseline, 5),
+        &Device::Cpu,
+        &Task::new(),
+        &mut |_| {},
+    )
+    .unwrap();
+    // Fine-tuning needs a starting point.
+    let ft = dir.path().join("ft.safetensors");
+    let e = train(
+        &ds,
+        &options(&ft, Mode::Finetune, 2),
+        &Device::Cpu,
+        &Task::new(),
+        &mut |_| {},
+    );
+    assert!(matches!(e, Err(TrainError::Invalid(_))));
+    let mut o = options(&ft, Mode::Finetune, 3);
+    o.init = Some(base.clone());
+    o.lr = 1e-4;
+    o.divergence_factor = 1e6;
+    let mut pose_losses = Vec::new();
+    train(&ds, &o, &Device::Cpu, &Task::new(), &mut |m| {
+        pose_losses.push(m.pose_loss)
+    })
+    .unwrap();
+    assert_eq!(pose_losses.len(), 3);
+    assert!(pose_losses.iter().all(|l| l.is_finite() && *l >= 0.0));
+    // The fine-tuned weights differ from the baseline's: the PEL gradient reached the network.
+    let a = UNet::load(&base, &Device::Cpu).unwrap().tensors();
+    let b = UNet::load(&ft, &Device::Cpu).unwrap().tensors();
+    let w = "enc0.0.conv.weight";
+    let diff = (&a[w] - &b[w])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff > 0.0);
+    // Evaluation: every image of the split, RMSE per landmark, pose errors.
+    let net = UNet::load(&ft, &Device::Cpu).unwrap();
+    let r = fluoropose::eval::evaluate(&net, &ds, Some(Split::NovelSubject), &Task::new()).unwrap();
+    assert_eq!(r.images, 4);
+    assert!(r.rmse_px["mean"].as_f64().unwrap().is_finite());
+    assert_eq!(r.rmse_px.len(), 9);
+    let md = fluoropose::eval::markdown(&[("ft".into(), r)]);
+    assert!(md.contains("| ft | novel-subject | 4 |"));
+}
