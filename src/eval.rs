@@ -5,7 +5,7 @@
 use crate::dataset::{Dataset, Sample, Split};
 use crate::landmarks::N_LANDMARKS;
 use crate::model::{UNet, heatmap};
-use crate::registration::{LmOptions, Problem, metrics, solve};
+use crate::registration::{metrics, solve_detections};
 use crate::task::{Cancelled, Task};
 use candle_core::Tensor;
 use nalgebra::Point2;
@@ -84,17 +84,8 @@ pub fn evaluate(
             }
             let subject = &data.manifest.subjects[s.subject];
             let p3 = subject.points3d();
-            let p2: Vec<Option<Point2<f64>>> = sub.iter().map(|(p, _)| Some(*p)).collect();
-            let w: Vec<f64> = sub.iter().map(|(_, c)| c.max(1e-3)).collect();
-            let sol = solve(
-                &Problem {
-                    camera: &data.manifest.camera,
-                    points3d: &p3,
-                    points2d: &p2,
-                    weights: Some(&w),
-                },
-                &LmOptions::default(),
-            );
+            let pts3: Vec<_> = p3.iter().map(|p| Some(*p)).collect();
+            let sol = solve_detections(&data.manifest.camera, &pts3, &sub, None);
             if sol.status.ok() {
                 let truth = s.pose();
                 tres.push(metrics::mean_tre_mm(&sol.pose, &truth, &p3));

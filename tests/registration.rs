@@ -395,3 +395,25 @@ fn candle_layer_backpropagates_the_implicit_gradient() {
         assert!((*a as f64 - b).abs() < 1e-3 * b.abs().max(1.0));
     }
 }
+
+/// The app's and the evaluation's entry point: detections with confidences, 3D landmarks with
+/// one absent, a bad previous pose to start from: the true pose comes back anyway.
+#[test]
+fn solve_detections_recovers_the_pose_from_a_bad_start_and_an_absent_landmark() {
+    use fluoropose::registration::solve_detections;
+    let cam = Camera::paper(256);
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for (pts, iso) in subjects().into_iter().take(5) {
+        let truth = PoseRange::default().sample(&mut rng, &iso);
+        let det: Vec<(Point2<f64>, f64)> =
+            pts.iter().map(|p| (cam.project(&truth, p), 0.9)).collect();
+        let mut p3: Vec<Option<Point3<f64>>> = pts.iter().map(|p| Some(*p)).collect();
+        p3[4] = None;
+        let wrong = PoseRange::default().sample(&mut rng, &iso);
+        let s = solve_detections(&cam, &p3, &det, Some(&wrong));
+        assert!(s.status.ok(), "{:?}", s.status);
+        assert!(rotation_error_deg(&s.pose, &truth) < 1e-4);
+        assert!(translation_error_mm(&s.pose, &truth) < 1e-3);
+        assert!(!s.inliers[4], "an absent 3D landmark takes no part");
+    }
+}

@@ -275,6 +275,8 @@ pub struct FluoroApp {
     /// The current training run.
     pub training: Option<TrainingRun>,
     options: AppOptions,
+    /// (frame-to-overlay, source, inference, pose) ms of every frame shown.
+    history: Vec<(f64, f64, f64, f64)>,
     frames_drawn: u32,
     screenshot_requested: bool,
     gpu_status: String,
@@ -371,6 +373,7 @@ impl FluoroApp {
             training: None,
             scene,
             options,
+            history: Vec::new(),
             frames_drawn: 0,
             screenshot_requested: false,
             gpu_status,
@@ -502,6 +505,12 @@ impl FluoroApp {
         match self.pipeline.latest() {
             Some(Ok(p)) => {
                 self.shown_latency_ms = p.produced.elapsed().as_secs_f64() * 1e3;
+                self.history.push((
+                    self.shown_latency_ms,
+                    p.timings.source_ms,
+                    p.timings.inference_ms,
+                    p.timings.pose_ms,
+                ));
                 let now = Instant::now();
                 self.fps_meter.push(now);
                 self.fps_meter
@@ -522,6 +531,31 @@ impl FluoroApp {
             .duration_since(self.fps_meter[0])
             .as_secs_f64();
         (self.fps_meter.len() - 1) as f64 / span.max(1e-9)
+    }
+
+    /// What the run measured, as JSON: frames shown, fps, mean and 95th-percentile
+    /// frame-to-overlay latency, mean stage times.
+    pub fn measurements(&self) -> serde_json::Value {
+        let n = self.history.len().max(1) as f64;
+        let mean = |k: usize| {
+            self.history
+                .iter()
+                .map(|h| [h.0, h.1, h.2, h.3][k])
+                .sum::<f64>()
+                / n
+        };
+        let mut lat: Vec<f64> = self.history.iter().map(|h| h.0).collect();
+        lat.sort_by(|a, b| a.total_cmp(b));
+        let p95 = lat
+            .get(((lat.len() as f64 * 0.95) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN);
+        serde_json::json!({
+            "frames_shown": self.history.len(), "fps": self.fps(),
+            "frame_to_overlay_ms": {"mean": mean(0), "p95": p95},
+            "source_ms": mean(1), "inference_ms": mean(2), "pose_ms": mean(3),
+            "drr_ms": self.drr_ms,
+        })
     }
 
     /// Frame-to-overlay latency of the newest frame, ms.
@@ -828,6 +862,7 @@ impl eframe::App for FluoroApp {
             && !self.screenshot_requested
         {
             self.screenshot_requested = true;
+            println!("{}", self.measurements());
             let c2 = ctx.clone();
             ctx.request_screenshot(move |img| {
                 let [w, h] = img.size;

@@ -6,7 +6,7 @@
 use crate::geometry::{Camera, Pose};
 use crate::landmarks::Landmarks3d;
 use crate::model::{Detection, Predictor};
-use crate::registration::{LmOptions, Problem, Solution, solve, solve_from};
+use crate::registration::{Solution, solve_detections};
 use crate::stream::simulated::{CpuDrr, DrrSource, QuantumNoise, SimulatedStream, Trajectory};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -411,40 +411,9 @@ impl Worker {
         if det.is_empty() {
             return None;
         }
-        let pts: Vec<nalgebra::Point3<f64>> = self
-            .landmarks
-            .points
-            .iter()
-            .map(|p| p.unwrap_or_default())
-            .collect();
-        let p2: Vec<_> = det.iter().map(|d| Some(d.point)).collect();
-        let w: Vec<f64> = det
-            .iter()
-            .zip(&self.landmarks.points)
-            .map(|(d, p)| {
-                if p.is_some() {
-                    d.confidence.max(1e-3)
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let pb = Problem {
-            camera,
-            points3d: &pts,
-            points2d: &p2,
-            weights: Some(&w),
-        };
-        let opts = LmOptions::default();
-        // Start from the previous frame's pose (the C-arm moves little between frames); fall
-        // back to the robust global start when that does not converge well.
-        let mut s = match &self.last_pose {
-            Some(prev) => solve_from(&pb, prev, &opts),
-            None => solve(&pb, &opts),
-        };
-        if self.last_pose.is_some() && (!s.status.ok() || s.rmse_px > 5.0) {
-            s = solve(&pb, &opts);
-        }
+        let d: Vec<_> = det.iter().map(|d| (d.point, d.confidence)).collect();
+        // The C-arm moves little between frames: start from the previous frame's pose.
+        let s = solve_detections(camera, &self.landmarks.points, &d, self.last_pose.as_ref());
         self.last_pose = s.status.ok().then_some(s.pose);
         Some(s)
     }

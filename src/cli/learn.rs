@@ -348,28 +348,8 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
             });
             if let Some(l3) = &lm3 {
                 let cam = x.geometry.camera(x.width as u32, x.height as u32);
-                let pts: Vec<_> = l3.points.iter().map(|p| p.unwrap_or_default()).collect();
-                let p2: Vec<_> = det.iter().map(|d| Some(d.point)).collect();
-                let w: Vec<f64> = det
-                    .iter()
-                    .zip(&l3.points)
-                    .map(|(d, p)| {
-                        if p.is_some() {
-                            d.confidence.max(1e-3)
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
-                let s = crate::registration::solve(
-                    &crate::registration::Problem {
-                        camera: &cam,
-                        points3d: &pts,
-                        points2d: &p2,
-                        weights: Some(&w),
-                    },
-                    &Default::default(),
-                );
+                let d: Vec<_> = det.iter().map(|d| (d.point, d.confidence)).collect();
+                let s = crate::registration::solve_detections(&cam, &l3.points, &d, None);
                 rec["pose"] = serde_json::json!(s.pose.params());
                 rec["status"] = serde_json::json!(format!("{:?}", s.status));
                 rec["reprojection_rmse_px"] = serde_json::json!(s.rmse_px);

@@ -79,25 +79,22 @@ pub fn soft_argmax(logits: &Tensor, tau: f64) -> candle_core::Result<Tensor> {
 /// Per heatmap of `(N, H, W)` logits: the argmax pixel refined to sub-pixel precision by a
 /// parabola through its neighbours on each axis, and the peak probability `sigmoid(max)`.
 pub fn argmax_subpixel(logits: &Tensor) -> candle_core::Result<Vec<(Point2<f64>, f64)>> {
-    let (n, h, w) = logits.dims3()?;
-    let v = logits
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    Ok((0..n)
-        .map(|i| peak(&v[i * h * w..(i + 1) * h * w], w, h, true))
-        .collect())
+    peaks(logits, true)
 }
 
 /// Per heatmap: the integer argmax (the paper's evaluation) and its probability.
 pub fn argmax(logits: &Tensor) -> candle_core::Result<Vec<(Point2<f64>, f64)>> {
+    peaks(logits, false)
+}
+
+fn peaks(logits: &Tensor, subpixel: bool) -> candle_core::Result<Vec<(Point2<f64>, f64)>> {
     let (n, h, w) = logits.dims3()?;
     let v = logits
         .to_dtype(DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
     Ok((0..n)
-        .map(|i| peak(&v[i * h * w..(i + 1) * h * w], w, h, false))
+        .map(|i| peak(&v[i * h * w..(i + 1) * h * w], w, h, subpixel))
         .collect())
 }
 

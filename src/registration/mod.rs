@@ -152,3 +152,35 @@ impl Solution {
         }
     }
 }
+
+/// Solves the pose from detected 2D landmarks (with confidences as weights) and a CT's 3D
+/// landmarks (absent ones do not take part): from `init` when given (the previous frame's
+/// pose), falling back to the robust global start when that does not converge well.
+pub fn solve_detections(
+    camera: &Camera,
+    points3d: &[Option<Point3<f64>>],
+    detections: &[(Point2<f64>, f64)],
+    init: Option<&Pose>,
+) -> Solution {
+    let pts: Vec<Point3<f64>> = points3d.iter().map(|p| p.unwrap_or_default()).collect();
+    let p2: Vec<Option<Point2<f64>>> = detections.iter().map(|d| Some(d.0)).collect();
+    let w: Vec<f64> = detections
+        .iter()
+        .zip(points3d)
+        .map(|(d, p)| if p.is_some() { d.1.max(1e-3) } else { 0.0 })
+        .collect();
+    let pb = Problem {
+        camera,
+        points3d: &pts,
+        points2d: &p2,
+        weights: Some(&w),
+    };
+    let opts = LmOptions::default();
+    if let Some(prev) = init {
+        let s = solve_from(&pb, prev, &opts);
+        if s.status.ok() && s.rmse_px <= 5.0 {
+            return s;
+        }
+    }
+    solve(&pb, &opts)
+}

@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""The same U-Net as fluoropose's default model, in PyTorch, timed the same way as
+`fluoropose bench model` (median forward ms at batch 1 in eval mode with batch norm folded away
+by PyTorch's own inference path, and one BCE training step at batch 4 with AdamW).
+
+Usage (a Python with torch; the project's tests never need it):
+    python3 benches/pytorch_unet.py --size 256 --base 8 --depth 5 --threads 2 [--json]
+Run it right after `fluoropose bench model` on the same machine so the ratio is side by side.
+"""
+import argparse, json, statistics, time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def block(cin, cout):
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+    )
+
+
+class UNet(nn.Module):
+    def __init__(self, depth=5, base=8, n=8):
+        super().__init__()
+        ch = [base << i for i in range(depth)]
+        self.enc = nn.ModuleList([block(1 if i == 0 else ch[i - 1], ch[i]) for i in range(depth)])
+        self.dec = nn.ModuleList([block(ch[j + 1] + ch[j], ch[j]) for j in range(depth - 1)])
+        self.head = nn.Conv2d(ch[0], n, 1)
+
+    def forward(self, x):
+        skips = []
+        for i, e in enumerate(self.enc):
+            if i > 0:
+                x = F.max_pool2d(x, 2)
+            x = e(x)
+            skips.append(x)
+        for j in reversed(range(len(self.dec))):
+            s = skips[j]
+            x = F.interpolate(x, size=s.shape[-2:], mode="nearest")
+            x = self.dec[j](torch.cat([x, s], 1))
+        return self.head(x)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--base", type=int, default=8)
+    ap.add_argument("--depth", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(42)
+    net = UNet(a.depth, a.base)
+    x1 = torch.randn(1, 1, a.size, a.size)
+    xb = torch.randn(a.batch, 1, a.size, a.size)
+    tgt = torch.zeros(a.batch, 8, a.size, a.size)
+    net.eval()
+    with torch.inference_mode():
+        net(x1)
+        fwd = []
+        for _ in range(a.reps):
+            t = time.perf_counter()
+            net(x1)
+            fwd.append((time.perf_counter() - t) * 1e3)
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(100.0))
+
+    def step():
+        t = time.perf_counter()
+        opt.zero_grad()
+        loss_fn(net(xb), tgt).backward()
+        opt.step()
+        return (time.perf_counter() - t) * 1e3
+
+    step()
+    train = [step() for _ in range(max(1, min(a.reps, 3)))]
+    out = {"kernels": "pytorch " + torch.__version__, "size": a.size, "base_channels": a.base,
+           "depth": a.depth, "forward_ms": statistics.median(fwd),
+           "train_step_ms": statistics.median(train), "batch": a.batch,
+           "threads": torch.get_num_threads()}
+    if a.json:
+        print(json.dumps(out))
+    else:
+        print(f"| pytorch | {a.size} | {out['forward_ms']:.1f} | {out['train_step_ms']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
