@@ -225,3 +225,33 @@ fn the_train_tab_trains_and_its_curve_grows() {
     assert!(dir.path().join("m.safetensors").exists());
     assert!(dir.path().join("m.json").exists());
 }
+
+/// Snapshots of the tabs whose content does not depend on the stream's timing (the Live tab's
+/// noise and latencies change every run; `--screenshot` covers it for the docs).
+#[test]
+fn snapshots_of_the_ct_annotate_and_train_tabs() {
+    if skip() {
+        return;
+    }
+    let mut h = harness();
+    wait(&mut h, "a frame", |a| a.latest.is_some());
+    h.state_mut().set_playing(false);
+    for (label, name) in [
+        ("CT", "tab_ct"),
+        ("Annotate", "tab_annotate"),
+        ("Train", "tab_train"),
+    ] {
+        h.get_by_label(label).click();
+        // The toast area and the status bar carry run-dependent text: mask them.
+        h.run_steps(3);
+        h.mask(egui::Rect::from_min_max(
+            egui::pos2(0.0, 770.0),
+            egui::pos2(1280.0, 800.0),
+        ));
+        h.mask(egui::Rect::from_min_max(
+            egui::pos2(700.0, 500.0),
+            egui::pos2(1280.0, 770.0),
+        ));
+        h.snapshot(name);
+    }
+}

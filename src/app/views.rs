@@ -410,8 +410,11 @@ pub fn ct(app: &mut FluoroApp, ui: &mut egui::Ui) {
             let mut changed = false;
             for i in 0..N_LANDMARKS {
                 ui.horizontal(|ui| {
-                    ui.radio_value(&mut app.selected_landmark, i, "");
-                    ui.colored_label(COLOURS[i], LANDMARKS[i].code);
+                    ui.radio_value(
+                        &mut app.selected_landmark,
+                        i,
+                        egui::RichText::new(LANDMARKS[i].code).color(COLOURS[i]),
+                    );
                     match app.scene.landmarks.points[i] {
                         Some(p) => {
                             ui.monospace(format!("{:>7.1} {:>7.1} {:>7.1}", p.x, p.y, p.z));
@@ -589,8 +592,12 @@ pub fn annotate(app: &mut FluoroApp, ui: &mut egui::Ui) {
             app.send(super::Command::Seek(p.index + 1));
         }
         let mut dir = app.settings.annotation_dir.display().to_string();
-        ui.label("save to");
-        if ui.text_edit_singleline(&mut dir).changed() {
+        let l = ui.label("save to");
+        if ui
+            .text_edit_singleline(&mut dir)
+            .labelled_by(l.id)
+            .changed()
+        {
             app.settings.annotation_dir = PathBuf::from(dir);
         }
     });
@@ -743,9 +750,9 @@ pub fn train(app: &mut FluoroApp, ui: &mut egui::Ui) {
     });
     egui::Grid::new("train-form").num_columns(2).show(ui, |ui| {
         let f = &mut app.train_form;
-        ui.label("dataset");
+        let l = ui.label("dataset");
         ui.horizontal(|ui| {
-            ui.text_edit_singleline(&mut f.data);
+            ui.text_edit_singleline(&mut f.data).labelled_by(l.id);
             if ui.button("…").clicked()
                 && let Some(p) = rfd::FileDialog::new().pick_folder()
             {
@@ -761,24 +768,28 @@ pub fn train(app: &mut FluoroApp, ui: &mut egui::Ui) {
             ui.selectable_value(&mut f.mode, Mode::PelOnly, "PEL only");
         });
         ui.end_row();
-        ui.label("epochs");
-        ui.add(egui::DragValue::new(&mut f.epochs).range(1..=1000));
+        let l = ui.label("epochs");
+        ui.add(egui::DragValue::new(&mut f.epochs).range(1..=1000))
+            .labelled_by(l.id);
         ui.end_row();
-        ui.label("batch");
-        ui.add(egui::DragValue::new(&mut f.batch).range(1..=64));
+        let l = ui.label("batch");
+        ui.add(egui::DragValue::new(&mut f.batch).range(1..=64))
+            .labelled_by(l.id);
         ui.end_row();
-        ui.label("learning rate");
+        let l = ui.label("learning rate");
         ui.add(
             egui::DragValue::new(&mut f.lr)
                 .speed(1e-5)
                 .range(1e-7..=1.0),
-        );
+        )
+        .labelled_by(l.id);
         ui.end_row();
-        ui.label("max steps (0: all)");
-        ui.add(egui::DragValue::new(&mut f.max_steps));
+        let l = ui.label("max steps (0: all)");
+        ui.add(egui::DragValue::new(&mut f.max_steps))
+            .labelled_by(l.id);
         ui.end_row();
-        ui.label("save to");
-        ui.text_edit_singleline(&mut f.out);
+        let l = ui.label("save to");
+        ui.text_edit_singleline(&mut f.out).labelled_by(l.id);
         ui.end_row();
     });
     ui.horizontal(|ui| {
