@@ -677,6 +677,163 @@ impl Dataset {
     }
 }
 
+/// A camera seen through a resampling of its `w x h` image to `size x size` (pixel centres
+/// aligned, as [`crate::model::resize_bilinear`] resamples).
+pub fn resampled_camera(c: &Camera, size: usize) -> Camera {
+    let (sx, sy) = (
+        size as f64 / c.width_px as f64,
+        size as f64 / c.height_px as f64,
+    );
+    Camera {
+        sdd_mm: c.sdd_mm,
+        width_px: size as u32,
+        height_px: size as u32,
+        delx_mm: c.delx_mm / sx,
+        dely_mm: c.dely_mm / sy,
+        cx_px: (c.cx_px + 0.5) * sx - 0.5,
+        cy_px: (c.cy_px + 0.5) * sy - 0.5,
+    }
+}
+
+/// One corrected frame for [`append_annotated`].
+pub struct Annotated<'a> {
+    /// The CT's name (`phantom:N` or its path) and its 3D landmarks (LPS mm).
+    pub ct: &'a str,
+    /// The CT's landmarks.
+    pub landmarks3d: &'a Landmarks3d,
+    /// The CT's centre (the pose sampler's isocentre; informational here).
+    pub isocenter: Point3<f64>,
+    /// The frame.
+    pub pixels: &'a [f32],
+    /// Width, height.
+    pub size: (usize, usize),
+    /// The frame's camera.
+    pub camera: &'a Camera,
+    /// The corrected landmarks in frame pixels (`None`: not visible).
+    pub points: &'a [Option<Point2<f64>>; N_LANDMARKS],
+    /// The true pose when known (simulated frames); else it is solved from the landmarks.
+    pub pose: Option<Pose>,
+}
+
+/// Appends a corrected frame to the dataset in `dir` (created at `size` when new): the image
+/// resampled to the dataset size, its landmarks, and its pose (the true one, or the one the
+/// corrected landmarks give). Returns the new sample. Annotators' corrections become training
+/// data the `train` command reads like any generated set.
+pub fn append_annotated(dir: &Path, a: &Annotated, size: usize) -> Result<Sample, DatasetError> {
+    let all = a.landmarks3d.all().ok_or_else(|| {
+        DatasetError::Invalid("the CT needs all 8 landmarks to label a training image".into())
+    })?;
+    if a.pixels.len() != a.size.0 * a.size.1 || a.size.0 == 0 {
+        return Err(DatasetError::Invalid(
+            "the frame has the wrong number of pixels".into(),
+        ));
+    }
+    std::fs::create_dir_all(dir.join("images")).map_err(io_err(dir))?;
+    let camera = resampled_camera(a.camera, size);
+    let mpath = dir.join("manifest.json");
+    let mut manifest = if mpath.exists() {
+        Dataset::read_manifest(dir)?
+    } else {
+        Manifest {
+            version: 1,
+            seed: 0,
+            size,
+            camera,
+            views: 0,
+            novel_views: 0,
+            max_rotation_deg: 0.0,
+            max_translation_mm: 0.0,
+            realism: Realism::default(),
+            subjects: Vec::new(),
+        }
+    };
+    if manifest.size != size || manifest.camera != camera {
+        return Err(DatasetError::Invalid(format!(
+            "{} holds images of another size or camera; use a new folder",
+            dir.display()
+        )));
+    }
+    let lm3 = all.map(|p| [p.x, p.y, p.z]);
+    let si = match manifest
+        .subjects
+        .iter()
+        .position(|s| s.ct == a.ct && s.landmarks3d == lm3)
+    {
+        Some(i) => i,
+        None => {
+            manifest.subjects.push(Subject {
+                name: format!("annotated{:03}", manifest.subjects.len()),
+                ct: a.ct.to_string(),
+                held_out: false,
+                landmarks3d: lm3,
+                isocenter: [a.isocenter.x, a.isocenter.y, a.isocenter.z],
+            });
+            manifest.subjects.len() - 1
+        }
+    };
+    let (sx, sy) = (size as f64 / a.size.0 as f64, size as f64 / a.size.1 as f64);
+    let pts: Vec<Option<Point2<f64>>> = a
+        .points
+        .iter()
+        .map(|p| p.map(|p| Point2::new((p.x + 0.5) * sx - 0.5, (p.y + 0.5) * sy - 0.5)))
+        .collect();
+    let pose = match a.pose {
+        Some(p) => p,
+        None => {
+            let det: Vec<(Point2<f64>, f64)> = pts
+                .iter()
+                .map(|p| {
+                    (
+                        p.unwrap_or(Point2::origin()),
+                        if p.is_some() { 1.0 } else { 0.0 },
+                    )
+                })
+                .collect();
+            let p3: Vec<Option<Point3<f64>>> =
+                all.iter().zip(&pts).map(|(q, p)| p.map(|_| *q)).collect();
+            let s = crate::registration::solve_detections(&camera, &p3, &det, None);
+            if !s.status.ok() {
+                return Err(DatasetError::Invalid(format!(
+                    "the corrected landmarks give no pose ({:?}); at least 4 visible are needed",
+                    s.status
+                )));
+            }
+            s.pose
+        }
+    };
+    let text = serde_json::to_string_pretty(&manifest)
+        .map_err(|e| DatasetError::Invalid(e.to_string()))?;
+    crate::io::atomic_write(&mpath, text.as_bytes()).map_err(io_err(&mpath))?;
+    let lpath = dir.join("labels.jsonl");
+    let n = Dataset::read_labels(&lpath)?.len();
+    let file = format!("{}_annot_{n:05}.png", manifest.subjects[si].name);
+    let img = crate::model::resize_bilinear(a.pixels, a.size.0, a.size.1, size, size);
+    let ipath = dir.join("images").join(&file);
+    crate::drr::image_io::write_image(&ipath, &img, size, size)
+        .map_err(|e| DatasetError::Invalid(format!("{}: {e}", ipath.display())))?;
+    let projected = std::array::from_fn(|i| {
+        let uv = camera.project(&pose, &all[i]);
+        [uv.x, uv.y]
+    });
+    let sample = Sample {
+        image: file,
+        subject: si,
+        split: Split::Train,
+        pose: pose.params(),
+        landmarks: std::array::from_fn(|i| pts[i].map(|p| [p.x, p.y])),
+        projected,
+    };
+    let line = serde_json::to_string(&sample).map_err(|e| DatasetError::Invalid(e.to_string()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&lpath)
+        .map_err(io_err(&lpath))?;
+    writeln!(f, "{line}").map_err(io_err(&lpath))?;
+    f.flush().map_err(io_err(&lpath))?;
+    Ok(sample)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -703,6 +860,45 @@ mod tests {
         assert!(vis[0].is_some());
         assert!((proj[0][0] - 31.5).abs() < 1.0, "{proj:?}");
         assert!(vis[1].is_none() && proj[1][0].is_finite());
+    }
+
+    /// A corrected frame becomes a training sample whose landmarks and pose agree: the labels
+    /// are where the pose projects the CT's landmarks, on a resampled, non-square frame.
+    #[test]
+    fn annotated_frames_append_as_training_samples() {
+        let (_, lm) = crate::volume::phantom::phantom_subject(2, Some(4.0));
+        let all = lm.all().unwrap();
+        let cam = Camera::new(1020.0, 320, 240, 1.2, 1.2);
+        let iso = Point3::from(all.iter().map(|p| p.coords).sum::<nalgebra::Vector3<f64>>() / 8.0);
+        let truth = crate::geometry::sampling::ap_pose(&iso, 800.0);
+        let points: [Option<Point2<f64>>; N_LANDMARKS] =
+            std::array::from_fn(|i| (i != 3).then(|| cam.project(&truth, &all[i])));
+        let dir = tempfile::tempdir().unwrap();
+        let a = Annotated {
+            ct: "phantom:2",
+            landmarks3d: &lm,
+            isocenter: iso,
+            pixels: &vec![0.5; 320 * 240],
+            size: (320, 240),
+            camera: &cam,
+            points: &points,
+            pose: None,
+        };
+        let s = append_annotated(dir.path(), &a, 64).unwrap();
+        assert!(s.landmarks[3].is_none() && s.landmarks[0].is_some());
+        for i in [0, 1, 2, 4, 5, 6, 7] {
+            let [x, y] = s.landmarks[i].unwrap();
+            assert!((x - s.projected[i][0]).abs() < 1e-6 && (y - s.projected[i][1]).abs() < 1e-6);
+        }
+        let err = crate::registration::metrics::rotation_error_deg(&s.pose(), &truth);
+        assert!(err < 1e-6, "{err}");
+        append_annotated(dir.path(), &a, 64).unwrap();
+        let ds = Dataset::open(dir.path()).unwrap();
+        assert_eq!(ds.samples.len(), 2);
+        assert_eq!(ds.manifest.subjects.len(), 1);
+        assert_eq!(ds.image(&ds.samples[1]).unwrap().len(), 64 * 64);
+        // Another size in the same folder is refused.
+        assert!(append_annotated(dir.path(), &a, 32).is_err());
     }
 
     #[test]

@@ -170,6 +170,17 @@ fn dragging_a_landmark_moves_it_and_saves_it() {
     let back = fluoropose::landmarks::Landmarks2d::read_json(&saved).unwrap();
     let q = back.points[i].unwrap();
     assert!((q.x - moved.x).abs() < 1e-6 && (q.y - moved.y).abs() < 1e-6);
+    // The correction becomes a training sample the `train` command reads.
+    h.get_by_label("Add to dataset").click();
+    h.step();
+    let ds = fluoropose::dataset::Dataset::open(&dir.path().join("dataset")).unwrap();
+    assert_eq!(ds.samples.len(), 1);
+    let [x, y] = ds.samples[0].landmarks[i].unwrap();
+    let k = 256.0 / w as f64;
+    assert!(
+        (x - ((moved.x + 0.5) * k - 0.5)).abs() < 1e-6
+            && (y - ((moved.y + 0.5) * k - 0.5)).abs() < 1e-6
+    );
     // Undo puts it back (and saves that too).
     h.get_by_label("Undo").click();
     h.step();

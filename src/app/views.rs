@@ -591,6 +591,13 @@ pub fn annotate(app: &mut FluoroApp, ui: &mut egui::Ui) {
         {
             app.send(super::Command::Seek(p.index + 1));
         }
+        if ui
+            .button("Add to dataset")
+            .on_hover_text("append this corrected frame to DIR/dataset, which `train` reads")
+            .clicked()
+        {
+            add_to_dataset(app);
+        }
         let mut dir = app.settings.annotation_dir.display().to_string();
         let l = ui.label("save to");
         if ui
@@ -712,6 +719,34 @@ pub fn annotate(app: &mut FluoroApp, ui: &mut egui::Ui) {
         && let Some(i) = nearest(pos)
     {
         edit(app, |l| l.points[i] = None);
+    }
+}
+
+/// Appends the corrected frame to `annotation_dir/dataset` as a training sample.
+fn add_to_dataset(app: &mut FluoroApp) {
+    let (Some(frame), Some(cur)) = (&app.annotation.frame, &app.annotation.current) else {
+        app.toast("take a frame first", true);
+        return;
+    };
+    let size = crate::model::ModelConfig::default().input_size;
+    let dir = app.settings.annotation_dir.join("dataset");
+    let r = crate::dataset::append_annotated(
+        &dir,
+        &crate::dataset::Annotated {
+            ct: &app.scene.name,
+            landmarks3d: &app.scene.landmarks,
+            isocenter: app.scene.volume.center_mm(),
+            pixels: &frame.pixels,
+            size: frame.size,
+            camera: &frame.camera,
+            points: &cur.points,
+            pose: frame.truth,
+        },
+        size,
+    );
+    match r {
+        Ok(s) => app.toast(format!("added {} to {}", s.image, dir.display()), false),
+        Err(e) => app.toast(format!("{}: {e}", dir.display()), true),
     }
 }
 

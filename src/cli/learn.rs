@@ -81,6 +81,12 @@ pub struct DatasetArgs {
     /// Probability of a circular collimator edge.
     #[arg(long, default_value_t = 0.0)]
     pub collimation: f64,
+    /// Largest rotation about each axis around AP, degrees (the paper: 45).
+    #[arg(long, default_value_t = 45.0)]
+    pub max_rotation_deg: f64,
+    /// Largest translation along each axis, mm (the paper: 50).
+    #[arg(long, default_value_t = 50.0)]
+    pub max_translation_mm: f64,
     /// Render on the CPU reference.
     #[arg(long)]
     pub cpu: bool,
@@ -194,7 +200,11 @@ pub fn dataset(a: &DatasetArgs) -> Result<()> {
         novel_views: a.novel_views,
         size: a.size,
         seed: a.seed,
-        range: PoseRange::default(),
+        range: PoseRange {
+            max_rotation_rad: a.max_rotation_deg.to_radians(),
+            max_translation_mm: a.max_translation_mm,
+            ..PoseRange::default()
+        },
         realism: Realism {
             photons: a.photons,
             blur_px: a.blur,
@@ -389,6 +399,8 @@ pub fn experiment(a: &ExperimentArgs) -> Result<()> {
         blur: 0.0,
         gamma: 0.0,
         collimation: 0.0,
+        max_rotation_deg: 45.0,
+        max_translation_mm: 50.0,
         cpu: false,
         out: data_dir.clone(),
     })?;
