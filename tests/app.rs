@@ -266,3 +266,43 @@ fn snapshots_of_the_ct_annotate_and_train_tabs() {
         h.snapshot(name);
     }
 }
+
+/// A real 12-frame XA cine as the live source: every frame goes through the model, the header's
+/// geometry reaches the camera, and seeking works; a corrupt file is an error toast.
+#[test]
+fn a_real_cine_plays_through_the_pipeline() {
+    if skip() {
+        return;
+    }
+    let Some(cine) = common::shared("fluoro/XA-MONO2-8-12x-catheter.dcm") else {
+        eprintln!("skipping: ../shared/data is absent");
+        return;
+    };
+    let mut h = harness();
+    wait(&mut h, "the simulated frame", |a| a.latest.is_some());
+    h.state_mut().open_frames(cine.clone());
+    wait(&mut h, "the first cine frame", |a| {
+        a.latest.as_ref().is_some_and(|p| p.truth.is_none())
+    });
+    let p = h.state().latest.clone().unwrap();
+    assert_eq!(p.count, Some(12));
+    assert_eq!(p.detections.len(), 8);
+    let x = fluoropose::stream::read_image_file(&cine).unwrap();
+    assert_eq!(p.camera, x.geometry.camera(x.width as u32, x.height as u32));
+    h.state().send(fluoropose::app::pipeline::Command::Seek(7));
+    wait(&mut h, "frame 7", |a| {
+        a.latest.as_ref().is_some_and(|p| p.index == 7)
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.dcm");
+    std::fs::write(&bad, b"DICM but not really").unwrap();
+    h.state_mut().open_frames(bad);
+    assert!(
+        h.state()
+            .toasts
+            .iter()
+            .any(|t| t.error && t.text.contains("bad.dcm"))
+    );
+    // The cine keeps playing after the bad file.
+    assert_eq!(h.state().latest.as_ref().unwrap().count, Some(12));
+}

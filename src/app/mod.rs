@@ -761,7 +761,9 @@ impl FluoroApp {
                 frames.extend(x.frames);
             }
             let (w, h) = size.ok_or("no frames found")?;
-            let camera = header.unwrap_or_default().camera(w as u32, h as u32);
+            let header = header.unwrap_or_default();
+            log::info!("C-arm header of {}: {header:?}", path.display());
+            let camera = header.camera(w as u32, h as u32);
             Ok(Source::Frames {
                 origin: path.clone(),
                 size: (w, h),
@@ -771,8 +773,18 @@ impl FluoroApp {
         })();
         match r {
             Ok(s) => {
+                let what = match &s {
+                    Source::Frames { frames, camera, .. } => format!(
+                        "{} frames from {} (SDD {:.0} mm, pixel {:.3} mm)",
+                        frames.len(),
+                        path.display(),
+                        camera.sdd_mm,
+                        camera.delx_mm
+                    ),
+                    Source::Simulated { .. } => String::new(),
+                };
                 self.pipeline.send(Command::Source(s));
-                self.toast(format!("frames from {}", path.display()), false);
+                self.toast(what, false);
             }
             Err(e) => self.toast(e, true),
         }

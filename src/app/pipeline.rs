@@ -58,6 +58,8 @@ pub enum Command {
     Model(Arc<Predictor>),
     /// Replace the CT's 3D landmarks the pose is solved with.
     Landmarks(Landmarks3d),
+    /// Override the camera of recorded frames (the header's geometry, corrected by the user).
+    Camera(Camera),
     /// Stop the thread.
     Quit,
 }
@@ -271,6 +273,16 @@ impl Worker {
             Command::Landmarks(l) => {
                 self.landmarks = l;
                 self.last_pose = None;
+            }
+            Command::Camera(c) => {
+                if let Source::Frames { camera, .. } = &mut self.source {
+                    *camera = c;
+                    self.last_pose = None;
+                    if !self.playing {
+                        self.next = self.next.saturating_sub(1);
+                        self.process();
+                    }
+                }
             }
             Command::Quit => return false,
         }

@@ -208,6 +208,8 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
             }
         }
         ui.separator();
+        camera_editor(app, ui, &p);
+        ui.separator();
         ui.heading("Latency");
         ui.monospace(format!(
             "source    {:6.1} ms\ninference {:6.1} ms\npose      {:6.2} ms\nDRR       {:6.1} ms\nframe→overlay {:6.1} ms\n{:.1} fps shown, {} skipped",
@@ -329,6 +331,50 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
             draw_landmarks(app, &painter, r2, &p);
         }
     });
+}
+
+/// The C-arm geometry of the frames: from the DICOM header where it has one, editable (a
+/// recorded source only; the simulated C-arm's is fixed).
+fn camera_editor(app: &mut FluoroApp, ui: &mut egui::Ui, p: &super::Processed) {
+    let mut c = p.camera;
+    ui.heading("C-arm");
+    if p.truth.is_some() {
+        ui.label(format!(
+            "simulated: SDD {:.0} mm, pixel {:.3} x {:.3} mm, {}x{}",
+            c.sdd_mm, c.delx_mm, c.dely_mm, c.width_px, c.height_px
+        ));
+        return;
+    }
+    let mut changed = false;
+    ui.horizontal(|ui| {
+        let l = ui.label("SDD mm");
+        changed |= ui
+            .add(egui::DragValue::new(&mut c.sdd_mm).range(100.0..=3000.0))
+            .labelled_by(l.id)
+            .changed();
+    });
+    ui.horizontal(|ui| {
+        let l = ui.label("pixel mm (x, y)");
+        changed |= ui
+            .add(
+                egui::DragValue::new(&mut c.delx_mm)
+                    .speed(0.001)
+                    .range(0.01..=5.0),
+            )
+            .labelled_by(l.id)
+            .changed();
+        changed |= ui
+            .add(
+                egui::DragValue::new(&mut c.dely_mm)
+                    .speed(0.001)
+                    .range(0.01..=5.0),
+            )
+            .labelled_by(l.id)
+            .changed();
+    });
+    if changed {
+        app.send(super::Command::Camera(c));
+    }
 }
 
 fn draw_landmarks(app: &FluoroApp, painter: &egui::Painter, rect: Rect, p: &super::Processed) {
