@@ -128,7 +128,7 @@ impl Scene {
         }
     }
 
-    /// The embedded default: held-out phantom subject 10.
+    /// The embedded default: phantom subject 30, held out from the shipped model's training.
     pub fn default_phantom() -> Self {
         let (v, l) = crate::volume::phantom::phantom_subject(DEFAULT_PHANTOM, None);
         Self::new(format!("phantom:{DEFAULT_PHANTOM}"), v, l)
@@ -136,7 +136,7 @@ impl Scene {
 }
 
 /// The phantom subject the app opens on (held out from the shipped model's training).
-pub const DEFAULT_PHANTOM: u64 = 10;
+pub const DEFAULT_PHANTOM: u64 = 30;
 
 /// A message for the user.
 pub struct Toast {
@@ -308,7 +308,13 @@ impl FluoroApp {
             size: 256,
             photons: settings.photons,
         };
-        let pipeline = Pipeline::start(source, model, scene.landmarks.clone());
+        let repaint = cc.egui_ctx.clone();
+        let pipeline = Pipeline::start(
+            source,
+            model,
+            scene.landmarks.clone(),
+            Box::new(move || repaint.request_repaint()),
+        );
         pipeline.send(Command::Fps(settings.fps));
         pipeline.send(Command::Loop(settings.looping));
         let (gpu, gpu_status) = match cc.wgpu_render_state.as_ref() {
@@ -895,13 +901,11 @@ impl eframe::App for FluoroApp {
                 c2.send_viewport_cmd(egui::ViewportCommand::Close);
             });
         }
-        // Keep drawing while the stream plays, training runs or a CT loads.
-        if self.playing
-            || self.training.is_some()
-            || self.ct_loading.is_some()
-            || self.options.screenshot.is_some()
-        {
-            ctx.request_repaint_after(std::time::Duration::from_millis(15));
+        // New frames ask for a repaint themselves (the pipeline's callback), so a playing
+        // stream costs one UI frame per video frame; progress of training or a CT load is
+        // polled at 10 Hz.
+        if self.training.is_some() || self.ct_loading.is_some() {
+            ctx.request_repaint_after(std::time::Duration::from_millis(100));
         }
     }
 

@@ -111,12 +111,19 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Starts the worker (paused) on `source`.
-    pub fn start(source: Source, model: Option<Arc<Predictor>>, landmarks: Landmarks3d) -> Self {
+    /// `on_frame` runs after each result is sent (the app asks egui for a repaint there, so
+    /// that the UI draws when a frame arrives instead of polling).
+    pub fn start(
+        source: Source,
+        model: Option<Arc<Predictor>>,
+        landmarks: Landmarks3d,
+        on_frame: Box<dyn Fn() + Send>,
+    ) -> Self {
         let (ctx, crx) = std::sync::mpsc::channel();
         let (rtx, rrx) = sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("fluoropose-pipeline".into())
-            .spawn(move || Worker::new(source, model, landmarks, rtx).run(crx))
+            .spawn(move || Worker::new(source, model, landmarks, rtx, on_frame).run(crx))
             .ok();
         Self {
             commands: ctx,
@@ -160,6 +167,7 @@ struct Worker {
     model: Option<Arc<Predictor>>,
     landmarks: Landmarks3d,
     out: SyncSender<Result<Processed, String>>,
+    on_frame: Box<dyn Fn() + Send>,
     playing: bool,
     fps: f64,
     looping: bool,
@@ -174,6 +182,7 @@ impl Worker {
         model: Option<Arc<Predictor>>,
         landmarks: Landmarks3d,
         out: SyncSender<Result<Processed, String>>,
+        on_frame: Box<dyn Fn() + Send>,
     ) -> Self {
         let mut w = Self {
             source: source.clone(),
@@ -181,6 +190,7 @@ impl Worker {
             model,
             landmarks,
             out,
+            on_frame,
             playing: false,
             fps: 10.0,
             looping: true,
@@ -377,6 +387,7 @@ impl Worker {
             Ok(v) => v,
             Err(e) => {
                 let _ = self.out.try_send(Err(e));
+                (self.on_frame)();
                 self.playing = false;
                 return;
             }
@@ -417,6 +428,7 @@ impl Worker {
         };
         // A full channel means the UI has not taken the last frame: drop this one (no lag).
         let _ = self.out.try_send(Ok(p));
+        (self.on_frame)();
     }
 
     fn solve(&mut self, camera: &Camera, det: &[Detection]) -> Option<Solution> {
