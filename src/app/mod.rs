@@ -161,6 +161,9 @@ struct GpuDrr {
         (u32, u32),
     )>,
     window: Option<Window>,
+    /// Longest side of the verification DRR: 256 on a GPU, 128 on a software rasteriser
+    /// (lavapipe), where every DRR pixel costs CPU time the model needs.
+    max_px: u32,
 }
 
 /// Annotation state of the current image.
@@ -336,6 +339,11 @@ impl FluoroApp {
                         egui_renderer: rs.renderer.clone(),
                         texture: None,
                         window: None,
+                        max_px: if rs.adapter.get_info().device_type == wgpu::DeviceType::Cpu {
+                            128
+                        } else {
+                            256
+                        },
                     }),
                     status,
                 )
@@ -604,8 +612,8 @@ impl FluoroApp {
         if !g_renderer_ready {
             return None;
         }
-        // The verification DRR at up to 256 px: enough to compare, cheap on any GPU.
-        let scale = (256.0 / camera.width_px.max(camera.height_px) as f64).min(1.0);
+        // The verification DRR at up to `max_px`: enough to compare, cheap.
+        let scale = (g.max_px as f64 / camera.width_px.max(camera.height_px) as f64).min(1.0);
         let cam = camera.rescaled(scale);
         let size = (cam.width_px, cam.height_px);
         let changed = self.drr_pose.as_ref() != Some(&(pose, cam));
