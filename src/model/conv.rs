@@ -123,6 +123,25 @@ fn gemm_strided(
 /// ReLU fused into the epilogue. Returns NCHW `batch x cout x h x w`.
 pub fn conv3x3(x: &[f32], wt: &[f32], bias: Option<&[f32]>, relu: bool, s: ConvShape) -> Vec<f32> {
     assert_eq!(x.len(), s.batch * s.cin * s.h * s.w, "conv3x3: input size");
+    let hw = s.h * s.w;
+    conv3x3_from(
+        |b| pad(&x[b * s.cin * hw..(b + 1) * s.cin * hw], s.cin, s.h, s.w),
+        wt,
+        bias,
+        relu,
+        s,
+    )
+}
+
+/// [`conv3x3`] over a padded input that `padded(b)` builds for batch item `b` (so that an
+/// upsample and a concatenation can be fused into the padding pass).
+fn conv3x3_from(
+    padded: impl Fn(usize) -> Vec<f32>,
+    wt: &[f32],
+    bias: Option<&[f32]>,
+    relu: bool,
+    s: ConvShape,
+) -> Vec<f32> {
     assert_eq!(wt.len(), s.cout * s.cin * 9, "conv3x3: weight size");
     if let Some(b) = bias {
         assert_eq!(b.len(), s.cout, "conv3x3: bias size");
@@ -131,7 +150,8 @@ pub fn conv3x3(x: &[f32], wt: &[f32], bias: Option<&[f32]>, relu: bool, s: ConvS
     let mut out = vec![0.0f32; s.batch * s.cout * hw];
     let mut acc = vec![0.0f32; s.cout * wide];
     for b in 0..s.batch {
-        let xp = pad(&x[b * s.cin * hw..(b + 1) * s.cin * hw], s.cin, s.h, s.w);
+        let xp = padded(b);
+        assert_eq!(xp.len(), s.cin * plane + 2, "conv3x3: padded input size");
         for tap in 0..9 {
             let off = (tap / 3) * (s.w + 2) + tap % 3;
             gemm_strided(
@@ -160,6 +180,184 @@ pub fn conv3x3(x: &[f32], wt: &[f32], bias: Option<&[f32]>, relu: bool, s: ConvS
             });
     }
     out
+}
+
+/// The padded input of `concat([upsample_nearest(low, h, w), skip])` for one batch item,
+/// without materialising the upsampled or concatenated tensors (nearest source index
+/// `floor(y * h_low / h)` as candle's `upsample_nearest2d`).
+fn pad_upcat(
+    low: &[f32],
+    cl: usize,
+    (hl, wl): (usize, usize),
+    skip: &[f32],
+    cs: usize,
+    h: usize,
+    w: usize,
+) -> Vec<f32> {
+    let plane = (h + 2) * (w + 2);
+    let mut out = vec![0.0f32; (cl + cs) * plane + 2];
+    let ys: Vec<usize> = (0..h)
+        .map(|y| ((y as f64 * hl as f64 / h as f64) as usize).min(hl - 1))
+        .collect();
+    let xs: Vec<usize> = (0..w)
+        .map(|x| ((x as f64 * wl as f64 / w as f64) as usize).min(wl - 1))
+        .collect();
+    out[..(cl + cs) * plane]
+        .par_chunks_mut(plane)
+        .enumerate()
+        .for_each(|(c, dst)| {
+            for y in 0..h {
+                let d = (y + 1) * (w + 2) + 1;
+                let row = &mut dst[d..d + w];
+                if c < cl {
+                    let src = &low[c * hl * wl + ys[y] * wl..][..wl];
+                    for (o, &sx) in row.iter_mut().zip(&xs) {
+                        *o = src[sx];
+                    }
+                } else {
+                    let cc = c - cl;
+                    row.copy_from_slice(&skip[cc * h * w + y * w..][..w]);
+                }
+            }
+        });
+    out
+}
+
+/// The padded input of `max_pool2d(x, 2)` for one batch item (floor sizes, as candle's).
+fn pad_pool(x: &[f32], c: usize, (hi, wi): (usize, usize)) -> Vec<f32> {
+    let (h, w) = (hi / 2, wi / 2);
+    let plane = (h + 2) * (w + 2);
+    let mut out = vec![0.0f32; c * plane + 2];
+    out[..c * plane]
+        .par_chunks_mut(plane)
+        .enumerate()
+        .for_each(|(ch, dst)| {
+            let src = &x[ch * hi * wi..(ch + 1) * hi * wi];
+            for y in 0..h {
+                let d = (y + 1) * (w + 2) + 1;
+                let (r0, r1) = (&src[2 * y * wi..], &src[(2 * y + 1) * wi..]);
+                for (xx, o) in dst[d..d + w].iter_mut().enumerate() {
+                    *o = r0[2 * xx]
+                        .max(r0[2 * xx + 1])
+                        .max(r1[2 * xx])
+                        .max(r1[2 * xx + 1]);
+                }
+            }
+        });
+    out
+}
+
+/// Inference-only encoder step: `relu?(conv3x3(max_pool2d(x, 2)) + bias)`, the pooling done in
+/// the padding pass.
+pub struct PoolConv {
+    /// OIHW weights.
+    pub weight: Vec<f32>,
+    /// Bias per output channel.
+    pub bias: Vec<f32>,
+    /// Apply ReLU.
+    pub relu: bool,
+}
+
+impl candle_core::CustomOp1 for PoolConv {
+    fn name(&self) -> &'static str {
+        "fast-maxpool-conv3x3"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let &[b, c, hi, wi] = l1.shape().dims() else {
+            return Err(candle_core::Error::Msg("pool-conv: expected NCHW".into()));
+        };
+        let cout = self.bias.len();
+        let (h, w) = (hi / 2, wi / 2);
+        if h == 0 || w == 0 || self.weight.len() != cout * c * 9 {
+            return Err(candle_core::Error::Msg(format!(
+                "pool-conv: input {:?} does not fit a {cout}-channel kernel",
+                l1.shape()
+            )));
+        }
+        let x = slice_f32(s1, l1, "input")?;
+        let s = ConvShape {
+            batch: b,
+            cin: c,
+            cout,
+            h,
+            w,
+        };
+        let out = conv3x3_from(
+            |i| pad_pool(&x[i * c * hi * wi..(i + 1) * c * hi * wi], c, (hi, wi)),
+            &self.weight,
+            Some(&self.bias),
+            self.relu,
+            s,
+        );
+        Ok((CpuStorage::F32(out), Shape::from((b, cout, h, w))))
+    }
+}
+
+/// Inference-only decoder step: `relu?(conv3x3(concat([upsample(low), skip])) + bias)` with the
+/// weights held by the op (they are constants of a fused network).
+pub struct UpCatConv {
+    /// OIHW weights, `cout x (c_low + c_skip) x 3 x 3`.
+    pub weight: Vec<f32>,
+    /// Bias per output channel.
+    pub bias: Vec<f32>,
+    /// Apply ReLU.
+    pub relu: bool,
+}
+
+impl candle_core::CustomOp2 for UpCatConv {
+    fn name(&self) -> &'static str {
+        "fast-upsample-concat-conv3x3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (&[b, cl, hl, wl], &[b2, cs, h, w]) = (l1.shape().dims(), l2.shape().dims()) else {
+            return Err(candle_core::Error::Msg(
+                "up-cat-conv: expected NCHW inputs".into(),
+            ));
+        };
+        let cout = self.bias.len();
+        if b != b2 || hl == 0 || wl == 0 || self.weight.len() != cout * (cl + cs) * 9 {
+            return Err(candle_core::Error::Msg(format!(
+                "up-cat-conv: inputs {:?} and {:?} do not fit a {cout}-channel kernel",
+                l1.shape(),
+                l2.shape()
+            )));
+        }
+        let low = slice_f32(s1, l1, "low-resolution input")?;
+        let skip = slice_f32(s2, l2, "skip input")?;
+        let s = ConvShape {
+            batch: b,
+            cin: cl + cs,
+            cout,
+            h,
+            w,
+        };
+        let out = conv3x3_from(
+            |i| {
+                pad_upcat(
+                    &low[i * cl * hl * wl..(i + 1) * cl * hl * wl],
+                    cl,
+                    (hl, wl),
+                    &skip[i * cs * h * w..(i + 1) * cs * h * w],
+                    cs,
+                    h,
+                    w,
+                )
+            },
+            &self.weight,
+            Some(&self.bias),
+            self.relu,
+            s,
+        );
+        Ok((CpuStorage::F32(out), Shape::from((b, cout, h, w))))
+    }
 }
 
 /// The input gradient of [`conv3x3`] (no bias/ReLU): the convolution of `grad` with the kernel
@@ -353,7 +551,7 @@ pub fn use_reference_kernels(on: bool) {
     REFERENCE.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
-fn fast_path(x: &Tensor) -> bool {
+pub(crate) fn fast_path(x: &Tensor) -> bool {
     x.device().is_cpu()
         && x.dtype() == DType::F32
         && !REFERENCE.load(std::sync::atomic::Ordering::Relaxed)
@@ -496,6 +694,59 @@ mod tests {
         let c: Vec<f32> = plain.flatten_all().unwrap().to_vec1().unwrap();
         assert!(max_rel(&a, &c) < 1e-5);
         assert!(a.iter().all(|v| *v >= 0.0));
+    }
+
+    /// The fused decoder and encoder steps against candle's separate ops, odd sizes included.
+    #[test]
+    fn fused_upsample_concat_and_pool_convs_match_candle() {
+        let dev = Device::Cpu;
+        let low = Tensor::from_vec(rand(2 * 3 * 5 * 7, 31), (2, 3, 5, 7), &dev).unwrap();
+        let skip = Tensor::from_vec(rand(2 * 4 * 10 * 14, 32), (2, 4, 10, 14), &dev).unwrap();
+        let w = Tensor::from_vec(rand(6 * 7 * 9, 33), (6, 7, 3, 3), &dev).unwrap();
+        let b = Tensor::from_vec(rand(6, 34), 6, &dev).unwrap();
+        let op = UpCatConv {
+            weight: w.flatten_all().unwrap().to_vec1().unwrap(),
+            bias: b.to_vec1().unwrap(),
+            relu: true,
+        };
+        let ours = low.apply_op2_no_bwd(&skip, &op).unwrap();
+        let up = low.upsample_nearest2d(10, 14).unwrap();
+        let cat = Tensor::cat(&[&up, &skip], 1).unwrap();
+        let theirs = cat
+            .conv2d(&w, 1, 1, 1, 1)
+            .unwrap()
+            .broadcast_add(&b.reshape((1, 6, 1, 1)).unwrap())
+            .unwrap()
+            .relu()
+            .unwrap();
+        let (a, c): (Vec<f32>, Vec<f32>) = (
+            ours.flatten_all().unwrap().to_vec1().unwrap(),
+            theirs.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        assert!(max_rel(&a, &c) < 1e-4, "up-cat {}", max_rel(&a, &c));
+
+        let x = Tensor::from_vec(rand(2 * 3 * 9 * 11, 35), (2, 3, 9, 11), &dev).unwrap();
+        let w = Tensor::from_vec(rand(5 * 3 * 9, 36), (5, 3, 3, 3), &dev).unwrap();
+        let b = Tensor::from_vec(rand(5, 37), 5, &dev).unwrap();
+        let op = PoolConv {
+            weight: w.flatten_all().unwrap().to_vec1().unwrap(),
+            bias: b.to_vec1().unwrap(),
+            relu: false,
+        };
+        let ours = x.apply_op1_no_bwd(&op).unwrap();
+        let theirs = x
+            .max_pool2d(2)
+            .unwrap()
+            .conv2d(&w, 1, 1, 1, 1)
+            .unwrap()
+            .broadcast_add(&b.reshape((1, 5, 1, 1)).unwrap())
+            .unwrap();
+        assert_eq!(ours.dims(), theirs.dims());
+        let (a, c): (Vec<f32>, Vec<f32>) = (
+            ours.flatten_all().unwrap().to_vec1().unwrap(),
+            theirs.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        assert!(max_rel(&a, &c) < 1e-4, "pool {}", max_rel(&a, &c));
     }
 
     #[test]

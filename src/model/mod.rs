@@ -333,6 +333,44 @@ impl ConvUnit {
         }
     }
 
+    /// `forward(max_pool2d(x, 2))`: one fused pass for an inference unit on the CPU.
+    fn forward_pooled(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if let Self::Fused { weight, bias } = self
+            && conv::fast_path(x)
+        {
+            let op = conv::PoolConv {
+                weight: weight.flatten_all()?.to_vec1()?,
+                bias: bias.to_vec1()?,
+                relu: true,
+            };
+            return x.contiguous()?.apply_op1_no_bwd(&op);
+        }
+        self.forward(&x.max_pool2d(2)?, train)
+    }
+
+    /// `forward(concat([upsample(low), skip]))`: one fused pass for an inference unit on the
+    /// CPU, the separate ops otherwise.
+    fn forward_upcat(
+        &self,
+        low: &Tensor,
+        skip: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        if let Self::Fused { weight, bias } = self
+            && conv::fast_path(low)
+        {
+            let op = conv::UpCatConv {
+                weight: weight.flatten_all()?.to_vec1()?,
+                bias: bias.to_vec1()?,
+                relu: true,
+            };
+            return low.contiguous()?.apply_op2_no_bwd(&skip.contiguous()?, &op);
+        }
+        let (_, _, sh, sw) = skip.dims4()?;
+        let up = low.upsample_nearest2d(sh, sw)?;
+        self.forward(&Tensor::cat(&[&up, skip], 1)?, train)
+    }
+
     fn fused(&self) -> candle_core::Result<Self> {
         Ok(match self {
             Self::Train { weight, bn } => {
@@ -481,18 +519,16 @@ impl UNet {
         let mut skips = Vec::with_capacity(self.encoder.len());
         let mut h = x.clone();
         for (i, [a, b]) in self.encoder.iter().enumerate() {
-            if i > 0 {
-                h = h.max_pool2d(2)?;
-            }
-            h = b.forward(&a.forward(&h, train)?, train)?;
+            let first = if i > 0 {
+                a.forward_pooled(&h, train)?
+            } else {
+                a.forward(&h, train)?
+            };
+            h = b.forward(&first, train)?;
             skips.push(h.clone());
         }
         for (j, [a, b]) in self.decoder.iter().enumerate().rev() {
-            let skip = &skips[j];
-            let (_, _, sh, sw) = skip.dims4()?;
-            let up = h.upsample_nearest2d(sh, sw)?;
-            h = Tensor::cat(&[&up, skip], 1)?;
-            h = b.forward(&a.forward(&h, train)?, train)?;
+            h = b.forward(&a.forward_upcat(&h, &skips[j], train)?, train)?;
         }
         // 1x1 head as one GEMM: (N, C) x (B, C, HW).
         let (bsz, c, hh, ww) = h.dims4()?;
