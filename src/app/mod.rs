@@ -87,7 +87,7 @@ impl Default for Settings {
             looping: true,
             overlay_alpha: 0.4,
             compare: Compare::Blend,
-            photons: 10000.0,
+            photons: 100000.0,
             annotation_dir: PathBuf::from("annotations"),
         }
     }
@@ -834,9 +834,26 @@ pub fn landmarks_beside(ct: &std::path::Path) -> Option<Landmarks3d> {
         .and_then(|p| Landmarks3d::read(&p).ok())
 }
 
-/// Min-max-windowed grey image (1st to 99th percentile).
+/// Grey image windowed from the 20th to the 99.8th percentile: the air around the patient
+/// (the darkest fifth of a C-arm frame) is let go black so that the bone inside the body gets
+/// the grey levels.
+/// Quantum noise is smoothed for display only (a 1-pixel Gaussian): the model sees the raw frame.
 pub fn gray_image(pixels: &[f32], w: usize, h: usize) -> egui::ColorImage {
-    let (lo, hi) = crate::drr::image_io::percentile_window(pixels);
+    let mut smooth: Vec<f32> = pixels
+        .iter()
+        .map(|x| if x.is_finite() { *x } else { 0.0 })
+        .collect();
+    crate::dataset::gaussian_blur(&mut smooth, w, h, 1.0);
+    let pixels = &smooth;
+    let mut v: Vec<f32> = pixels.clone();
+    let mut q = |f: f64| -> f32 {
+        if v.is_empty() {
+            return 0.0;
+        }
+        let i = ((v.len() - 1) as f64 * f) as usize;
+        *v.select_nth_unstable_by(i, |a, b| a.total_cmp(b)).1
+    };
+    let (lo, hi) = (q(0.2), q(0.998));
     let span = (hi - lo).max(1e-12);
     let bytes: Vec<u8> = pixels
         .iter()

@@ -155,6 +155,17 @@ fn transport(app: &mut FluoroApp, ui: &mut egui::Ui) {
         if ui.button("Simulated").clicked() {
             app.open_simulated();
         }
+        let l = ui.label("dose (photons/px)");
+        let r = ui
+            .add(
+                egui::DragValue::new(&mut app.settings.photons)
+                    .range(0.0..=1e7)
+                    .speed(1000.0),
+            )
+            .labelled_by(l.id);
+        if r.lost_focus() || r.drag_stopped() {
+            app.open_simulated();
+        }
     });
 }
 
