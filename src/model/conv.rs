@@ -247,9 +247,9 @@ fn pad_pool(x: &[f32], c: usize, (hi, wi): (usize, usize)) -> Vec<f32> {
     out
 }
 
-/// Inference-only encoder step: `relu?(conv3x3(max_pool2d(x, 2)) + bias)`, the pooling done in
-/// the padding pass.
-pub struct PoolConv {
+/// The constants of one fused inference convolution, on the host: read out of the tensors once
+/// when the network is fused, not on every frame.
+pub struct HostKernel {
     /// OIHW weights.
     pub weight: Vec<f32>,
     /// Bias per output channel.
@@ -257,6 +257,24 @@ pub struct PoolConv {
     /// Apply ReLU.
     pub relu: bool,
 }
+
+impl std::ops::Deref for PoolConv {
+    type Target = HostKernel;
+    fn deref(&self) -> &HostKernel {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for UpCatConv {
+    type Target = HostKernel;
+    fn deref(&self) -> &HostKernel {
+        &self.0
+    }
+}
+
+/// Inference-only encoder step: `relu?(conv3x3(max_pool2d(x, 2)) + bias)`, the pooling done in
+/// the padding pass.
+pub struct PoolConv(pub std::sync::Arc<HostKernel>);
 
 impl candle_core::CustomOp1 for PoolConv {
     fn name(&self) -> &'static str {
@@ -295,15 +313,9 @@ impl candle_core::CustomOp1 for PoolConv {
 }
 
 /// Inference-only decoder step: `relu?(conv3x3(concat([upsample(low), skip])) + bias)` with the
-/// weights held by the op (they are constants of a fused network).
-pub struct UpCatConv {
-    /// OIHW weights, `cout x (c_low + c_skip) x 3 x 3`.
-    pub weight: Vec<f32>,
-    /// Bias per output channel.
-    pub bias: Vec<f32>,
-    /// Apply ReLU.
-    pub relu: bool,
-}
+/// weights held by the op (they are constants of a fused network); the kernel is
+/// `cout x (c_low + c_skip) x 3 x 3`.
+pub struct UpCatConv(pub std::sync::Arc<HostKernel>);
 
 impl candle_core::CustomOp2 for UpCatConv {
     fn name(&self) -> &'static str {
@@ -704,11 +716,11 @@ mod tests {
         let skip = Tensor::from_vec(rand(2 * 4 * 10 * 14, 32), (2, 4, 10, 14), &dev).unwrap();
         let w = Tensor::from_vec(rand(6 * 7 * 9, 33), (6, 7, 3, 3), &dev).unwrap();
         let b = Tensor::from_vec(rand(6, 34), 6, &dev).unwrap();
-        let op = UpCatConv {
+        let op = UpCatConv(std::sync::Arc::new(HostKernel {
             weight: w.flatten_all().unwrap().to_vec1().unwrap(),
             bias: b.to_vec1().unwrap(),
             relu: true,
-        };
+        }));
         let ours = low.apply_op2_no_bwd(&skip, &op).unwrap();
         let up = low.upsample_nearest2d(10, 14).unwrap();
         let cat = Tensor::cat(&[&up, &skip], 1).unwrap();
@@ -728,11 +740,11 @@ mod tests {
         let x = Tensor::from_vec(rand(2 * 3 * 9 * 11, 35), (2, 3, 9, 11), &dev).unwrap();
         let w = Tensor::from_vec(rand(5 * 3 * 9, 36), (5, 3, 3, 3), &dev).unwrap();
         let b = Tensor::from_vec(rand(5, 37), 5, &dev).unwrap();
-        let op = PoolConv {
+        let op = PoolConv(std::sync::Arc::new(HostKernel {
             weight: w.flatten_all().unwrap().to_vec1().unwrap(),
             bias: b.to_vec1().unwrap(),
             relu: false,
-        };
+        }));
         let ours = x.apply_op1_no_bwd(&op).unwrap();
         let theirs = x
             .max_pool2d(2)

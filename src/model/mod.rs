@@ -321,29 +321,33 @@ impl Bn {
 
 /// One 3x3 convolution + batch norm + ReLU: trainable, or folded for inference.
 enum ConvUnit {
-    Train { weight: Tensor, bn: Bn },
-    Fused { weight: Tensor, bias: Tensor },
+    Train {
+        weight: Tensor,
+        bn: Bn,
+    },
+    Fused {
+        weight: Tensor,
+        bias: Tensor,
+        host: std::sync::Arc<conv::HostKernel>,
+    },
 }
 
 impl ConvUnit {
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         match self {
             Self::Train { weight, bn } => bn.forward(&conv::conv3x3_t(x, weight)?, train)?.relu(),
-            Self::Fused { weight, bias } => conv::conv3x3_bias_act(x, weight, bias, true),
+            Self::Fused { weight, bias, .. } => conv::conv3x3_bias_act(x, weight, bias, true),
         }
     }
 
     /// `forward(max_pool2d(x, 2))`: one fused pass for an inference unit on the CPU.
     fn forward_pooled(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        if let Self::Fused { weight, bias } = self
+        if let Self::Fused { host, .. } = self
             && conv::fast_path(x)
         {
-            let op = conv::PoolConv {
-                weight: weight.flatten_all()?.to_vec1()?,
-                bias: bias.to_vec1()?,
-                relu: true,
-            };
-            return x.contiguous()?.apply_op1_no_bwd(&op);
+            return x
+                .contiguous()?
+                .apply_op1_no_bwd(&conv::PoolConv(host.clone()));
         }
         self.forward(&x.max_pool2d(2)?, train)
     }
@@ -356,15 +360,12 @@ impl ConvUnit {
         skip: &Tensor,
         train: bool,
     ) -> candle_core::Result<Tensor> {
-        if let Self::Fused { weight, bias } = self
+        if let Self::Fused { host, .. } = self
             && conv::fast_path(low)
         {
-            let op = conv::UpCatConv {
-                weight: weight.flatten_all()?.to_vec1()?,
-                bias: bias.to_vec1()?,
-                relu: true,
-            };
-            return low.contiguous()?.apply_op2_no_bwd(&skip.contiguous()?, &op);
+            return low
+                .contiguous()?
+                .apply_op2_no_bwd(&skip.contiguous()?, &conv::UpCatConv(host.clone()));
         }
         let (_, _, sh, sw) = skip.dims4()?;
         let up = low.upsample_nearest2d(sh, sw)?;
@@ -376,16 +377,21 @@ impl ConvUnit {
             Self::Train { weight, bn } => {
                 let (scale, shift) = bn.affine()?;
                 let cout = weight.dim(0)?;
-                Self::Fused {
-                    weight: weight
-                        .broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?
-                        .detach(),
-                    bias: shift.detach(),
-                }
+                let weight = weight
+                    .broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?
+                    .detach();
+                let bias = shift.detach();
+                let host = std::sync::Arc::new(conv::HostKernel {
+                    weight: weight.flatten_all()?.to_vec1()?,
+                    bias: bias.to_vec1()?,
+                    relu: true,
+                });
+                Self::Fused { weight, bias, host }
             }
-            Self::Fused { weight, bias } => Self::Fused {
+            Self::Fused { weight, bias, host } => Self::Fused {
                 weight: weight.clone(),
                 bias: bias.clone(),
+                host: host.clone(),
             },
         })
     }
