@@ -4,7 +4,7 @@
 by PyTorch's own inference path, and one BCE training step at batch 4 with AdamW).
 
 Usage (a Python with torch; the project's tests never need it):
-    python3 benches/pytorch_unet.py --size 256 --base 8 --depth 5 --threads 2 [--json]
+    python3 benches/pytorch_unet.py --size 256 --base 8 --depth 5 --threads 2 [--json] [--device cuda]
 Run it right after `fluoropose bench model` on the same machine so the ratio is side by side.
 """
 import argparse, json, statistics, time
@@ -52,31 +52,42 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     a = ap.parse_args()
+    dev = torch.device(a.device)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(42)
-    net = UNet(a.depth, a.base)
-    x1 = torch.randn(1, 1, a.size, a.size)
-    xb = torch.randn(a.batch, 1, a.size, a.size)
-    tgt = torch.zeros(a.batch, 8, a.size, a.size)
+    net = UNet(a.depth, a.base).to(dev)
+    x1 = torch.randn(1, 1, a.size, a.size, device=dev)
+    xb = torch.randn(a.batch, 1, a.size, a.size, device=dev)
+    tgt = torch.zeros(a.batch, 8, a.size, a.size, device=dev)
     net.eval()
     with torch.inference_mode():
         net(x1)
         fwd = []
         for _ in range(a.reps):
+            sync()
             t = time.perf_counter()
             net(x1)
+            sync()
             fwd.append((time.perf_counter() - t) * 1e3)
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(100.0))
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(100.0, device=dev))
 
     def step():
+        sync()
         t = time.perf_counter()
         opt.zero_grad()
         loss_fn(net(xb), tgt).backward()
         opt.step()
+        sync()
         return (time.perf_counter() - t) * 1e3
 
     step()
@@ -84,7 +95,7 @@ def main():
     out = {"kernels": "pytorch " + torch.__version__, "size": a.size, "base_channels": a.base,
            "depth": a.depth, "forward_ms": statistics.median(fwd),
            "train_step_ms": statistics.median(train), "batch": a.batch,
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), "device": str(dev)}
     if a.json:
         print(json.dumps(out))
     else:

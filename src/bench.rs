@@ -304,9 +304,11 @@ pub fn drr(ct: Option<&str>, sizes: &[u32], with_cpu: bool, json: bool) -> Resul
 }
 
 /// The U-Net: median forward time per frame (fused inference network, batch 1) and one training
-/// step (batch `batch`, BCE), with the fast kernels and, with `reference`, candle's own.
+/// step (batch `batch`, BCE), with the fast kernels and, with `reference`, candle's own, on
+/// `dev` (the CPU, or CUDA where the `cuda` feature found a GPU: candle's kernels there).
 #[allow(clippy::too_many_arguments)]
 pub fn model(
+    dev: &candle_core::Device,
     size: usize,
     base: usize,
     depth: usize,
@@ -316,9 +318,9 @@ pub fn model(
     json: bool,
 ) -> Result<()> {
     use crate::model::{ModelConfig, UNet, conv, heatmap};
-    use candle_core::{Device, Tensor};
+    use candle_core::Tensor;
     use candle_nn::Optimizer;
-    let dev = Device::Cpu;
+    let dev = dev.clone();
     let cfg = ModelConfig {
         base_channels: base,
         depth,
@@ -351,6 +353,8 @@ pub fn model(
                 .map(|_| {
                     let t = Instant::now();
                     let _ = fused.forward(&x1, false);
+                    // GPU work is queued: the time is the time to a finished result.
+                    let _ = dev.synchronize();
                     t.elapsed().as_secs_f64() * 1e3
                 })
                 .collect(),
@@ -360,6 +364,7 @@ pub fn model(
             let t = Instant::now();
             let loss = heatmap::bce_with_logits(&net.forward(&xb, true)?, &tgt)?;
             opt.backward_step(&loss)?;
+            dev.synchronize()?;
             Ok(t.elapsed().as_secs_f64() * 1e3)
         };
         step()?;
@@ -374,6 +379,7 @@ pub fn model(
             "parameters": net.parameter_count(),
             "forward_ms": fwd, "train_step_ms": train, "batch": batch,
             "threads": rayon::current_num_threads(),
+            "device": if dev.is_cuda() { "cuda" } else { "cpu" },
         }));
     }
     conv::use_reference_kernels(false);

@@ -277,10 +277,6 @@ pub fn train(a: &TrainArgs) -> Result<()> {
             );
             Ok(())
         }
-        Err(e @ train::TrainError::Diverged { .. }) => {
-            println!("DIV");
-            Err(e.into())
-        }
         Err(e) => Err(e.into()),
     }
 }

@@ -358,7 +358,16 @@ pub fn run(cli: Cli) -> Result<()> {
                 reps,
                 reference,
                 json,
-            } => crate::bench::model(size, base, depth, batch, reps, reference, json),
+            } => crate::bench::model(
+                &learn::device(),
+                size,
+                base,
+                depth,
+                batch,
+                reps,
+                reference,
+                json,
+            ),
             BenchWhat::Drr {
                 ct,
                 sizes,
