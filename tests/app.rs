@@ -237,16 +237,30 @@ fn the_train_tab_trains_and_its_curve_grows() {
     assert!(dir.path().join("m.json").exists());
 }
 
-/// Snapshots of the tabs whose content does not depend on the stream's timing (the Live tab's
-/// noise and latencies change every run; `--screenshot` covers it for the docs).
+/// Snapshots of every tab. The Live tab shows the stream's first frame (seeded noise, so the
+/// same every run), its landmarks, pose and DRR; its latency block (timings) is masked.
 #[test]
-fn snapshots_of_the_ct_annotate_and_train_tabs() {
+fn snapshots_of_each_tab() {
     if skip() {
         return;
     }
     let mut h = harness();
     wait(&mut h, "a frame", |a| a.latest.is_some());
     h.state_mut().set_playing(false);
+    h.run_steps(3);
+    let (top, bottom) = (
+        h.get_by_label("Latency").rect().min.y,
+        h.get_by_label("Landmarks").rect().min.y,
+    );
+    h.mask(egui::Rect::from_min_max(
+        egui::pos2(900.0, top),
+        egui::pos2(1280.0, bottom),
+    ));
+    h.mask(egui::Rect::from_min_max(
+        egui::pos2(0.0, 770.0),
+        egui::pos2(1280.0, 800.0),
+    ));
+    h.snapshot("tab_live");
     for (label, name) in [
         ("CT", "tab_ct"),
         ("Annotate", "tab_annotate"),
@@ -305,4 +319,38 @@ fn a_real_cine_plays_through_the_pipeline() {
     );
     // The cine keeps playing after the bad file.
     assert_eq!(h.state().latest.as_ref().unwrap().count, Some(12));
+}
+
+/// A stream recorded as `.npy` frames with its `camera.json` (what `fluoropose simulate` writes)
+/// plays in the Live tab with the recorded geometry, not a default one.
+#[test]
+fn a_recorded_npy_stream_plays_with_its_geometry() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let camera = fluoropose::geometry::Camera::new(900.0, 96, 96, 2.0, 2.0);
+    for k in 0..3 {
+        let px: Vec<f32> = (0..96 * 96).map(|i| ((i + 7 * k) % 97) as f32).collect();
+        std::fs::write(
+            dir.path().join(format!("frame_{k:04}.npy")),
+            fluoropose::drr::image_io::npy_bytes(&px, 96, 96),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        dir.path().join("camera.json"),
+        serde_json::to_string(&camera).unwrap(),
+    )
+    .unwrap();
+    let mut h = harness();
+    wait(&mut h, "the simulated frame", |a| a.latest.is_some());
+    h.state_mut().open_frames(dir.path().to_path_buf());
+    wait(&mut h, "the first recorded frame", |a| {
+        a.latest.as_ref().is_some_and(|p| p.truth.is_none())
+    });
+    let p = h.state().latest.clone().unwrap();
+    assert_eq!(p.count, Some(3));
+    assert_eq!(p.size, (96, 96));
+    assert_eq!(p.camera, camera);
 }

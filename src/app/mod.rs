@@ -34,6 +34,8 @@ pub struct AppOptions {
     pub frames: u32,
     /// The tab to open on.
     pub tab: Option<Tab>,
+    /// Frames (a file or folder) to play instead of the simulated stream.
+    pub open: Option<PathBuf>,
 }
 
 /// The tabs.
@@ -244,6 +246,8 @@ pub struct FluoroApp {
     /// When it was shown (frame-to-overlay latency).
     shown_latency_ms: f64,
     fps_meter: Vec<Instant>,
+    /// When the first and the latest frame of this run were shown (the run's mean rate).
+    shown_span: Option<(Instant, Instant)>,
     /// Playing.
     pub playing: bool,
     /// Manual pose mode.
@@ -280,6 +284,8 @@ pub struct FluoroApp {
     options: AppOptions,
     /// (frame-to-overlay, source, inference, pose) ms of every frame shown.
     history: Vec<(f64, f64, f64, f64)>,
+    /// CPU seconds of each UI frame (update, tessellation and painting), as eframe reports it.
+    ui_cpu_s: Vec<f32>,
     frames_drawn: u32,
     screenshot_requested: bool,
     gpu_status: String,
@@ -357,14 +363,16 @@ impl FluoroApp {
         if playing {
             pipeline.send(Command::Play(true));
         }
+        let open = options.open.clone();
         let c = scene.volume.dims();
-        Self {
+        let mut app = Self {
             settings,
             tab: options.tab.unwrap_or(Tab::Live),
             pipeline,
             latest: None,
             shown_latency_ms: 0.0,
             fps_meter: Vec::new(),
+            shown_span: None,
             playing,
             manual: false,
             manual_pose: [0.0, 0.0, 0.0, 0.0, 0.0, 800.0],
@@ -388,10 +396,15 @@ impl FluoroApp {
             scene,
             options,
             history: Vec::new(),
+            ui_cpu_s: Vec::new(),
             frames_drawn: 0,
             screenshot_requested: false,
             gpu_status,
+        };
+        if let Some(path) = open {
+            app.open_frames(path);
         }
+        app
     }
 
     /// Shows a message.
@@ -527,6 +540,7 @@ impl FluoroApp {
                 ));
                 let now = Instant::now();
                 self.fps_meter.push(now);
+                self.shown_span = Some((self.shown_span.map_or(now, |s| s.0), now));
                 self.fps_meter
                     .retain(|t| now.duration_since(*t).as_secs_f64() < 2.0);
                 self.latest = Some(p);
@@ -566,9 +580,15 @@ impl FluoroApp {
             .unwrap_or(f64::NAN);
         serde_json::json!({
             "frames_shown": self.history.len(), "fps": self.fps(),
+            "mean_fps": self.shown_span.map_or(0.0, |(a, b)| {
+                self.history.len().saturating_sub(1) as f64 / b.duration_since(a).as_secs_f64().max(1e-9)
+            }),
             "frame_to_overlay_ms": {"mean": mean(0), "p95": p95},
             "source_ms": mean(1), "inference_ms": mean(2), "pose_ms": mean(3),
             "drr_ms": self.drr_ms,
+            "ui_frames": self.ui_cpu_s.len(),
+            "ui_ms": self.ui_cpu_s.iter().map(|&s| f64::from(s)).sum::<f64>() * 1e3
+                / self.ui_cpu_s.len().max(1) as f64,
         })
     }
 
@@ -777,7 +797,14 @@ impl FluoroApp {
             let (w, h) = size.ok_or("no frames found")?;
             let header = header.unwrap_or_default();
             log::info!("C-arm header of {}: {header:?}", path.display());
-            let camera = header.camera(w as u32, h as u32);
+            // A stream recorded by `fluoropose simulate` says its geometry in camera.json.
+            let recorded = path
+                .is_dir()
+                .then(|| std::fs::read_to_string(path.join("camera.json")).ok())
+                .flatten()
+                .and_then(|t| serde_json::from_str::<crate::geometry::Camera>(&t).ok())
+                .filter(|c| (c.width_px as usize, c.height_px as usize) == (w, h));
+            let camera = recorded.unwrap_or_else(|| header.camera(w as u32, h as u32));
             Ok(Source::Frames {
                 origin: path.clone(),
                 size: (w, h),
@@ -869,7 +896,10 @@ pub fn gray_image(pixels: &[f32], w: usize, h: usize) -> egui::ColorImage {
 }
 
 impl eframe::App for FluoroApp {
-    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+    fn ui(&mut self, ui: &mut egui::Ui, frame: &mut eframe::Frame) {
+        if let Some(s) = frame.info().cpu_usage {
+            self.ui_cpu_s.push(s);
+        }
         self.poll_background();
         let ctx = ui.ctx().clone();
         // Dropped files: CTs go to the CT tab, images and DICOM frames to the live source.

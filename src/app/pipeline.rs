@@ -1,7 +1,11 @@
-//! The live pipeline on a worker thread: source -> model -> landmarks -> pose, one way.
-//! The UI sends [`Command`]s and takes the newest [`Processed`] frame; when the worker falls
-//! behind the frame clock it skips source frames (simulated) or drops results the UI has not
-//! taken (channel of one), so the overlay never lags behind the stream.
+//! The live pipeline on worker threads: source -> model -> landmarks -> pose, one way.
+//! The UI sends [`Command`]s and takes the newest [`Processed`] frame; results the UI has not
+//! taken are dropped (channel of one), so the overlay never lags behind the stream.
+//!
+//! The simulated C-arm renders on a thread of its own, one frame ahead: while the model looks at
+//! frame N, frame N+1 is being rendered, as a real C-arm acquires the next frame while the last
+//! one is processed. Latency is counted from the moment a frame exists (rendered, or read) to
+//! the moment the UI takes its overlay, so a frame that waits for the model counts its wait.
 
 use crate::geometry::{Camera, Pose};
 use crate::landmarks::Landmarks3d;
@@ -10,7 +14,7 @@ use crate::registration::{Solution, solve_detections};
 use crate::stream::simulated::{CpuDrr, DrrSource, QuantumNoise, SimulatedStream, Trajectory};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError, sync_channel};
 use std::time::{Duration, Instant};
 
 /// Where frames come from.
@@ -158,12 +162,153 @@ impl Drop for Pipeline {
     }
 }
 
-/// A frame before inference: pixels, (width, height), camera, true pose, index.
-type RawFrame = (Vec<f32>, (usize, usize), Camera, Option<Pose>, u64);
+/// A rendered simulated frame: pixels, camera, true pose, render ms, when it was done.
+struct Rendered {
+    pixels: Vec<f32>,
+    camera: Camera,
+    pose: Pose,
+    render_ms: f64,
+    done: Instant,
+}
+
+enum SimRequest {
+    Render(u64),
+    Fps(f64),
+}
+
+/// The simulated C-arm on its own thread: renders the frames it is asked for, one at a time.
+struct SimThread {
+    requests: Sender<SimRequest>,
+    frames: Receiver<Result<Rendered, String>>,
+    /// The index asked for and not yet taken.
+    pending: Option<u64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SimThread {
+    fn start(
+        density: Arc<crate::drr::DensityVolume>,
+        isocenter: nalgebra::Point3<f64>,
+        size: u32,
+        photons: f64,
+        fps: f64,
+    ) -> Self {
+        let (qtx, qrx) = std::sync::mpsc::channel::<SimRequest>();
+        let (ftx, frx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("fluoropose-carm".into())
+            .spawn(move || {
+                // Frames are rendered on a headless device of their own (the GPU path), else on
+                // the CPU reference: the UI's device stays free for the verification DRR.
+                let renderer: Box<dyn DrrSource> = match crate::drr::gpu::headless_device(false)
+                    .map_err(|e| e.to_string())
+                    .and_then(|(d, q, _)| {
+                        let mut r = crate::drr::gpu::DrrRenderer::new(&d, &q);
+                        r.set_volume(density.clone()).map_err(|e| e.to_string())?;
+                        Ok(r)
+                    }) {
+                    Ok(r) => Box::new(r),
+                    Err(e) => {
+                        log::warn!("simulated stream on the CPU reference: {e}");
+                        Box::new(CpuDrr {
+                            volume: density.clone(),
+                            renderer: crate::drr::cpu::Renderer::Siddon { full_line: false },
+                        })
+                    }
+                };
+                let noise = (photons > 0.0).then_some(QuantumNoise {
+                    photons_per_pixel: photons,
+                });
+                let mut sim = SimulatedStream::new(
+                    Trajectory::around(isocenter),
+                    Camera::paper(size),
+                    renderer,
+                    fps,
+                    noise,
+                    42,
+                );
+                for req in qrx {
+                    match req {
+                        SimRequest::Fps(f) => sim.fps = f,
+                        SimRequest::Render(index) => {
+                            let t = Instant::now();
+                            sim.seek(index);
+                            let r = sim.next_frame().map(|f| Rendered {
+                                pixels: f.pixels,
+                                camera: sim.camera,
+                                pose: f.pose,
+                                render_ms: t.elapsed().as_secs_f64() * 1e3,
+                                done: Instant::now(),
+                            });
+                            if ftx.send(r).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            })
+            .ok();
+        Self {
+            requests: qtx,
+            frames: frx,
+            pending: None,
+            thread,
+        }
+    }
+
+    fn request(&mut self, index: u64) {
+        if self.pending.is_none() && self.requests.send(SimRequest::Render(index)).is_ok() {
+            self.pending = Some(index);
+        }
+    }
+
+    /// Frame `index`: the one rendered ahead if it is that one, else rendered now. Then the
+    /// next one is asked for, to render while this one is processed.
+    fn take(&mut self, index: u64) -> Result<Rendered, String> {
+        let gone = || "the simulated C-arm stopped".to_string();
+        loop {
+            if self.pending.is_none() {
+                self.request(index);
+            }
+            let Some(p) = self.pending.take() else {
+                return Err(gone());
+            };
+            let r = self.frames.recv().map_err(|_| gone())?;
+            if p == index {
+                self.request(index + 1);
+                return r;
+            }
+            // A frame that was asked for before a seek: dropped.
+        }
+    }
+}
+
+impl Drop for SimThread {
+    fn drop(&mut self) {
+        // Closing the request channel ends the thread after the frame in hand.
+        let (dead, _) = std::sync::mpsc::channel();
+        self.requests = dead;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A frame before inference: pixels, (width, height), camera, true pose, index, the time it took
+/// to produce (ms) and when it was there.
+type RawFrame = (
+    Vec<f32>,
+    (usize, usize),
+    Camera,
+    Option<Pose>,
+    u64,
+    f64,
+    Instant,
+);
 
 struct Worker {
     source: Source,
-    sim: Option<SimulatedStream<Box<dyn DrrSource>>>,
+    sim: Option<SimThread>,
     model: Option<Arc<Predictor>>,
     landmarks: Landmarks3d,
     out: SyncSender<Result<Processed, String>>,
@@ -203,43 +348,21 @@ impl Worker {
     }
 
     fn set_source(&mut self, source: Source) {
+        // The old C-arm thread (if any) is stopped before the new one starts.
+        self.sim = None;
         self.sim = match &source {
             Source::Simulated {
                 density,
                 isocenter,
                 size,
                 photons,
-            } => {
-                // Frames are rendered on a headless device of their own (the GPU path), else on
-                // the CPU reference: the UI's device stays free for the verification DRR.
-                let renderer: Box<dyn DrrSource> = match crate::drr::gpu::headless_device(false)
-                    .map_err(|e| e.to_string())
-                    .and_then(|(d, q, _)| {
-                        let mut r = crate::drr::gpu::DrrRenderer::new(&d, &q);
-                        r.set_volume(density.clone()).map_err(|e| e.to_string())?;
-                        Ok(r)
-                    }) {
-                    Ok(r) => Box::new(r),
-                    Err(e) => {
-                        log::warn!("simulated stream on the CPU reference: {e}");
-                        Box::new(CpuDrr {
-                            volume: density.clone(),
-                            renderer: crate::drr::cpu::Renderer::Siddon { full_line: false },
-                        })
-                    }
-                };
-                let noise = (*photons > 0.0).then_some(QuantumNoise {
-                    photons_per_pixel: *photons,
-                });
-                Some(SimulatedStream::new(
-                    Trajectory::around(*isocenter),
-                    Camera::paper(*size),
-                    renderer,
-                    self.fps,
-                    noise,
-                    42,
-                ))
-            }
+            } => Some(SimThread::start(
+                density.clone(),
+                *isocenter,
+                *size,
+                *photons,
+                self.fps,
+            )),
             Source::Frames { .. } => None,
         };
         self.source = source;
@@ -267,8 +390,8 @@ impl Worker {
             }
             Command::Fps(f) => {
                 self.fps = f.clamp(0.1, 120.0);
-                if let Some(s) = &mut self.sim {
-                    s.fps = self.fps;
+                if let Some(s) = &self.sim {
+                    let _ = s.requests.send(SimRequest::Fps(self.fps));
                 }
             }
             Command::Loop(l) => self.looping = l,
@@ -323,11 +446,11 @@ impl Worker {
             if !self.playing {
                 continue;
             }
-            // Behind the clock: skip the frames whose time has passed (the simulated source
-            // follows wall time; a recorded one plays every frame at most at the clock rate).
+            // Behind the clock: the ticks that passed without a frame are counted as skipped
+            // (the C-arm's frames in that time were not shown). The simulated C-arm then goes
+            // on from the frame it has ready rather than jumping ahead and throwing it away.
             let late = (clock.elapsed().as_secs_f64() / period.as_secs_f64()).floor() as u64;
-            if late > 1 && self.sim.is_some() {
-                self.next += late - 1;
+            if late > 1 {
                 self.skipped += late - 1;
             }
             clock = Instant::now();
@@ -337,17 +460,19 @@ impl Worker {
 
     fn frame(&mut self) -> Result<RawFrame, String> {
         let index = self.next;
+        let t0 = Instant::now();
         match (&mut self.sim, &self.source) {
             (Some(sim), _) => {
-                sim.seek(index);
-                let f = sim.next_frame()?;
-                let c = sim.camera;
+                let f = sim.take(index)?;
+                let c = f.camera;
                 Ok((
                     f.pixels,
                     (c.width_px as usize, c.height_px as usize),
                     c,
                     Some(f.pose),
                     index,
+                    f.render_ms,
+                    f.done,
                 ))
             }
             (
@@ -374,16 +499,24 @@ impl Worker {
                     index
                 };
                 self.next = i;
-                Ok((frames[i as usize].clone(), *size, *camera, None, i))
+                let pixels = frames[i as usize].clone();
+                Ok((
+                    pixels,
+                    *size,
+                    *camera,
+                    None,
+                    i,
+                    t0.elapsed().as_secs_f64() * 1e3,
+                    Instant::now(),
+                ))
             }
             (None, Source::Simulated { .. }) => Err("the simulated stream did not start".into()),
         }
     }
 
     fn process(&mut self) {
-        let t0 = Instant::now();
         let r = self.frame();
-        let (pixels, size, camera, truth, index) = match r {
+        let (pixels, size, camera, truth, index, source_ms, produced) = match r {
             Ok(v) => v,
             Err(e) => {
                 let _ = self.out.try_send(Err(e));
@@ -393,7 +526,6 @@ impl Worker {
             }
         };
         self.next = index + 1;
-        let source_ms = t0.elapsed().as_secs_f64() * 1e3;
         let t1 = Instant::now();
         let detections = match &self.model {
             Some(m) => match m.predict(&pixels, size.0, size.1) {
@@ -423,7 +555,7 @@ impl Worker {
                 inference_ms,
                 pose_ms,
             },
-            produced: t0,
+            produced,
             skipped: self.skipped,
         };
         // A full channel means the UI has not taken the last frame: drop this one (no lag).

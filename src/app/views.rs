@@ -247,7 +247,7 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
         ui.heading("Model");
         let names: Vec<String> = app.models.iter().map(|m| m.0.clone()).collect();
         let mut sel = app.model_index;
-        egui::ComboBox::from_id_salt("model")
+        egui::ComboBox::from_label("weights")
             .selected_text(names.get(sel).cloned().unwrap_or_default())
             .show_ui(ui, |ui| {
                 for (i, n) in names.iter().enumerate() {

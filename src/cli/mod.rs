@@ -29,6 +29,10 @@ pub struct Cli {
     /// The tab the app opens on (live, ct, annotate, train).
     #[arg(long)]
     pub tab: Option<String>,
+    /// Play these frames (an X-ray DICOM or cine, an image, or a folder of them) instead of
+    /// the simulated stream.
+    #[arg(long)]
+    pub open: Option<PathBuf>,
 }
 
 /// The subcommands.
@@ -334,6 +338,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 screenshot: cli.screenshot,
                 frames: cli.frames,
                 tab,
+                open: cli.open,
             })
         }
         Some(Command::Info(a)) => info(&a),

@@ -1,5 +1,6 @@
 //! Single images from disk as frames: PNG and TIFF (8- or 16-bit grey; colour is converted to
-//! luminance) and DICOM, and the ordered list of frames in a folder.
+//! luminance), float32 `.npy` (what `fluoropose simulate` and `render` write) and DICOM, and the
+//! ordered list of frames in a folder.
 
 use super::{FrameError, XrayFrames, read_xray_dicom};
 use std::path::{Path, PathBuf};
@@ -9,13 +10,31 @@ fn is_raster(path: &Path) -> bool {
         .extension()
         .map(|e| e.to_string_lossy().to_ascii_lowercase())
         .unwrap_or_default();
-    matches!(ext.as_str(), "png" | "tif" | "tiff")
+    matches!(ext.as_str(), "png" | "tif" | "tiff" | "npy")
 }
 
-/// Reads one image file: PNG/TIFF by extension, anything else as DICOM.
+/// Reads one image file: PNG/TIFF/NPY by extension, anything else as DICOM.
 pub fn read_image_file(path: &Path) -> Result<XrayFrames, FrameError> {
     if !is_raster(path) {
         return read_xray_dicom(path);
+    }
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("npy"))
+    {
+        let (data, width, height) =
+            crate::drr::image_io::read_npy(path).map_err(|reason| FrameError::Dicom {
+                path: path.to_owned(),
+                reason,
+            })?;
+        return Ok(XrayFrames {
+            width,
+            height,
+            frames: vec![data],
+            frame_time_ms: None,
+            geometry: Default::default(),
+            modality: String::new(),
+        });
     }
     let img = image::open(path).map_err(|e| match e {
         image::ImageError::IoError(source) => FrameError::Io {
@@ -71,7 +90,7 @@ fn natural_key(name: &str) -> Vec<(String, u64)> {
 }
 
 /// The frame files of a folder (not recursive, hidden files and non-images skipped: PNG, TIFF,
-/// `.dcm` and extension-less files, which is how DICOM often comes), in natural name order.
+/// NPY, `.dcm` and extension-less files, which is how DICOM often comes), in natural name order.
 pub fn list_frames(dir: &Path) -> Result<Vec<PathBuf>, FrameError> {
     let rd = std::fs::read_dir(dir).map_err(|e| FrameError::Io {
         path: dir.to_owned(),
@@ -102,7 +121,7 @@ pub fn list_frames(dir: &Path) -> Result<Vec<PathBuf>, FrameError> {
     if files.is_empty() {
         return Err(FrameError::Dicom {
             path: dir.to_owned(),
-            reason: "no image files (PNG, TIFF, DICOM) in the folder".into(),
+            reason: "no image files (PNG, TIFF, NPY, DICOM) in the folder".into(),
         });
     }
     Ok(files)
@@ -111,6 +130,36 @@ pub fn list_frames(dir: &Path) -> Result<Vec<PathBuf>, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn npy_frames_as_simulate_writes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, h) = (5, 3);
+        for k in 0..3 {
+            let px: Vec<f32> = (0..w * h).map(|i| (i * 10 + k) as f32 * 0.5).collect();
+            std::fs::write(
+                dir.path().join(format!("frame_{k:04}.npy")),
+                crate::drr::image_io::npy_bytes(&px, w, h),
+            )
+            .unwrap();
+        }
+        // Not a frame: the recording's geometry.
+        std::fs::write(dir.path().join("camera.json"), "{}").unwrap();
+        let files = list_frames(dir.path()).unwrap();
+        assert_eq!(files.len(), 3);
+        let x = read_image_file(&files[2]).unwrap();
+        assert_eq!((x.width, x.height, x.frames.len()), (w, h, 1));
+        assert_eq!(x.frames[0][7], (7 * 10 + 2) as f32 * 0.5);
+        // A truncated array is an error that names the file, not a panic.
+        let bad = dir.path().join("bad.npy");
+        std::fs::write(
+            &bad,
+            &crate::drr::image_io::npy_bytes(&[1.0; 15], w, h)[..100],
+        )
+        .unwrap();
+        let e = read_image_file(&bad).unwrap_err().to_string();
+        assert!(e.contains("bad.npy"), "{e}");
+    }
 
     #[test]
     fn natural_order() {
