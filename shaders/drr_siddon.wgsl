@@ -47,32 +47,27 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     var acc = 0.0;
     var cur = amin;
     let max_steps = u.dims.x + u.dims.y + u.dims.z + 3u;
+    // Branch-free stepping: neighbouring rays cross planes of different axes, and SIMD
+    // implementations (lavapipe runs 8 rays per vector) would otherwise run every branch.
+    let lof = vec3<i32>(lo);
+    let hif = vec3<i32>(hi);
     for (var it = 0u; it < max_steps; it++) {
         let next = min(nx, min(ny, nz));
         let end = min(next, amax);
         acc += textureLoad(density, vec3<i32>(ix, iy, iz), 0).x * max(end - cur, 0.0);
         cur = max(cur, end);
-        if (next >= amax) {
+        let tx = nx <= ny && nx <= nz;
+        let ty = !tx && ny <= nz;
+        let tz = !tx && !ty;
+        ix += select(0, sx, tx);
+        iy += select(0, sy, ty);
+        iz += select(0, sz, tz);
+        nx = select(nx, (f32(ix) + 0.5 * f32(sx) - s.x) * invx, tx);
+        ny = select(ny, (f32(iy) + 0.5 * f32(sy) - s.y) * invy, ty);
+        nz = select(nz, (f32(iz) + 0.5 * f32(sz) - s.z) * invz, tz);
+        let i = vec3<i32>(ix, iy, iz);
+        if (next >= amax || any(i < lof) || any(i > hif)) {
             break;
-        }
-        if (nx <= ny && nx <= nz) {
-            ix += sx;
-            if (ix < lo.x || ix > hi.x) {
-                break;
-            }
-            nx = (f32(ix) + 0.5 * f32(sx) - s.x) * invx;
-        } else if (ny <= nz) {
-            iy += sy;
-            if (iy < lo.y || iy > hi.y) {
-                break;
-            }
-            ny = (f32(iy) + 0.5 * f32(sy) - s.y) * invy;
-        } else {
-            iz += sz;
-            if (iz < lo.z || iz > hi.z) {
-                break;
-            }
-            nz = (f32(iz) + 0.5 * f32(sz) - s.z) * invz;
         }
     }
     image[ray.out_index] = acc * ray.length_mm;
