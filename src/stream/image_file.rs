@@ -27,14 +27,7 @@ pub fn read_image_file(path: &Path) -> Result<XrayFrames, FrameError> {
                 path: path.to_owned(),
                 reason,
             })?;
-        return Ok(XrayFrames {
-            width,
-            height,
-            frames: vec![data],
-            frame_time_ms: None,
-            geometry: Default::default(),
-            modality: String::new(),
-        });
+        return Ok(one_frame(width, height, data));
     }
     let img = image::open(path).map_err(|e| match e {
         image::ImageError::IoError(source) => FrameError::Io {
@@ -58,14 +51,19 @@ pub fn read_image_file(path: &Path) -> Result<XrayFrames, FrameError> {
             .map(f32::from)
             .collect(),
     };
-    Ok(XrayFrames {
+    Ok(one_frame(width, height, data))
+}
+
+/// One frame with no header (image files carry no C-arm geometry).
+fn one_frame(width: usize, height: usize, data: Vec<f32>) -> XrayFrames {
+    XrayFrames {
         width,
         height,
         frames: vec![data],
         frame_time_ms: None,
         geometry: Default::default(),
         modality: String::new(),
-    })
+    }
 }
 
 /// Splits a name into text and number runs so that "frame_2" sorts before "frame_10".
