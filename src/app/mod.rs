@@ -130,7 +130,8 @@ impl Scene {
         }
     }
 
-    /// The embedded default: phantom subject 30, held out from the shipped model's training.
+    /// The embedded default: phantom subject 62, held out from the shipped model's training
+    /// (phantoms 61-64 are; see models/README.md).
     pub fn default_phantom() -> Self {
         let (v, l) = crate::volume::phantom::phantom_subject(DEFAULT_PHANTOM, None);
         Self::new(format!("phantom:{DEFAULT_PHANTOM}"), v, l)
@@ -138,7 +139,7 @@ impl Scene {
 }
 
 /// The phantom subject the app opens on (held out from the shipped model's training).
-pub const DEFAULT_PHANTOM: u64 = 30;
+pub const DEFAULT_PHANTOM: u64 = 62;
 
 /// A message for the user.
 pub struct Toast {
