@@ -285,8 +285,9 @@ pub struct FluoroApp {
     options: AppOptions,
     /// (frame-to-overlay, source, inference, pose) ms of every frame shown.
     history: Vec<(f64, f64, f64, f64)>,
-    /// CPU seconds of each UI frame (update, tessellation and painting), as eframe reports it.
-    ui_cpu_s: Vec<f32>,
+    /// UI frames drawn and their summed CPU seconds (update, tessellation and painting, as
+    /// eframe reports them): a running sum, so that a long session does not grow a list.
+    ui_cpu: (usize, f64),
     frames_drawn: u32,
     screenshot_requested: bool,
     gpu_status: String,
@@ -397,7 +398,7 @@ impl FluoroApp {
             scene,
             options,
             history: Vec::new(),
-            ui_cpu_s: Vec::new(),
+            ui_cpu: (0, 0.0),
             frames_drawn: 0,
             screenshot_requested: false,
             gpu_status,
@@ -587,9 +588,8 @@ impl FluoroApp {
             "frame_to_overlay_ms": {"mean": mean(0), "p95": p95},
             "source_ms": mean(1), "inference_ms": mean(2), "pose_ms": mean(3),
             "drr_ms": self.drr_ms,
-            "ui_frames": self.ui_cpu_s.len(),
-            "ui_ms": self.ui_cpu_s.iter().map(|&s| f64::from(s)).sum::<f64>() * 1e3
-                / self.ui_cpu_s.len().max(1) as f64,
+            "ui_frames": self.ui_cpu.0,
+            "ui_ms": self.ui_cpu.1 * 1e3 / self.ui_cpu.0.max(1) as f64,
         })
     }
 
@@ -899,7 +899,7 @@ pub fn gray_image(pixels: &[f32], w: usize, h: usize) -> egui::ColorImage {
 impl eframe::App for FluoroApp {
     fn ui(&mut self, ui: &mut egui::Ui, frame: &mut eframe::Frame) {
         if let Some(s) = frame.info().cpu_usage {
-            self.ui_cpu_s.push(s);
+            self.ui_cpu = (self.ui_cpu.0 + 1, self.ui_cpu.1 + f64::from(s));
         }
         self.poll_background();
         let ctx = ui.ctx().clone();

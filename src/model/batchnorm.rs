@@ -40,13 +40,7 @@ fn dims(l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
 }
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("batch norm: input must be contiguous".into()))?;
-    match s {
-        CpuStorage::F32(v) => Ok(&v[a..b]),
-        _ => Err(candle_core::Error::Msg("batch norm: f32 only".into())),
-    }
+    super::conv::cpu_f32(s, l, "batch norm", "input")
 }
 
 /// Per-channel (mean, biased variance) of one batch.

@@ -434,14 +434,23 @@ pub fn conv3x3_grad_weight(x: &[f32], grad: &[f32], s: ConvShape) -> Vec<f32> {
 }
 
 fn slice_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    cpu_f32(s, l, "conv3x3", what)
+}
+
+/// The f32 values of a contiguous CPU operand of a custom op (`op`'s `what`), or an error that
+/// names both. Shared by the model's CPU ops (convolutions, batch norm, the fused loss).
+pub(crate) fn cpu_f32<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
     let (a, b) = l
         .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("conv3x3: {what} must be contiguous")))?;
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: {what} must be contiguous")))?;
     match s {
         CpuStorage::F32(v) => Ok(&v[a..b]),
-        _ => Err(candle_core::Error::Msg(format!(
-            "conv3x3: {what} must be f32"
-        ))),
+        _ => Err(candle_core::Error::Msg(format!("{op}: {what} must be f32"))),
     }
 }
 

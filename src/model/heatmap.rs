@@ -90,16 +90,8 @@ fn bce_slices<'a>(
     s2: &'a CpuStorage,
     l2: &Layout,
 ) -> candle_core::Result<(&'a [f32], &'a [f32])> {
-    let get = |s: &'a CpuStorage, l: &Layout| -> candle_core::Result<&'a [f32]> {
-        let (a, b) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("bce: inputs must be contiguous".into()))?;
-        match s {
-            CpuStorage::F32(v) => Ok(&v[a..b]),
-            _ => Err(candle_core::Error::Msg("bce: f32 only".into())),
-        }
-    };
-    let (x, t) = (get(s1, l1)?, get(s2, l2)?);
+    let x = super::conv::cpu_f32(s1, l1, "bce", "logits")?;
+    let t = super::conv::cpu_f32(s2, l2, "bce", "target")?;
     if x.len() != t.len() {
         return Err(candle_core::Error::Msg("bce: shapes differ".into()));
     }
