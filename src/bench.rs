@@ -405,3 +405,190 @@ pub fn model(
     }
     Ok(())
 }
+
+/// The live pipeline without a window: what the Live tab does per frame, from the simulated
+/// C-arm (its own thread and GPU device) through the model and the solve to the verification DRR
+/// at the solved pose on a second device (the app's is eframe's), windowed into a texture as the
+/// app draws it. Only painting the UI is left out, so on a machine with no display this measures
+/// what the app's pipeline sustains, and on a software rasteriser it separates the pipeline from
+/// the cost of drawing egui. `fps` is the stream's clock (frames beyond what the pipeline keeps
+/// up with are dropped, as in the app); the first `warmup_s` are not counted.
+pub fn pipeline(seconds: f64, warmup_s: f64, fps: f64, photons: f64, json: bool) -> Result<()> {
+    use crate::app::Scene;
+    use crate::app::pipeline::{Command, Pipeline, Source};
+    use crate::drr::cpu::Renderer;
+    use crate::drr::gpu::{DrrRenderer, Window, headless_device};
+    use eframe::wgpu;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let scene = Scene::default_phantom();
+    let dev = crate::model::default_device();
+    let model = Arc::new(crate::model::shipped::predictor(&dev)?);
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let pipe = Pipeline::start(
+        Source::Simulated {
+            density: scene.density.clone(),
+            isocenter: scene.volume.center_mm(),
+            size: 256,
+            photons,
+        },
+        Some(model),
+        scene.landmarks.clone(),
+        Box::new(move || {
+            let _ = tx.send(());
+        }),
+    );
+    let (device, queue, info) = headless_device(false)?;
+    let mut drr = DrrRenderer::new(&device, &queue);
+    drr.set_volume(scene.density.clone())?;
+    // The app's rule: 256 px on a GPU, 128 on a software rasteriser.
+    let max_px = if info.device_type == wgpu::DeviceType::Cpu {
+        128
+    } else {
+        256
+    };
+    let texture = |w: u32, h: u32| {
+        device
+            .create_texture(&wgpu::TextureDescriptor {
+                label: Some("bench verification drr"),
+                size: wgpu::Extent3d {
+                    width: w,
+                    height: h,
+                    depth_or_array_layers: 1,
+                },
+                mip_level_count: 1,
+                sample_count: 1,
+                dimension: wgpu::TextureDimension::D2,
+                format: wgpu::TextureFormat::Rgba8Unorm,
+                usage: wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::TEXTURE_BINDING,
+                view_formats: &[],
+            })
+            .create_view(&wgpu::TextureViewDescriptor::default())
+    };
+    let mut target: Option<((u32, u32), wgpu::TextureView)> = None;
+    let mut window: Option<Window> = None;
+
+    pipe.send(Command::Fps(fps));
+    pipe.send(Command::Play(true));
+    let t0 = Instant::now();
+    let (mut lat, mut src, mut inf, mut pose, mut drr_ms) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut first, mut last, mut failures, mut skipped0, mut skipped) =
+        (None::<Instant>, None::<Instant>, 0usize, None::<u64>, 0u64);
+    while t0.elapsed().as_secs_f64() < warmup_s + seconds {
+        let _ = rx.recv_timeout(Duration::from_millis(500));
+        let Some(p) = pipe.latest() else { continue };
+        let p = p.map_err(|e| anyhow::anyhow!("the pipeline failed: {e}"))?;
+        let t = Instant::now();
+        let solved = p.solution.as_ref().filter(|s| s.status.ok());
+        if let Some(s) = solved {
+            let c = &p.camera;
+            let cam = c.rescaled((max_px as f64 / c.width_px.max(c.height_px) as f64).min(1.0));
+            let size = (cam.width_px, cam.height_px);
+            if target.as_ref().is_none_or(|t| t.0 != size) {
+                target = Some((size, texture(size.0, size.1)));
+            }
+            let siddon = Renderer::Siddon { full_line: false };
+            let w = match window {
+                Some(w) => w,
+                None => {
+                    let img = drr.render(&cam, std::slice::from_ref(&s.pose), siddon)?;
+                    let (lo, hi) = img
+                        .first()
+                        .map(|i| crate::drr::image_io::percentile_window(i))
+                        .unwrap_or((0.0, 1.0));
+                    *window.insert(Window {
+                        low: lo,
+                        high: hi.max(lo + 1e-6),
+                        invert: false,
+                        intensity: false,
+                        tint: [1.0, 0.85, 0.55, 1.0],
+                    })
+                }
+            };
+            let mut enc = device.create_command_encoder(&Default::default());
+            let images = drr.encode(&mut enc, &cam, std::slice::from_ref(&s.pose), siddon)?;
+            if let Some((_, view)) = &target {
+                drr.encode_window(&mut enc, &images, 0, &w, view);
+            }
+            let index = queue.submit([enc.finish()]);
+            // Counted to the finished image, as the frame is on screen only then.
+            device
+                .poll(wgpu::PollType::Wait {
+                    submission_index: Some(index),
+                    timeout: Some(Duration::from_secs(10)),
+                })
+                .map_err(|e| anyhow::anyhow!("the verification DRR did not finish: {e}"))?;
+        }
+        let done = Instant::now();
+        if t0.elapsed().as_secs_f64() < warmup_s {
+            continue;
+        }
+        if solved.is_none() {
+            failures += 1;
+        }
+        first.get_or_insert(done);
+        last = Some(done);
+        skipped0.get_or_insert(p.skipped);
+        skipped = p.skipped - skipped0.unwrap_or(0);
+        lat.push((done - p.produced).as_secs_f64() * 1e3);
+        src.push(p.timings.source_ms);
+        inf.push(p.timings.inference_ms);
+        pose.push(p.timings.pose_ms);
+        drr_ms.push((done - t).as_secs_f64() * 1e3);
+    }
+    drop(pipe);
+    let n = lat.len();
+    anyhow::ensure!(n >= 2, "the pipeline delivered {n} frames in {seconds} s");
+    let span = match (first, last) {
+        (Some(a), Some(b)) => (b - a).as_secs_f64(),
+        _ => f64::NAN,
+    };
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let p95 = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[(v.len() * 95 / 100).min(v.len() - 1)]
+    };
+    let row = serde_json::json!({
+        "frames": n,
+        "fps": (n - 1) as f64 / span,
+        "clock_fps": fps,
+        "latency_ms": mean(&lat),
+        "latency_p95_ms": p95(&mut lat.clone()),
+        "source_ms": mean(&src),
+        "inference_ms": mean(&inf),
+        "pose_ms": mean(&pose),
+        "drr_ms": mean(&drr_ms),
+        "skipped": skipped,
+        "registration_failures": failures,
+        "model_device": crate::model::device_name(&dev),
+        "drr_adapter": format!("{} ({:?})", info.name, info.backend),
+        "threads": rayon::current_num_threads(),
+    });
+    if json {
+        println!("{}", serde_json::to_string(&row)?);
+    } else {
+        println!(
+            "live pipeline, simulated 256² stream at {fps} fps, model on {}, DRR on {} ({:?}); \
+             {n} frames after {warmup_s} s warm-up",
+            crate::model::device_name(&dev),
+            info.name,
+            info.backend
+        );
+        println!("| fps | latency ms (mean / p95) | source | inference | pose | DRR | skipped |");
+        println!("|---|---|---|---|---|---|---|");
+        println!(
+            "| {:.1} | {:.0} / {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
+            row["fps"].as_f64().unwrap_or(f64::NAN),
+            row["latency_ms"].as_f64().unwrap_or(f64::NAN),
+            row["latency_p95_ms"].as_f64().unwrap_or(f64::NAN),
+            mean(&src),
+            mean(&inf),
+            mean(&pose),
+            mean(&drr_ms),
+            skipped
+        );
+    }
+    Ok(())
+}

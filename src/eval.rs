@@ -9,6 +9,7 @@ use crate::registration::{metrics, solve_detections};
 use crate::task::{Cancelled, Task};
 use candle_core::Tensor;
 use nalgebra::Point2;
+use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 /// Table 1's numbers for one split.
@@ -34,6 +35,21 @@ pub struct Report {
     pub registration_failures: usize,
 }
 
+/// Where the landmarks scored come from.
+pub enum Landmarks<'a> {
+    /// The network's heatmaps: integer and sub-pixel argmax (Table 1).
+    Model(&'a UNet),
+    /// The true projections plus Gaussian noise of this standard deviation per coordinate, in
+    /// pixels at 512 scale (seeded): what registration recovers from landmarks of a known
+    /// accuracy, i.e. the TRE a perfect detector of that RMSE would reach.
+    Oracle {
+        /// Per-coordinate sigma, pixels at 512 scale (RMSE = sigma * sqrt 2).
+        sigma_px: f64,
+        /// Noise seed.
+        seed: u64,
+    },
+}
+
 /// Evaluates `net` on `split` (all when `None`).
 pub fn evaluate(
     net: &UNet,
@@ -41,15 +57,41 @@ pub fn evaluate(
     split: Option<Split>,
     task: &Task,
 ) -> Result<Report, crate::train::TrainError> {
-    let fused = net.fused()?;
-    let cfg = &net.config;
+    evaluate_landmarks(&Landmarks::Model(net), data, split, task)
+}
+
+/// Evaluates the landmarks `from` gives on `split` (all when `None`).
+pub fn evaluate_landmarks(
+    from: &Landmarks<'_>,
+    data: &Dataset,
+    split: Option<Split>,
+    task: &Task,
+) -> Result<Report, crate::train::TrainError> {
     let size = data.manifest.size;
-    if cfg.input_size != size {
-        return Err(crate::train::TrainError::Invalid(format!(
-            "the model takes {0}x{0} images but the dataset holds {1}x{1}",
-            cfg.input_size, size
-        )));
-    }
+    let fused = match from {
+        Landmarks::Model(net) => {
+            if net.config.input_size != size {
+                return Err(crate::train::TrainError::Invalid(format!(
+                    "the model takes {0}x{0} images but the dataset holds {1}x{1}",
+                    net.config.input_size, size
+                )));
+            }
+            Some(net.fused()?)
+        }
+        Landmarks::Oracle { sigma_px, .. } => {
+            if !(sigma_px.is_finite() && *sigma_px >= 0.0) {
+                return Err(crate::train::TrainError::Invalid(format!(
+                    "the oracle's noise must be a non-negative number of pixels, not {sigma_px}"
+                )));
+            }
+            None
+        }
+    };
+    let (oracle_sigma, seed) = match from {
+        Landmarks::Oracle { sigma_px, seed } => (*sigma_px, *seed),
+        Landmarks::Model(_) => (0.0, 0),
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let samples: Vec<&Sample> = data.split(split);
     let scale = 512.0 / size as f64;
     let mut sq = [0.0f64; N_LANDMARKS];
@@ -63,16 +105,39 @@ pub fn evaluate(
         if task.is_cancelled() {
             return Err(Cancelled.into());
         }
-        let mut v = Vec::with_capacity(chunk.len() * size * size);
-        for s in chunk {
-            v.extend(cfg.normalisation.apply(&data.image(s)?));
-        }
-        let x = Tensor::from_vec(v, (chunk.len(), 1, size, size), net.device())?;
-        let logits = fused.forward(&x, false)?;
+        let logits = match &fused {
+            Some(net) => {
+                let mut v = Vec::with_capacity(chunk.len() * size * size);
+                for s in chunk {
+                    v.extend(net.config.normalisation.apply(&data.image(s)?));
+                }
+                let x = Tensor::from_vec(v, (chunk.len(), 1, size, size), net.device())?;
+                Some(net.forward(&x, false)?)
+            }
+            None => None,
+        };
         for (b, s) in chunk.iter().enumerate() {
-            let l = logits.get(b)?;
-            let int = heatmap::argmax(&l)?;
-            let sub = heatmap::argmax_subpixel(&l)?;
+            let (int, sub) = match &logits {
+                Some(logits) => {
+                    let l = logits.get(b)?;
+                    (heatmap::argmax(&l)?, heatmap::argmax_subpixel(&l)?)
+                }
+                None => {
+                    let sigma = oracle_sigma / scale;
+                    let noisy: Vec<(Point2<f64>, f64)> = s
+                        .projected
+                        .iter()
+                        .map(|&[x, y]| {
+                            let n: [f64; 2] = [
+                                rng.sample(rand_distr::StandardNormal),
+                                rng.sample(rand_distr::StandardNormal),
+                            ];
+                            (Point2::new(x + sigma * n[0], y + sigma * n[1]), 1.0)
+                        })
+                        .collect();
+                    (noisy.clone(), noisy)
+                }
+            };
             for i in 0..N_LANDMARKS {
                 if let Some([x, y]) = s.landmarks[i] {
                     let d =

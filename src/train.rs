@@ -120,6 +120,10 @@ pub struct TrainOptions {
     pub config: ModelConfig,
     /// A loss above this multiple of the first step's counts as divergence.
     pub divergence_factor: f64,
+    /// Decay the learning rate along a half cosine from `lr` to `lr / 100` over the run
+    /// (`epochs`, or `max_steps` when that comes first); constant when false.
+    #[serde(default)]
+    pub cosine: bool,
 }
 
 impl Default for TrainOptions {
@@ -137,6 +141,7 @@ impl Default for TrainOptions {
             out: PathBuf::from("model.safetensors"),
             config: ModelConfig::default(),
             divergence_factor: 1e3,
+            cosine: false,
         }
     }
 }
@@ -158,6 +163,9 @@ pub struct Metric {
     pub images_per_s: f64,
     /// Items whose registration failed in this step.
     pub registration_failures: usize,
+    /// Learning rate of the step.
+    #[serde(default)]
+    pub lr: f64,
 }
 
 /// Resume state beside the weights.
@@ -238,6 +246,18 @@ fn pose_loss(
     let n_ok = ok.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
     let per_item = ((poses - truth)?.sqr()?.mean_keepdim(1)? + 1e-8)?.sqrt()?;
     Ok((((per_item * ok)?.sum_all()? / n_ok)?, failures))
+}
+
+/// The learning rate of step `step` (0-based) of `total`: `opts.lr`, or with `opts.cosine`
+/// `lr_min + (lr - lr_min) (1 + cos(pi step / total)) / 2` with `lr_min = lr / 100`. A function
+/// of the global step, so a resumed run continues the same curve.
+pub fn learning_rate(opts: &TrainOptions, step: usize, total: usize) -> f64 {
+    if !opts.cosine || total == 0 {
+        return opts.lr;
+    }
+    let lr_min = opts.lr / 100.0;
+    let x = (step.min(total) as f64 / total as f64) * std::f64::consts::PI;
+    lr_min + (opts.lr - lr_min) * (1.0 + x.cos()) / 2.0
 }
 
 /// Trains on the `train` split of `data`. `on_metric` sees every step (the GUI's curves).
@@ -373,6 +393,8 @@ pub fn train(
                     loss: lv,
                 });
             }
+            let lr = learning_rate(opts, step, total_steps);
+            opt.set_learning_rate(lr);
             opt.backward_step(&loss)?;
             step += 1;
             seen += samples.len();
@@ -386,6 +408,7 @@ pub fn train(
                 pose_loss: pose_v,
                 images_per_s: samples.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9),
                 registration_failures: failures,
+                lr,
             };
             if let Ok(line) = serde_json::to_string(&m) {
                 writeln!(log, "{line}").map_err(|source| TrainError::Io {
@@ -411,7 +434,7 @@ pub fn train(
         net_cfg.card = serde_json::json!({
             "training": {
                 "mode": opts.mode, "epochs_done": epochs_done, "steps": step,
-                "batch": opts.batch, "lr": opts.lr, "lambda": opts.lambda, "seed": opts.seed,
+                "batch": opts.batch, "lr": opts.lr, "cosine": opts.cosine, "lambda": opts.lambda, "seed": opts.seed,
                 "data": data.dir.display().to_string(),
                 "subjects": data.manifest.subjects.iter().filter(|s| !s.held_out).map(|s| s.ct.clone()).collect::<Vec<_>>(),
                 "images": train_set.len(), "size": data.manifest.size,
@@ -448,4 +471,29 @@ fn save_with_card(net: &UNet, config: ModelConfig, out: &Path) -> Result<(), Tra
         serde_json::to_string_pretty(&config).map_err(|e| TrainError::Invalid(e.to_string()))?;
     crate::io::atomic_write(&json, text.as_bytes())
         .map_err(|source| TrainError::Io { path: json, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cosine_schedule_decays_from_lr_to_a_hundredth() {
+        let mut o = TrainOptions {
+            lr: 1e-3,
+            ..TrainOptions::default()
+        };
+        assert_eq!(
+            learning_rate(&o, 50, 100),
+            1e-3,
+            "constant without --cosine"
+        );
+        o.cosine = true;
+        assert!((learning_rate(&o, 0, 100) - 1e-3).abs() < 1e-15);
+        assert!((learning_rate(&o, 50, 100) - (1e-3 + 1e-5) / 2.0).abs() < 1e-12);
+        assert!((learning_rate(&o, 100, 100) - 1e-5).abs() < 1e-15);
+        assert!((learning_rate(&o, 500, 100) - 1e-5).abs() < 1e-15);
+        let lrs: Vec<f64> = (0..=100).map(|s| learning_rate(&o, s, 100)).collect();
+        assert!(lrs.windows(2).all(|w| w[1] < w[0]), "strictly decreasing");
+    }
 }

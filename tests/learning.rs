@@ -225,3 +225,45 @@ fn pel_finetuning_runs_through_the_registration_layer_and_evaluation_reports() {
     let md = fluoropose::eval::markdown(&[("ft".into(), r)]);
     assert!(md.contains("| ft | novel-subject | 4 |"));
 }
+
+/// The oracle of `eval --oracle-noise-px`: exact landmarks register to the true pose; noisy ones
+/// score the RMSE their noise implies and a registration error that grows with it.
+#[test]
+fn the_oracle_scores_its_noise_and_exact_landmarks_register_exactly() {
+    use fluoropose::eval::{Landmarks, evaluate_landmarks};
+    let dir = tempfile::tempdir().unwrap();
+    generate(&request(64, 6), dir.path(), &Task::new()).unwrap();
+    let ds = Dataset::open(dir.path()).unwrap();
+    let score = |sigma_px: f64| {
+        evaluate_landmarks(
+            &Landmarks::Oracle { sigma_px, seed: 1 },
+            &ds,
+            None,
+            &Task::new(),
+        )
+        .unwrap()
+    };
+    let exact = score(0.0);
+    assert_eq!(exact.images, ds.samples.len());
+    assert_eq!(exact.registration_failures, 0);
+    assert!(exact.rmse_px["mean"].as_f64().unwrap() < 1e-9);
+    assert!(exact.tre_mm < 1e-3, "TRE {} mm", exact.tre_mm);
+    assert!(exact.rotation_error_deg < 1e-3);
+    let (a, b) = (score(2.0), score(8.0));
+    let ra = a.rmse_px["mean"].as_f64().unwrap();
+    let rb = b.rmse_px["mean"].as_f64().unwrap();
+    // RMSE of 2D Gaussian noise is sigma * sqrt 2 (about 60 points here: within 25%).
+    assert!((ra / (2.0 * 2f64.sqrt()) - 1.0).abs() < 0.25, "{ra}");
+    assert!((rb / (8.0 * 2f64.sqrt()) - 1.0).abs() < 0.25, "{rb}");
+    assert!(
+        a.tre_mm > 0.1 && b.tre_mm > 2.0 * a.tre_mm,
+        "{} {}",
+        a.tre_mm,
+        b.tre_mm
+    );
+    let nan = Landmarks::Oracle {
+        sigma_px: f64::NAN,
+        seed: 0,
+    };
+    assert!(evaluate_landmarks(&nan, &ds, None, &Task::new()).is_err());
+}

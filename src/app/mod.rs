@@ -302,7 +302,7 @@ impl FluoroApp {
             .unwrap_or_default();
         let mut toasts = Vec::new();
         let scene = Scene::default_phantom();
-        let model = match crate::model::shipped::predictor(&candle_core::Device::Cpu) {
+        let model = match crate::model::shipped::predictor(&crate::model::default_device()) {
             Ok(p) => Some(Arc::new(p)),
             Err(e) => {
                 toasts.push(Toast {
@@ -361,6 +361,12 @@ impl FluoroApp {
                 "no GPU adapter: DRR verification off, CPU paths only".into(),
             ),
         };
+        // Which device the U-Net runs on belongs beside the DRR's (a CUDA build on a machine
+        // without a GPU falls back to the CPU, and the user should see that).
+        let gpu_status = format!(
+            "{gpu_status} · model on {}",
+            crate::model::device_name(&crate::model::default_device())
+        );
         let playing = options.screenshot.is_some();
         if playing {
             pipeline.send(Command::Play(true));
@@ -762,8 +768,8 @@ impl FluoroApp {
             return;
         };
         let r = match &path {
-            None => crate::model::shipped::predictor(&candle_core::Device::Cpu),
-            Some(p) => Predictor::load(p, &candle_core::Device::Cpu),
+            None => crate::model::shipped::predictor(&crate::model::default_device()),
+            Some(p) => Predictor::load(p, &crate::model::default_device()),
         };
         match r {
             Ok(p) => {

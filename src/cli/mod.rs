@@ -186,6 +186,25 @@ pub enum BenchWhat {
         #[arg(long)]
         json: bool,
     },
+    /// The Live tab's pipeline without a window (simulated stream -> model -> pose ->
+    /// verification DRR): frames per second and frame-to-result latency.
+    Pipeline {
+        /// Seconds measured.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Seconds run first and not counted (start-up, first frames).
+        #[arg(long, default_value_t = 2.0)]
+        warmup: f64,
+        /// The stream's frame clock (frames the pipeline cannot keep up with are dropped).
+        #[arg(long, default_value_t = 120.0)]
+        fps: f64,
+        /// Photons per pixel of the simulated frames (the app's default).
+        #[arg(long, default_value_t = 100000.0)]
+        photons: f64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// One 8-point solve per solver, over poses drawn from the paper's range.
     Register {
         /// Number of problems.
@@ -355,6 +374,13 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Experiment(a)) => learn::experiment(&a),
         Some(Command::Bench(a)) => match a.what {
             BenchWhat::Register { problems, json } => crate::bench::register(problems, json),
+            BenchWhat::Pipeline {
+                seconds,
+                warmup,
+                fps,
+                photons,
+                json,
+            } => crate::bench::pipeline(seconds, warmup, fps, photons, json),
             BenchWhat::Model {
                 size,
                 base,

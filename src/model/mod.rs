@@ -703,6 +703,38 @@ pub struct Detection {
     pub confidence: f64,
 }
 
+/// The device the model runs on: the first CUDA GPU in a build with the `cuda` feature when one
+/// answers, else the CPU (with the fast kernels of [`conv`]). The app, training and the CLI all
+/// take it from here, so a CUDA build uses its GPU everywhere.
+/// Made once per process: every CUDA `Device` is its own context and stream, and tensors of two
+/// of them cannot meet.
+pub fn default_device() -> Device {
+    static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+    DEVICE
+        .get_or_init(|| {
+            #[cfg(feature = "cuda")]
+            {
+                match Device::new_cuda(0) {
+                    Ok(d) => return d,
+                    Err(e) => log::warn!("no CUDA device ({e}); the model runs on the CPU"),
+                }
+            }
+            Device::Cpu
+        })
+        .clone()
+}
+
+/// A short name of `device` for status bars and benchmark records.
+pub fn device_name(device: &Device) -> &'static str {
+    if device.is_cuda() {
+        "cuda"
+    } else if device.is_metal() {
+        "metal"
+    } else {
+        "cpu"
+    }
+}
+
 /// Frame pixels -> landmarks: resize to the model input, normalise, run the fused network,
 /// read the heatmaps with sub-pixel argmax, and map back to frame pixels.
 pub struct Predictor {
