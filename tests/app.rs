@@ -15,10 +15,15 @@ fn skip() -> bool {
 }
 
 fn harness<'a>() -> Harness<'a, FluoroApp> {
-    Harness::builder()
+    let h = Harness::builder()
         .with_size(egui::Vec2::new(1280.0, 800.0))
         .wgpu()
-        .build_eframe(|cc| FluoroApp::new(cc, AppOptions::default()))
+        .build_eframe(|cc| FluoroApp::new(cc, AppOptions::default()));
+    // The app leaves its panels unfilled for the window's clear colour to show through, but the
+    // harness clears to transparent: fill them again so that snapshots look like the window.
+    h.ctx
+        .all_styles_mut(|s| s.visuals.panel_fill = egui::Visuals::dark().panel_fill);
+    h
 }
 
 /// Steps the UI until `done` holds (the pipeline and loaders run on their own threads).

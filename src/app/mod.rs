@@ -36,6 +36,8 @@ pub struct AppOptions {
     pub tab: Option<Tab>,
     /// Frames (a file or folder) to play instead of the simulated stream.
     pub open: Option<PathBuf>,
+    /// The stream's frame clock, overriding the saved setting.
+    pub fps: Option<f64>,
 }
 
 /// The tabs.
@@ -296,11 +298,16 @@ pub struct FluoroApp {
 impl FluoroApp {
     /// Builds the app on eframe's creation context (its wgpu device, its storage).
     pub fn new(cc: &eframe::CreationContext<'_>, options: AppOptions) -> Self {
-        let settings: Settings = cc
+        let mut settings: Settings = cc
             .storage
             .and_then(|s| eframe::get_value(s, eframe::APP_KEY))
             .unwrap_or_default();
         let mut toasts = Vec::new();
+        // Panels are left unfilled and the clear colour is theirs: the same picture, but a
+        // software rasteriser (lavapipe) no longer shades every pixel of the window twice, and
+        // on 2 cores that was most of a UI frame's cost.
+        cc.egui_ctx
+            .all_styles_mut(|s| s.visuals.panel_fill = egui::Color32::TRANSPARENT);
         let scene = Scene::default_phantom();
         let model = match crate::model::shipped::predictor(&crate::model::default_device()) {
             Ok(p) => Some(Arc::new(p)),
@@ -324,8 +331,14 @@ impl FluoroApp {
             source,
             model,
             scene.landmarks.clone(),
-            Box::new(move || repaint.request_repaint()),
+            // A zero-delay request makes egui draw twice ("to let things settle"); any delay
+            // draws once. One UI frame per video frame halves what a software rasteriser
+            // spends on the window.
+            Box::new(move || repaint.request_repaint_after(std::time::Duration::from_micros(1))),
         );
+        if let Some(f) = options.fps.filter(|f| f.is_finite() && *f > 0.0) {
+            settings.fps = f.clamp(0.1, 120.0);
+        }
         pipeline.send(Command::Fps(settings.fps));
         pipeline.send(Command::Loop(settings.looping));
         let (gpu, gpu_status) = match cc.wgpu_render_state.as_ref() {
@@ -903,6 +916,17 @@ pub fn gray_image(pixels: &[f32], w: usize, h: usize) -> egui::ColorImage {
 }
 
 impl eframe::App for FluoroApp {
+    /// The panels' colour, painted by the render pass's clear instead of by the panels: see
+    /// [`FluoroApp::new`].
+    fn clear_color(&self, visuals: &egui::Visuals) -> [f32; 4] {
+        let v = if visuals.dark_mode {
+            egui::Visuals::dark()
+        } else {
+            egui::Visuals::light()
+        };
+        v.panel_fill.to_normalized_gamma_f32()
+    }
+
     fn ui(&mut self, ui: &mut egui::Ui, frame: &mut eframe::Frame) {
         if let Some(s) = frame.info().cpu_usage {
             self.ui_cpu = (self.ui_cpu.0 + 1, self.ui_cpu.1 + f64::from(s));

@@ -33,6 +33,9 @@ pub struct Cli {
     /// the simulated stream.
     #[arg(long)]
     pub open: Option<PathBuf>,
+    /// The stream's frame clock in frames per second (default: the saved setting, 10).
+    #[arg(long)]
+    pub fps: Option<f64>,
 }
 
 /// The subcommands.
@@ -358,6 +361,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 frames: cli.frames,
                 tab,
                 open: cli.open,
+                fps: cli.fps,
             })
         }
         Some(Command::Info(a)) => info(&a),
