@@ -26,8 +26,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let a_in = amin + 1e-6 * (amax - amin);
     let p = s + d * a_in;
     // Index limits of the box (inclusive).
-    let lo = vec3<i32>(round(u.box_lo.xyz + vec3<f32>(0.5)));
-    let hi = vec3<i32>(round(u.box_hi.xyz - vec3<f32>(0.5)));
+    let lo = box_first();
+    let hi = box_last();
     var ix = clamp(i32(floor(p.x + 0.5)), lo.x, hi.x);
     var iy = clamp(i32(floor(p.y + 0.5)), lo.y, hi.y);
     var iz = clamp(i32(floor(p.z + 0.5)), lo.z, hi.z);
@@ -54,7 +54,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     for (var it = 0u; it < max_steps; it++) {
         let next = min(nx, min(ny, nz));
         let end = min(next, amax);
-        acc += textureLoad(density, vec3<i32>(ix, iy, iz), 0).x * max(end - cur, 0.0);
+        acc += voxel(vec3<i32>(ix, iy, iz)) * max(end - cur, 0.0);
         cur = max(cur, end);
         let tx = nx <= ny && nx <= nz;
         let ty = !tx && ny <= nz;

@@ -7,7 +7,10 @@
 // (drr_common.wgsl is prepended.)
 
 fn sample(p: vec3<f32>) -> f32 {
-    let n = vec3<i32>(u.dims.xyz);
+    // Corners outside the box of non-zero voxels add zero (exact, and they are not stored when
+    // the volume is in a buffer).
+    let lo = box_first();
+    let hi = box_last();
     let f = floor(p);
     let base = vec3<i32>(f);
     let w = p - f;
@@ -15,7 +18,7 @@ fn sample(p: vec3<f32>) -> f32 {
     for (var c = 0u; c < 8u; c++) {
         let o = vec3<i32>(i32(c & 1u), i32((c >> 1u) & 1u), i32((c >> 2u) & 1u));
         let ijk = base + o;
-        if (any(ijk < vec3<i32>(0)) || any(ijk >= n)) {
+        if (any(ijk < lo) || any(ijk > hi)) {
             continue;
         }
         let wo = select(vec3<f32>(1.0) - w, w, o == vec3<i32>(1));

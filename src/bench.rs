@@ -196,6 +196,11 @@ pub fn drr(ct: Option<&str>, sizes: &[u32], with_cpu: bool, json: bool) -> Resul
     let (device, queue, info) = headless_device(false)?;
     let mut r = DrrRenderer::new(&device, &queue);
     r.set_volume(density.clone())?;
+    let placement = if r.volume_in_buffer() == Some(true) {
+        "a storage buffer"
+    } else {
+        "a 3D texture"
+    };
     let c = vol.center_mm();
     let pose = crate::geometry::diffdrr::DiffDrrPose {
         rotations: crate::geometry::EulerZxyRad([0.0; 3]),
@@ -271,12 +276,12 @@ pub fn drr(ct: Option<&str>, sizes: &[u32], with_cpu: bool, json: bool) -> Resul
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &serde_json::json!({"adapter": info.name, "ct": spec, "rows": rows})
+                &serde_json::json!({"adapter": info.name, "ct": spec, "volume": placement, "rows": rows})
             )?
         );
     } else {
         println!(
-            "DRR of {spec} ({}x{}x{}) on {} ({:?}), median, including readback",
+            "DRR of {spec} ({}x{}x{}) on {} ({:?}), volume in {placement}, median, including readback",
             vol.dims()[0],
             vol.dims()[1],
             vol.dims()[2],

@@ -294,3 +294,66 @@ fn window_pass_writes_the_display_texture_on_the_gpu() {
         bytes.chunks(4).take(40).any(|p| p[0] > 20) && bytes.chunks(4).take(40).any(|p| p[0] < 235)
     );
 }
+
+/// The volume in a storage buffer or in a 3D texture (what a device's storage binding limit
+/// decides): the same images as the CPU reference either way.
+#[test]
+fn every_volume_placement_matches_the_cpu_reference() {
+    use eframe::wgpu;
+    if gpu().is_none() {
+        return;
+    }
+    let (vol, _) = phantom_subject(7, Some(3.0));
+    let dv = Arc::new(DensityVolume::from_volume(&vol, Attenuation::default()));
+    // The buffer holds the box of non-zero voxels.
+    let [a, b] = dv.occupied.unwrap();
+    let boxed = [0, 1, 2].map(|i| (b[i] + 1 - a[i]) as u64);
+    let slice = boxed[0] * boxed[1] * 4;
+    let total = slice * boxed[2];
+    assert!(
+        total < (dv.data.len() * 4) as u64,
+        "the phantom has air around it"
+    );
+    let iso = vol.center_mm();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let pose = PoseRange::default().sample(&mut rng, &iso);
+    let cam = Camera::new(1020.0, 40, 32, 8.0, 9.0);
+    let instance = wgpu::Instance::default();
+    let adapter = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+        .into_iter()
+        .find(|a| a.get_info().device_type == wgpu::DeviceType::Cpu)
+        .or_else(|| {
+            pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default()))
+                .ok()
+        })
+        .unwrap();
+    // (storage binding limit, where the volume must go)
+    let cases = [
+        (adapter.limits().max_storage_buffer_binding_size, true),
+        (total, true),
+        (total - slice, false),
+    ];
+    for (limit, want) in cases {
+        let (d, q) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            required_limits: wgpu::Limits {
+                max_storage_buffer_binding_size: limit,
+                ..adapter.limits()
+            },
+            ..Default::default()
+        }))
+        .unwrap();
+        let mut r = DrrRenderer::new(&d, &q);
+        r.set_volume(dv.clone()).unwrap();
+        assert_eq!(
+            r.volume_in_buffer(),
+            Some(want),
+            "binding limit {limit} B, volume {total} B"
+        );
+        for which in [ALL[0], ALL[3]] {
+            let img = r.render(&cam, std::slice::from_ref(&pose), which).unwrap();
+            let e = rel_diff(&img[0], &cpu::render(&dv, &cam, &pose, which));
+            eprintln!("{want:?} {which:?}: {e:.2e}");
+            assert!(e < 1e-4, "{want:?} {which:?}: {e}");
+        }
+    }
+}

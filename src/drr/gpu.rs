@@ -165,9 +165,20 @@ pub fn headless_device(
 
 /// The volume as uploaded.
 struct GpuVolume {
+    /// The 3D texture, or a one-voxel stand-in when the volume is in `buffer`.
     _texture: wgpu::Texture,
     view: wgpu::TextureView,
+    /// The storage buffer, or a one-voxel stand-in when the volume is in the texture.
+    buffer: wgpu::Buffer,
+    /// Which of the two holds the volume (the shaders' `VOLUME_IN_BUFFER`).
+    in_buffer: bool,
     source: Arc<DensityVolume>,
+}
+
+/// The two shaders compiled for one volume placement.
+struct Pipelines {
+    siddon: wgpu::ComputePipeline,
+    trilinear: wgpu::ComputePipeline,
 }
 
 /// A batch of rendered DRRs still on the GPU (`n` images of `width x height` f32).
@@ -202,8 +213,10 @@ pub struct DrrRenderer {
     device: wgpu::Device,
     queue: wgpu::Queue,
     layout: wgpu::BindGroupLayout,
-    siddon: wgpu::ComputePipeline,
-    trilinear: wgpu::ComputePipeline,
+    /// Volume in the 3D texture.
+    textured: Pipelines,
+    /// Volume in a storage buffer.
+    buffered: Pipelines,
     window_layout: wgpu::BindGroupLayout,
     window: wgpu::ComputePipeline,
     volume: Option<GpuVolume>,
@@ -254,6 +267,7 @@ impl DrrRenderer {
                     count: None,
                 },
                 storage_entry(3, false),
+                storage_entry(4, true),
             ],
         });
         let window_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
@@ -274,29 +288,40 @@ impl DrrRenderer {
             ],
         });
         let [siddon_src, trilinear_src, window_src] = shader_sources();
-        let pipeline = |name: &str, src: &str, layout: &wgpu::BindGroupLayout| {
-            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(name),
-                source: wgpu::ShaderSource::Wgsl(src.into()),
-            });
-            let pl = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-                label: Some(name),
-                bind_group_layouts: &[Some(layout)],
-                immediate_size: 0,
-            });
-            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(name),
-                layout: Some(&pl),
-                module: &module,
-                entry_point: Some("main"),
-                compilation_options: Default::default(),
-                cache: None,
-            })
+        let pipeline =
+            |name: &str, src: &str, layout: &wgpu::BindGroupLayout, constants: &[(&str, f64)]| {
+                let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(name),
+                    source: wgpu::ShaderSource::Wgsl(src.into()),
+                });
+                let pl = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                    label: Some(name),
+                    bind_group_layouts: &[Some(layout)],
+                    immediate_size: 0,
+                });
+                device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(name),
+                    layout: Some(&pl),
+                    module: &module,
+                    entry_point: Some("main"),
+                    compilation_options: wgpu::PipelineCompilationOptions {
+                        constants,
+                        ..Default::default()
+                    },
+                    cache: None,
+                })
+            };
+        let pipelines = |in_buffer: bool| {
+            let c = [("VOLUME_IN_BUFFER", if in_buffer { 1.0 } else { 0.0 })];
+            Pipelines {
+                siddon: pipeline(siddon_src.0, &siddon_src.1, &layout, &c),
+                trilinear: pipeline(trilinear_src.0, &trilinear_src.1, &layout, &c),
+            }
         };
         Self {
-            siddon: pipeline(siddon_src.0, &siddon_src.1, &layout),
-            trilinear: pipeline(trilinear_src.0, &trilinear_src.1, &layout),
-            window: pipeline(window_src.0, &window_src.1, &window_layout),
+            textured: pipelines(false),
+            buffered: pipelines(true),
+            window: pipeline(window_src.0, &window_src.1, &window_layout, &[]),
             layout,
             window_layout,
             device: device.clone(),
@@ -305,19 +330,38 @@ impl DrrRenderer {
         }
     }
 
-    /// Uploads an attenuation volume (replacing the previous one).
+    /// Uploads an attenuation volume (replacing the previous one): into a storage buffer when
+    /// it fits the device's storage binding limit, else into a 3D texture (drr_common.wgsl
+    /// says why, with the measurements).
     pub fn set_volume(&mut self, vol: Arc<DensityVolume>) -> Result<(), GpuError> {
-        let max = self.device.limits().max_texture_dimension_3d as usize;
-        if vol.dims.iter().any(|&d| d > max) {
+        let limits = self.device.limits();
+        // The buffer holds the box of non-zero voxels only (the shaders never read outside it).
+        let [first, last] = vol.occupied.unwrap_or([[0; 3]; 2]);
+        let n = [0, 1, 2].map(|a| last[a] + 1 - first[a]);
+        let bytes = (n[0] * n[1] * n[2]) as u64 * 4;
+        let in_buffer = bytes
+            <= limits
+                .max_storage_buffer_binding_size
+                .min(limits.max_buffer_size);
+        let max = limits.max_texture_dimension_3d as usize;
+        if !in_buffer && vol.dims.iter().any(|&d| d > max) {
             return Err(GpuError::VolumeTooLarge {
                 dims: vol.dims,
                 allowed: max,
             });
         }
-        let size = wgpu::Extent3d {
-            width: vol.dims[0] as u32,
-            height: vol.dims[1] as u32,
-            depth_or_array_layers: vol.dims[2] as u32,
+        let size = if in_buffer {
+            wgpu::Extent3d {
+                width: 1,
+                height: 1,
+                depth_or_array_layers: 1,
+            }
+        } else {
+            wgpu::Extent3d {
+                width: vol.dims[0] as u32,
+                height: vol.dims[1] as u32,
+                depth_or_array_layers: vol.dims[2] as u32,
+            }
         };
         let texture = self.device.create_texture(&wgpu::TextureDescriptor {
             label: Some("drr volume"),
@@ -329,6 +373,8 @@ impl DrrRenderer {
             usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
             view_formats: &[],
         });
+        let one = [0.0f32];
+        let texels: &[f32] = if in_buffer { &one } else { &vol.data };
         self.queue.write_texture(
             wgpu::TexelCopyTextureInfo {
                 texture: &texture,
@@ -336,7 +382,7 @@ impl DrrRenderer {
                 origin: wgpu::Origin3d::ZERO,
                 aspect: wgpu::TextureAspect::All,
             },
-            bytemuck::cast_slice(&vol.data),
+            bytemuck::cast_slice(texels),
             wgpu::TexelCopyBufferLayout {
                 offset: 0,
                 bytes_per_row: Some(size.width * 4),
@@ -344,13 +390,40 @@ impl DrrRenderer {
             },
             size,
         );
+        let boxed: Vec<f32> = if in_buffer {
+            let mut v = Vec::with_capacity(n[0] * n[1] * n[2]);
+            for k in first[2]..=last[2] {
+                for j in first[1]..=last[1] {
+                    let row = vol.dims[0] * (j + vol.dims[1] * k);
+                    v.extend_from_slice(&vol.data[row + first[0]..=row + last[0]]);
+                }
+            }
+            v
+        } else {
+            one.to_vec()
+        };
+        let buffer = self
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("drr volume buffer"),
+                contents: bytemuck::cast_slice(&boxed),
+                usage: wgpu::BufferUsages::STORAGE,
+            });
         let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
         self.volume = Some(GpuVolume {
             view,
             _texture: texture,
+            buffer,
+            in_buffer,
             source: vol,
         });
         Ok(())
+    }
+
+    /// Whether the volume went into a storage buffer (`Some(true)`) or the 3D texture
+    /// (`Some(false)`); `None` without a volume.
+    pub fn volume_in_buffer(&self) -> Option<bool> {
+        self.volume.as_ref().map(|v| v.in_buffer)
     }
 
     /// The volume last uploaded.
@@ -490,12 +563,21 @@ impl DrrRenderer {
                     binding: 3,
                     resource: out.as_entire_binding(),
                 },
+                wgpu::BindGroupEntry {
+                    binding: 4,
+                    resource: vol.buffer.as_entire_binding(),
+                },
             ],
         });
-        let pipeline = if matches!(renderer, Renderer::Siddon { .. }) {
-            &self.siddon
+        let set = if vol.in_buffer {
+            &self.buffered
         } else {
-            &self.trilinear
+            &self.textured
+        };
+        let pipeline = if matches!(renderer, Renderer::Siddon { .. }) {
+            &set.siddon
+        } else {
+            &set.trilinear
         };
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
