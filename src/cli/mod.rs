@@ -33,7 +33,8 @@ pub struct Cli {
     /// the simulated stream.
     #[arg(long)]
     pub open: Option<PathBuf>,
-    /// The stream's frame clock in frames per second (default: the saved setting, 10).
+    /// The stream's frame clock in frames per second, kept as the setting (default: the saved
+    /// setting, first 10).
     #[arg(long)]
     pub fps: Option<f64>,
 }
