@@ -1002,8 +1002,28 @@ impl eframe::App for FluoroApp {
 
 /// Opens the window.
 pub fn run(options: AppOptions) -> anyhow::Result<()> {
+    use eframe::egui_wgpu::{WgpuConfiguration, WgpuSetup};
+    let mut wgpu_options = WgpuConfiguration::default();
+    if let WgpuSetup::CreateNew(setup) = &mut wgpu_options.wgpu_setup {
+        // egui asks for WebGPU's default limits; the DRR shares this device and wants the
+        // adapter's storage and 3D texture limits, so that a large CT can go into a storage
+        // buffer (the faster path) or a texture above 2048 voxels per side.
+        let egui_default = setup.device_descriptor.clone();
+        setup.device_descriptor = Arc::new(move |adapter| {
+            let mut desc = egui_default(adapter);
+            if adapter.get_info().backend != wgpu::Backend::Gl {
+                let a = adapter.limits();
+                let l = &mut desc.required_limits;
+                l.max_storage_buffer_binding_size = a.max_storage_buffer_binding_size;
+                l.max_buffer_size = a.max_buffer_size;
+                l.max_texture_dimension_3d = a.max_texture_dimension_3d;
+            }
+            desc
+        });
+    }
     let native = eframe::NativeOptions {
         renderer: eframe::Renderer::Wgpu,
+        wgpu_options,
         viewport: egui::ViewportBuilder::default()
             .with_inner_size([1280.0, 800.0])
             .with_title("fluoropose")

@@ -409,6 +409,17 @@ impl DrrRenderer {
                 contents: bytemuck::cast_slice(&boxed),
                 usage: wgpu::BufferUsages::STORAGE,
             });
+        log::debug!(
+            "DRR volume {:?}: {} ({} B of non-zero box, storage binding limit {} B)",
+            vol.dims,
+            if in_buffer {
+                "storage buffer"
+            } else {
+                "3D texture"
+            },
+            bytes,
+            limits.max_storage_buffer_binding_size
+        );
         let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
         self.volume = Some(GpuVolume {
             view,
