@@ -45,7 +45,26 @@ impl ConvShape {
 }
 
 fn threads() -> gemm::Parallelism {
+    if SERIAL_GEMM.with(|c| c.get()) {
+        return gemm::Parallelism::None;
+    }
     gemm::Parallelism::Rayon(rayon::current_num_threads().max(1))
+}
+
+thread_local! {
+    /// Set inside work that is already parallel over batch items: a GEMM then runs on its
+    /// own thread instead of splitting into tasks that wait for each other.
+    static SERIAL_GEMM: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with single-threaded GEMMs on this thread.
+fn serial<T>(f: impl FnOnce() -> T) -> T {
+    SERIAL_GEMM.with(|c| {
+        let old = c.replace(true);
+        let out = f();
+        c.set(old);
+        out
+    })
 }
 
 /// Zero-pads `c` channels of `h x w` to `(h+2) x (w+2)`, flattened, plus 2 trailing zeros so
@@ -136,7 +155,7 @@ pub fn conv3x3(x: &[f32], wt: &[f32], bias: Option<&[f32]>, relu: bool, s: ConvS
 /// [`conv3x3`] over a padded input that `padded(b)` builds for batch item `b` (so that an
 /// upsample and a concatenation can be fused into the padding pass).
 fn conv3x3_from(
-    padded: impl Fn(usize) -> Vec<f32>,
+    padded: impl Fn(usize) -> Vec<f32> + Sync,
     wt: &[f32],
     bias: Option<&[f32]>,
     relu: bool,
@@ -146,40 +165,68 @@ fn conv3x3_from(
     if let Some(b) = bias {
         assert_eq!(b.len(), s.cout, "conv3x3: bias size");
     }
-    let (plane, wide, hw) = (s.padded_plane(), s.wide(), s.h * s.w);
+    let (wide, hw) = (s.wide(), s.h * s.w);
     let mut out = vec![0.0f32; s.batch * s.cout * hw];
-    let mut acc = vec![0.0f32; s.cout * wide];
-    for b in 0..s.batch {
-        let xp = padded(b);
-        assert_eq!(xp.len(), s.cin * plane + 2, "conv3x3: padded input size");
-        for tap in 0..9 {
-            let off = (tap / 3) * (s.w + 2) + tap % 3;
-            gemm_strided(
-                (s.cout, wide, s.cin),
-                &mut acc,
-                wide,
-                tap > 0,
-                &wt[tap..],
-                (s.cin * 9, 9),
-                &xp[off..],
-                (plane, 1),
-            );
-        }
-        out[b * s.cout * hw..(b + 1) * s.cout * hw]
-            .par_chunks_mut(hw)
+    // A batch at least as large as the thread pool: one item per task, serial GEMMs (9 small
+    // parallel GEMMs per item spend much of their time handing work between threads).
+    if s.batch > 1 && s.batch >= rayon::current_num_threads() {
+        out.par_chunks_mut(s.cout * hw)
             .enumerate()
-            .for_each(|(co, dst)| {
-                let bv = bias.map_or(0.0, |bb| bb[co]);
-                for y in 0..s.h {
-                    let src = &acc[co * wide + y * (s.w + 2)..][..s.w];
-                    for (d, v) in dst[y * s.w..(y + 1) * s.w].iter_mut().zip(src) {
-                        let v = v + bv;
-                        *d = if relu { v.max(0.0) } else { v };
-                    }
-                }
+            .for_each(|(b, dst)| {
+                let mut acc = vec![0.0f32; s.cout * wide];
+                serial(|| conv3x3_item(&padded(b), wt, bias, relu, s, &mut acc, dst));
             });
+        return out;
+    }
+    let mut acc = vec![0.0f32; s.cout * wide];
+    for (b, dst) in out.chunks_mut(s.cout * hw).enumerate() {
+        conv3x3_item(&padded(b), wt, bias, relu, s, &mut acc, dst);
     }
     out
+}
+
+/// One batch item of [`conv3x3_from`]: 9 GEMMs (one per tap) into `acc` (`cout x wide`),
+/// then bias and ReLU into `dst` (`cout x h x w`).
+fn conv3x3_item(
+    xp: &[f32],
+    wt: &[f32],
+    bias: Option<&[f32]>,
+    relu: bool,
+    s: ConvShape,
+    acc: &mut [f32],
+    dst: &mut [f32],
+) {
+    let (plane, wide, hw) = (s.padded_plane(), s.wide(), s.h * s.w);
+    assert_eq!(xp.len(), s.cin * plane + 2, "conv3x3: padded input size");
+    for tap in 0..9 {
+        let off = (tap / 3) * (s.w + 2) + tap % 3;
+        gemm_strided(
+            (s.cout, wide, s.cin),
+            acc,
+            wide,
+            tap > 0,
+            &wt[tap..],
+            (s.cin * 9, 9),
+            &xp[off..],
+            (plane, 1),
+        );
+    }
+    let acc = &*acc;
+    let epilogue = |(co, d): (usize, &mut [f32])| {
+        let bv = bias.map_or(0.0, |bb| bb[co]);
+        for y in 0..s.h {
+            let src = &acc[co * wide + y * (s.w + 2)..][..s.w];
+            for (o, v) in d[y * s.w..(y + 1) * s.w].iter_mut().zip(src) {
+                let v = v + bv;
+                *o = if relu { v.max(0.0) } else { v };
+            }
+        }
+    };
+    if SERIAL_GEMM.with(|c| c.get()) {
+        dst.chunks_mut(hw).enumerate().for_each(epilogue);
+    } else {
+        dst.par_chunks_mut(hw).enumerate().for_each(epilogue);
+    }
 }
 
 /// The padded input of `concat([upsample_nearest(low, h, w), skip])` for one batch item,
