@@ -263,3 +263,39 @@ fn frames_and_simulate_commands() {
         assert_eq!(v[0]["primary_angle_deg"], 77.0);
     }
 }
+
+/// `bench pipeline`: the Live tab's pipeline without a window delivers solved frames and reports
+/// the documented JSON.
+#[test]
+fn bench_pipeline_runs_the_live_pipeline_headless() {
+    if std::env::var("FLUOROPOSE_SKIP_GPU").is_ok_and(|v| v == "1") {
+        return;
+    }
+    let (ok, out, err) = run(&[
+        "bench",
+        "pipeline",
+        "--seconds",
+        "3",
+        "--warmup",
+        "2",
+        "--fps",
+        "30",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(v["frames"].as_u64().unwrap() >= 2, "{v}");
+    assert!(v["fps"].as_f64().unwrap() > 0.0, "{v}");
+    assert_eq!(v["registration_failures"], 0, "{v}");
+    for k in [
+        "latency_ms",
+        "inference_ms",
+        "pose_ms",
+        "drr_ms",
+        "source_ms",
+    ] {
+        let x = v[k].as_f64().unwrap();
+        assert!(x.is_finite() && x >= 0.0, "{k}: {v}");
+    }
+    assert!(v["latency_ms"].as_f64().unwrap() >= v["inference_ms"].as_f64().unwrap());
+}
