@@ -69,6 +69,18 @@ fn default_start_shows_landmarks_and_a_pose() {
         "{}",
         h.state().gpu_status()
     );
+    // The measurements count what was shown (running sums, not a list of every frame).
+    wait(&mut h, "a second frame", |a| {
+        a.measurements()["frames_shown"].as_u64() >= Some(2)
+    });
+    let m = h.state().measurements();
+    let lat = m["frame_to_overlay_ms"]["mean"].as_f64().unwrap();
+    assert!(lat.is_finite() && lat > 0.0, "{m}");
+    assert!(
+        m["frame_to_overlay_ms"]["p95"].as_f64().unwrap() > 0.0,
+        "{m}"
+    );
+    assert!(m["inference_ms"].as_f64().unwrap() > 0.0, "{m}");
 }
 
 #[test]

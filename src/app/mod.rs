@@ -140,6 +140,9 @@ impl Scene {
     }
 }
 
+/// Frames whose latency the 95th percentile of [`FluoroApp::measurements`] is taken over.
+pub const RECENT_FRAMES: usize = 4096;
+
 /// The phantom subject the app opens on (held out from the shipped model's training).
 pub const DEFAULT_PHANTOM: u64 = 62;
 
@@ -285,8 +288,10 @@ pub struct FluoroApp {
     /// The current training run.
     pub training: Option<TrainingRun>,
     options: AppOptions,
-    /// (frame-to-overlay, source, inference, pose) ms of every frame shown.
-    history: Vec<(f64, f64, f64, f64)>,
+    /// Frames shown: their count, summed (frame-to-overlay, source, inference, pose) ms, and
+    /// the latencies of the most recent [`RECENT_FRAMES`] (for the 95th percentile), so that
+    /// a session that streams for hours keeps a fixed size.
+    shown: (usize, [f64; 4], std::collections::VecDeque<f64>),
     /// UI frames drawn and their summed CPU seconds (update, tessellation and painting, as
     /// eframe reports them): a running sum, so that a long session does not grow a list.
     ui_cpu: (usize, f64),
@@ -416,7 +421,7 @@ impl FluoroApp {
             training: None,
             scene,
             options,
-            history: Vec::new(),
+            shown: (0, [0.0; 4], std::collections::VecDeque::new()),
             ui_cpu: (0, 0.0),
             frames_drawn: 0,
             screenshot_requested: false,
@@ -553,12 +558,21 @@ impl FluoroApp {
         match self.pipeline.latest() {
             Some(Ok(p)) => {
                 self.shown_latency_ms = p.produced.elapsed().as_secs_f64() * 1e3;
-                self.history.push((
+                let t = [
                     self.shown_latency_ms,
                     p.timings.source_ms,
                     p.timings.inference_ms,
                     p.timings.pose_ms,
-                ));
+                ];
+                let (count, sums, recent) = &mut self.shown;
+                *count += 1;
+                for (s, v) in sums.iter_mut().zip(t) {
+                    *s += v;
+                }
+                if recent.len() == RECENT_FRAMES {
+                    recent.pop_front();
+                }
+                recent.push_back(t[0]);
                 let now = Instant::now();
                 self.fps_meter.push(now);
                 self.shown_span = Some((self.shown_span.map_or(now, |s| s.0), now));
@@ -582,27 +596,21 @@ impl FluoroApp {
         (self.fps_meter.len() - 1) as f64 / span.max(1e-9)
     }
 
-    /// What the run measured, as JSON: frames shown, fps, mean and 95th-percentile
-    /// frame-to-overlay latency, mean stage times.
+    /// What the run measured, as JSON: frames shown, fps, mean and 95th-percentile (over the
+    /// last [`RECENT_FRAMES`]) frame-to-overlay latency, mean stage times.
     pub fn measurements(&self) -> serde_json::Value {
-        let n = self.history.len().max(1) as f64;
-        let mean = |k: usize| {
-            self.history
-                .iter()
-                .map(|h| [h.0, h.1, h.2, h.3][k])
-                .sum::<f64>()
-                / n
-        };
-        let mut lat: Vec<f64> = self.history.iter().map(|h| h.0).collect();
+        let (count, sums, recent) = &self.shown;
+        let mean = |k: usize| sums[k] / (*count).max(1) as f64;
+        let mut lat: Vec<f64> = recent.iter().copied().collect();
         lat.sort_by(|a, b| a.total_cmp(b));
         let p95 = lat
             .get(((lat.len() as f64 * 0.95) as usize).min(lat.len().saturating_sub(1)))
             .copied()
             .unwrap_or(f64::NAN);
         serde_json::json!({
-            "frames_shown": self.history.len(), "fps": self.fps(),
+            "frames_shown": count, "fps": self.fps(),
             "mean_fps": self.shown_span.map_or(0.0, |(a, b)| {
-                self.history.len().saturating_sub(1) as f64 / b.duration_since(a).as_secs_f64().max(1e-9)
+                count.saturating_sub(1) as f64 / b.duration_since(a).as_secs_f64().max(1e-9)
             }),
             "frame_to_overlay_ms": {"mean": mean(0), "p95": p95},
             "source_ms": mean(1), "inference_ms": mean(2), "pose_ms": mean(3),
