@@ -422,7 +422,7 @@ pub fn pipeline(seconds: f64, warmup_s: f64, fps: f64, photons: f64, json: bool)
     use crate::app::Scene;
     use crate::app::pipeline::{Command, Pipeline, Source};
     use crate::drr::cpu::Renderer;
-    use crate::drr::gpu::{DrrRenderer, Window, headless_device};
+    use crate::drr::gpu::{DrrRenderer, Window, display_texture, headless_device};
     use eframe::wgpu;
     use std::sync::Arc;
     use std::time::Duration;
@@ -447,30 +447,7 @@ pub fn pipeline(seconds: f64, warmup_s: f64, fps: f64, photons: f64, json: bool)
     let (device, queue, info) = headless_device(false)?;
     let mut drr = DrrRenderer::new(&device, &queue);
     drr.set_volume(scene.density.clone())?;
-    // The app's rule: 256 px on a GPU, 128 on a software rasteriser.
-    let max_px = if info.device_type == wgpu::DeviceType::Cpu {
-        128
-    } else {
-        256
-    };
-    let texture = |w: u32, h: u32| {
-        device
-            .create_texture(&wgpu::TextureDescriptor {
-                label: Some("bench verification drr"),
-                size: wgpu::Extent3d {
-                    width: w,
-                    height: h,
-                    depth_or_array_layers: 1,
-                },
-                mip_level_count: 1,
-                sample_count: 1,
-                dimension: wgpu::TextureDimension::D2,
-                format: wgpu::TextureFormat::Rgba8Unorm,
-                usage: wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::TEXTURE_BINDING,
-                view_formats: &[],
-            })
-            .create_view(&wgpu::TextureViewDescriptor::default())
-    };
+    let max_px = crate::drr::gpu::verification_max_px(&info);
     let mut target: Option<((u32, u32), wgpu::TextureView)> = None;
     let mut window: Option<Window> = None;
 
@@ -492,24 +469,18 @@ pub fn pipeline(seconds: f64, warmup_s: f64, fps: f64, photons: f64, json: bool)
             let cam = c.rescaled((max_px as f64 / c.width_px.max(c.height_px) as f64).min(1.0));
             let size = (cam.width_px, cam.height_px);
             if target.as_ref().is_none_or(|t| t.0 != size) {
-                target = Some((size, texture(size.0, size.1)));
+                let view = display_texture(&device, size).create_view(&Default::default());
+                target = Some((size, view));
             }
             let siddon = Renderer::Siddon { full_line: false };
             let w = match window {
                 Some(w) => w,
                 None => {
                     let img = drr.render(&cam, std::slice::from_ref(&s.pose), siddon)?;
-                    let (lo, hi) = img
+                    let img = img
                         .first()
-                        .map(|i| crate::drr::image_io::percentile_window(i))
-                        .unwrap_or((0.0, 1.0));
-                    *window.insert(Window {
-                        low: lo,
-                        high: hi.max(lo + 1e-6),
-                        invert: false,
-                        intensity: false,
-                        tint: [1.0, 0.85, 0.55, 1.0],
-                    })
+                        .ok_or_else(|| anyhow::anyhow!("the DRR returned no image"))?;
+                    *window.insert(Window::verification(img))
                 }
             };
             let mut enc = device.create_command_encoder(&Default::default());

@@ -169,8 +169,7 @@ struct GpuDrr {
         (u32, u32),
     )>,
     window: Option<Window>,
-    /// Longest side of the verification DRR: 256 on a GPU, 128 on a software rasteriser
-    /// (lavapipe), where every DRR pixel costs CPU time the model needs.
+    /// Longest side of the verification DRR ([`crate::drr::gpu::verification_max_px`]).
     max_px: u32,
 }
 
@@ -365,11 +364,7 @@ impl FluoroApp {
                         egui_renderer: rs.renderer.clone(),
                         texture: None,
                         window: None,
-                        max_px: if rs.adapter.get_info().device_type == wgpu::DeviceType::Cpu {
-                            128
-                        } else {
-                            256
-                        },
+                        max_px: crate::drr::gpu::verification_max_px(&rs.adapter.get_info()),
                     }),
                     status,
                 )
@@ -675,17 +670,7 @@ impl FluoroApp {
                     crate::drr::cpu::Renderer::Siddon { full_line: false },
                 ) {
                     Ok(imgs) => {
-                        let (lo, hi) = imgs
-                            .first()
-                            .map(|i| crate::drr::image_io::percentile_window(i))
-                            .unwrap_or((0.0, 1.0));
-                        g.window = Some(Window {
-                            low: lo,
-                            high: hi.max(lo + 1e-6),
-                            invert: false,
-                            intensity: false,
-                            tint: [1.0, 0.85, 0.55, 1.0],
-                        });
+                        g.window = imgs.first().map(|i| Window::verification(i));
                     }
                     Err(e) => {
                         self.toasts.push(Toast {
@@ -700,21 +685,7 @@ impl FluoroApp {
             }
             let need_new = g.texture.as_ref().is_none_or(|t| t.3 != size);
             if need_new {
-                let tex = g.device.create_texture(&wgpu::TextureDescriptor {
-                    label: Some("verification drr"),
-                    size: wgpu::Extent3d {
-                        width: size.0,
-                        height: size.1,
-                        depth_or_array_layers: 1,
-                    },
-                    mip_level_count: 1,
-                    sample_count: 1,
-                    dimension: wgpu::TextureDimension::D2,
-                    format: wgpu::TextureFormat::Rgba8Unorm,
-                    usage: wgpu::TextureUsages::STORAGE_BINDING
-                        | wgpu::TextureUsages::TEXTURE_BINDING,
-                    view_formats: &[],
-                });
+                let tex = crate::drr::gpu::display_texture(&g.device, size);
                 let view = tex.create_view(&wgpu::TextureViewDescriptor::default());
                 let mut er = g.egui_renderer.write();
                 let id = match g.texture.take() {

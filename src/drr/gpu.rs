@@ -208,6 +208,49 @@ pub struct Window {
     pub tint: [f32; 4],
 }
 
+impl Window {
+    /// How the verification DRR is shown (app and `bench pipeline`): the 1st..99th percentile
+    /// of one rendered image, unclipped line integrals, a warm tint to tell it from the frame.
+    pub fn verification(image: &[f32]) -> Self {
+        let (low, high) = crate::drr::image_io::percentile_window(image);
+        Self {
+            low,
+            high: high.max(low + 1e-6),
+            invert: false,
+            intensity: false,
+            tint: [1.0, 0.85, 0.55, 1.0],
+        }
+    }
+}
+
+/// Longest side of the verification DRR: 256 on a GPU, 128 on a software rasteriser
+/// (lavapipe), where every DRR pixel costs CPU time the model needs.
+pub fn verification_max_px(adapter: &wgpu::AdapterInfo) -> u32 {
+    if adapter.device_type == wgpu::DeviceType::Cpu {
+        128
+    } else {
+        256
+    }
+}
+
+/// An rgba8unorm texture that [`DrrRenderer::encode_window`] writes and a renderer samples.
+pub fn display_texture(device: &wgpu::Device, (width, height): (u32, u32)) -> wgpu::Texture {
+    device.create_texture(&wgpu::TextureDescriptor {
+        label: Some("verification drr"),
+        size: wgpu::Extent3d {
+            width,
+            height,
+            depth_or_array_layers: 1,
+        },
+        mip_level_count: 1,
+        sample_count: 1,
+        dimension: wgpu::TextureDimension::D2,
+        format: wgpu::TextureFormat::Rgba8Unorm,
+        usage: wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::TEXTURE_BINDING,
+        view_formats: &[],
+    })
+}
+
 /// Renders DRRs of one volume on a borrowed device.
 pub struct DrrRenderer {
     device: wgpu::Device,
