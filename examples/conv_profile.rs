@@ -1,6 +1,8 @@
 //! Times the fast 3x3 convolution kernels on the U-Net's top-level shape (forward, input
 //! gradient, weight gradient): `cargo run --release --example conv_profile`.
-use fluoropose::model::conv::{ConvShape, conv3x3, conv3x3_grad_input, conv3x3_grad_weight};
+use fluoropose::model::conv::{
+    ConvShape, conv3x3, conv3x3_grad_input, conv3x3_grad_weight, conv3x3_grad_weight_gemm,
+};
 use std::time::Instant;
 
 fn main() {
@@ -9,6 +11,9 @@ fn main() {
         (4, 16, 8, 256),
         (4, 64, 64, 32),
         (1, 8, 8, 256),
+        (4, 32, 32, 64),
+        (4, 16, 16, 128),
+        (4, 1, 8, 256),
     ] {
         let s = ConvShape {
             batch,
@@ -37,6 +42,11 @@ fn main() {
         let gw = time(&|| {
             std::hint::black_box(conv3x3_grad_weight(&x, &g, s));
         });
-        println!("{s:?}: forward {fwd:.2} ms, grad input {gi:.2} ms, grad weight {gw:.2} ms");
+        let gg = time(&|| {
+            std::hint::black_box(conv3x3_grad_weight_gemm(&x, &g, s));
+        });
+        println!(
+            "{s:?}: forward {fwd:.2} ms, grad input {gi:.2} ms, grad weight {gw:.2} ms (as GEMMs {gg:.2} ms)"
+        );
     }
 }

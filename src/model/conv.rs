@@ -198,6 +198,9 @@ fn conv3x3_item(
 ) {
     let (plane, wide, hw) = (s.padded_plane(), s.wide(), s.h * s.w);
     assert_eq!(xp.len(), s.cin * plane + 2, "conv3x3: padded input size");
+    if conv_direct(xp, wt, bias, relu, s, dst) {
+        return;
+    }
     for tap in 0..9 {
         let off = (tap / 3) * (s.w + 2) + tap % 3;
         gemm_strided(
@@ -226,6 +229,241 @@ fn conv3x3_item(
         dst.chunks_mut(hw).enumerate().for_each(epilogue);
     } else {
         dst.par_chunks_mut(hw).enumerate().for_each(epilogue);
+    }
+}
+
+/// Output channels per block of the direct convolution (accumulators in registers).
+const CO_BLOCK: usize = 8;
+
+/// The direct convolution of one padded batch item into `dst` (`cout x h x w`), where it
+/// applies (x86-64 with AVX2 and FMA, images at least [`DIRECT_MIN_WIDTH`] wide); `false`
+/// otherwise. For `8 output channels x 2 vectors of columns` of one row the accumulators stay
+/// in registers while the loop runs over input channels and taps: each step loads 2 shifted
+/// input vectors and broadcasts 8 weights for 16 FMAs, where the GEMM formulation of a
+/// few-channel layer spends much of its time packing operands.
+fn conv_direct(
+    xp: &[f32],
+    wt: &[f32],
+    bias: Option<&[f32]>,
+    relu: bool,
+    s: ConvShape,
+    dst: &mut [f32],
+) -> bool {
+    let Some(lanes) = direct_lanes() else {
+        return false;
+    };
+    // Fewer than half a block of output channels (the input gradient of a 1-channel input)
+    // would mostly compute zeros.
+    if s.w < DIRECT_MIN_WIDTH.max(2 * lanes) || s.h == 0 || s.cin == 0 || s.cout < CO_BLOCK / 2 {
+        return false;
+    }
+    assert_eq!(wt.len(), s.cout * s.cin * 9, "conv3x3: weight size");
+    assert_eq!(dst.len(), s.cout * s.h * s.w, "conv3x3: output size");
+    // Weights as [ci][tap][co], co padded to whole blocks with zeros, so that a block's 8
+    // weights for one (ci, tap) are adjacent.
+    let coutp = s.cout.div_ceil(CO_BLOCK) * CO_BLOCK;
+    let mut w2 = vec![0.0f32; s.cin * 9 * coutp];
+    for co in 0..s.cout {
+        for ci in 0..s.cin {
+            for tap in 0..9 {
+                w2[(ci * 9 + tap) * coutp + co] = wt[(co * s.cin + ci) * 9 + tap];
+            }
+        }
+    }
+    let mut b2 = vec![0.0f32; coutp];
+    if let Some(b) = bias {
+        b2[..s.cout].copy_from_slice(b);
+    }
+    let out = SharedOut(dst.as_mut_ptr(), dst.len());
+    let rows = |y0: usize, y1: usize| {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `direct_lanes` returned 16 only where AVX-512F is present and 8 only where
+        // AVX2 and FMA are; tasks write disjoint rows of `dst` (see `SharedOut`).
+        unsafe {
+            if lanes == 16 {
+                conv_rows_avx512(xp, &w2, &b2, relu, s, y0..y1, &out);
+            } else {
+                conv_rows_avx2(xp, &w2, &b2, relu, s, y0..y1, &out);
+            }
+        }
+    };
+    if SERIAL_GEMM.with(|c| c.get()) {
+        rows(0, s.h);
+    } else {
+        let band = s.h.div_ceil(4 * rayon::current_num_threads().max(1)).max(1);
+        (0..s.h.div_ceil(band))
+            .into_par_iter()
+            .for_each(|i| rows(i * band, ((i + 1) * band).min(s.h)));
+    }
+    true
+}
+
+/// The output of [`conv_direct`], shared by tasks that each write their own rows of every
+/// channel plane (disjoint elements), which `&mut [f32]` cannot express.
+struct SharedOut(*mut f32, usize);
+// SAFETY: tasks write disjoint elements (their own rows) and nothing reads them meanwhile.
+unsafe impl Sync for SharedOut {}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn conv_rows_avx512(
+    xp: &[f32],
+    w2: &[f32],
+    b2: &[f32],
+    relu: bool,
+    s: ConvShape,
+    rows: std::ops::Range<usize>,
+    out: &SharedOut,
+) {
+    conv_rows::<simd::Avx512>(xp, w2, b2, relu, s, rows, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn conv_rows_avx2(
+    xp: &[f32],
+    w2: &[f32],
+    b2: &[f32],
+    relu: bool,
+    s: ConvShape,
+    rows: std::ops::Range<usize>,
+    out: &SharedOut,
+) {
+    conv_rows::<simd::Avx2>(xp, w2, b2, relu, s, rows, out);
+}
+
+/// Rows `rows` of every output channel of the direct convolution.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn conv_rows<S: simd::Lanes>(
+    xp: &[f32],
+    w2: &[f32],
+    b2: &[f32],
+    relu: bool,
+    s: ConvShape,
+    rows: std::ops::Range<usize>,
+    out: &SharedOut,
+) {
+    let (wp, plane, hw) = (s.w + 2, s.padded_plane(), s.h * s.w);
+    let coutp = b2.len();
+    // The bounds every pointer below stays within: input rows y + ky <= h + 1 of every
+    // channel, columns j + kx + L <= w + 2; weights (ci, tap, co < coutp); output rows < h of
+    // channels < cout.
+    assert!(xp.len() >= s.cin * plane && w2.len() == s.cin * 9 * coutp);
+    assert!(rows.end <= s.h && out.1 == s.cout * hw && coutp >= s.cout);
+    let tail = s.w / S::L * S::L;
+    for y in rows {
+        for cb in (0..coutp).step_by(CO_BLOCK) {
+            let mut j = 0;
+            while j + 2 * S::L <= s.w {
+                // SAFETY: bounds as asserted above (j + 2L <= w).
+                let acc = unsafe { conv_block::<S, 2>(xp, w2, coutp, s, cb, y, j) };
+                store_block::<S, 2>(acc, b2, relu, s, cb, y, j, out);
+                j += 2 * S::L;
+            }
+            if j < tail {
+                // SAFETY: as above (j + L <= w).
+                let acc = unsafe { conv_block::<S, 1>(xp, w2, coutp, s, cb, y, j) };
+                store_block::<S, 1>(acc, b2, relu, s, cb, y, j, out);
+                j += S::L;
+            }
+            // Columns past the last whole vector.
+            for x in j..s.w {
+                for co in cb..(cb + CO_BLOCK).min(s.cout) {
+                    let mut v = b2[co];
+                    for ci in 0..s.cin {
+                        for tap in 0..9 {
+                            let (ky, kx) = (tap / 3, tap % 3);
+                            v = w2[(ci * 9 + tap) * coutp + co]
+                                .mul_add(xp[ci * plane + (y + ky) * wp + x + kx], v);
+                        }
+                    }
+                    let v = if relu { v.max(0.0) } else { v };
+                    // SAFETY: co < cout, y < h, x < w: inside `out`, a row of this task only.
+                    unsafe { *out.0.add(co * hw + y * s.w + x) = v };
+                }
+            }
+        }
+    }
+}
+
+/// The accumulators of `CO_BLOCK` output channels from `cb` x `J` vectors of columns from `j`
+/// of row `y`, summed over every input channel and tap.
+///
+/// # Safety
+/// The CPU has the features of `S`; `j + J L <= w`, `y < h`, `cb + CO_BLOCK <= coutp`, and
+/// `xp`, `w2` are as [`conv_rows`] asserts.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn conv_block<S: simd::Lanes, const J: usize>(
+    xp: &[f32],
+    w2: &[f32],
+    coutp: usize,
+    s: ConvShape,
+    cb: usize,
+    y: usize,
+    j: usize,
+) -> [[S::V; J]; CO_BLOCK] {
+    let (wp, plane) = (s.w + 2, s.padded_plane());
+    unsafe {
+        let zero = S::splat(0.0);
+        let mut acc = [[zero; J]; CO_BLOCK];
+        let (xq, wq) = (xp.as_ptr(), w2.as_ptr());
+        for ci in 0..s.cin {
+            for ky in 0..3 {
+                let row = xq.add(ci * plane + (y + ky) * wp + j);
+                for kx in 0..3 {
+                    let mut xv = [zero; J];
+                    for (u, v) in xv.iter_mut().enumerate() {
+                        *v = S::load(row.add(kx + u * S::L));
+                    }
+                    let wrow = wq.add((ci * 9 + ky * 3 + kx) * coutp + cb);
+                    for (c, ac) in acc.iter_mut().enumerate() {
+                        let wv = S::splat(*wrow.add(c));
+                        for (a, x) in ac.iter_mut().zip(&xv) {
+                            *a = S::fma(wv, *x, *a);
+                        }
+                    }
+                }
+            }
+        }
+        acc
+    }
+}
+
+/// Bias, ReLU and the store of one block of [`conv_block`] (channels past `cout` dropped).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn store_block<S: simd::Lanes, const J: usize>(
+    acc: [[S::V; J]; CO_BLOCK],
+    b2: &[f32],
+    relu: bool,
+    s: ConvShape,
+    cb: usize,
+    y: usize,
+    j: usize,
+    out: &SharedOut,
+) {
+    let hw = s.h * s.w;
+    for (c, ac) in acc.iter().enumerate() {
+        let co = cb + c;
+        if co >= s.cout {
+            break;
+        }
+        // SAFETY: co < cout, y < h, j + J L <= w (the caller's bounds): inside `out`, in a row
+        // that only this task writes; the CPU has the features of `S`.
+        unsafe {
+            let bv = S::splat(b2[co]);
+            let zero = S::splat(0.0);
+            for (u, a) in ac.iter().enumerate() {
+                let mut v = S::add(*a, bv);
+                if relu {
+                    v = S::max(v, zero);
+                }
+                S::store(out.0.add(co * hw + y * s.w + j + u * S::L), v);
+            }
+        }
     }
 }
 
@@ -439,7 +677,283 @@ pub fn conv3x3_grad_input(grad: &[f32], wt: &[f32], s: ConvShape) -> Vec<f32> {
 }
 
 /// The weight gradient of [`conv3x3`]: `cout x cin x 3 x 3`, summed over the batch.
+///
+/// As GEMMs (`dW_k += G · X_kᵀ`) the output is tiny (`cout x cin` per tap) and the reduction
+/// huge (every pixel of the batch), so the GEMM spends its time packing both operands, 9 times,
+/// on one thread: at the U-Net's top level it ran at a third of the forward pass's speed. The
+/// direct kernel ([`grad_weight_direct`]) keeps a block of `4 output channels x 3 taps` of
+/// accumulators in vector registers while it streams one row of the gradient and of the padded
+/// input, with tasks over (batch item, input channel). Used for images at least
+/// [`DIRECT_MIN_WIDTH`] wide on x86-64 with AVX2 and FMA; the GEMMs otherwise.
 pub fn conv3x3_grad_weight(x: &[f32], grad: &[f32], s: ConvShape) -> Vec<f32> {
+    if let Some(out) = grad_weight_direct(x, grad, s) {
+        return out;
+    }
+    conv3x3_grad_weight_gemm(x, grad, s)
+}
+
+/// Narrower images (the U-Net's deep levels, with many channels) are faster as GEMMs.
+pub const DIRECT_MIN_WIDTH: usize = 64;
+
+/// Vector lanes the direct weight-gradient kernel runs with on this CPU (16 with AVX-512, 8
+/// with AVX2 and FMA), or `None` where it does not run.
+fn direct_lanes() -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static LANES: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+        *LANES.get_or_init(|| {
+            if std::env::var_os("FLUOROPOSE_NO_DIRECT_KERNELS").is_some() {
+                None
+            } else if is_x86_feature_detected!("avx512f") {
+                Some(16)
+            } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                Some(8)
+            } else {
+                None
+            }
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
+/// [`conv3x3_grad_weight`] with the direct kernel, or `None` where it does not apply.
+fn grad_weight_direct(x: &[f32], grad: &[f32], s: ConvShape) -> Option<Vec<f32>> {
+    let lanes = direct_lanes()?;
+    if s.w < DIRECT_MIN_WIDTH.max(lanes) || s.h == 0 || s.batch == 0 {
+        return None;
+    }
+    let hw = s.h * s.w;
+    assert_eq!(x.len(), s.batch * s.cin * hw, "conv3x3: input size");
+    assert_eq!(grad.len(), s.batch * s.cout * hw, "conv3x3: gradient size");
+    // Per (batch item, input channel): cout x 9 taps of lane accumulators, summed after.
+    let partial: Vec<Vec<f32>> = (0..s.batch * s.cin)
+        .into_par_iter()
+        .map(|task| {
+            let (b, ci) = (task / s.cin, task % s.cin);
+            let xp = pad(&x[(b * s.cin + ci) * hw..][..hw], 1, s.h, s.w);
+            let g = &grad[b * s.cout * hw..][..s.cout * hw];
+            let mut acc = vec![0.0f32; s.cout * 9 * lanes];
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `direct_lanes` returned 16 only where AVX-512F is present and 8 only
+            // where AVX2 and FMA are.
+            unsafe {
+                if lanes == 16 {
+                    grad_weight_rows_avx512(&xp, g, s, &mut acc);
+                } else {
+                    grad_weight_rows_avx2(&xp, g, s, &mut acc);
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut out = vec![0.0f32; s.cout * s.cin * 9];
+    for (task, acc) in partial.iter().enumerate() {
+        let ci = task % s.cin;
+        for co in 0..s.cout {
+            for tap in 0..9 {
+                let l = &acc[(co * 9 + tap) * lanes..][..lanes];
+                out[(co * s.cin + ci) * 9 + tap] += l.iter().sum::<f32>();
+            }
+        }
+    }
+    Some(out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn grad_weight_rows_avx512(xp: &[f32], g: &[f32], s: ConvShape, acc: &mut [f32]) {
+    grad_weight_rows::<simd::Avx512>(xp, g, s, acc);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn grad_weight_rows_avx2(xp: &[f32], g: &[f32], s: ConvShape, acc: &mut [f32]) {
+    grad_weight_rows::<simd::Avx2>(xp, g, s, acc);
+}
+
+/// The vector operations the direct kernel needs, for each instruction set it runs on.
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    /// A vector of `L` f32 lanes. The functions are `unsafe`: the caller guarantees the CPU
+    /// feature and that `p .. p + L` is readable (or writable).
+    pub trait Lanes {
+        type V: Copy;
+        const L: usize;
+        unsafe fn load(p: *const f32) -> Self::V;
+        unsafe fn store(p: *mut f32, v: Self::V);
+        /// `a * b + c`.
+        unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+        unsafe fn splat(v: f32) -> Self::V;
+        unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+        unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
+    }
+
+    pub struct Avx512;
+    impl Lanes for Avx512 {
+        type V = __m512;
+        const L: usize = 16;
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m512 {
+            unsafe { _mm512_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m512) {
+            unsafe { _mm512_storeu_ps(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            unsafe { _mm512_fmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> __m512 {
+            unsafe { _mm512_set1_ps(v) }
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m512, b: __m512) -> __m512 {
+            unsafe { _mm512_add_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn max(a: __m512, b: __m512) -> __m512 {
+            unsafe { _mm512_max_ps(a, b) }
+        }
+    }
+
+    pub struct Avx2;
+    impl Lanes for Avx2 {
+        type V = __m256;
+        const L: usize = 8;
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m256 {
+            unsafe { _mm256_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m256) {
+            unsafe { _mm256_storeu_ps(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+            unsafe { _mm256_fmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> __m256 {
+            unsafe { _mm256_set1_ps(v) }
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m256, b: __m256) -> __m256 {
+            unsafe { _mm256_add_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn max(a: __m256, b: __m256) -> __m256 {
+            unsafe { _mm256_max_ps(a, b) }
+        }
+    }
+}
+
+/// One input channel's share of the weight gradient, for every output channel and tap:
+/// `acc[co][ky*3+kx][lane] += Σ_y Σ_j g[co][y][j] · xp[y+ky][j+kx]`, with `xp` the channel's
+/// zero-padded `(h+2) x (w+2)` plane. Lanes are summed by the caller.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn grad_weight_rows<S: simd::Lanes>(xp: &[f32], g: &[f32], s: ConvShape, acc: &mut [f32]) {
+    let (h, w, wp) = (s.h, s.w, s.w + 2);
+    let hw = h * w;
+    // The bounds every pointer below stays within.
+    assert!(xp.len() >= (h + 2) * wp, "grad weight: padded input size");
+    assert!(g.len() == s.cout * hw, "grad weight: gradient size");
+    assert!(
+        acc.len() == s.cout * 9 * S::L,
+        "grad weight: accumulator size"
+    );
+    let full = w / S::L * S::L;
+    for y in 0..h {
+        let mut cb = 0;
+        while cb < s.cout {
+            let n = (s.cout - cb).min(4);
+            for ky in 0..3 {
+                let xr = &xp[(y + ky) * wp..][..wp];
+                if n == 4 {
+                    block::<S, 4>(xr, g, cb, y * w, hw, full, ky, acc);
+                } else {
+                    for c in cb..cb + n {
+                        block::<S, 1>(xr, g, c, y * w, hw, full, ky, acc);
+                    }
+                }
+                // The columns past the last full vector, one at a time into lane 0.
+                for c in cb..cb + n {
+                    let gr = &g[c * hw + y * w..][..w];
+                    for kx in 0..3 {
+                        let a = &mut acc[(c * 9 + ky * 3 + kx) * S::L];
+                        for j in full..w {
+                            *a = gr[j].mul_add(xr[j + kx], *a);
+                        }
+                    }
+                }
+            }
+            cb += n;
+        }
+    }
+}
+
+/// `C` output channels from `c0` x the 3 taps of row `ky`, over the full vectors of one row:
+/// `3 C` accumulators stay in registers; each step loads 3 shifted input vectors and `C`
+/// gradient vectors for `3 C` FMAs.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn block<S: simd::Lanes, const C: usize>(
+    xr: &[f32],
+    g: &[f32],
+    c0: usize,
+    row: usize,
+    hw: usize,
+    full: usize,
+    ky: usize,
+    acc: &mut [f32],
+) {
+    // Bounds: the input row holds `full + 2` values past each step's start (full <= w and the
+    // row is w + 2 long); each gradient row `c0 + c` holds `full` values from `row`; the
+    // accumulators of `c0 + C - 1` end inside `acc`.
+    assert!(full + 2 <= xr.len());
+    assert!((c0 + C - 1) * hw + row + full <= g.len());
+    assert!(((c0 + C - 1) * 9 + ky * 3 + 3) * S::L <= acc.len());
+    // SAFETY: every pointer below is in bounds by the asserts above (j + S::L <= full); the
+    // CPU features are those the caller's `target_feature` enabled, as `direct_lanes` checked.
+    unsafe {
+        let ap = acc.as_mut_ptr();
+        let at = |c: usize, kx: usize| ((c0 + c) * 9 + ky * 3 + kx) * S::L;
+        let mut a: [[S::V; 3]; C] = [[S::load(ap); 3]; C];
+        for (c, ac) in a.iter_mut().enumerate() {
+            for (kx, v) in ac.iter_mut().enumerate() {
+                *v = S::load(ap.add(at(c, kx)));
+            }
+        }
+        let (xq, gq) = (xr.as_ptr(), g.as_ptr());
+        let mut j = 0;
+        while j < full {
+            let x0 = S::load(xq.add(j));
+            let x1 = S::load(xq.add(j + 1));
+            let x2 = S::load(xq.add(j + 2));
+            for (c, ac) in a.iter_mut().enumerate() {
+                let gv = S::load(gq.add((c0 + c) * hw + row + j));
+                ac[0] = S::fma(gv, x0, ac[0]);
+                ac[1] = S::fma(gv, x1, ac[1]);
+                ac[2] = S::fma(gv, x2, ac[2]);
+            }
+            j += S::L;
+        }
+        for (c, ac) in a.iter().enumerate() {
+            for (kx, v) in ac.iter().enumerate() {
+                S::store(ap.add(at(c, kx)), *v);
+            }
+        }
+    }
+}
+
+/// [`conv3x3_grad_weight`] as 9 GEMMs per batch item.
+pub fn conv3x3_grad_weight_gemm(x: &[f32], grad: &[f32], s: ConvShape) -> Vec<f32> {
     let (plane, wide, hw) = (s.padded_plane(), s.wide(), s.h * s.w);
     // One (cout x cin) block per tap, accumulated over the batch, then interleaved to OIHW.
     let mut taps = vec![0.0f32; 9 * s.cout * s.cin];
@@ -498,6 +1012,24 @@ pub(crate) fn cpu_f32<'a>(
     match s {
         CpuStorage::F32(v) => Ok(&v[a..b]),
         _ => Err(candle_core::Error::Msg(format!("{op}: {what} must be f32"))),
+    }
+}
+
+/// Runs `f` on the f32 values of a CPU tensor in place (no copy; a strided tensor is made
+/// contiguous first). For custom ops' backward passes, whose operands arrive as tensors.
+pub(crate) fn with_host_f32<R>(
+    t: &Tensor,
+    op: &str,
+    what: &str,
+    f: impl FnOnce(&[f32]) -> R,
+) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(s) => Ok(f(cpu_f32(s, layout, op, what)?)),
+        _ => Err(candle_core::Error::Msg(format!(
+            "{op}: {what} must be on the CPU"
+        ))),
     }
 }
 
@@ -560,13 +1092,16 @@ impl CustomOp2 for Conv3x3 {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let s = shape_of(x.layout(), w.layout())?;
-        let xv = x.flatten_all()?.to_vec1::<f32>()?;
-        let wv = w.flatten_all()?.to_vec1::<f32>()?;
-        let gv = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let (gx, gw) = rayon::join(
-            || conv3x3_grad_input(&gv, &wv, s),
-            || conv3x3_grad_weight(&xv, &gv, s),
-        );
+        let (gx, gw) = with_host_f32(x, "conv3x3", "input", |xv| {
+            with_host_f32(w, "conv3x3", "weight", |wv| {
+                with_host_f32(grad, "conv3x3", "gradient", |gv| {
+                    rayon::join(
+                        || conv3x3_grad_input(gv, wv, s),
+                        || conv3x3_grad_weight(xv, gv, s),
+                    )
+                })
+            })
+        })???;
         Ok((
             Some(Tensor::from_vec(gx, x.shape(), x.device())?),
             Some(Tensor::from_vec(gw, w.shape(), w.device())?),
@@ -694,6 +1229,10 @@ mod tests {
             (1, 64, 128, 8, 8),
             (2, 3, 5, 1, 1),
             (1, 16, 4, 2, 7),
+            // Wide enough for the direct weight-gradient kernel: a row that is not a whole
+            // number of vectors, and output channels that are not a whole number of blocks.
+            (2, 8, 8, 9, 70),
+            (1, 3, 6, 5, 64),
         ]
         .iter()
         .enumerate()
@@ -742,6 +1281,40 @@ mod tests {
         }
     }
 
+    /// The direct weight-gradient kernel equals the GEMM formulation (where this CPU runs it).
+    #[test]
+    fn direct_weight_gradient_matches_the_gemms() {
+        for (i, &(batch, cin, cout, h, w)) in [
+            (4, 8, 8, 16, 256),
+            (2, 1, 8, 7, 64),
+            (3, 24, 8, 4, 129),
+            (1, 5, 7, 3, 100),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let s = ConvShape {
+                batch,
+                cin,
+                cout,
+                h,
+                w,
+            };
+            let x = rand(batch * cin * h * w, 300 + i as u64);
+            let g = rand(batch * cout * h * w, 400 + i as u64);
+            let Some(direct) = grad_weight_direct(&x, &g, s) else {
+                eprintln!("no AVX2/FMA here: the direct kernel does not run, nothing to compare");
+                return;
+            };
+            let gemm = conv3x3_grad_weight_gemm(&x, &g, s);
+            assert!(
+                max_rel(&direct, &gemm) < 1e-4,
+                "{s:?}: {}",
+                max_rel(&direct, &gemm)
+            );
+        }
+    }
+
     #[test]
     fn fused_bias_relu_matches_unfused() {
         let dev = Device::Cpu;
@@ -764,12 +1337,20 @@ mod tests {
         assert!(a.iter().all(|v| *v >= 0.0));
     }
 
-    /// The fused decoder and encoder steps against candle's separate ops, odd sizes included.
+    /// The fused decoder and encoder steps against candle's separate ops, odd sizes included,
+    /// narrow (GEMM kernels) and wide (direct kernels where the CPU has them).
     #[test]
     fn fused_upsample_concat_and_pool_convs_match_candle() {
+        for (lw, xw) in [(7, 11), (35, 141)] {
+            upcat_and_pool_case(lw, xw);
+        }
+    }
+
+    fn upcat_and_pool_case(lw: usize, xw: usize) {
         let dev = Device::Cpu;
-        let low = Tensor::from_vec(rand(2 * 3 * 5 * 7, 31), (2, 3, 5, 7), &dev).unwrap();
-        let skip = Tensor::from_vec(rand(2 * 4 * 10 * 14, 32), (2, 4, 10, 14), &dev).unwrap();
+        let low = Tensor::from_vec(rand(2 * 3 * 5 * lw, 31), (2, 3, 5, lw), &dev).unwrap();
+        let skip =
+            Tensor::from_vec(rand(2 * 4 * 10 * 2 * lw, 32), (2, 4, 10, 2 * lw), &dev).unwrap();
         let w = Tensor::from_vec(rand(6 * 7 * 9, 33), (6, 7, 3, 3), &dev).unwrap();
         let b = Tensor::from_vec(rand(6, 34), 6, &dev).unwrap();
         let op = UpCatConv(std::sync::Arc::new(HostKernel {
@@ -778,7 +1359,7 @@ mod tests {
             relu: true,
         }));
         let ours = low.apply_op2_no_bwd(&skip, &op).unwrap();
-        let up = low.upsample_nearest2d(10, 14).unwrap();
+        let up = low.upsample_nearest2d(10, 2 * lw).unwrap();
         let cat = Tensor::cat(&[&up, &skip], 1).unwrap();
         let theirs = cat
             .conv2d(&w, 1, 1, 1, 1)
@@ -793,7 +1374,7 @@ mod tests {
         );
         assert!(max_rel(&a, &c) < 1e-4, "up-cat {}", max_rel(&a, &c));
 
-        let x = Tensor::from_vec(rand(2 * 3 * 9 * 11, 35), (2, 3, 9, 11), &dev).unwrap();
+        let x = Tensor::from_vec(rand(2 * 3 * 9 * xw, 35), (2, 3, 9, xw), &dev).unwrap();
         let w = Tensor::from_vec(rand(5 * 3 * 9, 36), (5, 3, 3, 3), &dev).unwrap();
         let b = Tensor::from_vec(rand(5, 37), 5, &dev).unwrap();
         let op = PoolConv(std::sync::Arc::new(HostKernel {

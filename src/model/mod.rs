@@ -13,6 +13,7 @@
 pub mod batchnorm;
 pub mod conv;
 pub mod heatmap;
+pub mod resample;
 pub mod shipped;
 
 use crate::landmarks::N_LANDMARKS;
@@ -261,29 +262,25 @@ impl Bn {
         Ok((scale, shift))
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    /// `relu(batch_norm(x))`: one fused op when training on the CPU.
+    fn forward_relu(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let c = x.dim(1)?;
         let shape = (1, c, 1, 1);
         if !train {
             let (scale, shift) = self.affine()?;
             return x
                 .broadcast_mul(&scale.reshape(shape)?)?
-                .broadcast_add(&shift.reshape(shape)?);
+                .broadcast_add(&shift.reshape(shape)?)?
+                .relu();
         }
         let n = (x.elem_count() / c) as f64;
         let (y, mean, var) = if x.device().is_cpu() && x.dtype() == DType::F32 {
-            let op = batchnorm::BatchNormTrain {
-                eps: BN_EPS,
-                stats: Default::default(),
-            };
+            let op = batchnorm::BatchNormTrain::new(BN_EPS, true);
             let y = x
                 .contiguous()?
                 .apply_op3(&self.weight, &self.bias, op.clone())?;
             let (m, v) = op
-                .stats
-                .lock()
-                .ok()
-                .and_then(|mut s| s.take())
+                .batch_stats()
                 .ok_or_else(|| candle_core::Error::Msg("batch norm: no statistics".into()))?;
             let dev = x.device();
             (
@@ -305,7 +302,8 @@ impl Bn {
             let y = centred
                 .broadcast_div(&(&var + BN_EPS)?.sqrt()?)?
                 .broadcast_mul(&self.weight.reshape(shape)?)?
-                .broadcast_add(&self.bias.reshape(shape)?)?;
+                .broadcast_add(&self.bias.reshape(shape)?)?
+                .relu()?;
             (y, mean.flatten_all()?, var.flatten_all()?)
         };
         // Running statistics (no gradient), unbiased variance as PyTorch keeps it.
@@ -335,7 +333,7 @@ enum ConvUnit {
 impl ConvUnit {
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         match self {
-            Self::Train { weight, bn } => bn.forward(&conv::conv3x3_t(x, weight)?, train)?.relu(),
+            Self::Train { weight, bn } => bn.forward_relu(&conv::conv3x3_t(x, weight)?, train),
             Self::Fused { weight, bias, .. } => conv::conv3x3_bias_act(x, weight, bias, true),
         }
     }
@@ -349,7 +347,7 @@ impl ConvUnit {
                 .contiguous()?
                 .apply_op1_no_bwd(&conv::PoolConv(host.clone()));
         }
-        self.forward(&x.max_pool2d(2)?, train)
+        self.forward(&resample::max_pool2(x)?, train)
     }
 
     /// `forward(concat([upsample(low), skip]))`: one fused pass for an inference unit on the
@@ -367,9 +365,7 @@ impl ConvUnit {
                 .contiguous()?
                 .apply_op2_no_bwd(&skip.contiguous()?, &conv::UpCatConv(host.clone()));
         }
-        let (_, _, sh, sw) = skip.dims4()?;
-        let up = low.upsample_nearest2d(sh, sw)?;
-        self.forward(&Tensor::cat(&[&up, skip], 1)?, train)
+        self.forward(&resample::upsample_concat(low, skip)?, train)
     }
 
     fn fused(&self) -> candle_core::Result<Self> {
