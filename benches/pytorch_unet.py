@@ -43,6 +43,36 @@ class UNet(nn.Module):
         return self.head(x)
 
 
+def ops(dev, a):
+    """Median ms of a batch-1 3x3 convolution (forward, input and weight gradient)."""
+    for cin, cout, hw in [(16, 16, 256), (48, 16, 256), (128, 256, 32)]:
+        x = torch.randn(1, cin, hw, hw, device=dev, requires_grad=True)
+        w = torch.randn(cout, cin, 3, 3, device=dev, requires_grad=True)
+        g = torch.randn(1, cout, hw, hw, device=dev)
+
+        def timed(f, n=max(a.reps, 11)):
+            f()
+            ts = []
+            for _ in range(n):
+                t = time.perf_counter()
+                f()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                ts.append((time.perf_counter() - t) * 1e3)
+            return statistics.median(ts)
+
+        with torch.no_grad():
+            fwd = timed(lambda: torch.nn.functional.conv2d(x, w, padding=1))
+        y = torch.nn.functional.conv2d(x, w, padding=1)
+        gx = timed(lambda: torch.autograd.grad(y, x, g, retain_graph=True))
+        gw = timed(lambda: torch.autograd.grad(y, w, g, retain_graph=True))
+        out = {"kernels": "pytorch " + torch.__version__, "cin": cin, "cout": cout, "size": hw,
+               "forward_ms": fwd, "input_grad_ms": gx, "weight_grad_ms": gw,
+               "threads": torch.get_num_threads()}
+        print(json.dumps(out) if a.json else
+              f"| {cin} -> {cout}, {hw}x{hw} | {fwd:.2f} | {gx:.2f} | {gw:.2f} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=256)
@@ -53,8 +83,14 @@ def main():
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--ops", action="store_true",
+                    help="time single 3x3 convolutions (benches/kernels.rs's shapes) instead")
     a = ap.parse_args()
     dev = torch.device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.ops:
+        return ops(dev, a)
 
     def sync():
         if dev.type == "cuda":
