@@ -13,6 +13,7 @@ use std::time::Duration;
 const SHAPES: [(usize, usize, usize); 3] = [(16, 16, 256), (48, 16, 256), (128, 256, 32)];
 
 fn bench(c: &mut Criterion) {
+    fluoropose::tune_allocator();
     let mut g = c.benchmark_group("conv3x3");
     g.sample_size(20).measurement_time(Duration::from_secs(2));
     for (cin, cout, hw) in SHAPES {

@@ -3,7 +3,7 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    tune_allocator();
+    fluoropose::tune_allocator();
     // candle asks for its thread count on every matrix product and, without RAYON_NUM_THREADS,
     // counts physical cores by reading /proc/cpuinfo each time; on Linux that read interrupts
     // every CPU (to sample its clock), which cost about a fifth of a training step on 2 cores.
@@ -26,21 +26,3 @@ fn main() -> std::process::ExitCode {
         }
     }
 }
-
-/// glibc hands allocations over its mmap threshold (128 KiB at first) straight to the kernel and
-/// unmaps them when freed, so every U-Net layer's buffers were mapped, zero-filled page by page
-/// and unmapped again on every frame and training step (page faults, and TLB shootdowns that
-/// interrupt the other cores). Serving buffers up to 32 MiB from the heap and keeping freed
-/// memory for reuse cut a training step by ~20% and a forward pass by ~15% on 2 cores.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn tune_allocator() {
-    // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn tune_allocator() {}
