@@ -49,12 +49,27 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let max_steps = u.dims.x + u.dims.y + u.dims.z + 3u;
     // Branch-free stepping: neighbouring rays cross planes of different axes, and SIMD
     // implementations (lavapipe runs 8 rays per vector) would otherwise run every branch.
-    let lof = vec3<i32>(lo);
-    let hif = vec3<i32>(hi);
+    // In the buffer, the voxel's linear index moves by a fixed stride per axis: one add per
+    // step instead of the index arithmetic of `voxel`.
+    let nb = hi - lo + vec3<i32>(1);
+    var lin = (ix - lo.x) + nb.x * ((iy - lo.y) + nb.y * (iz - lo.z));
+    let dlx = sx;
+    let dly = sy * nb.x;
+    let dlz = sz * nb.x * nb.y;
+    // Planes left to cross on each axis before the ray leaves the box.
+    var rx = select(ix - lo.x, hi.x - ix, sx > 0);
+    var ry = select(iy - lo.y, hi.y - iy, sy > 0);
+    var rz = select(iz - lo.z, hi.z - iz, sz > 0);
     for (var it = 0u; it < max_steps; it++) {
         let next = min(nx, min(ny, nz));
         let end = min(next, amax);
-        acc += voxel(vec3<i32>(ix, iy, iz)) * max(end - cur, 0.0);
+        var v: f32;
+        if (VOLUME_IN_BUFFER) {
+            v = density_buf[u32(lin)];
+        } else {
+            v = voxel(vec3<i32>(ix, iy, iz));
+        }
+        acc += v * max(end - cur, 0.0);
         cur = max(cur, end);
         let tx = nx <= ny && nx <= nz;
         let ty = !tx && ny <= nz;
@@ -62,11 +77,14 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         ix += select(0, sx, tx);
         iy += select(0, sy, ty);
         iz += select(0, sz, tz);
+        lin += select(select(dlz, dly, ty), dlx, tx);
+        rx -= select(0, 1, tx);
+        ry -= select(0, 1, ty);
+        rz -= select(0, 1, tz);
         nx = select(nx, (f32(ix) + 0.5 * f32(sx) - s.x) * invx, tx);
         ny = select(ny, (f32(iy) + 0.5 * f32(sy) - s.y) * invy, ty);
         nz = select(nz, (f32(iz) + 0.5 * f32(sz) - s.z) * invz, tz);
-        let i = vec3<i32>(ix, iy, iz);
-        if (next >= amax || any(i < lof) || any(i > hif)) {
+        if (next >= amax || min(rx, min(ry, rz)) < 0) {
             break;
         }
     }
