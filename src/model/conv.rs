@@ -491,12 +491,10 @@ fn pad_upcat(
 ) -> Vec<f32> {
     let plane = (h + 2) * (w + 2);
     let mut out = vec![0.0f32; (cl + cs) * plane + 2];
-    let ys: Vec<usize> = (0..h)
-        .map(|y| ((y as f64 * hl as f64 / h as f64) as usize).min(hl - 1))
-        .collect();
-    let xs: Vec<usize> = (0..w)
-        .map(|x| ((x as f64 * wl as f64 / w as f64) as usize).min(wl - 1))
-        .collect();
+    let (ys, xs) = (
+        super::resample::nearest(hl, h),
+        super::resample::nearest(wl, w),
+    );
     out[..(cl + cs) * plane]
         .par_chunks_mut(plane)
         .enumerate()
@@ -806,65 +804,64 @@ mod simd {
         unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
     }
 
-    pub struct Avx512;
-    impl Lanes for Avx512 {
-        type V = __m512;
-        const L: usize = 16;
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> __m512 {
-            unsafe { _mm512_loadu_ps(p) }
-        }
-        #[inline(always)]
-        unsafe fn store(p: *mut f32, v: __m512) {
-            unsafe { _mm512_storeu_ps(p, v) }
-        }
-        #[inline(always)]
-        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
-            unsafe { _mm512_fmadd_ps(a, b, c) }
-        }
-        #[inline(always)]
-        unsafe fn splat(v: f32) -> __m512 {
-            unsafe { _mm512_set1_ps(v) }
-        }
-        #[inline(always)]
-        unsafe fn add(a: __m512, b: __m512) -> __m512 {
-            unsafe { _mm512_add_ps(a, b) }
-        }
-        #[inline(always)]
-        unsafe fn max(a: __m512, b: __m512) -> __m512 {
-            unsafe { _mm512_max_ps(a, b) }
-        }
+    /// A [`Lanes`] for one instruction set, from its intrinsics.
+    macro_rules! lanes {
+        ($name:ident, $v:ty, $l:expr, $load:ident, $store:ident, $fma:ident, $set1:ident,
+         $add:ident, $max:ident) => {
+            pub struct $name;
+            impl Lanes for $name {
+                type V = $v;
+                const L: usize = $l;
+                #[inline(always)]
+                unsafe fn load(p: *const f32) -> $v {
+                    unsafe { $load(p) }
+                }
+                #[inline(always)]
+                unsafe fn store(p: *mut f32, v: $v) {
+                    unsafe { $store(p, v) }
+                }
+                #[inline(always)]
+                unsafe fn fma(a: $v, b: $v, c: $v) -> $v {
+                    unsafe { $fma(a, b, c) }
+                }
+                #[inline(always)]
+                unsafe fn splat(v: f32) -> $v {
+                    unsafe { $set1(v) }
+                }
+                #[inline(always)]
+                unsafe fn add(a: $v, b: $v) -> $v {
+                    unsafe { $add(a, b) }
+                }
+                #[inline(always)]
+                unsafe fn max(a: $v, b: $v) -> $v {
+                    unsafe { $max(a, b) }
+                }
+            }
+        };
     }
 
-    pub struct Avx2;
-    impl Lanes for Avx2 {
-        type V = __m256;
-        const L: usize = 8;
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> __m256 {
-            unsafe { _mm256_loadu_ps(p) }
-        }
-        #[inline(always)]
-        unsafe fn store(p: *mut f32, v: __m256) {
-            unsafe { _mm256_storeu_ps(p, v) }
-        }
-        #[inline(always)]
-        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
-            unsafe { _mm256_fmadd_ps(a, b, c) }
-        }
-        #[inline(always)]
-        unsafe fn splat(v: f32) -> __m256 {
-            unsafe { _mm256_set1_ps(v) }
-        }
-        #[inline(always)]
-        unsafe fn add(a: __m256, b: __m256) -> __m256 {
-            unsafe { _mm256_add_ps(a, b) }
-        }
-        #[inline(always)]
-        unsafe fn max(a: __m256, b: __m256) -> __m256 {
-            unsafe { _mm256_max_ps(a, b) }
-        }
-    }
+    lanes!(
+        Avx512,
+        __m512,
+        16,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        _mm512_fmadd_ps,
+        _mm512_set1_ps,
+        _mm512_add_ps,
+        _mm512_max_ps
+    );
+    lanes!(
+        Avx2,
+        __m256,
+        8,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_fmadd_ps,
+        _mm256_set1_ps,
+        _mm256_add_ps,
+        _mm256_max_ps
+    );
 }
 
 /// One input channel's share of the weight gradient, for every output channel and tap:

@@ -112,8 +112,8 @@ pub fn max_pool2(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// Nearest source index of each of `n` destination positions for a source of `m`, as candle's
-/// `upsample_nearest2d` computes it.
-fn nearest(m: usize, n: usize) -> Vec<usize> {
+/// `upsample_nearest2d` computes it (also the fused inference up-cat convolution's).
+pub(crate) fn nearest(m: usize, n: usize) -> Vec<usize> {
     let scale = m as f64 / n as f64;
     (0..n)
         .map(|i| ((i as f64 * scale) as usize).min(m.saturating_sub(1)))
