@@ -175,6 +175,9 @@ fn conv3x3_from(
     }
     let hw = s.h * s.w;
     let mut out = vec![0.0f32; s.batch * s.cout * hw];
+    // The direct kernel's weight layout, made once for the whole batch.
+    let direct = DirectWeights::new(wt, bias, s);
+    let direct = direct.as_ref();
     // A batch at least as large as the thread pool: one item per task, serial GEMMs (9 small
     // parallel GEMMs per item spend much of their time handing work between threads).
     if s.batch > 1 && s.batch >= rayon::current_num_threads() {
@@ -182,31 +185,35 @@ fn conv3x3_from(
             .enumerate()
             .for_each(|(b, dst)| {
                 let mut acc = Vec::new();
-                serial(|| conv3x3_item(&padded(b), wt, bias, relu, s, &mut acc, dst));
+                serial(|| conv3x3_item(&padded(b), wt, bias, relu, s, direct, &mut acc, dst));
             });
         return out;
     }
     let mut acc = Vec::new();
     for (b, dst) in out.chunks_mut(s.cout * hw).enumerate() {
-        conv3x3_item(&padded(b), wt, bias, relu, s, &mut acc, dst);
+        conv3x3_item(&padded(b), wt, bias, relu, s, direct, &mut acc, dst);
     }
     out
 }
 
-/// One batch item of [`conv3x3_from`]: the direct kernel where it applies, else 9 GEMMs (one
-/// per tap) into `acc` (grown to `cout x wide`), then bias and ReLU into `dst` (`cout x h x w`).
+/// One batch item of [`conv3x3_from`]: the direct kernel where it applies (`direct`), else 9
+/// GEMMs (one per tap) into `acc` (grown to `cout x wide`), then bias and ReLU into `dst`
+/// (`cout x h x w`).
+#[allow(clippy::too_many_arguments)]
 fn conv3x3_item(
     xp: &[f32],
     wt: &[f32],
     bias: Option<&[f32]>,
     relu: bool,
     s: ConvShape,
+    direct: Option<&DirectWeights>,
     acc: &mut Vec<f32>,
     dst: &mut [f32],
 ) {
     let (plane, wide, hw) = (s.padded_plane(), s.wide(), s.h * s.w);
     assert_eq!(xp.len(), s.cin * plane + 2, "conv3x3: padded input size");
-    if conv_direct(xp, wt, bias, relu, s, dst) {
+    if let Some(d) = direct {
+        conv_direct(xp, d, relu, s, dst);
         return;
     }
     acc.resize(s.cout * wide, 0.0);
@@ -244,56 +251,63 @@ fn conv3x3_item(
 /// Output channels per block of the direct convolution (accumulators in registers).
 const CO_BLOCK: usize = 8;
 
-/// The direct convolution of one padded batch item into `dst` (`cout x h x w`), where it
-/// applies (x86-64 with AVX2 and FMA, images at least [`CONV_DIRECT_MIN_WIDTH`] wide); `false`
-/// otherwise. For `8 output channels x 2 vectors of columns` of one row the accumulators stay
-/// in registers while the loop runs over input channels and taps: each step loads 2 shifted
-/// input vectors and broadcasts 8 weights for 16 FMAs, where the GEMM formulation of a
-/// few-channel layer spends much of its time packing operands.
-fn conv_direct(
-    xp: &[f32],
-    wt: &[f32],
-    bias: Option<&[f32]>,
-    relu: bool,
-    s: ConvShape,
-    dst: &mut [f32],
-) -> bool {
-    let Some(lanes) = direct_lanes() else {
-        return false;
-    };
-    // Fewer than half a block of output channels (the input gradient of a 1-channel input)
-    // would mostly compute zeros.
-    if s.w < CONV_DIRECT_MIN_WIDTH.max(2 * lanes) || s.h == 0 || s.cin == 0 || s.cout < CO_BLOCK / 2
-    {
-        return false;
-    }
-    assert_eq!(wt.len(), s.cout * s.cin * 9, "conv3x3: weight size");
-    assert_eq!(dst.len(), s.cout * s.h * s.w, "conv3x3: output size");
-    // Weights as [ci][tap][co], co padded to whole blocks with zeros, so that a block's 8
-    // weights for one (ci, tap) are adjacent.
-    let coutp = s.cout.div_ceil(CO_BLOCK) * CO_BLOCK;
-    let mut w2 = vec![0.0f32; s.cin * 9 * coutp];
-    for co in 0..s.cout {
-        for ci in 0..s.cin {
-            for tap in 0..9 {
-                w2[(ci * 9 + tap) * coutp + co] = wt[(co * s.cin + ci) * 9 + tap];
+/// The weights of a convolution laid out for the direct kernel, where it applies (x86-64 with
+/// AVX2 and FMA, images at least [`CONV_DIRECT_MIN_WIDTH`] wide): `[ci][tap][co]` with `co`
+/// padded to whole blocks of [`CO_BLOCK`] with zeros, so that a block's weights for one
+/// `(ci, tap)` are adjacent; the bias padded the same way.
+struct DirectWeights {
+    lanes: usize,
+    w2: Vec<f32>,
+    b2: Vec<f32>,
+}
+
+impl DirectWeights {
+    fn new(wt: &[f32], bias: Option<&[f32]>, s: ConvShape) -> Option<Self> {
+        let lanes = direct_lanes()?;
+        // Fewer than half a block of output channels (the input gradient of a 1-channel input)
+        // would mostly compute zeros.
+        if s.w < CONV_DIRECT_MIN_WIDTH.max(2 * lanes)
+            || s.h == 0
+            || s.cin == 0
+            || s.cout < CO_BLOCK / 2
+        {
+            return None;
+        }
+        assert_eq!(wt.len(), s.cout * s.cin * 9, "conv3x3: weight size");
+        let coutp = s.cout.div_ceil(CO_BLOCK) * CO_BLOCK;
+        let mut w2 = vec![0.0f32; s.cin * 9 * coutp];
+        for co in 0..s.cout {
+            for ci in 0..s.cin {
+                for tap in 0..9 {
+                    w2[(ci * 9 + tap) * coutp + co] = wt[(co * s.cin + ci) * 9 + tap];
+                }
             }
         }
+        let mut b2 = vec![0.0f32; coutp];
+        if let Some(b) = bias {
+            b2[..s.cout].copy_from_slice(b);
+        }
+        Some(Self { lanes, w2, b2 })
     }
-    let mut b2 = vec![0.0f32; coutp];
-    if let Some(b) = bias {
-        b2[..s.cout].copy_from_slice(b);
-    }
+}
+
+/// The direct convolution of one padded batch item into `dst` (`cout x h x w`). For `8 output
+/// channels x 2 vectors of columns` of one row the accumulators stay in registers while the
+/// loop runs over input channels and taps: each step loads 2 shifted input vectors and
+/// broadcasts 8 weights for 16 FMAs, where the GEMM formulation of a few-channel layer spends
+/// much of its time packing operands.
+fn conv_direct(xp: &[f32], d: &DirectWeights, relu: bool, s: ConvShape, dst: &mut [f32]) {
+    assert_eq!(dst.len(), s.cout * s.h * s.w, "conv3x3: output size");
     let out = SharedOut(dst.as_mut_ptr(), dst.len());
     let rows = |y0: usize, y1: usize| {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `direct_lanes` returned 16 only where AVX-512F is present and 8 only where
         // AVX2 and FMA are; tasks write disjoint rows of `dst` (see `SharedOut`).
         unsafe {
-            if lanes == 16 {
-                conv_rows_avx512(xp, &w2, &b2, relu, s, y0..y1, &out);
+            if d.lanes == 16 {
+                conv_rows_avx512(xp, &d.w2, &d.b2, relu, s, y0..y1, &out);
             } else {
-                conv_rows_avx2(xp, &w2, &b2, relu, s, y0..y1, &out);
+                conv_rows_avx2(xp, &d.w2, &d.b2, relu, s, y0..y1, &out);
             }
         }
     };
@@ -305,7 +319,6 @@ fn conv_direct(
             .into_par_iter()
             .for_each(|i| rows(i * band, ((i + 1) * band).min(s.h)));
     }
-    true
 }
 
 /// The output of [`conv_direct`], shared by tasks that each write their own rows of every
