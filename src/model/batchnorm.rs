@@ -175,14 +175,15 @@ impl CustomOp3 for BatchNormTrain {
         let hw = h * w;
         let gam = gamma.to_vec1::<f32>()?;
         let n = (b * hw) as f64;
-        let (dx, sums) = with_host_f32(x, "batch norm", "input", |xv| {
-            with_host_f32(grad, "batch norm", "gradient", |gv| {
-                with_host_f32(res, "batch norm", "output", |yv| {
-                    let (mean, var) = self.batch_stats().unwrap_or_else(|| stats(xv, b, c, hw));
-                    self.backward(xv, gv, yv, (b, c, hw), (&mean, &var), &gam, n)
-                })
-            })
-        })???;
+        let (dx, sums) = with_host_f32(
+            [x, grad, res],
+            "batch norm",
+            ["input", "gradient", "output"],
+            |[xv, gv, yv]| {
+                let (mean, var) = self.batch_stats().unwrap_or_else(|| stats(xv, b, c, hw));
+                self.backward(xv, gv, yv, (b, c, hw), (&mean, &var), &gam, n)
+            },
+        )?;
         let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
         let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
         let dev = x.device();

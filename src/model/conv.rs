@@ -1040,22 +1040,32 @@ pub(crate) fn cpu_f32<'a>(
     }
 }
 
-/// Runs `f` on the f32 values of a CPU tensor in place (no copy; a strided tensor is made
-/// contiguous first). For custom ops' backward passes, whose operands arrive as tensors.
-pub(crate) fn with_host_f32<R>(
-    t: &Tensor,
+/// Runs `f` on the f32 values of `N` CPU tensors in place (no copy; a strided tensor is made
+/// contiguous first), each named in `what` for the error. For custom ops' backward passes,
+/// whose operands arrive as tensors.
+pub(crate) fn with_host_f32<const N: usize, R>(
+    tensors: [&Tensor; N],
     op: &str,
-    what: &str,
-    f: impl FnOnce(&[f32]) -> R,
+    what: [&str; N],
+    f: impl FnOnce([&[f32]; N]) -> R,
 ) -> candle_core::Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        candle_core::Storage::Cpu(s) => Ok(f(cpu_f32(s, layout, op, what)?)),
-        _ => Err(candle_core::Error::Msg(format!(
-            "{op}: {what} must be on the CPU"
-        ))),
+    let tensors = tensors
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices: [&[f32]; N] = [&[]; N];
+    for ((slot, (storage, layout)), name) in slices.iter_mut().zip(&guards).zip(what) {
+        *slot = match &**storage {
+            candle_core::Storage::Cpu(s) => cpu_f32(s, layout, op, name)?,
+            _ => {
+                return Err(candle_core::Error::Msg(format!(
+                    "{op}: {name} must be on the CPU"
+                )));
+            }
+        };
     }
+    Ok(f(slices))
 }
 
 fn shape_of(x: &Layout, w: &Layout) -> candle_core::Result<ConvShape> {
@@ -1117,16 +1127,17 @@ impl CustomOp2 for Conv3x3 {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let s = shape_of(x.layout(), w.layout())?;
-        let (gx, gw) = with_host_f32(x, "conv3x3", "input", |xv| {
-            with_host_f32(w, "conv3x3", "weight", |wv| {
-                with_host_f32(grad, "conv3x3", "gradient", |gv| {
-                    rayon::join(
-                        || conv3x3_grad_input(gv, wv, s),
-                        || conv3x3_grad_weight(xv, gv, s),
-                    )
-                })
-            })
-        })???;
+        let (gx, gw) = with_host_f32(
+            [x, w, grad],
+            "conv3x3",
+            ["input", "weight", "gradient"],
+            |[xv, wv, gv]| {
+                rayon::join(
+                    || conv3x3_grad_input(gv, wv, s),
+                    || conv3x3_grad_weight(xv, gv, s),
+                )
+            },
+        )?;
         Ok((
             Some(Tensor::from_vec(gx, x.shape(), x.device())?),
             Some(Tensor::from_vec(gw, w.shape(), w.device())?),

@@ -66,32 +66,26 @@ impl CustomOp1 for MaxPool2 {
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let (b, c, h, w) = x.dims4()?;
         let (oh, ow) = (h / 2, w / 2);
-        let gx = with_host_f32(x, "max pool", "input", |xv| {
-            with_host_f32(grad, "max pool", "gradient", |gv| {
-                let mut gx = vec![0.0f32; b * c * h * w];
-                if oh * ow > 0 {
-                    gx.par_chunks_mut(h * w)
-                        .zip(xv.par_chunks(h * w))
-                        .zip(gv.par_chunks(oh * ow))
-                        .for_each(|((dst, src), g)| {
-                            for y in 0..oh {
-                                let (r0, r1) = (2 * y * w, (2 * y + 1) * w);
-                                for xo in 0..ow {
-                                    let idx = [
-                                        r0 + 2 * xo,
-                                        r0 + 2 * xo + 1,
-                                        r1 + 2 * xo,
-                                        r1 + 2 * xo + 1,
-                                    ];
-                                    let (k, _) = argmax4(idx.map(|i| src[i]));
-                                    dst[idx[k]] = g[y * ow + xo];
-                                }
+        let gx = with_host_f32([x, grad], "max pool", ["input", "gradient"], |[xv, gv]| {
+            let mut gx = vec![0.0f32; b * c * h * w];
+            if oh * ow > 0 {
+                gx.par_chunks_mut(h * w)
+                    .zip(xv.par_chunks(h * w))
+                    .zip(gv.par_chunks(oh * ow))
+                    .for_each(|((dst, src), g)| {
+                        for y in 0..oh {
+                            let (r0, r1) = (2 * y * w, (2 * y + 1) * w);
+                            for xo in 0..ow {
+                                let idx =
+                                    [r0 + 2 * xo, r0 + 2 * xo + 1, r1 + 2 * xo, r1 + 2 * xo + 1];
+                                let (k, _) = argmax4(idx.map(|i| src[i]));
+                                dst[idx[k]] = g[y * ow + xo];
                             }
-                        });
-                }
-                gx
-            })
-        })??;
+                        }
+                    });
+            }
+            gx
+        })?;
         Ok(Some(Tensor::from_vec(gx, x.shape(), x.device())?))
     }
 }
@@ -181,7 +175,7 @@ impl CustomOp2 for UpsampleConcat {
         let (_, cs, h, w) = skip.dims4()?;
         let c = cl + cs;
         let (ys, xs) = (nearest(hl, h), nearest(wl, w));
-        let (glow, gskip) = with_host_f32(grad, "upsample-concat", "gradient", |g| {
+        let (glow, gskip) = with_host_f32([grad], "upsample-concat", ["gradient"], |[g]| {
             let mut glow = vec![0.0f32; b * cl * hl * wl];
             let mut gskip = vec![0.0f32; b * cs * h * w];
             rayon::join(
