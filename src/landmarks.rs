@@ -83,6 +83,10 @@ pub const LANDMARKS: [LandmarkInfo; N_LANDMARKS] = [
     },
 ];
 
+/// The landmark each one becomes when the image is mirrored left-right (the pelvis is
+/// bilaterally symmetric: left and right swap, the symphysis points stay).
+pub const MIRROR: [usize; N_LANDMARKS] = [7, 6, 5, 3, 4, 2, 1, 0];
+
 /// Errors of the landmark readers and writers.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -17,6 +17,7 @@ pub mod app;
 pub mod bench;
 pub mod cli;
 pub mod dataset;
+pub mod detect;
 pub mod drr;
 pub mod eval;
 pub mod geometry;

@@ -14,8 +14,9 @@ use crate::registration::layer::RegistrationLayer;
 use crate::task::{Cancelled, Task};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Optimizer;
-use rand::SeedableRng;
+use nalgebra::Point2;
 use rand::seq::SliceRandom;
+use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -124,6 +125,12 @@ pub struct TrainOptions {
     /// (`epochs`, or `max_steps` when that comes first); constant when false.
     #[serde(default)]
     pub cosine: bool,
+    /// Mirror each training image left-right with this probability, its landmarks swapped
+    /// left for right ([`crate::landmarks::MIRROR`]): the mirror image of a pelvis is another
+    /// plausible pelvis. For the heatmap loss only: a mirrored image has no rigid pose of the
+    /// CT, so the pose loss cannot use it (baseline mode only).
+    #[serde(default)]
+    pub mirror: f64,
 }
 
 impl Default for TrainOptions {
@@ -142,6 +149,7 @@ impl Default for TrainOptions {
             config: ModelConfig::default(),
             divergence_factor: 1e3,
             cosine: false,
+            mirror: 0.0,
         }
     }
 }
@@ -273,6 +281,19 @@ pub fn train(
             "batch and epochs must be positive and lr a positive number".into(),
         ));
     }
+    if !(0.0..=1.0).contains(&opts.mirror) {
+        return Err(TrainError::Invalid(format!(
+            "the mirror probability must be between 0 and 1, not {}",
+            opts.mirror
+        )));
+    }
+    if opts.mirror > 0.0 && opts.mode.uses_pose() {
+        return Err(TrainError::Invalid(
+            "mirroring is for the heatmap loss alone (baseline mode): a mirrored image has no \
+             rigid pose of the CT for the pose loss"
+                .into(),
+        ));
+    }
     let state_path = sidecar(&opts.out, "state.json");
     let resume: Option<State> = std::fs::read_to_string(&state_path)
         .ok()
@@ -361,13 +382,35 @@ pub fn train(
             }
             let t0 = Instant::now();
             let samples: Vec<&Sample> = chunk.iter().map(|&i| train_set[i]).collect();
-            let imgs: Vec<Vec<f32>> = chunk.iter().map(|&i| images[i].clone()).collect();
+            let flips: Vec<bool> = chunk
+                .iter()
+                .map(|_| opts.mirror > 0.0 && rng.random_bool(opts.mirror))
+                .collect();
+            let size = data.manifest.size;
+            let imgs: Vec<Vec<f32>> = chunk
+                .iter()
+                .zip(&flips)
+                .map(|(&i, &f)| {
+                    if f {
+                        mirror_image(&images[i], size)
+                    } else {
+                        images[i].clone()
+                    }
+                })
+                .collect();
             let x = batch_tensor(data, &cfg, &imgs, device)?;
             let logits = net.forward(&x, true)?;
             let mut loss = Tensor::zeros((), DType::F32, device)?;
             let (mut seg_v, mut pose_v, mut failures) = (0.0, 0.0, 0);
             if opts.mode.uses_seg() {
-                let pts: Vec<_> = samples.iter().map(|s| s.points()).collect();
+                let pts: Vec<_> = samples
+                    .iter()
+                    .zip(&flips)
+                    .map(|(s, &f)| {
+                        let p = s.points();
+                        if f { mirror_points(&p, size) } else { p }
+                    })
+                    .collect();
                 let tgt = heatmap::targets(&pts, cfg.input_size, cfg.target_sigma_px, device)?;
                 let seg = heatmap::bce_with_logits_weighted(&logits, &tgt, cfg.pos_weight)?;
                 seg_v = seg.to_scalar::<f32>()? as f64;
@@ -435,6 +478,7 @@ pub fn train(
             "training": {
                 "mode": opts.mode, "epochs_done": epochs_done, "steps": step,
                 "batch": opts.batch, "lr": opts.lr, "cosine": opts.cosine, "lambda": opts.lambda, "seed": opts.seed,
+                "mirror": opts.mirror,
                 "data": data.dir.display().to_string(),
                 "subjects": data.manifest.subjects.iter().filter(|s| !s.held_out).map(|s| s.ct.clone()).collect::<Vec<_>>(),
                 "images": train_set.len(), "size": data.manifest.size,
@@ -462,6 +506,27 @@ pub fn train(
     })
 }
 
+/// A square `size`² image mirrored left-right.
+fn mirror_image(img: &[f32], size: usize) -> Vec<f32> {
+    img.chunks(size)
+        .flat_map(|row| row.iter().rev().copied())
+        .collect()
+}
+
+/// The landmarks of the mirror image of a `size`-wide image: x -> size - 1 - x (pixel centres
+/// at integers), each in its mirror partner's slot.
+fn mirror_points(p: &[Option<Point2<f64>>], size: usize) -> Vec<Option<Point2<f64>>> {
+    (0..p.len())
+        .map(|i| {
+            let src = crate::landmarks::MIRROR.get(i).copied().unwrap_or(i);
+            p.get(src)
+                .copied()
+                .flatten()
+                .map(|q| Point2::new((size - 1) as f64 - q.x, q.y))
+        })
+        .collect()
+}
+
 /// Saves `net` with `config` as its JSON (keeping the card).
 fn save_with_card(net: &UNet, config: ModelConfig, out: &Path) -> Result<(), TrainError> {
     // The weights are the network's; the JSON carries the card. Write both atomically.
@@ -476,6 +541,29 @@ fn save_with_card(net: &UNet, config: ModelConfig, out: &Path) -> Result<(), Tra
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mirrored_image_keeps_each_landmark_on_its_anatomy() {
+        // A 4x4 image with a bright pixel at each landmark: mirroring the image and the
+        // landmarks together keeps the pixels bright, in the partner's slot.
+        let size = 4;
+        let pts: Vec<Option<Point2<f64>>> = (0..8)
+            .map(|i| (i != 6).then(|| Point2::new((i % 4) as f64, (i / 4) as f64)))
+            .collect();
+        let mut img = vec![0.0f32; 16];
+        img[0] = 1.0; // landmark 0 at (0, 0)
+        let m = mirror_image(&img, size);
+        assert_eq!(m[3], 1.0);
+        assert_eq!(mirror_image(&m, size), img);
+        let mp = mirror_points(&pts, size);
+        // L-ASIS (0) at (0, 0) becomes R-ASIS (7) at (3, 0); the absent 6 (R-IOF) becomes an
+        // absent L-IOF (1); the symphysis points (3, 4) stay in their slots, mirrored.
+        assert_eq!(mp[7], Some(Point2::new(3.0, 0.0)));
+        assert_eq!(mp[1], None);
+        assert_eq!(mp[3], Some(Point2::new(0.0, 0.0)));
+        assert_eq!(mp[4], Some(Point2::new(3.0, 1.0)));
+        assert_eq!(mirror_points(&mp, size), pts);
+    }
 
     #[test]
     fn cosine_schedule_decays_from_lr_to_a_hundredth() {

@@ -267,3 +267,87 @@ fn the_oracle_scores_its_noise_and_exact_landmarks_register_exactly() {
     };
     assert!(evaluate_landmarks(&nan, &ds, None, &Task::new()).is_err());
 }
+
+/// The shipped model on a phantom it never saw, read three ways: the paper's argmax, and the
+/// app's decoding (mirror-averaged heatmaps, pose-consistent peaks). Every way finds the
+/// landmarks to a few pixels and a pose; the app's decoding registers every image and says
+/// which landmarks it reprojected.
+#[test]
+fn the_shipped_model_decoded_the_apps_way_finds_a_held_out_phantom() {
+    use fluoropose::detect::{Decode, detect};
+    use fluoropose::eval::{Landmarks, evaluate_landmarks};
+    if !fluoropose::model::shipped::available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let req = Request {
+        subjects: parse_subjects("phantom:61..62", 1).unwrap(),
+        views: 4,
+        novel_views: 0,
+        size: 256,
+        seed: 11,
+        range: fluoropose::geometry::sampling::PoseRange {
+            max_rotation_rad: 20f64.to_radians(),
+            ..Default::default()
+        },
+        realism: Default::default(),
+        cpu: true,
+    };
+    generate(&req, dir.path(), &Task::new()).unwrap();
+    let ds = Dataset::open(dir.path()).unwrap();
+    let net = fluoropose::model::shipped::network(&Device::Cpu).unwrap();
+    let score = |from: &Landmarks<'_>| {
+        let r = evaluate_landmarks(from, &ds, Some(Split::NovelSubject), &Task::new()).unwrap();
+        assert_eq!(r.images, 4);
+        assert_eq!(r.registration_failures, 0);
+        r
+    };
+    let plain = score(&Landmarks::Model(&net));
+    let app = score(&Landmarks::Decoded(&net, Decode::recommended()));
+    let mirrored = score(&Landmarks::Decoded(
+        &net,
+        Decode {
+            mirror: true,
+            consensus: None,
+        },
+    ));
+    for r in [&plain, &app, &mirrored] {
+        let rmse = r.rmse_px["mean"].as_f64().unwrap();
+        assert!(rmse < 12.0, "{rmse} px at 512");
+        assert!(r.tre_mm < 30.0, "TRE {} mm", r.tre_mm);
+    }
+    // The mirror-averaged heatmaps are other heatmaps: their points differ from the argmax's.
+    assert_ne!(
+        plain.rmse_subpixel_px, mirrored.rmse_subpixel_px,
+        "mirroring changed nothing"
+    );
+    // The pipeline's entry point on one image: 8 landmarks in frame pixels and a pose.
+    let p = Predictor::new(&net).unwrap();
+    let s = &ds.split(Some(Split::NovelSubject))[0];
+    let img = ds.image(s).unwrap();
+    let p3: Vec<_> = ds.manifest.subjects[s.subject]
+        .points3d()
+        .into_iter()
+        .map(Some)
+        .collect();
+    let found = detect(
+        &p,
+        &img,
+        256,
+        256,
+        &ds.manifest.camera,
+        Some(&p3),
+        None,
+        &Decode::recommended(),
+    )
+    .unwrap();
+    assert_eq!(found.detections.len(), 8);
+    let sol = found.solution.expect("a pose");
+    assert!(sol.status.ok());
+    for (d, t) in found.detections.iter().zip(&s.landmarks) {
+        if let (Some([x, y]), false) = (t, d.reprojected) {
+            let e = ((d.point.x - x).powi(2) + (d.point.y - y).powi(2)).sqrt();
+            assert!(e < 10.0, "{e} px at 256 from the truth");
+        }
+    }
+}

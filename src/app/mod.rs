@@ -82,6 +82,22 @@ pub struct Settings {
     pub photons: f64,
     /// Where annotations are saved.
     pub annotation_dir: PathBuf,
+    /// Average the heatmaps of each frame and its mirror image.
+    pub mirror: bool,
+    /// Take the heatmap peaks that agree with one pose of the CT's landmarks.
+    pub consistent: bool,
+}
+
+impl Settings {
+    /// The landmark decoding these settings ask for.
+    pub fn decode(&self) -> crate::detect::Decode {
+        crate::detect::Decode {
+            mirror: self.mirror,
+            consensus: self
+                .consistent
+                .then(crate::registration::consensus::ConsensusOptions::default),
+        }
+    }
 }
 
 impl Default for Settings {
@@ -93,6 +109,8 @@ impl Default for Settings {
             compare: Compare::Blend,
             photons: 100000.0,
             annotation_dir: PathBuf::from("annotations"),
+            mirror: true,
+            consistent: true,
         }
     }
 }
@@ -345,6 +363,7 @@ impl FluoroApp {
         }
         pipeline.send(Command::Fps(settings.fps));
         pipeline.send(Command::Loop(settings.looping));
+        pipeline.send(Command::Decode(settings.decode()));
         let (gpu, gpu_status) = match cc.wgpu_render_state.as_ref() {
             Some(rs) => {
                 let mut renderer = DrrRenderer::new(&rs.device, &rs.queue);

@@ -7,10 +7,11 @@
 //! one is processed. Latency is counted from the moment a frame exists (rendered, or read) to
 //! the moment the UI takes its overlay, so a frame that waits for the model counts its wait.
 
+use crate::detect::{Decode, detect};
 use crate::geometry::{Camera, Pose};
 use crate::landmarks::Landmarks3d;
 use crate::model::{Detection, Predictor};
-use crate::registration::{Solution, solve_detections};
+use crate::registration::Solution;
 use crate::stream::simulated::{CpuDrr, DrrSource, QuantumNoise, SimulatedStream, Trajectory};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -64,6 +65,8 @@ pub enum Command {
     Landmarks(Landmarks3d),
     /// Override the camera of recorded frames (the header's geometry, corrected by the user).
     Camera(Camera),
+    /// How heatmaps become landmarks (mirror averaging, pose-consistent peaks).
+    Decode(Decode),
     /// Stop the thread.
     Quit,
 }
@@ -319,6 +322,7 @@ struct Worker {
     next: u64,
     last_pose: Option<Pose>,
     skipped: u64,
+    decode: Decode,
 }
 
 impl Worker {
@@ -342,6 +346,7 @@ impl Worker {
             next: 0,
             last_pose: None,
             skipped: 0,
+            decode: Decode::recommended(),
         };
         w.set_source(source);
         w
@@ -415,6 +420,13 @@ impl Worker {
                         self.next = self.next.saturating_sub(1);
                         self.process();
                     }
+                }
+            }
+            Command::Decode(d) => {
+                self.decode = d;
+                if !self.playing {
+                    self.next = self.next.saturating_sub(1);
+                    self.process();
                 }
             }
             Command::Quit => return false,
@@ -526,21 +538,33 @@ impl Worker {
             }
         };
         self.next = index + 1;
-        let t1 = Instant::now();
-        let detections = match &self.model {
-            Some(m) => match m.predict(&pixels, size.0, size.1) {
-                Ok(d) => d,
+        let (detections, solution, inference_ms, pose_ms) = match &self.model {
+            Some(m) => match detect(
+                m,
+                &pixels,
+                size.0,
+                size.1,
+                &camera,
+                Some(&self.landmarks.points),
+                self.last_pose.as_ref(),
+                &self.decode,
+            ) {
+                Ok(f) => {
+                    // The C-arm moves little between frames: the next solve starts here.
+                    self.last_pose = f
+                        .solution
+                        .as_ref()
+                        .filter(|s| s.status.ok())
+                        .map(|s| s.pose);
+                    (f.detections, f.solution, f.inference_ms, f.pose_ms)
+                }
                 Err(e) => {
                     let _ = self.out.try_send(Err(format!("inference: {e}")));
-                    Vec::new()
+                    (Vec::new(), None, 0.0, 0.0)
                 }
             },
-            None => Vec::new(),
+            None => (Vec::new(), None, 0.0, 0.0),
         };
-        let inference_ms = t1.elapsed().as_secs_f64() * 1e3;
-        let t2 = Instant::now();
-        let solution = self.solve(&camera, &detections);
-        let pose_ms = t2.elapsed().as_secs_f64() * 1e3;
         let p = Processed {
             index,
             count: self.count(),
@@ -561,16 +585,5 @@ impl Worker {
         // A full channel means the UI has not taken the last frame: drop this one (no lag).
         let _ = self.out.try_send(Ok(p));
         (self.on_frame)();
-    }
-
-    fn solve(&mut self, camera: &Camera, det: &[Detection]) -> Option<Solution> {
-        if det.is_empty() {
-            return None;
-        }
-        let d: Vec<_> = det.iter().map(|d| (d.point, d.confidence)).collect();
-        // The C-arm moves little between frames: start from the previous frame's pose.
-        let s = solve_detections(camera, &self.landmarks.points, &d, self.last_pose.as_ref());
-        self.last_pose = s.status.ok().then_some(s.pose);
-        Some(s)
     }
 }

@@ -238,13 +238,33 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
             ui.colored_label(
                 COLOURS[i],
                 format!(
-                    "{} {:>6.1} {:>6.1}  {:.2}",
-                    LANDMARKS[i].code, d.point.x, d.point.y, d.confidence
+                    "{} {:>6.1} {:>6.1}  {:.2}{}",
+                    LANDMARKS[i].code,
+                    d.point.x,
+                    d.point.y,
+                    d.confidence,
+                    if d.reprojected { "  (pose)" } else { "" }
                 ),
             );
         }
         ui.separator();
         ui.heading("Model");
+        let mut d = false;
+        d |= ui
+            .checkbox(&mut app.settings.mirror, "mirror-average heatmaps")
+            .on_hover_text("Average each frame's heatmaps with its mirror image's (2x inference)")
+            .changed();
+        d |= ui
+            .checkbox(&mut app.settings.consistent, "pose-consistent landmarks")
+            .on_hover_text(
+                "Take the heatmap peaks that agree with one pose of the CT's landmarks; \
+                 a landmark no peak supports is drawn dashed where the pose puts it",
+            )
+            .changed();
+        if d {
+            let decode = app.settings.decode();
+            app.send(super::Command::Decode(decode));
+        }
         let names: Vec<String> = app.models.iter().map(|m| m.0.clone()).collect();
         let mut sel = app.model_index;
         egui::ComboBox::from_label("weights")
@@ -391,6 +411,30 @@ fn camera_editor(app: &mut FluoroApp, ui: &mut egui::Ui, p: &super::Processed) {
 fn draw_landmarks(app: &FluoroApp, painter: &egui::Painter, rect: Rect, p: &super::Processed) {
     for (i, d) in p.detections.iter().enumerate() {
         let at = to_screen(rect, p.size, d.point);
+        if d.reprojected {
+            // Not the network's: no peak of its heatmap agreed with the pose.
+            let c = COLOURS[i];
+            let ring: Vec<Pos2> = (0..=16)
+                .map(|k| {
+                    let a = k as f32 / 16.0 * std::f32::consts::TAU;
+                    at + 6.0 * Vec2::angled(a)
+                })
+                .collect();
+            painter.extend(egui::Shape::dashed_line(
+                &ring,
+                Stroke::new(1.5, c),
+                3.0,
+                2.0,
+            ));
+            painter.text(
+                at + Vec2::new(8.0, -8.0),
+                egui::Align2::LEFT_BOTTOM,
+                format!("{} (pose)", LANDMARKS[i].code),
+                egui::FontId::monospace(11.0),
+                c,
+            );
+            continue;
+        }
         marker(
             painter,
             at,

@@ -4,6 +4,7 @@ use crate::dataset::{self, Dataset, Realism, Request, Split};
 use crate::eval::{self, Report};
 use crate::geometry::sampling::PoseRange;
 use crate::model::{ModelConfig, Predictor, UNet};
+use crate::registration::consensus::ConsensusOptions;
 use crate::task::Task;
 use crate::train::{self, Mode, TrainOptions};
 use anyhow::{Context, Result, bail};
@@ -109,6 +110,10 @@ pub struct TrainArgs {
     /// Decay the learning rate along a half cosine to lr/100 over the run.
     #[arg(long)]
     pub cosine: bool,
+    /// Mirror each training image left-right with this probability (landmarks swapped left
+    /// for right; baseline mode only).
+    #[arg(long, default_value_t = 0.0)]
+    pub mirror: f64,
     /// λ of the composite loss (eq. 9).
     #[arg(long, default_value_t = 0.01)]
     pub lambda: f64,
@@ -164,6 +169,16 @@ pub struct EvalArgs {
     /// would give (the model is not loaded).
     #[arg(long)]
     pub oracle_noise_px: Option<f64>,
+    /// How heatmaps become points: `argmax` (the paper's Table 1) or `consistent` (the peaks
+    /// that agree with one pose of the CT's landmarks; the rest reprojected).
+    #[arg(long, default_value = "argmax", value_parser = ["argmax", "consistent"])]
+    pub decode: String,
+    /// With `--decode consistent`: the agreement gate as a fraction of the image width.
+    #[arg(long, default_value_t = ConsensusOptions::default().gate_fraction)]
+    pub gate: f64,
+    /// Average the heatmaps of each image and its mirror image (test-time augmentation).
+    #[arg(long)]
+    pub mirror: bool,
 }
 
 /// `fluoropose predict`.
@@ -177,6 +192,10 @@ pub struct PredictArgs {
     /// The CT's 3D landmarks to solve the pose with (`phantom:N` or a landmarks file).
     #[arg(long)]
     pub landmarks: Option<String>,
+    /// The paper's decoding (the argmax of each heatmap) instead of the app's (mirror-averaged
+    /// heatmaps and, with --landmarks, the peaks that agree with one pose).
+    #[arg(long)]
+    pub plain: bool,
 }
 
 /// `fluoropose experiment`.
@@ -241,6 +260,7 @@ fn train_options(a: &TrainArgs) -> Result<TrainOptions> {
         batch: a.batch,
         lr: a.lr,
         cosine: a.cosine,
+        mirror: a.mirror,
         lambda: a.lambda,
         seed: a.seed,
         max_steps: a.max_steps,
@@ -313,6 +333,35 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             })?;
             (format!("truth + N(0, {sigma_px} px)"), r)
         }
+        None if a.decode == "consistent" || a.mirror => {
+            let m = a.model.as_deref().context("--model is needed")?;
+            if !(a.gate.is_finite() && a.gate > 0.0) {
+                bail!(
+                    "--gate must be a positive fraction of the image width, not {}",
+                    a.gate
+                );
+            }
+            let net =
+                UNet::load(m, &device()).with_context(|| format!("loading {}", m.display()))?;
+            let decode = crate::detect::Decode {
+                mirror: a.mirror,
+                consensus: (a.decode == "consistent").then_some(ConsensusOptions {
+                    gate_fraction: a.gate,
+                    ..ConsensusOptions::default()
+                }),
+            };
+            let from = eval::Landmarks::Decoded(&net, decode);
+            let task = Task::new();
+            let r = with_bar(&task, "eval", || {
+                eval::evaluate_landmarks(&from, &data, split, &task)
+            })?;
+            let how = match (a.mirror, decode.consensus.is_some()) {
+                (true, true) => format!("mirror-averaged, consistent, gate {}", a.gate),
+                (true, false) => "mirror-averaged".to_string(),
+                _ => format!("consistent, gate {}", a.gate),
+            };
+            (format!("{} ({how})", m.display()), r)
+        }
         None => {
             let m = a.model.as_deref().context("--model is needed")?;
             (m.display().to_string(), run_eval(m, &data, split)?)
@@ -355,23 +404,35 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
         }),
         None => None,
     };
+    let decode = if a.plain {
+        crate::detect::Decode::default()
+    } else {
+        crate::detect::Decode::recommended()
+    };
     let mut out = Vec::new();
     for f in &files {
         let x = crate::stream::read_image_file(f)
             .with_context(|| format!("reading {}", f.display()))?;
         for (k, frame) in x.frames.iter().enumerate() {
-            let t0 = std::time::Instant::now();
-            let det = p.predict(frame, x.width, x.height)?;
-            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            let cam = x.geometry.camera(x.width as u32, x.height as u32);
+            let found = crate::detect::detect(
+                &p,
+                frame,
+                x.width,
+                x.height,
+                &cam,
+                lm3.as_ref().map(|l| l.points.as_slice()),
+                None,
+                &decode,
+            )?;
+            let det = &found.detections;
             let mut rec = serde_json::json!({
-                "file": f.display().to_string(), "frame": k, "inference_ms": ms,
+                "file": f.display().to_string(), "frame": k, "inference_ms": found.inference_ms,
                 "landmarks": det.iter().map(|d| [d.point.x, d.point.y]).collect::<Vec<_>>(),
                 "confidence": det.iter().map(|d| d.confidence).collect::<Vec<_>>(),
+                "reprojected": det.iter().map(|d| d.reprojected).collect::<Vec<_>>(),
             });
-            if let Some(l3) = &lm3 {
-                let cam = x.geometry.camera(x.width as u32, x.height as u32);
-                let d: Vec<_> = det.iter().map(|d| (d.point, d.confidence)).collect();
-                let s = crate::registration::solve_detections(&cam, &l3.points, &d, None);
+            if let Some(s) = &found.solution {
                 rec["pose"] = serde_json::json!(s.pose.params());
                 rec["status"] = serde_json::json!(format!("{:?}", s.status));
                 rec["reprojection_rmse_px"] = serde_json::json!(s.rmse_px);
@@ -428,6 +489,7 @@ pub fn experiment(a: &ExperimentArgs) -> Result<()> {
             batch: 4,
             lr: 1e-4,
             cosine: false,
+            mirror: 0.0,
             lambda: 0.01,
             seed: 42,
             max_steps: None,

@@ -207,6 +207,30 @@ pub fn soft_argmax(logits: &Tensor, tau: f64) -> candle_core::Result<Tensor> {
     p.broadcast_matmul(&grid)
 }
 
+/// `(B, C, H, W)` maps mirrored left-right (the last axis reversed).
+pub fn flip_x(t: &Tensor) -> candle_core::Result<Tensor> {
+    let w = t.dim(candle_core::D::Minus1)?;
+    let rev: Vec<u32> = (0..w as u32).rev().collect();
+    let idx = Tensor::from_vec(rev, w, t.device())?;
+    t.index_select(&idx, t.rank() - 1)
+}
+
+/// Heatmap logits `(B, N, H, W)` of a mirrored image turned into those of the image itself:
+/// mirrored back, and each landmark's map taken from its mirror partner's channel
+/// ([`crate::landmarks::MIRROR`]).
+pub fn unmirror(logits: &Tensor) -> candle_core::Result<Tensor> {
+    let n = logits.dim(1)?;
+    if n != crate::landmarks::N_LANDMARKS {
+        return Err(candle_core::Error::Msg(format!(
+            "mirroring needs the {} pelvic landmarks, not {n} maps",
+            crate::landmarks::N_LANDMARKS
+        )));
+    }
+    let perm: Vec<u32> = crate::landmarks::MIRROR.iter().map(|&i| i as u32).collect();
+    let idx = Tensor::from_vec(perm, n, logits.device())?;
+    flip_x(&logits.index_select(&idx, 1)?)
+}
+
 /// Per heatmap of `(N, H, W)` logits: the argmax pixel refined to sub-pixel precision by a
 /// parabola through its neighbours on each axis, and the peak probability `sigmoid(max)`.
 pub fn argmax_subpixel(logits: &Tensor) -> candle_core::Result<Vec<(Point2<f64>, f64)>> {
@@ -229,6 +253,88 @@ fn peaks(logits: &Tensor, subpixel: bool) -> candle_core::Result<Vec<(Point2<f64
         .collect())
 }
 
+/// One heatmap's peaks: point (pixels) and probability, strongest first.
+pub type Peaks = Vec<(Point2<f64>, f64)>;
+
+/// Per heatmap of `(N, H, W)` logits: up to `k` peaks, strongest first, each a local maximum
+/// at least `min_separation_px` from every stronger one kept, refined to sub-pixel precision,
+/// with its probability `sigmoid(logit)`. The first is [`argmax_subpixel`]'s point. The others
+/// are the places a heatmap also considered (the other ASIS, a foramen's far edge): the
+/// pose-consistent decoding (`registration::consensus`) chooses among them.
+pub fn candidates(
+    logits: &Tensor,
+    k: usize,
+    min_separation_px: f64,
+) -> candle_core::Result<Vec<Peaks>> {
+    let (n, h, w) = logits.dims3()?;
+    let v = logits
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok((0..n)
+        .map(|i| plane_candidates(&v[i * h * w..(i + 1) * h * w], w, h, k, min_separation_px))
+        .collect())
+}
+
+fn plane_candidates(
+    plane: &[f32],
+    w: usize,
+    h: usize,
+    k: usize,
+    min_separation_px: f64,
+) -> Vec<(Point2<f64>, f64)> {
+    if k == 0 || plane.is_empty() {
+        return Vec::new();
+    }
+    let first = peak(plane, w, h, true);
+    let mut out = vec![first];
+    if k == 1 {
+        return out;
+    }
+    // Strict local maxima (ties broken towards the first pixel in raster order, so that a
+    // plateau yields one peak), strongest first.
+    let mut maxima: Vec<(f32, usize)> = Vec::new();
+    for y in 0..h {
+        for x in 0..w {
+            let i = y * w + x;
+            let v = plane[i];
+            if !v.is_finite() {
+                continue;
+            }
+            let mut is_max = true;
+            'nb: for dy in -1i64..=1 {
+                for dx in -1i64..=1 {
+                    let (xx, yy) = (x as i64 + dx, y as i64 + dy);
+                    if (dx, dy) == (0, 0) || xx < 0 || yy < 0 || xx >= w as i64 || yy >= h as i64 {
+                        continue;
+                    }
+                    let j = yy as usize * w + xx as usize;
+                    let u = plane[j];
+                    if u > v || (u == v && j < i) {
+                        is_max = false;
+                        break 'nb;
+                    }
+                }
+            }
+            if is_max {
+                maxima.push((v, i));
+            }
+        }
+    }
+    maxima.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let sep2 = min_separation_px * min_separation_px;
+    for (_, i) in maxima {
+        if out.len() >= k {
+            break;
+        }
+        let c = refine(plane, w, h, i);
+        if out.iter().all(|(p, _)| (p - c.0).norm_squared() >= sep2) {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn peak(plane: &[f32], w: usize, h: usize, subpixel: bool) -> (Point2<f64>, f64) {
     let (mut best, mut bv) = (0usize, f32::NEG_INFINITY);
     for (i, v) in plane.iter().enumerate() {
@@ -236,11 +342,18 @@ fn peak(plane: &[f32], w: usize, h: usize, subpixel: bool) -> (Point2<f64>, f64)
             (best, bv) = (i, *v);
         }
     }
+    if !subpixel {
+        let conf = 1.0 / (1.0 + (-(bv as f64)).exp());
+        return (Point2::new((best % w) as f64, (best / w) as f64), conf);
+    }
+    refine(plane, w, h, best)
+}
+
+/// The pixel `best` refined to sub-pixel precision, and its probability.
+fn refine(plane: &[f32], w: usize, h: usize, best: usize) -> (Point2<f64>, f64) {
+    let bv = plane[best];
     let (x, y) = (best % w, best / w);
     let conf = 1.0 / (1.0 + (-(bv as f64)).exp());
-    if !subpixel {
-        return (Point2::new(x as f64, y as f64), conf);
-    }
     // Parabola through (−1, a), (0, b), (1, c): vertex at (a − c) / (2 (a − 2b + c)).
     let offset = |a: f32, b: f32, c: f32| -> f64 {
         let den = a as f64 - 2.0 * b as f64 + c as f64;
@@ -319,6 +432,70 @@ mod tests {
         let int = argmax(&t).unwrap();
         assert_eq!(int[0].0, Point2::new(20.0, 42.0));
         assert!(int[0].1 > 0.99); // peak logit 30
+    }
+
+    #[test]
+    fn candidates_list_the_peaks_of_a_two_mode_heatmap_strongest_first() {
+        // Two bumps in one plane: a strong one at (40.4, 12.2) and a weaker one at (10.0, 50.6),
+        // plus a ridge of noise near the strong one that separation must suppress.
+        let size = 64;
+        let mut v = vec![-20.0f32; size * size];
+        for y in 0..size {
+            for x in 0..size {
+                let g = |px: f64, py: f64, peak: f64| {
+                    peak - ((x as f64 - px).powi(2) + (y as f64 - py).powi(2)) / 8.0
+                };
+                v[y * size + x] = g(40.4, 12.2, 6.0).max(g(10.0, 50.6, 2.0)) as f32;
+            }
+        }
+        v[12 * size + 44] += 1.0; // a spike 4 px from the strong peak, weaker than it
+        let t = Tensor::from_vec(v, (1, size, size), &Device::Cpu).unwrap();
+        let c = candidates(&t, 3, 6.0).unwrap();
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].len(), 2, "{:?}", c[0]);
+        // The first is argmax_subpixel's point.
+        assert_eq!(c[0][0], argmax_subpixel(&t).unwrap()[0]);
+        assert!(
+            (c[0][1].0 - Point2::new(10.0, 50.6)).norm() < 1e-3,
+            "{:?}",
+            c[0][1]
+        );
+        assert!(c[0][0].1 > c[0][1].1);
+        assert!((c[0][1].1 - 1.0 / (1.0 + (-1.98f64).exp())).abs() < 0.01);
+        // Without separation the spike counts, and k = 1 is the argmax alone.
+        assert_eq!(candidates(&t, 3, 0.0).unwrap()[0].len(), 3);
+        assert_eq!(candidates(&t, 1, 6.0).unwrap()[0].len(), 1);
+    }
+
+    #[test]
+    fn unmirror_moves_each_map_to_its_partner_mirrored() {
+        // L-ASIS's map peaks at (3, 5) of a 16-wide image; read back from the mirror image it
+        // is R-ASIS's map (channel 7), peaking at (12, 5). The symphysis maps stay put.
+        let mut v = vec![0.0f32; 8 * 16 * 16];
+        v[5 * 16 + 3] = 9.0; // channel 0
+        v[3 * 256 + 2 * 16 + 1] = 7.0; // channel 3 (SPS) at (1, 2)
+        let t = Tensor::from_vec(v, (1, 8, 16, 16), &Device::Cpu).unwrap();
+        let u = unmirror(&t).unwrap().squeeze(0).unwrap();
+        let peaks = argmax(&u).unwrap();
+        assert_eq!(peaks[7].0, Point2::new(12.0, 5.0));
+        assert!(peaks[7].1 > 0.99);
+        assert_eq!(peaks[3].0, Point2::new(14.0, 2.0));
+        assert!(
+            peaks[0].1 < 0.51,
+            "channel 0 is now the old R-ASIS map (flat)"
+        );
+        // Twice is the identity.
+        let back = unmirror(&unmirror(&t).unwrap()).unwrap();
+        let d: f32 = (back - &t)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(d, 0.0);
+        assert!(unmirror(&Tensor::zeros((1, 3, 4, 4), DType::F32, &Device::Cpu).unwrap()).is_err());
     }
 
     #[test]

@@ -543,6 +543,19 @@ impl UNet {
         out.reshape((bsz, self.config.n_landmarks, hh, ww))
     }
 
+    /// Heatmap logits averaged over the image and its mirror image (test-time augmentation):
+    /// one batch of `2B` through [`Self::forward`], the mirrored half mapped back with
+    /// [`heatmap::unmirror`]. A network that has learnt the anatomy gives both views the same
+    /// answer; where it is unsure (an ASIS on the crest, a peak near the border), the two
+    /// disagree and the average is steadier. Twice the inference time.
+    pub fn forward_mirrored(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let b = x.dim(0)?;
+        let both = Tensor::cat(&[x, &heatmap::flip_x(x)?], 0)?;
+        let out = self.forward(&both, false)?;
+        let back = heatmap::unmirror(&out.narrow(0, b, b)?)?;
+        (out.narrow(0, 0, b)? + back)? * 0.5
+    }
+
     /// The inference network: batch norm folded into each convolution, bias and ReLU fused.
     pub fn fused(&self) -> Result<UNet, ModelError> {
         let fuse = |v: &Vec<[ConvUnit; 2]>| -> candle_core::Result<Vec<[ConvUnit; 2]>> {
@@ -697,6 +710,10 @@ pub struct Detection {
     pub point: Point2<f64>,
     /// Peak probability of its heatmap, 0..1.
     pub confidence: f64,
+    /// No peak of the heatmap agreed with the pose: the point is the CT landmark's
+    /// reprojection (pose-consistent decoding), not the network's.
+    #[serde(default)]
+    pub reprojected: bool,
 }
 
 /// The device the model runs on: the first CUDA GPU in a build with the `cuda` feature when one
@@ -774,8 +791,33 @@ impl Predictor {
         width: usize,
         height: usize,
     ) -> Result<Tensor, ModelError> {
+        self.heatmaps_with(pixels, width, height, false)
+    }
+
+    /// Heatmap logits `(N, S, S)` for a frame, averaged with its mirror image's when `mirror`
+    /// ([`UNet::forward_mirrored`]).
+    pub fn heatmaps_with(
+        &self,
+        pixels: &[f32],
+        width: usize,
+        height: usize,
+        mirror: bool,
+    ) -> Result<Tensor, ModelError> {
         let x = self.input(pixels, width, height)?;
-        Ok(self.net.forward(&x, false)?.squeeze(0)?)
+        let out = if mirror {
+            self.net.forward_mirrored(&x)?
+        } else {
+            self.net.forward(&x, false)?
+        };
+        Ok(out.squeeze(0)?)
+    }
+
+    /// A point of the model's input grid in the pixels of a `width x height` frame.
+    pub fn to_frame(&self, p: Point2<f64>, width: usize, height: usize) -> Point2<f64> {
+        let s = self.config.input_size as f64;
+        let (sx, sy) = (width as f64 / s, height as f64 / s);
+        // Pixel centres: input pixel i covers frame [i sx, (i+1) sx).
+        Point2::new((p.x + 0.5) * sx - 0.5, (p.y + 0.5) * sy - 0.5)
     }
 
     /// The landmarks of a frame, in its own pixel coordinates.
@@ -787,14 +829,35 @@ impl Predictor {
     ) -> Result<Vec<Detection>, ModelError> {
         let logits = self.heatmaps(pixels, width, height)?;
         let peaks = heatmap::argmax_subpixel(&logits)?;
-        let s = self.config.input_size as f64;
-        let (sx, sy) = (width as f64 / s, height as f64 / s);
         Ok(peaks
             .into_iter()
             .map(|(p, c)| Detection {
-                // Pixel centres: input pixel i covers frame [i sx, (i+1) sx).
-                point: Point2::new((p.x + 0.5) * sx - 0.5, (p.y + 0.5) * sy - 0.5),
+                point: self.to_frame(p, width, height),
                 confidence: c,
+                reprojected: false,
+            })
+            .collect())
+    }
+
+    /// Up to `k` peaks per heatmap, strongest first, in frame pixels
+    /// ([`heatmap::candidates`]; separation as a fraction of the input width).
+    pub fn candidates(
+        &self,
+        pixels: &[f32],
+        width: usize,
+        height: usize,
+        mirror: bool,
+        k: usize,
+        separation: f64,
+    ) -> Result<Vec<heatmap::Peaks>, ModelError> {
+        let logits = self.heatmaps_with(pixels, width, height, mirror)?;
+        let sep = separation * self.config.input_size as f64;
+        Ok(heatmap::candidates(&logits, k, sep)?
+            .into_iter()
+            .map(|c| {
+                c.into_iter()
+                    .map(|(p, conf)| (self.to_frame(p, width, height), conf))
+                    .collect()
             })
             .collect())
     }
@@ -864,6 +927,34 @@ mod tests {
         let fused = net.fused().unwrap().forward(&x, false).unwrap();
         let d = (eval - fused).unwrap().abs().unwrap().max_all().unwrap();
         assert!(d.to_scalar::<f32>().unwrap() < 1e-4);
+    }
+
+    #[test]
+    fn mirror_averaged_heatmaps_follow_a_mirrored_image() {
+        // M(x) = (f(x) + U(f(F x))) / 2 with U = mirror back + swap left/right, an involution:
+        // so M(F x) = U(M(x)) for any network. A plain forward of a random network does not.
+        let dev = Device::Cpu;
+        let net = UNet::with_seed(tiny(), &dev, 7).unwrap().fused().unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 1, 32, 32), &dev).unwrap();
+        let fx = heatmap::flip_x(&x).unwrap();
+        let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        let m = net.forward_mirrored(&x).unwrap();
+        assert_eq!(m.dims(), &[2, 8, 32, 32]);
+        let a = net.forward_mirrored(&fx).unwrap();
+        let b = heatmap::unmirror(&m).unwrap();
+        assert!(max_diff(&a, &b) < 1e-4, "{}", max_diff(&a, &b));
+        let plain_a = net.forward(&fx, false).unwrap();
+        let plain_b = heatmap::unmirror(&net.forward(&x, false).unwrap()).unwrap();
+        assert!(max_diff(&plain_a, &plain_b) > 1e-3);
     }
 
     #[test]

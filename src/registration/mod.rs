@@ -13,6 +13,7 @@
 //!
 //! Units: pixels for 2D points, LPS millimetres for 3D points; the pose is camera_from_world.
 
+pub mod consensus;
 pub mod implicit;
 pub mod jacobian;
 pub mod layer;
