@@ -433,7 +433,14 @@ pub fn model(
 /// what the app's pipeline sustains, and on a software rasteriser it separates the pipeline from
 /// the cost of drawing egui. `fps` is the stream's clock (frames beyond what the pipeline keeps
 /// up with are dropped, as in the app); the first `warmup_s` are not counted.
-pub fn pipeline(seconds: f64, warmup_s: f64, fps: f64, photons: f64, json: bool) -> Result<()> {
+pub fn pipeline(
+    seconds: f64,
+    warmup_s: f64,
+    fps: f64,
+    photons: f64,
+    plain: bool,
+    json: bool,
+) -> Result<()> {
     use crate::app::Scene;
     use crate::app::pipeline::{Command, Pipeline, Source};
     use crate::drr::cpu::Renderer;
@@ -466,6 +473,12 @@ pub fn pipeline(seconds: f64, warmup_s: f64, fps: f64, photons: f64, json: bool)
     let mut target: Option<((u32, u32), wgpu::TextureView)> = None;
     let mut window: Option<Window> = None;
 
+    let decode = if plain {
+        crate::detect::Decode::default()
+    } else {
+        crate::detect::Decode::recommended()
+    };
+    pipe.send(Command::Decode(decode));
     pipe.send(Command::Fps(fps));
     pipe.send(Command::Play(true));
     let t0 = Instant::now();
@@ -556,6 +569,7 @@ pub fn pipeline(seconds: f64, warmup_s: f64, fps: f64, photons: f64, json: bool)
         "model_device": crate::model::device_name(&dev),
         "drr_adapter": format!("{} ({:?})", info.name, info.backend),
         "threads": rayon::current_num_threads(),
+        "decoding": if plain { "argmax" } else { "mirror-averaged, pose-consistent" },
     });
     if json {
         println!("{}", serde_json::to_string(&row)?);

@@ -205,6 +205,10 @@ pub enum BenchWhat {
         /// Photons per pixel of the simulated frames (the app's default).
         #[arg(long, default_value_t = 100000.0)]
         photons: f64,
+        /// Read the heatmaps by the paper's argmax instead of the app's decoding
+        /// (mirror-averaged, pose-consistent).
+        #[arg(long)]
+        plain: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -384,8 +388,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 warmup,
                 fps,
                 photons,
+                plain,
                 json,
-            } => crate::bench::pipeline(seconds, warmup, fps, photons, json),
+            } => crate::bench::pipeline(seconds, warmup, fps, photons, plain, json),
             BenchWhat::Model {
                 size,
                 base,

@@ -243,13 +243,21 @@ pub fn argmax(logits: &Tensor) -> candle_core::Result<Vec<(Point2<f64>, f64)>> {
 }
 
 fn peaks(logits: &Tensor, subpixel: bool) -> candle_core::Result<Vec<(Point2<f64>, f64)>> {
+    per_plane(logits, |plane, w, h| peak(plane, w, h, subpixel))
+}
+
+/// `f(plane, width, height)` for each `(H, W)` plane of `(N, H, W)` logits, read as f32.
+fn per_plane<T>(
+    logits: &Tensor,
+    f: impl Fn(&[f32], usize, usize) -> T,
+) -> candle_core::Result<Vec<T>> {
     let (n, h, w) = logits.dims3()?;
     let v = logits
         .to_dtype(DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
     Ok((0..n)
-        .map(|i| peak(&v[i * h * w..(i + 1) * h * w], w, h, subpixel))
+        .map(|i| f(&v[i * h * w..(i + 1) * h * w], w, h))
         .collect())
 }
 
@@ -266,14 +274,9 @@ pub fn candidates(
     k: usize,
     min_separation_px: f64,
 ) -> candle_core::Result<Vec<Peaks>> {
-    let (n, h, w) = logits.dims3()?;
-    let v = logits
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    Ok((0..n)
-        .map(|i| plane_candidates(&v[i * h * w..(i + 1) * h * w], w, h, k, min_separation_px))
-        .collect())
+    per_plane(logits, |plane, w, h| {
+        plane_candidates(plane, w, h, k, min_separation_px)
+    })
 }
 
 fn plane_candidates(
