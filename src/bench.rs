@@ -439,6 +439,7 @@ pub fn pipeline(
     fps: f64,
     photons: f64,
     plain: bool,
+    track: bool,
     json: bool,
 ) -> Result<()> {
     use crate::app::Scene;
@@ -479,6 +480,13 @@ pub fn pipeline(
         crate::detect::Decode::recommended()
     };
     pipe.send(Command::Decode(decode));
+    pipe.send(Command::Track(track));
+    let points: Vec<_> = scene.landmarks.points.iter().flatten().copied().collect();
+    let (mut tre, mut tre_tracked) = (Vec::new(), Vec::new());
+    let (mut jitter, mut jitter_tracked) = (Vec::new(), Vec::new());
+    type Errors = Option<Vec<nalgebra::Vector3<f64>>>;
+    let mut prev: Option<(u64, Errors, Errors)> = None;
+    use crate::registration::metrics;
     pipe.send(Command::Fps(fps));
     pipe.send(Command::Play(true));
     let t0 = Instant::now();
@@ -492,7 +500,9 @@ pub fn pipeline(
         let p = p.map_err(|e| anyhow::anyhow!("the pipeline failed: {e}"))?;
         let t = Instant::now();
         let solved = p.solution.as_ref().filter(|s| s.status.ok());
-        if let Some(s) = solved {
+        // The DRR follows the tracked pose when there is one, as in the app.
+        let shown = p.tracked.map(|t| t.pose).or(solved.map(|s| s.pose));
+        if let Some(shown) = shown {
             let c = &p.camera;
             let cam = c.rescaled((max_px as f64 / c.width_px.max(c.height_px) as f64).min(1.0));
             let size = (cam.width_px, cam.height_px);
@@ -504,7 +514,7 @@ pub fn pipeline(
             let w = match window {
                 Some(w) => w,
                 None => {
-                    let img = drr.render(&cam, std::slice::from_ref(&s.pose), siddon)?;
+                    let img = drr.render(&cam, std::slice::from_ref(&shown), siddon)?;
                     let img = img
                         .first()
                         .ok_or_else(|| anyhow::anyhow!("the DRR returned no image"))?;
@@ -512,7 +522,7 @@ pub fn pipeline(
                 }
             };
             let mut enc = device.create_command_encoder(&Default::default());
-            let images = drr.encode(&mut enc, &cam, std::slice::from_ref(&s.pose), siddon)?;
+            let images = drr.encode(&mut enc, &cam, std::slice::from_ref(&shown), siddon)?;
             if let Some((_, view)) = &target {
                 drr.encode_window(&mut enc, &images, 0, &w, view);
             }
@@ -541,6 +551,37 @@ pub fn pipeline(
         inf.push(p.timings.inference_ms);
         pose.push(p.timings.pose_ms);
         drr_ms.push((done - t).as_secs_f64() * 1e3);
+        if let Some(truth) = &p.truth {
+            // Each landmark's error displacement in camera space; its change from the previous
+            // frame is the jitter a viewer sees.
+            let errors = |pose: &crate::geometry::Pose| -> Vec<nalgebra::Vector3<f64>> {
+                points
+                    .iter()
+                    .map(|q| pose.camera_from_world(q) - truth.camera_from_world(q))
+                    .collect()
+            };
+            let step = |a: &[nalgebra::Vector3<f64>], b: &[nalgebra::Vector3<f64>]| {
+                a.iter().zip(b).map(|(x, y)| (x - y).norm()).sum::<f64>() / a.len().max(1) as f64
+            };
+            let consecutive = prev.as_ref().is_some_and(|(i, ..)| *i + 1 == p.index);
+            let raw_e = solved.map(|s| errors(&s.pose));
+            let tr_e = p.tracked.map(|t| errors(&t.pose));
+            if let Some(s) = solved {
+                tre.push(metrics::mean_tre_mm(&s.pose, truth, &points));
+            }
+            if let Some(tr) = &p.tracked {
+                tre_tracked.push(metrics::mean_tre_mm(&tr.pose, truth, &points));
+            }
+            if consecutive {
+                if let (Some((_, Some(a), _)), Some(b)) = (&prev, &raw_e) {
+                    jitter.push(step(a, b));
+                }
+                if let (Some((_, _, Some(a))), Some(b)) = (&prev, &tr_e) {
+                    jitter_tracked.push(step(a, b));
+                }
+            }
+            prev = Some((p.index, raw_e, tr_e));
+        }
     }
     drop(pipe);
     let n = lat.len();
@@ -570,6 +611,11 @@ pub fn pipeline(
         "drr_adapter": format!("{} ({:?})", info.name, info.backend),
         "threads": rayon::current_num_threads(),
         "decoding": if plain { "argmax" } else { "mirror-averaged, pose-consistent" },
+        "tracking": track,
+        "tre_mm": mean(&tre),
+        "tre_tracked_mm": if tre_tracked.is_empty() { serde_json::Value::Null } else { mean(&tre_tracked).into() },
+        "jitter_mm": mean(&jitter),
+        "jitter_tracked_mm": if jitter_tracked.is_empty() { serde_json::Value::Null } else { mean(&jitter_tracked).into() },
     });
     if json {
         println!("{}", serde_json::to_string(&row)?);
@@ -593,6 +639,20 @@ pub fn pipeline(
             mean(&pose),
             mean(&drr_ms),
             skipped
+        );
+        println!(
+            "against the simulated truth: per-frame solve TRE {:.2} mm, jitter {:.2} mm/frame{}",
+            mean(&tre),
+            mean(&jitter),
+            if tre_tracked.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; tracked TRE {:.2} mm, jitter {:.2} mm/frame",
+                    mean(&tre_tracked),
+                    mean(&jitter_tracked)
+                )
+            }
         );
     }
     Ok(())

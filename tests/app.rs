@@ -49,6 +49,12 @@ fn default_start_shows_landmarks_and_a_pose() {
     let p = h.state().latest.clone().unwrap();
     assert_eq!(p.detections.len(), 8, "the shipped model gives 8 landmarks");
     assert!(p.solution.is_some(), "a pose is solved on the first frame");
+    let tracked = p.tracked.expect("the pose is tracked from the first frame");
+    assert!(tracked.restarted, "the first frame starts the tracker");
+    assert!(
+        tracked.pose.is_finite() && tracked.covariance[(5, 5)] > 0.0,
+        "{tracked:?}"
+    );
     assert!(
         p.truth.is_some(),
         "the simulated stream carries its true pose"

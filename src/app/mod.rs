@@ -86,6 +86,8 @@ pub struct Settings {
     pub mirror: bool,
     /// Take the heatmap peaks that agree with one pose of the CT's landmarks.
     pub consistent: bool,
+    /// Filter the pose over frames (Kalman, constant velocity).
+    pub track: bool,
 }
 
 impl Settings {
@@ -111,6 +113,7 @@ impl Default for Settings {
             annotation_dir: PathBuf::from("annotations"),
             mirror: true,
             consistent: true,
+            track: true,
         }
     }
 }
@@ -364,6 +367,7 @@ impl FluoroApp {
         pipeline.send(Command::Fps(settings.fps));
         pipeline.send(Command::Loop(settings.looping));
         pipeline.send(Command::Decode(settings.decode()));
+        pipeline.send(Command::Track(settings.track));
         let (gpu, gpu_status) = match cc.wgpu_render_state.as_ref() {
             Some(rs) => {
                 let mut renderer = DrrRenderer::new(&rs.device, &rs.queue);
@@ -662,7 +666,11 @@ impl FluoroApp {
                 m[5],
             ]));
         }
-        let s = self.latest.as_ref()?.solution.as_ref()?;
+        let p = self.latest.as_ref()?;
+        if let Some(t) = &p.tracked {
+            return Some(t.pose);
+        }
+        let s = p.solution.as_ref()?;
         s.status.ok().then_some(s.pose)
     }
 

@@ -12,6 +12,7 @@ use crate::geometry::{Camera, Pose};
 use crate::landmarks::Landmarks3d;
 use crate::model::{Detection, Predictor};
 use crate::registration::Solution;
+use crate::registration::tracking::{PoseTracker, Tracked, TrackerOptions};
 use crate::stream::simulated::{CpuDrr, DrrSource, QuantumNoise, SimulatedStream, Trajectory};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -67,6 +68,8 @@ pub enum Command {
     Camera(Camera),
     /// How heatmaps become landmarks (mirror averaging, pose-consistent peaks).
     Decode(Decode),
+    /// Filter the pose over frames ([`PoseTracker`]).
+    Track(bool),
     /// Stop the thread.
     Quit,
 }
@@ -99,6 +102,8 @@ pub struct Processed {
     pub detections: Vec<Detection>,
     /// The solved pose.
     pub solution: Option<Solution>,
+    /// The pose filtered over frames (when tracking is on and a pose was ever solved).
+    pub tracked: Option<Tracked>,
     /// The true pose (simulated source).
     pub truth: Option<Pose>,
     /// Stage latencies.
@@ -323,6 +328,8 @@ struct Worker {
     last_pose: Option<Pose>,
     skipped: u64,
     decode: Decode,
+    tracker: PoseTracker,
+    track: bool,
 }
 
 impl Worker {
@@ -347,9 +354,17 @@ impl Worker {
             last_pose: None,
             skipped: 0,
             decode: Decode::recommended(),
+            tracker: PoseTracker::new(TrackerOptions::default()),
+            track: true,
         };
         w.set_source(source);
         w
+    }
+
+    /// The pose so far no longer describes what comes next (new source, CT, camera, seek).
+    fn forget_pose(&mut self) {
+        self.last_pose = None;
+        self.tracker.reset();
     }
 
     fn set_source(&mut self, source: Source) {
@@ -372,7 +387,7 @@ impl Worker {
         };
         self.source = source;
         self.next = 0;
-        self.last_pose = None;
+        self.forget_pose();
     }
 
     fn count(&self) -> Option<u64> {
@@ -390,11 +405,13 @@ impl Worker {
             }
             Command::Seek(i) => {
                 self.next = i;
-                self.last_pose = None;
+                self.forget_pose();
                 self.process();
             }
             Command::Fps(f) => {
                 self.fps = f.clamp(0.1, 120.0);
+                // The tracker's clock is frame index / fps.
+                self.tracker.reset();
                 if let Some(s) = &self.sim {
                     let _ = s.requests.send(SimRequest::Fps(self.fps));
                 }
@@ -406,21 +423,25 @@ impl Worker {
             }
             Command::Model(m) => {
                 self.model = Some(m);
-                self.last_pose = None;
+                self.forget_pose();
             }
             Command::Landmarks(l) => {
                 self.landmarks = l;
-                self.last_pose = None;
+                self.forget_pose();
             }
             Command::Camera(c) => {
                 if let Source::Frames { camera, .. } = &mut self.source {
                     *camera = c;
-                    self.last_pose = None;
+                    self.forget_pose();
                     if !self.playing {
                         self.next = self.next.saturating_sub(1);
                         self.process();
                     }
                 }
+            }
+            Command::Track(on) => {
+                self.track = on;
+                self.tracker.reset();
             }
             Command::Decode(d) => {
                 self.decode = d;
@@ -565,6 +586,13 @@ impl Worker {
             },
             None => (Vec::new(), None, 0.0, 0.0),
         };
+        // Frames are `1 / fps` apart on the stream's clock (dropped ones included).
+        let tracked = if self.track {
+            self.tracker
+                .update(index as f64 / self.fps, solution.as_ref())
+        } else {
+            None
+        };
         let p = Processed {
             index,
             count: self.count(),
@@ -573,6 +601,7 @@ impl Worker {
             camera,
             detections,
             solution,
+            tracked,
             truth,
             timings: Timings {
                 source_ms,

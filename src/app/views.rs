@@ -178,6 +178,8 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
         return;
     };
     egui::Panel::right("pose").min_size(300.0).show(ui, |ui| {
+        // The panel outgrows short windows: it scrolls.
+        egui::ScrollArea::vertical().show(ui, |ui| {
         ui.heading("Pose");
         match &p.solution {
             Some(s) => {
@@ -193,6 +195,22 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
                     v[5]
                 ));
                 ui.label(format!("reprojection RMSE {:.2} px", s.rmse_px));
+                if let Some(tr) = &p.tracked {
+                    let v = tr.pose.params();
+                    let sd = |i: usize| tr.covariance[(i, i)].max(0.0).sqrt();
+                    ui.monospace(format!(
+                        "tracked r = ({:+.1}°, {:+.1}°, {:+.1}°)\ntracked t = ({:+.1}, {:+.1}, {:+.1}) mm\n   ± ({:.1}°, {:.1} mm depth){}",
+                        v[0].to_degrees(),
+                        v[1].to_degrees(),
+                        v[2].to_degrees(),
+                        v[3],
+                        v[4],
+                        v[5],
+                        (sd(0).powi(2) + sd(1).powi(2) + sd(2).powi(2)).sqrt().to_degrees(),
+                        sd(5),
+                        if tr.restarted { "  restarted" } else { "" }
+                    ));
+                }
                 if let Some(t) = &p.truth {
                     let tv = t.params();
                     ui.monospace(format!(
@@ -204,13 +222,19 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
                         tv[4],
                         tv[5]
                     ));
+                    let pts: Vec<_> = app.scene.landmarks.points.iter().flatten().copied().collect();
+                    let err = |pose: &crate::geometry::Pose| {
+                        format!(
+                            "{:.2}° rotation, {:.1} mm TRE",
+                            crate::registration::metrics::rotation_error_deg(pose, t),
+                            crate::registration::metrics::mean_tre_mm(pose, t, &pts)
+                        )
+                    };
                     if s.status.ok() {
-                        let pts: Vec<_> = app.scene.landmarks.points.iter().flatten().copied().collect();
-                        ui.label(format!(
-                            "error: {:.2}° rotation, {:.1} mm TRE",
-                            crate::registration::metrics::rotation_error_deg(&s.pose, t),
-                            crate::registration::metrics::mean_tre_mm(&s.pose, t, &pts)
-                        ));
+                        ui.label(format!("error: {}", err(&s.pose)));
+                    }
+                    if let Some(tr) = &p.tracked {
+                        ui.label(format!("tracked error: {}", err(&tr.pose)));
                     }
                 }
             }
@@ -265,6 +289,17 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
             let decode = app.settings.decode();
             app.send(super::Command::Decode(decode));
         }
+        if ui
+            .checkbox(&mut app.settings.track, "track the pose over frames")
+            .on_hover_text(
+                "A Kalman filter (constant velocity) fuses each frame's solve with the last: \
+                 steadier depth and tilts; a sudden move restarts it. The DRR follows the tracked pose.",
+            )
+            .changed()
+        {
+            let on = app.settings.track;
+            app.send(super::Command::Track(on));
+        }
         let names: Vec<String> = app.models.iter().map(|m| m.0.clone()).collect();
         let mut sel = app.model_index;
         egui::ComboBox::from_label("weights")
@@ -305,6 +340,7 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
                 ui.add(egui::Slider::new(&mut app.manual_pose[k], range).text(name));
             }
         }
+        });
     });
     let frame_tex = app.frame_texture(&ctx);
     let drr = app.drr_texture(&p.camera);

@@ -209,6 +209,9 @@ pub enum BenchWhat {
         /// (mirror-averaged, pose-consistent).
         #[arg(long)]
         plain: bool,
+        /// Use each frame's own solve, not the pose tracked over frames.
+        #[arg(long)]
+        no_track: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -389,8 +392,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 fps,
                 photons,
                 plain,
+                no_track,
                 json,
-            } => crate::bench::pipeline(seconds, warmup, fps, photons, plain, json),
+            } => crate::bench::pipeline(seconds, warmup, fps, photons, plain, !no_track, json),
             BenchWhat::Model {
                 size,
                 base,

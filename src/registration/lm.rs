@@ -413,6 +413,7 @@ fn finish(
         rmse_px,
         inliers: inl.to_vec(),
         covariance,
+        information: jtj,
         iterations,
         status,
     }

@@ -21,6 +21,7 @@ mod lm;
 pub mod metrics;
 pub mod p3p;
 pub mod paper;
+pub mod tracking;
 
 pub use lm::{LmOptions, robust_hypotheses, solve, solve_from};
 
@@ -134,6 +135,9 @@ pub struct Solution {
     pub inliers: Vec<bool>,
     /// Covariance of (rx, ry, rz, tx, ty, tz) from the residual variance and `(Jᵀ W J)⁻¹`.
     pub covariance: Matrix6<f64>,
+    /// `Jᵀ W J` at the pose (per px²): the covariance for landmarks of a known noise σ (px) is
+    /// `σ² (Jᵀ W J)⁻¹` ([`tracking`] weighs frames so).
+    pub information: Matrix6<f64>,
     /// Levenberg-Marquardt iterations.
     pub iterations: usize,
     /// How it ended.
@@ -148,6 +152,7 @@ impl Solution {
             rmse_px: f64::NAN,
             inliers: vec![false; n],
             covariance: Matrix6::from_element(f64::NAN),
+            information: Matrix6::zeros(),
             iterations: 0,
             status,
         }
