@@ -87,13 +87,23 @@ fn from_screen(rect: Rect, size: (usize, usize), p: Pos2) -> Point2<f64> {
 fn marker(painter: &egui::Painter, at: Pos2, i: usize, label: &str) {
     let c = COLOURS[i];
     painter.circle_stroke(at, 6.0, Stroke::new(2.0, c));
-    painter.text(
-        at + Vec2::new(8.0, -8.0),
-        egui::Align2::LEFT_BOTTOM,
-        label,
-        egui::FontId::monospace(11.0),
-        c,
-    );
+    marker_label(painter, at, label, c);
+}
+
+/// A marker's label, up and to the right of it, or to the left near the right edge of what the
+/// painter may draw on (else the frame's edge would cut it).
+fn marker_label(painter: &egui::Painter, at: Pos2, label: &str, c: Color32) {
+    let font = egui::FontId::monospace(11.0);
+    let width = painter
+        .layout_no_wrap(label.to_string(), font.clone(), c)
+        .size()
+        .x;
+    let (pos, align) = if at.x + 8.0 + width > painter.clip_rect().max.x {
+        (at + Vec2::new(-8.0, -8.0), egui::Align2::RIGHT_BOTTOM)
+    } else {
+        (at + Vec2::new(8.0, -8.0), egui::Align2::LEFT_BOTTOM)
+    };
+    painter.text(pos, align, label, font, c);
 }
 
 fn cross(painter: &egui::Painter, at: Pos2, c: Color32) {
@@ -199,16 +209,16 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
                     let v = tr.pose.params();
                     let sd = |i: usize| tr.covariance[(i, i)].max(0.0).sqrt();
                     ui.monospace(format!(
-                        "tracked r = ({:+.1}°, {:+.1}°, {:+.1}°)\ntracked t = ({:+.1}, {:+.1}, {:+.1}) mm\n   ± ({:.1}°, {:.1} mm depth){}",
+                        "tracked ± {:.1}°, {:.1} mm depth{}\nr  = ({:+.1}°, {:+.1}°, {:+.1}°)\nt  = ({:+.1}, {:+.1}, {:+.1}) mm",
+                        (sd(0).powi(2) + sd(1).powi(2) + sd(2).powi(2)).sqrt().to_degrees(),
+                        sd(5),
+                        if tr.restarted { " (restarted)" } else { "" },
                         v[0].to_degrees(),
                         v[1].to_degrees(),
                         v[2].to_degrees(),
                         v[3],
                         v[4],
-                        v[5],
-                        (sd(0).powi(2) + sd(1).powi(2) + sd(2).powi(2)).sqrt().to_degrees(),
-                        sd(5),
-                        if tr.restarted { "  restarted" } else { "" }
+                        v[5]
                     ));
                 }
                 if let Some(t) = &p.truth {
@@ -462,13 +472,7 @@ fn draw_landmarks(app: &FluoroApp, painter: &egui::Painter, rect: Rect, p: &supe
                 3.0,
                 2.0,
             ));
-            painter.text(
-                at + Vec2::new(8.0, -8.0),
-                egui::Align2::LEFT_BOTTOM,
-                format!("{} (pose)", LANDMARKS[i].code),
-                egui::FontId::monospace(11.0),
-                c,
-            );
+            marker_label(painter, at, &format!("{} (pose)", LANDMARKS[i].code), c);
             continue;
         }
         marker(
