@@ -326,6 +326,9 @@ fn a_real_cine_plays_through_the_pipeline() {
     assert_eq!(p.detections.len(), 8);
     let x = fluoropose::stream::read_image_file(&cine).unwrap();
     assert_eq!(p.camera, x.geometry.camera(x.width as u32, x.height as u32));
+    // It plays at its recorded rate: FrameTime 33 ms.
+    assert_eq!(x.frame_time_ms, Some(33.0));
+    assert!((h.state().settings.fps - 1000.0 / 33.0).abs() < 1e-9);
     h.state().send(fluoropose::app::pipeline::Command::Seek(7));
     wait(&mut h, "frame 7", |a| {
         a.latest.as_ref().is_some_and(|p| p.index == 7)

@@ -802,7 +802,7 @@ impl FluoroApp {
 
     /// Opens frames (a DICOM file or cine, an image, or a folder of images) as the source.
     pub fn open_frames(&mut self, path: PathBuf) {
-        let r = (|| -> Result<Source, String> {
+        let r = (|| -> Result<(Source, Option<f64>), String> {
             let files = if path.is_dir() {
                 crate::stream::list_frames(&path).map_err(|e| e.to_string())?
             } else {
@@ -811,6 +811,7 @@ impl FluoroApp {
             let mut frames = Vec::new();
             let mut size = None;
             let mut header = None;
+            let mut frame_time_ms = None;
             for f in &files {
                 let x = crate::stream::read_image_file(f)
                     .map_err(|e| format!("{}: {e}", f.display()))?;
@@ -818,6 +819,7 @@ impl FluoroApp {
                     return Err(format!("{}: frames of different sizes", f.display()));
                 }
                 header.get_or_insert(x.geometry.clone());
+                frame_time_ms = frame_time_ms.or(x.frame_time_ms);
                 frames.extend(x.frames);
             }
             let (w, h) = size.ok_or("no frames found")?;
@@ -831,15 +833,18 @@ impl FluoroApp {
                 .and_then(|t| serde_json::from_str::<crate::geometry::Camera>(&t).ok())
                 .filter(|c| (c.width_px as usize, c.height_px as usize) == (w, h));
             let camera = recorded.unwrap_or_else(|| header.camera(w as u32, h as u32));
-            Ok(Source::Frames {
-                origin: path.clone(),
-                size: (w, h),
-                frames: Arc::new(frames),
-                camera,
-            })
+            Ok((
+                Source::Frames {
+                    origin: path.clone(),
+                    size: (w, h),
+                    frames: Arc::new(frames),
+                    camera,
+                },
+                frame_time_ms.filter(|t| t.is_finite() && *t > 0.0),
+            ))
         })();
         match r {
-            Ok(s) => {
+            Ok((s, frame_time_ms)) => {
                 let what = match &s {
                     Source::Frames { frames, camera, .. } => format!(
                         "{} frames from {} (SDD {:.0} mm, pixel {:.3} mm)",
@@ -851,6 +856,16 @@ impl FluoroApp {
                     Source::Simulated { .. } => String::new(),
                 };
                 self.pipeline.send(Command::Source(s));
+                // A cine plays at its recorded rate (FrameTime), which also makes the pose
+                // tracker's clock real time; frames the pipeline cannot keep up with are dropped.
+                let what = match frame_time_ms {
+                    Some(ms) => {
+                        self.settings.fps = (1000.0 / ms).clamp(0.1, 120.0);
+                        self.pipeline.send(Command::Fps(self.settings.fps));
+                        format!("{what} at {:.1} fps (its FrameTime)", self.settings.fps)
+                    }
+                    None => what,
+                };
                 self.toast(what, false);
             }
             Err(e) => self.toast(e, true),
