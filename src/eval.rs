@@ -104,6 +104,16 @@ pub fn evaluate_landmarks(
     };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let samples: Vec<&Sample> = data.split(split);
+    if samples.is_empty() {
+        return Err(crate::train::TrainError::Invalid(format!(
+            "{}: no images in the {} split",
+            data.dir.display(),
+            split
+                .and_then(|s| serde_json::to_value(s).ok())
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_else(|| "whole".into())
+        )));
+    }
     let scale = 512.0 / size as f64;
     let mut sq = [0.0f64; N_LANDMARKS];
     let mut cnt = [0usize; N_LANDMARKS];

@@ -302,6 +302,18 @@ fn the_shipped_model_decoded_the_apps_way_finds_a_held_out_phantom() {
         assert_eq!(r.registration_failures, 0);
         r
     };
+    // No novel views were made: evaluating them is an error, not a row of zeros.
+    let e = evaluate_landmarks(
+        &Landmarks::Model(&net),
+        &ds,
+        Some(Split::NovelView),
+        &Task::new(),
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("no images in the novel-view split"),
+        "{e}"
+    );
     let plain = score(&Landmarks::Model(&net));
     let app = score(&Landmarks::Decoded(&net, Decode::recommended()));
     let mirrored = score(&Landmarks::Decoded(

@@ -313,11 +313,25 @@ fn parse_split(s: &str) -> Result<Option<Split>> {
 }
 
 fn run_eval(model: &Path, data: &Dataset, split: Option<Split>) -> Result<Report> {
+    run_eval_decoded(model, data, split, None)
+}
+
+/// Evaluates `model` by argmax, or read as `decode` says.
+fn run_eval_decoded(
+    model: &Path,
+    data: &Dataset,
+    split: Option<Split>,
+    decode: Option<crate::detect::Decode>,
+) -> Result<Report> {
     let net =
         UNet::load(model, &device()).with_context(|| format!("loading {}", model.display()))?;
     let task = Task::new();
+    let from = match decode {
+        Some(d) => eval::Landmarks::Decoded(&net, d),
+        None => eval::Landmarks::Model(&net),
+    };
     Ok(with_bar(&task, "eval", || {
-        eval::evaluate(&net, data, split, &task)
+        eval::evaluate_landmarks(&from, data, split, &task)
     })?)
 }
 
@@ -341,8 +355,6 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
                     a.gate
                 );
             }
-            let net =
-                UNet::load(m, &device()).with_context(|| format!("loading {}", m.display()))?;
             let decode = crate::detect::Decode {
                 mirror: a.mirror,
                 consensus: (a.decode == "consistent").then_some(ConsensusOptions {
@@ -350,11 +362,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
                     ..ConsensusOptions::default()
                 }),
             };
-            let from = eval::Landmarks::Decoded(&net, decode);
-            let task = Task::new();
-            let r = with_bar(&task, "eval", || {
-                eval::evaluate_landmarks(&from, &data, split, &task)
-            })?;
+            let r = run_eval_decoded(m, &data, split, Some(decode))?;
             let how = match (a.mirror, decode.consensus.is_some()) {
                 (true, true) => format!("mirror-averaged, consistent, gate {}", a.gate),
                 (true, false) => "mirror-averaged".to_string(),
@@ -505,6 +513,14 @@ pub fn experiment(a: &ExperimentArgs) -> Result<()> {
             Ok(()) => {
                 for split in [Split::NovelView, Split::NovelSubject] {
                     rows.push((mode.to_string(), run_eval(&out, &data, Some(split))?));
+                }
+                // Beyond the paper: the same weights read as the app reads them.
+                for split in [Split::NovelView, Split::NovelSubject] {
+                    let decode = Some(crate::detect::Decode::recommended());
+                    rows.push((
+                        format!("{mode}, read as the app does"),
+                        run_eval_decoded(&out, &data, Some(split), decode)?,
+                    ));
                 }
             }
             Err(e) => {
