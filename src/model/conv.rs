@@ -15,8 +15,8 @@
 //! Those GEMMs suit the deep levels (few pixels, many channels). At the wide top levels (8-16
 //! channels, 128-512 pixels wide) a GEMM's output or reduction is so small that it spends its
 //! time packing operands: there, on x86-64 with AVX2/FMA or AVX-512, *direct* kernels keep a
-//! block of accumulators in vector registers ([`conv_direct`]: 8 output channels x 2 vectors of
-//! one output row; [`grad_weight_direct`]: 4 output channels x 3 taps over whole rows). They
+//! block of accumulators in vector registers (`conv_direct`: 8 output channels x 2 vectors of
+//! one output row; `grad_weight_direct`: 4 output channels x 3 taps over whole rows). They
 //! made the U-Net forward 2x and a training step 1.9x faster (see README's table).
 //!
 //! The GEMM and the vector loads are `unsafe` (raw pointers with strides); every call is
@@ -702,7 +702,7 @@ pub fn conv3x3_grad_input(grad: &[f32], wt: &[f32], s: ConvShape) -> Vec<f32> {
 /// As GEMMs (`dW_k += G · X_kᵀ`) the output is tiny (`cout x cin` per tap) and the reduction
 /// huge (every pixel of the batch), so the GEMM spends its time packing both operands, 9 times,
 /// on one thread: at the U-Net's top level it ran at a third of the forward pass's speed. The
-/// direct kernel ([`grad_weight_direct`]) keeps a block of `4 output channels x 3 taps` of
+/// direct kernel (`grad_weight_direct`) keeps a block of `4 output channels x 3 taps` of
 /// accumulators in vector registers while it streams one row of the gradient and of the padded
 /// input, with tasks over (batch item, input channel). Used for images at least
 /// [`DIRECT_MIN_WIDTH`] wide on x86-64 with AVX2 and FMA; the GEMMs otherwise.
