@@ -87,6 +87,23 @@ fn default_start_shows_landmarks_and_a_pose() {
         "{m}"
     );
     assert!(m["inference_ms"].as_f64().unwrap() > 0.0, "{m}");
+    // The Model switches reach the pipeline: with tracking off, frames carry no tracked pose;
+    // back on, they do again.
+    h.get_by_label("track the pose over frames").click();
+    h.step();
+    assert!(!h.state().settings.track);
+    // (A frame made before the switch may still be on its way: wait for one made after.)
+    h.get_by_label("Step").click();
+    wait(&mut h, "a frame without a tracked pose", |a| {
+        a.latest.as_ref().is_some_and(|p| p.tracked.is_none())
+    });
+    h.get_by_label("track the pose over frames").click();
+    h.step();
+    assert!(h.state().settings.track);
+    h.get_by_label("Step").click();
+    wait(&mut h, "a tracked frame again", |a| {
+        a.latest.as_ref().is_some_and(|p| p.tracked.is_some())
+    });
 }
 
 #[test]
