@@ -42,6 +42,14 @@ pub struct Report {
     /// Share of visible landmarks more than 20 px (at 512 scale) from the truth: gross misses.
     #[serde(default)]
     pub miss_rate: f64,
+    /// With the pose-consistent decoding: share of landmarks taken from a weaker peak of their
+    /// heatmap.
+    #[serde(default)]
+    pub other_peak_rate: f64,
+    /// With the pose-consistent decoding: share of landmarks put at the pose's reprojection
+    /// (no peak of their heatmap agreed).
+    #[serde(default)]
+    pub reprojected_rate: f64,
 }
 
 /// Where the landmarks scored come from.
@@ -120,6 +128,7 @@ pub fn evaluate_landmarks(
     let mut sq_sub = 0.0;
     let mut tres = Vec::new();
     let mut errors = Vec::new();
+    let (mut other_peak, mut reprojected, mut decoded_landmarks) = (0usize, 0usize, 0usize);
     let (mut rot, mut trans, mut failures) = (0.0, 0.0, 0usize);
     task.set_total(samples.len() as u64);
     task.set_done(0);
@@ -163,6 +172,14 @@ pub fn evaluate_landmarks(
                     let cands =
                         heatmap::candidates(&l, CANDIDATES, CANDIDATE_SEPARATION * size as f64)?;
                     let c = consensus::decode(&data.manifest.camera, &pts3, &cands, None, opts);
+                    for o in &c.origin {
+                        match o {
+                            consensus::Origin::Peak(0) => {}
+                            consensus::Origin::Peak(_) => other_peak += 1,
+                            consensus::Origin::Reprojected => reprojected += 1,
+                        }
+                    }
+                    decoded_landmarks += c.origin.len();
                     let d = c.detections.clone();
                     decoded = Some(c.solution);
                     (d.clone(), d)
@@ -240,6 +257,8 @@ pub fn evaluate_landmarks(
         registration_failures: failures,
         median_error_px: median(&mut errors),
         miss_rate: errors.iter().filter(|e| **e > 20.0).count() as f64 / errors.len().max(1) as f64,
+        other_peak_rate: other_peak as f64 / decoded_landmarks.max(1) as f64,
+        reprojected_rate: reprojected as f64 / decoded_landmarks.max(1) as f64,
     })
 }
 

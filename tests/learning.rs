@@ -328,6 +328,11 @@ fn the_shipped_model_decoded_the_apps_way_finds_a_held_out_phantom() {
         assert!(rmse < 12.0, "{rmse} px at 512");
         assert!(r.tre_mm < 30.0, "TRE {} mm", r.tre_mm);
     }
+    // Only the pose-consistent decoding takes other peaks or reprojects, and on these easy views
+    // it keeps nearly every strongest peak.
+    assert_eq!(plain.reprojected_rate + plain.other_peak_rate, 0.0);
+    assert_eq!(mirrored.reprojected_rate + mirrored.other_peak_rate, 0.0);
+    assert!(app.reprojected_rate + app.other_peak_rate < 0.25, "{app:?}");
     // The mirror-averaged heatmaps are other heatmaps: their points differ from the argmax's.
     assert_ne!(
         plain.rmse_subpixel_px, mirrored.rmse_subpixel_px,

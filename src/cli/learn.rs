@@ -377,6 +377,13 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     };
     let rows = vec![(name, r.clone())];
     print!("{}", eval::markdown(&rows));
+    if a.decode == "consistent" {
+        println!(
+            "pose-consistent decoding: {:.1}% of landmarks from a weaker peak, {:.1}% reprojected",
+            100.0 * r.other_peak_rate,
+            100.0 * r.reprojected_rate
+        );
+    }
     if let Some(j) = &a.json {
         crate::io::atomic_write(j, serde_json::to_string_pretty(&r)?.as_bytes())
             .with_context(|| format!("writing {}", j.display()))?;
