@@ -15,6 +15,16 @@ pub const CANDIDATES: usize = 3;
 /// 256): closer maxima are ripples of one peak.
 pub const CANDIDATE_SEPARATION: f64 = 0.05;
 
+/// The peaks the pose-consistent decoding `opts` chooses among, on a model input of
+/// `input_size` pixels: weaker peaks below its confidence floor are not worth finding.
+pub fn peak_search(input_size: usize, opts: &ConsensusOptions) -> heatmap::PeakSearch {
+    heatmap::PeakSearch {
+        k: CANDIDATES,
+        min_separation_px: CANDIDATE_SEPARATION * input_size as f64,
+        min_probability: opts.min_confidence,
+    }
+}
+
 /// How heatmaps become points.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Decode {
@@ -66,14 +76,8 @@ pub fn detect(
     let t0 = std::time::Instant::now();
     let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
     if let (Some(opts), Some(p3)) = (&decode.consensus, points3d) {
-        let cands = predictor.candidates(
-            pixels,
-            width,
-            height,
-            decode.mirror,
-            CANDIDATES,
-            CANDIDATE_SEPARATION,
-        )?;
+        let search = peak_search(predictor.config.input_size, opts);
+        let cands = predictor.candidates(pixels, width, height, decode.mirror, &search)?;
         let inference_ms = ms(t0);
         let t1 = std::time::Instant::now();
         let c = consensus::decode(camera, p3, &cands, init, opts);
@@ -94,15 +98,7 @@ pub fn detect(
             pose_ms: ms(t1),
         });
     }
-    let logits = predictor.heatmaps_with(pixels, width, height, decode.mirror)?;
-    let detections: Vec<Detection> = heatmap::argmax_subpixel(&logits)?
-        .into_iter()
-        .map(|(p, confidence)| Detection {
-            point: predictor.to_frame(p, width, height),
-            confidence,
-            reprojected: false,
-        })
-        .collect();
+    let detections = predictor.predict_with(pixels, width, height, decode.mirror)?;
     let inference_ms = ms(t0);
     let t1 = std::time::Instant::now();
     let solution = points3d.map(|p3| {

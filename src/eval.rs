@@ -3,7 +3,7 @@
 //! predicted landmarks (TRE, rotation and translation errors).
 
 use crate::dataset::{Dataset, Sample, Split};
-use crate::detect::{CANDIDATE_SEPARATION, CANDIDATES, Decode};
+use crate::detect::{Decode, peak_search};
 use crate::landmarks::N_LANDMARKS;
 use crate::model::{UNet, heatmap};
 use crate::registration::consensus;
@@ -169,8 +169,7 @@ pub fn evaluate_landmarks(
                     ),
                 ) => {
                     let l = logits.get(b)?;
-                    let cands =
-                        heatmap::candidates(&l, CANDIDATES, CANDIDATE_SEPARATION * size as f64)?;
+                    let cands = heatmap::candidates(&l, &peak_search(size, opts))?;
                     let c = consensus::decode(&data.manifest.camera, &pts3, &cands, None, opts);
                     for o in &c.origin {
                         match o {
@@ -180,9 +179,9 @@ pub fn evaluate_landmarks(
                         }
                     }
                     decoded_landmarks += c.origin.len();
-                    let d = c.detections.clone();
                     decoded = Some(c.solution);
-                    (d.clone(), d)
+                    // The decoded points are sub-pixel: they stand for both argmaxes.
+                    (c.detections.clone(), c.detections)
                 }
                 (Some(logits), _) => {
                     let l = logits.get(b)?;

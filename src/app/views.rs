@@ -106,6 +106,22 @@ fn marker_label(painter: &egui::Painter, at: Pos2, label: &str, c: Color32) {
     painter.text(pos, align, label, font, c);
 }
 
+/// A pose as two lines, `r` in degrees and `t` in mm, each name after `prefix`.
+fn pose_lines(prefix: &str, pose: &crate::geometry::Pose) -> String {
+    let v = pose.params();
+    // Without a prefix the names are padded so that the "=" line up with "true r =".
+    let pad = if prefix.is_empty() { " " } else { "" };
+    format!(
+        "{prefix}r{pad} = ({:+.1}°, {:+.1}°, {:+.1}°)\n{prefix}t{pad} = ({:+.1}, {:+.1}, {:+.1}) mm",
+        v[0].to_degrees(),
+        v[1].to_degrees(),
+        v[2].to_degrees(),
+        v[3],
+        v[4],
+        v[5]
+    )
+}
+
 fn cross(painter: &egui::Painter, at: Pos2, c: Color32) {
     let d = 5.0;
     painter.line_segment(
@@ -193,45 +209,21 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
         ui.heading("Pose");
         match &p.solution {
             Some(s) => {
-                let v = s.pose.params();
                 ui.label(format!("status: {:?}", s.status));
-                ui.monospace(format!(
-                    "r  = ({:+.1}°, {:+.1}°, {:+.1}°)\nt  = ({:+.1}, {:+.1}, {:+.1}) mm",
-                    v[0].to_degrees(),
-                    v[1].to_degrees(),
-                    v[2].to_degrees(),
-                    v[3],
-                    v[4],
-                    v[5]
-                ));
+                ui.monospace(pose_lines("", &s.pose));
                 ui.label(format!("reprojection RMSE {:.2} px", s.rmse_px));
                 if let Some(tr) = &p.tracked {
-                    let v = tr.pose.params();
                     let sd = |i: usize| tr.covariance[(i, i)].max(0.0).sqrt();
                     ui.monospace(format!(
-                        "tracked ± {:.1}°, {:.1} mm depth{}\nr  = ({:+.1}°, {:+.1}°, {:+.1}°)\nt  = ({:+.1}, {:+.1}, {:+.1}) mm",
+                        "tracked ± {:.1}°, {:.1} mm depth{}\n{}",
                         (sd(0).powi(2) + sd(1).powi(2) + sd(2).powi(2)).sqrt().to_degrees(),
                         sd(5),
                         if tr.restarted { " (restarted)" } else { "" },
-                        v[0].to_degrees(),
-                        v[1].to_degrees(),
-                        v[2].to_degrees(),
-                        v[3],
-                        v[4],
-                        v[5]
+                        pose_lines("", &tr.pose)
                     ));
                 }
                 if let Some(t) = &p.truth {
-                    let tv = t.params();
-                    ui.monospace(format!(
-                        "true r = ({:+.1}°, {:+.1}°, {:+.1}°)\ntrue t = ({:+.1}, {:+.1}, {:+.1}) mm",
-                        tv[0].to_degrees(),
-                        tv[1].to_degrees(),
-                        tv[2].to_degrees(),
-                        tv[3],
-                        tv[4],
-                        tv[5]
-                    ));
+                    ui.monospace(pose_lines("true ", t));
                     let pts: Vec<_> = app.scene.landmarks.points.iter().flatten().copied().collect();
                     let err = |pose: &crate::geometry::Pose| {
                         format!(

@@ -827,7 +827,18 @@ impl Predictor {
         width: usize,
         height: usize,
     ) -> Result<Vec<Detection>, ModelError> {
-        let logits = self.heatmaps(pixels, width, height)?;
+        self.predict_with(pixels, width, height, false)
+    }
+
+    /// [`Self::predict`], from heatmaps averaged with the mirror image's when `mirror`.
+    pub fn predict_with(
+        &self,
+        pixels: &[f32],
+        width: usize,
+        height: usize,
+        mirror: bool,
+    ) -> Result<Vec<Detection>, ModelError> {
+        let logits = self.heatmaps_with(pixels, width, height, mirror)?;
         let peaks = heatmap::argmax_subpixel(&logits)?;
         Ok(peaks
             .into_iter()
@@ -839,20 +850,18 @@ impl Predictor {
             .collect())
     }
 
-    /// Up to `k` peaks per heatmap, strongest first, in frame pixels
-    /// ([`heatmap::candidates`]; separation as a fraction of the input width).
+    /// The peaks of each heatmap ([`heatmap::candidates`]; separation in input pixels), in
+    /// frame pixels.
     pub fn candidates(
         &self,
         pixels: &[f32],
         width: usize,
         height: usize,
         mirror: bool,
-        k: usize,
-        separation: f64,
+        search: &heatmap::PeakSearch,
     ) -> Result<Vec<heatmap::Peaks>, ModelError> {
         let logits = self.heatmaps_with(pixels, width, height, mirror)?;
-        let sep = separation * self.config.input_size as f64;
-        Ok(heatmap::candidates(&logits, k, sep)?
+        Ok(heatmap::candidates(&logits, search)?
             .into_iter()
             .map(|c| {
                 c.into_iter()

@@ -189,6 +189,29 @@ mod tests {
     use rand::SeedableRng;
     use rand_distr::{Distribution, Normal};
 
+    /// The solve of the phantom's landmarks seen at `pose`, each moved by `noise()` px per axis.
+    fn solve_seen(
+        camera: &Camera,
+        p3: &[Point3<f64>],
+        pose: &Pose,
+        mut noise: impl FnMut() -> f64,
+    ) -> Solution {
+        let p2: Vec<Option<Point2<f64>>> = p3
+            .iter()
+            .map(|p| {
+                let q = camera.project(pose, p);
+                Some(Point2::new(q.x + noise(), q.y + noise()))
+            })
+            .collect();
+        let pb = Problem {
+            camera,
+            points3d: p3,
+            points2d: &p2,
+            weights: None,
+        };
+        solve(&pb, &Default::default())
+    }
+
     /// A C-arm gliding along a smooth path, 8 phantom landmarks seen with 2 px of noise per
     /// frame and solved per frame: the tracked pose is closer to the truth than the per-frame
     /// solves, and a sudden repositioning restarts the filter instead of being smoothed away.
@@ -220,23 +243,7 @@ mod tests {
             } else {
                 path(t)
             };
-            let p2: Vec<Option<Point2<f64>>> = p3
-                .iter()
-                .map(|p| {
-                    let q = camera.project(&truth, p);
-                    Some(Point2::new(
-                        q.x + noise.sample(&mut rng),
-                        q.y + noise.sample(&mut rng),
-                    ))
-                })
-                .collect();
-            let pb = Problem {
-                camera: &camera,
-                points3d: &p3,
-                points2d: &p2,
-                weights: None,
-            };
-            let sol = solve(&pb, &Default::default());
+            let sol = solve_seen(&camera, &p3, &truth, || noise.sample(&mut rng));
             assert!(sol.status.ok());
             let out = tracker.update(t, Some(&sol)).unwrap();
             if k == 0 {
@@ -268,15 +275,7 @@ mod tests {
         let (_, lm) = crate::volume::phantom::phantom_subject(5, Some(4.0));
         let p3: Vec<Point3<f64>> = lm.points.iter().flatten().copied().collect();
         let pose = crate::geometry::sampling::ap_pose(&Point3::origin(), 800.0);
-        let p2: Vec<Option<Point2<f64>>> =
-            p3.iter().map(|p| Some(camera.project(&pose, p))).collect();
-        let pb = Problem {
-            camera: &camera,
-            points3d: &p3,
-            points2d: &p2,
-            weights: None,
-        };
-        let sol = solve(&pb, &Default::default());
+        let sol = solve_seen(&camera, &p3, &pose, || 0.0);
         assert!(tr.update(0.0, Some(&sol)).unwrap().restarted);
         // Frames without a pose: the prediction carries on.
         assert!(!tr.update(0.1, None).unwrap().restarted);
