@@ -13,11 +13,12 @@
 //! Splits as the paper's: `train` views of training subjects, `novel-view` extra views of the
 //! same subjects, `novel-subject` views of held-out subjects.
 
+use crate::drr::{AnyDrr, DrrSource};
 use crate::drr::{Attenuation, DensityVolume};
 use crate::geometry::sampling::PoseRange;
 use crate::geometry::{Camera, Pose};
 use crate::landmarks::{Landmarks3d, N_LANDMARKS};
-use crate::stream::simulated::{CpuDrr, DrrSource, QuantumNoise};
+use crate::stream::simulated::QuantumNoise;
 use crate::task::{Cancelled, Task};
 use nalgebra::{Point2, Point3};
 use rand::{RngExt, SeedableRng};
@@ -189,6 +190,11 @@ pub struct Subject {
 }
 
 impl Subject {
+    /// Loads the CT the images were rendered from.
+    pub fn volume(&self) -> Result<crate::volume::Volume, DatasetError> {
+        Ok(read_ct(&self.ct)?.0)
+    }
+
     /// The 3D landmarks as points.
     pub fn points3d(&self) -> Vec<Point3<f64>> {
         self.landmarks3d.iter().map(|p| Point3::from(*p)).collect()
@@ -358,27 +364,38 @@ pub fn parse_subjects(spec: &str, held_out: usize) -> Result<Vec<SubjectSource>,
     Ok(out)
 }
 
+/// A subject's CT from its spec: `phantom:N` (with the phantom's own landmarks) or a CT path.
+fn read_ct(spec: &str) -> Result<(crate::volume::Volume, Option<Landmarks3d>), DatasetError> {
+    if let Some(id) = spec.strip_prefix("phantom:") {
+        let id: u64 = id
+            .parse()
+            .map_err(|_| DatasetError::Invalid(format!("bad phantom id in {spec:?}")))?;
+        let (vol, lm) = crate::volume::phantom::phantom_subject(id, None);
+        Ok((vol, Some(lm)))
+    } else {
+        let vol = crate::volume::read_volume(Path::new(spec), None)
+            .map_err(|e| DatasetError::Invalid(format!("{spec}: {e}")))?;
+        Ok((vol, None))
+    }
+}
+
 fn load_subject(
     src: &SubjectSource,
     index: usize,
 ) -> Result<(Subject, crate::volume::Volume), DatasetError> {
-    let (vol, lm) = if let Some(id) = src.ct.strip_prefix("phantom:") {
-        let id: u64 = id
-            .parse()
-            .map_err(|_| DatasetError::Invalid(format!("bad phantom id in {:?}", src.ct)))?;
-        crate::volume::phantom::phantom_subject(id, None)
-    } else {
-        let vol = crate::volume::read_volume(Path::new(&src.ct), None)
-            .map_err(|e| DatasetError::Invalid(format!("{}: {e}", src.ct)))?;
-        let path = src.landmarks.as_ref().ok_or_else(|| {
-            DatasetError::Invalid(format!(
-                "{}: no landmarks file (NAME.mrk.json, .fcsv or .csv) beside it",
-                src.ct
-            ))
-        })?;
-        let lm = Landmarks3d::read(path)
-            .map_err(|e| DatasetError::Invalid(format!("{}: {e}", path.display())))?;
-        (vol, lm)
+    let (vol, phantom_landmarks) = read_ct(&src.ct)?;
+    let lm = match phantom_landmarks {
+        Some(lm) => lm,
+        None => {
+            let path = src.landmarks.as_ref().ok_or_else(|| {
+                DatasetError::Invalid(format!(
+                    "{}: no landmarks file (NAME.mrk.json, .fcsv or .csv) beside it",
+                    src.ct
+                ))
+            })?;
+            Landmarks3d::read(path)
+                .map_err(|e| DatasetError::Invalid(format!("{}: {e}", path.display())))?
+        }
     };
     let all = lm
         .all()
@@ -515,8 +532,7 @@ pub fn generate(req: &Request, dir: &Path, task: &Task) -> Result<usize, Dataset
         format!("{}_{tag}_{v:04}.png", subjects[si].name)
     };
     let mut rendered = 0;
-    let mut gpu: Option<crate::drr::gpu::DrrRenderer> = None;
-    let mut gpu_failed = req.cpu;
+    let mut source = AnyDrr::new(req.cpu);
     for (si, s) in subjects.iter().enumerate() {
         let todo: Vec<&(usize, Split, usize)> = jobs
             .iter()
@@ -529,32 +545,10 @@ pub fn generate(req: &Request, dir: &Path, task: &Task) -> Result<usize, Dataset
         }
         task.set_message(format!("rendering {}", s.name));
         let vol = load_subject(&req.subjects[si], si)?.1;
-        let density = Arc::new(DensityVolume::from_volume(&vol, Attenuation::default()));
-        if !gpu_failed {
-            let ready = match gpu.as_mut() {
-                Some(r) => r.set_volume(density.clone()).map_err(|e| e.to_string()),
-                None => crate::drr::gpu::headless_device(false)
-                    .map_err(|e| e.to_string())
-                    .and_then(|(d, q, _)| {
-                        let mut r = crate::drr::gpu::DrrRenderer::new(&d, &q);
-                        r.set_volume(density.clone()).map_err(|e| e.to_string())?;
-                        gpu = Some(r);
-                        Ok(())
-                    }),
-            };
-            if let Err(e) = ready {
-                log::warn!("no GPU renderer ({e}); rendering on the CPU reference");
-                gpu_failed = true;
-            }
-        }
-        let mut cpu_source = CpuDrr {
-            volume: density.clone(),
-            renderer: crate::drr::cpu::Renderer::Siddon { full_line: false },
-        };
-        let source: &mut dyn DrrSource = match gpu.as_mut() {
-            Some(r) if !gpu_failed => r,
-            _ => &mut cpu_source,
-        };
+        source.set_volume(Arc::new(DensityVolume::from_volume(
+            &vol,
+            Attenuation::default(),
+        )));
         let iso = Point3::from(s.isocenter);
         let pts = s.points3d();
         for &&(_, split, v) in &todo {

@@ -5,6 +5,7 @@ use crate::eval::{self, Report};
 use crate::geometry::sampling::PoseRange;
 use crate::model::{ModelConfig, Predictor, UNet};
 use crate::registration::consensus::ConsensusOptions;
+use crate::registration::intensity::IntensityOptions;
 use crate::task::Task;
 use crate::train::{self, Mode, TrainOptions};
 use anyhow::{Context, Result, bail};
@@ -179,6 +180,16 @@ pub struct EvalArgs {
     /// Average the heatmaps of each image and its mirror image (test-time augmentation).
     #[arg(long)]
     pub mirror: bool,
+    /// Also refine each solved pose against its image with the subject's CT (intensity-based
+    /// registration, beyond the paper) and report the refined poses' errors beside.
+    #[arg(long)]
+    pub refine: bool,
+    /// Render the refinement's DRRs on the CPU reference even when a GPU works.
+    #[arg(long)]
+    pub cpu: bool,
+    /// Evaluate at most N images of the split, evenly spaced through it.
+    #[arg(long)]
+    pub limit: Option<usize>,
 }
 
 /// `fluoropose predict`.
@@ -196,6 +207,11 @@ pub struct PredictArgs {
     /// heatmaps and, with --landmarks, the peaks that agree with one pose).
     #[arg(long)]
     pub plain: bool,
+    /// The CT the frames show (`phantom:N`, a NIfTI file or a DICOM folder): each solved pose
+    /// is then refined against the frame by matching DRRs of it (intensity-based registration).
+    /// Its landmarks are `--landmarks`, or the phantom's own.
+    #[arg(long)]
+    pub ct: Option<String>,
 }
 
 /// `fluoropose experiment`.
@@ -313,7 +329,7 @@ fn parse_split(s: &str) -> Result<Option<Split>> {
 }
 
 fn run_eval(model: &Path, data: &Dataset, split: Option<Split>) -> Result<Report> {
-    run_eval_decoded(model, data, split, None)
+    run_eval_decoded(model, data, split, None, &eval::EvalOptions::default())
 }
 
 /// Evaluates `model` by argmax, or read as `decode` says.
@@ -322,6 +338,7 @@ fn run_eval_decoded(
     data: &Dataset,
     split: Option<Split>,
     decode: Option<crate::detect::Decode>,
+    opts: &eval::EvalOptions,
 ) -> Result<Report> {
     let net =
         UNet::load(model, &device()).with_context(|| format!("loading {}", model.display()))?;
@@ -331,19 +348,24 @@ fn run_eval_decoded(
         None => eval::Landmarks::Model(&net),
     };
     Ok(with_bar(&task, "eval", || {
-        eval::evaluate_landmarks(&from, data, split, &task)
+        eval::evaluate_with(&from, data, split, opts, &task)
     })?)
 }
 
 pub fn eval(a: &EvalArgs) -> Result<()> {
     let data = Dataset::open(&a.data)?;
     let split = parse_split(&a.split)?;
+    let opts = eval::EvalOptions {
+        refine: a.refine.then(IntensityOptions::default),
+        cpu: a.cpu,
+        limit: a.limit,
+    };
     let (name, r) = match a.oracle_noise_px {
         Some(sigma_px) => {
             let task = Task::new();
             let from = eval::Landmarks::Oracle { sigma_px, seed: 42 };
             let r = with_bar(&task, "eval", || {
-                eval::evaluate_landmarks(&from, &data, split, &task)
+                eval::evaluate_with(&from, &data, split, &opts, &task)
             })?;
             (format!("truth + N(0, {sigma_px} px)"), r)
         }
@@ -362,7 +384,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
                     ..ConsensusOptions::default()
                 }),
             };
-            let r = run_eval_decoded(m, &data, split, Some(decode))?;
+            let r = run_eval_decoded(m, &data, split, Some(decode), &opts)?;
             let how = match (a.mirror, decode.consensus.is_some()) {
                 (true, true) => format!("mirror-averaged, consistent, gate {}", a.gate),
                 (true, false) => "mirror-averaged".to_string(),
@@ -372,7 +394,8 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         }
         None => {
             let m = a.model.as_deref().context("--model is needed")?;
-            (m.display().to_string(), run_eval(m, &data, split)?)
+            let r = run_eval_decoded(m, &data, split, None, &opts)?;
+            (m.display().to_string(), r)
         }
     };
     let rows = vec![(name, r.clone())];
@@ -382,6 +405,24 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             "pose-consistent decoding: {:.1}% of landmarks from a weaker peak, {:.1}% reprojected",
             100.0 * r.other_peak_rate,
             100.0 * r.reprojected_rate
+        );
+    }
+    if let Some(f) = &r.refined {
+        println!(
+            "refined against the images ({} images, DRRs on the {}): TRE {:.2} -> {:.2} mm \
+             (median {:.2}), rotation {:.2} deg, source {:.2} mm; landmarks reprojected at the \
+             refined pose: RMSE {:.2} px; {:.0}% changed; {:.0} DRRs and {:.0} ms per image",
+            f.images,
+            f.renderer,
+            f.tre_before_mm,
+            f.tre_mm,
+            f.tre_median_mm,
+            f.rotation_error_deg,
+            f.translation_error_mm,
+            f.rmse_px,
+            100.0 * f.changed_rate,
+            f.renders_per_image,
+            f.ms_per_image
         );
     }
     if let Some(j) = &a.json {
@@ -412,11 +453,47 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
     } else {
         vec![a.frames.clone()]
     };
-    let lm3 = match &a.landmarks {
-        Some(spec) => Some(match spec.strip_prefix("phantom:") {
-            Some(id) => crate::volume::phantom::phantom_subject(id.parse()?, None).1,
-            None => crate::landmarks::Landmarks3d::read(Path::new(spec))?,
+    let phantom =
+        |spec: &str| -> Result<Option<(crate::volume::Volume, crate::landmarks::Landmarks3d)>> {
+            Ok(match spec.strip_prefix("phantom:") {
+                Some(id) => {
+                    let id = id
+                        .parse()
+                        .with_context(|| format!("{spec:?}: expected phantom:N"))?;
+                    Some(crate::volume::phantom::phantom_subject(id, None))
+                }
+                None => None,
+            })
+        };
+    let mut lm3 = match &a.landmarks {
+        Some(spec) => Some(match phantom(spec)? {
+            Some((_, lm)) => lm,
+            None => crate::landmarks::Landmarks3d::read(Path::new(spec))
+                .with_context(|| format!("reading {spec}"))?,
         }),
+        None => None,
+    };
+    // The CT to refine against, rendered on the GPU when one works.
+    let mut refiner = match &a.ct {
+        Some(spec) => {
+            let vol = match phantom(spec)? {
+                Some((vol, lm)) => {
+                    lm3.get_or_insert(lm);
+                    vol
+                }
+                None => crate::volume::read_volume(Path::new(spec), None)
+                    .with_context(|| format!("reading the CT {spec}"))?,
+            };
+            if lm3.is_none() {
+                bail!("--ct {spec} needs --landmarks (the CT's 3D landmarks) to solve a pose");
+            }
+            let mut src = crate::drr::AnyDrr::new(false);
+            src.set_volume(std::sync::Arc::new(crate::drr::DensityVolume::from_volume(
+                &vol,
+                crate::drr::Attenuation::default(),
+            )));
+            Some(src)
+        }
         None => None,
     };
     let decode = if a.plain {
@@ -451,6 +528,21 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
                 rec["pose"] = serde_json::json!(s.pose.params());
                 rec["status"] = serde_json::json!(format!("{:?}", s.status));
                 rec["reprojection_rmse_px"] = serde_json::json!(s.rmse_px);
+                if let (Some(src), Some(lm)) = (refiner.as_mut(), lm3.as_ref()) {
+                    let present: Vec<_> = lm.points.iter().flatten().copied().collect();
+                    let pivot = crate::registration::intensity::centroid(&present);
+                    let r = crate::registration::intensity::refine(
+                        frame,
+                        &cam,
+                        &pivot,
+                        &s.pose,
+                        src,
+                        &IntensityOptions::default(),
+                    )
+                    .with_context(|| format!("refining the pose of {} frame {k}", f.display()))?;
+                    rec["refined_pose"] = serde_json::json!(r.pose.params());
+                    rec["similarity"] = serde_json::json!([r.similarity_before, r.similarity]);
+                }
             }
             out.push(rec);
         }
@@ -526,7 +618,13 @@ pub fn experiment(a: &ExperimentArgs) -> Result<()> {
                     let decode = Some(crate::detect::Decode::recommended());
                     rows.push((
                         format!("{mode}, read as the app does"),
-                        run_eval_decoded(&out, &data, Some(split), decode)?,
+                        run_eval_decoded(
+                            &out,
+                            &data,
+                            Some(split),
+                            decode,
+                            &eval::EvalOptions::default(),
+                        )?,
                     ));
                 }
             }

@@ -13,5 +13,7 @@ pub mod cpu;
 mod density;
 pub mod gpu;
 pub mod image_io;
+mod source;
 
 pub use density::{Attenuation, DensityVolume};
+pub use source::{AnyDrr, CpuDrr, DrrSource};

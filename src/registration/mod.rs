@@ -9,12 +9,15 @@
 //! - [`paper`]: the paper's own solver for comparison (Adam, lr 1e-3, 100 iterations from
 //!   r = t = 0) and its L-BFGS variant, generic over f32/f64.
 //! - [`implicit`]: dθ*/dl by the implicit function theorem, for the pose estimation loss.
+//! - [`intensity`]: beyond the paper, the landmark pose refined by matching the frame against
+//!   DRRs of the CT (gradient correlation, coarse to fine).
 //! - [`metrics`]: eq. 10's L_pose, rotation/translation errors, TRE, RMSE.
 //!
 //! Units: pixels for 2D points, LPS millimetres for 3D points; the pose is camera_from_world.
 
 pub mod consensus;
 pub mod implicit;
+pub mod intensity;
 pub mod jacobian;
 pub mod layer;
 mod lm;

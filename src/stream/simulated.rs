@@ -7,6 +7,8 @@ use nalgebra::{Point3, Vector3};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Poisson};
 
+pub use crate::drr::{CpuDrr, DrrSource};
+
 /// A smooth, periodic C-arm motion around the AP view: each rotation and translation component
 /// oscillates with its own incommensurate frequency (a Lissajous path), so the stream visits many
 /// poses without repeating itself quickly.
@@ -97,18 +99,6 @@ pub struct SimFrame {
     pub pixels: Vec<f32>,
 }
 
-/// Anything that renders a line-integral DRR (the GPU renderer, or the CPU reference).
-pub trait DrrSource {
-    /// Renders one image at `pose`.
-    fn render(&mut self, camera: &Camera, pose: &Pose) -> Result<Vec<f32>, String>;
-}
-
-impl<T: DrrSource + ?Sized> DrrSource for Box<T> {
-    fn render(&mut self, camera: &Camera, pose: &Pose) -> Result<Vec<f32>, String> {
-        (**self).render(camera, pose)
-    }
-}
-
 /// The simulated C-arm: a trajectory, a renderer, noise, a frame rate, a seed.
 pub struct SimulatedStream<R: DrrSource> {
     /// The C-arm's motion.
@@ -167,39 +157,6 @@ impl<R: DrrSource> SimulatedStream<R> {
             pose,
             pixels,
         })
-    }
-}
-
-/// The CPU reference as a [`DrrSource`].
-pub struct CpuDrr {
-    /// The attenuation volume (physical attenuation for realistic noise).
-    pub volume: std::sync::Arc<crate::drr::DensityVolume>,
-    /// Ray integral.
-    pub renderer: crate::drr::cpu::Renderer,
-}
-
-impl DrrSource for CpuDrr {
-    fn render(&mut self, camera: &Camera, pose: &Pose) -> Result<Vec<f32>, String> {
-        Ok(crate::drr::cpu::render(
-            &self.volume,
-            camera,
-            pose,
-            self.renderer,
-        ))
-    }
-}
-
-impl DrrSource for crate::drr::gpu::DrrRenderer {
-    fn render(&mut self, camera: &Camera, pose: &Pose) -> Result<Vec<f32>, String> {
-        let mut v = crate::drr::gpu::DrrRenderer::render(
-            self,
-            camera,
-            std::slice::from_ref(pose),
-            crate::drr::cpu::Renderer::Siddon { full_line: false },
-        )
-        .map_err(|e| e.to_string())?;
-        v.pop()
-            .ok_or_else(|| "the GPU returned no image".to_string())
     }
 }
 

@@ -1,0 +1,465 @@
+//! Intensity-based refinement: the pose the landmarks gave, polished by matching the frame
+//! against DRRs of the CT. Beyond the paper, which stops at the landmarks.
+//!
+//! Why it pays: eight landmarks fix the pose across the image well, but along the beam (depth,
+//! and the tilts that move points in depth) only through their spread, so a pixel of landmark
+//! error moves the CT by millimetres. Every bone edge of the frame constrains the pose too.
+//!
+//! - Similarity: gradient correlation (Penney et al. 1998, "A comparison of similarity measures
+//!   for use in 2-D-3-D medical image registration"), the mean of the normalised
+//!   cross-correlations of the horizontal and vertical gradients of the Gaussian-smoothed
+//!   images. Gradients ignore the smooth soft-tissue background and the frame's offset, and the
+//!   correlation its gain.
+//! - Optimiser: Levenberg-Marquardt on the residual `ĝ_drr − ĝ_frame` of the unit-normalised
+//!   gradient images, whose squared norm is `4 (1 − similarity)`, with a forward-difference
+//!   Jacobian (six DRRs rendered as one batch), coarse to fine. Each accepted step lowers the
+//!   residual, so the similarity only rises within a level; the result falls back to the
+//!   starting pose if the finest level's similarity did not beat it.
+//! - Parametrisation: a rotation about a pivot (the CT's landmark centroid) and a translation,
+//!   both in camera axes, so that turning does not also slide the anatomy across the image.
+
+use crate::drr::DrrSource;
+use crate::geometry::{Camera, Pose, rodrigues};
+use nalgebra::{DMatrix, DVector, Matrix6, Point3, Vector3, Vector6};
+use serde::Serialize;
+
+/// How to refine.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IntensityOptions {
+    /// The pyramid, coarse to fine.
+    pub levels: Vec<LevelSpec>,
+    /// Levenberg-Marquardt iterations per level, at most.
+    pub max_iterations: usize,
+    /// Border left out of the comparison on each side, fraction of the image (collimator
+    /// blades and the detector's edge are not anatomy).
+    pub margin: f64,
+}
+
+impl Default for IntensityOptions {
+    fn default() -> Self {
+        Self {
+            levels: vec![
+                LevelSpec::new(64, Similarity::Intensity, 2.0),
+                LevelSpec::new(128, Similarity::Gradient, 1.0),
+            ],
+            max_iterations: 20,
+            margin: 0.03,
+        }
+    }
+}
+
+/// One level of the pyramid.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LevelSpec {
+    /// Working image width, pixels (at most the frame's width).
+    pub width_px: u32,
+    /// What is compared.
+    pub similarity: Similarity,
+    /// Gaussian blur before comparing, pixels of the level.
+    pub blur_px: f64,
+}
+
+impl LevelSpec {
+    /// A level `width_px` wide comparing `similarity` after a blur of `blur_px`.
+    pub fn new(width_px: u32, similarity: Similarity, blur_px: f64) -> Self {
+        Self {
+            width_px,
+            similarity,
+            blur_px,
+        }
+    }
+}
+
+/// What refinement did.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Refinement {
+    /// The refined pose (the starting pose when refinement did not improve it).
+    pub pose: Pose,
+    /// Gradient correlation of the starting pose at the finest level, in [-1, 1].
+    pub similarity_before: f64,
+    /// Gradient correlation of the returned pose at the finest level.
+    pub similarity: f64,
+    /// DRRs rendered.
+    pub renders: usize,
+    /// Accepted Levenberg-Marquardt steps, all levels.
+    pub steps: usize,
+}
+
+/// Why a refinement could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum IntensityError {
+    /// The frame does not fit the camera, or holds no image.
+    #[error("intensity registration: {0}")]
+    Input(String),
+    /// The renderer failed.
+    #[error("intensity registration: rendering the DRR: {0}")]
+    Render(String),
+}
+
+/// What a level compares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Similarity {
+    /// Normalised cross-correlation of the smoothed images: a wide, smooth basin (the whole
+    /// silhouette of the pelvis moves with the pose), for coarse levels.
+    Intensity,
+    /// Gradient correlation: sharp edges, a narrow but precise optimum, for fine levels.
+    Gradient,
+}
+
+/// The unit-normalised channels of one picture at one level: the similarity's features.
+struct Features {
+    channels: Vec<Vec<f64>>,
+}
+
+impl Features {
+    /// Blurs, then takes the image itself or its gradients (central differences), each
+    /// normalised to zero mean and unit norm over the pixels inside the margin. `None` when a
+    /// channel is flat.
+    fn new(
+        img: &[f32],
+        w: usize,
+        h: usize,
+        similarity: Similarity,
+        blur_px: f64,
+        margin: f64,
+    ) -> Option<Self> {
+        let mut img = img.to_vec();
+        if blur_px > 0.0 {
+            crate::dataset::gaussian_blur(&mut img, w, h, blur_px);
+        }
+        let m = ((margin * w.min(h) as f64).round() as usize).max(1);
+        let (x0, x1, y0, y1) = (m, w.saturating_sub(m), m, h.saturating_sub(m));
+        if x1 <= x0 + 1 || y1 <= y0 + 1 {
+            return None;
+        }
+        let at = |xx: usize, yy: usize| img[yy * w + xx] as f64;
+        let inside = || (y0..y1).flat_map(move |y| (x0..x1).map(move |x| (x, y)));
+        let channels = match similarity {
+            Similarity::Intensity => vec![inside().map(|(x, y)| at(x, y)).collect()],
+            Similarity::Gradient => vec![
+                inside()
+                    .map(|(x, y)| 0.5 * (at((x + 1).min(w - 1), y) - at(x.saturating_sub(1), y)))
+                    .collect(),
+                inside()
+                    .map(|(x, y)| 0.5 * (at(x, (y + 1).min(h - 1)) - at(x, y.saturating_sub(1))))
+                    .collect(),
+            ],
+        };
+        Some(Self {
+            channels: channels.into_iter().map(unit).collect::<Option<_>>()?,
+        })
+    }
+
+    /// Channel by channel `a − b`: `|r|² = 2 channels (1 − similarity)`.
+    fn residual(&self, other: &Self) -> DVector<f64> {
+        let n = self.channels.iter().map(Vec::len).sum();
+        DVector::from_iterator(
+            n,
+            self.channels
+                .iter()
+                .zip(&other.channels)
+                .flat_map(|(a, b)| a.iter().zip(b).map(|(a, b)| a - b)),
+        )
+    }
+}
+
+/// Zero mean, unit norm; `None` for a constant (or non-finite) signal.
+fn unit(mut v: Vec<f64>) -> Option<Vec<f64>> {
+    let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+    v.iter_mut().for_each(|x| *x -= mean);
+    let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    if !(norm.is_finite() && norm > 1e-12) {
+        return None;
+    }
+    v.iter_mut().for_each(|x| *x /= norm);
+    Some(v)
+}
+
+/// Similarity from a residual of `channels` unit channels: `1 − |r|² / (2 channels)`, the
+/// mean of the channels' correlations.
+fn similarity(r: &DVector<f64>, channels: usize) -> f64 {
+    1.0 - r.norm_squared() / (2.0 * channels as f64)
+}
+
+/// Area-averages `img` (`w x h`) down to `nw x nh`: each output pixel is the mean of the input
+/// pixels whose centres fall in its footprint, so that the frame is seen as a detector of
+/// larger pixels would see it.
+fn downsample(img: &[f32], w: usize, h: usize, nw: usize, nh: usize) -> Vec<f32> {
+    if (nw, nh) == (w, h) {
+        return img.to_vec();
+    }
+    let (sx, sy) = (w as f64 / nw as f64, h as f64 / nh as f64);
+    let span = |i: usize, s: f64, n: usize| {
+        let a = ((i as f64 * s) - 0.5).ceil().max(0.0) as usize;
+        let b = (((i + 1) as f64 * s) - 0.5).ceil().max(0.0) as usize;
+        (a.min(n - 1), b.clamp(a.min(n - 1) + 1, n))
+    };
+    let mut out = Vec::with_capacity(nw * nh);
+    for y in 0..nh {
+        let (ya, yb) = span(y, sy, h);
+        for x in 0..nw {
+            let (xa, xb) = span(x, sx, w);
+            let mut sum = 0.0f64;
+            for yy in ya..yb {
+                sum += img[yy * w + xa..yy * w + xb]
+                    .iter()
+                    .map(|&v| v as f64)
+                    .sum::<f64>();
+            }
+            out.push((sum / ((yb - ya) * (xb - xa)) as f64) as f32);
+        }
+    }
+    out
+}
+
+/// `pose` moved by `d = (ω, τ)`: rotated by `R(ω)` about `pivot` (camera coordinates), then
+/// shifted by `τ` (mm, camera axes).
+fn moved(pose: &Pose, pivot: &Vector3<f64>, d: &Vector6<f64>) -> Pose {
+    let w = rodrigues(&Vector3::new(d[0], d[1], d[2]));
+    let t = w * (pose.translation_mm - pivot) + pivot + Vector3::new(d[3], d[4], d[5]);
+    Pose::from_matrix(&(w * pose.rotation_matrix()), t)
+}
+
+/// One level of the pyramid: the camera and the frame's features at that size.
+struct Level {
+    spec: LevelSpec,
+    camera: Camera,
+    frame: Features,
+}
+
+/// Refines `init` so that DRRs of `source`'s CT match `frame` (`height x width` line integrals
+/// or any monotone image of them, row 0 at the top, the size of `camera`). `pivot` (world, mm)
+/// is what the pose turns about, typically the centroid of the CT's landmarks.
+pub fn refine(
+    frame: &[f32],
+    camera: &Camera,
+    pivot: &Point3<f64>,
+    init: &Pose,
+    source: &mut dyn DrrSource,
+    opts: &IntensityOptions,
+) -> Result<Refinement, IntensityError> {
+    let (w, h) = (camera.width_px as usize, camera.height_px as usize);
+    if frame.len() != w * h || w < 8 || h < 8 {
+        return Err(IntensityError::Input(format!(
+            "the frame holds {} values but the camera is {w}x{h}",
+            frame.len()
+        )));
+    }
+    if !init.is_finite() {
+        return Err(IntensityError::Input(
+            "the starting pose is not finite".into(),
+        ));
+    }
+    if opts.levels.is_empty() {
+        return Err(IntensityError::Input("no pyramid levels".into()));
+    }
+    let mut levels = Vec::new();
+    for &spec in &opts.levels {
+        let scale = (spec.width_px as f64 / w as f64).min(1.0);
+        let cam = camera.rescaled(scale);
+        let (nw, nh) = (cam.width_px as usize, cam.height_px as usize);
+        let small = downsample(frame, w, h, nw, nh);
+        let features = Features::new(&small, nw, nh, spec.similarity, spec.blur_px, opts.margin)
+            .ok_or_else(|| {
+                IntensityError::Input("the frame is flat (or not finite): nothing to match".into())
+            })?;
+        levels.push(Level {
+            spec,
+            camera: cam,
+            frame: features,
+        });
+    }
+    let mut renders = 0usize;
+    let residual = |level: &Level, img: &[f32]| -> DVector<f64> {
+        let (nw, nh) = (
+            level.camera.width_px as usize,
+            level.camera.height_px as usize,
+        );
+        let spec = level.spec;
+        match Features::new(img, nw, nh, spec.similarity, spec.blur_px, opts.margin) {
+            Some(f) => f.residual(&level.frame),
+            // A DRR that misses the CT entirely: as unlike the frame as a flat picture can be.
+            None => DVector::from_iterator(
+                level.frame.channels.iter().map(Vec::len).sum(),
+                level.frame.channels.iter().flatten().copied(),
+            ),
+        }
+    };
+    let mut render = |cam: &Camera, poses: &[Pose], n: &mut usize| {
+        *n += poses.len();
+        source
+            .render_batch(cam, poses)
+            .map_err(IntensityError::Render)
+    };
+
+    let finest = levels.len() - 1;
+    let r_init = residual(
+        &levels[finest],
+        &render(&levels[finest].camera, &[*init], &mut renders)?[0],
+    );
+    let mut pose = *init;
+    let mut steps = 0;
+    let mut r_last = r_init.clone();
+    for (li, level) in levels.iter().enumerate() {
+        let cam = &level.camera;
+        // Finite-difference steps of about half an object-space pixel: the pivot's pixel
+        // footprint sets the translation step, 100 mm of lever arm the rotation step, and depth,
+        // which only rescales the image, gets four times the in-plane step.
+        let depth = pose.camera_from_world(pivot).z.max(1.0);
+        let px_mm = cam.delx_mm.max(cam.dely_mm) * depth / cam.sdd_mm;
+        let step_mm = 0.5 * px_mm;
+        let scale = Vector6::new(
+            step_mm / 100.0,
+            step_mm / 100.0,
+            step_mm / 100.0,
+            step_mm,
+            step_mm,
+            4.0 * step_mm,
+        );
+        let mut r = if li == finest && pose == *init {
+            r_init.clone()
+        } else {
+            residual(level, &render(cam, &[pose], &mut renders)?[0])
+        };
+        let mut lambda = 1e-3;
+        for _ in 0..opts.max_iterations {
+            let pivot_cam = pose.camera_from_world(pivot).coords;
+            // Central differences: the forward ones' error (half the curvature times the
+            // step) is what stalled the steps along the depth valley.
+            let probes: Vec<Pose> = (0..12)
+                .map(|k| {
+                    let mut d = Vector6::zeros();
+                    d[k / 2] = if k % 2 == 0 {
+                        scale[k / 2]
+                    } else {
+                        -scale[k / 2]
+                    };
+                    moved(&pose, &pivot_cam, &d)
+                })
+                .collect();
+            let images = render(cam, &probes, &mut renders)?;
+            let mut jac = DMatrix::zeros(r.len(), 6);
+            for k in 0..6 {
+                let col =
+                    (residual(level, &images[2 * k]) - residual(level, &images[2 * k + 1])) * 0.5;
+                jac.set_column(k, &col);
+            }
+            let a: Matrix6<f64> = (jac.transpose() * &jac).fixed_view::<6, 6>(0, 0).into();
+            let g: Vector6<f64> = (jac.transpose() * &r).fixed_rows::<6>(0).into();
+            let mut accepted = None;
+            while lambda < 1e6 {
+                let mut m = a;
+                for k in 0..6 {
+                    m[(k, k)] += lambda * a[(k, k)].max(1e-12);
+                }
+                let Some(chol) = m.cholesky() else {
+                    lambda *= 8.0;
+                    continue;
+                };
+                let mut u = -chol.solve(&g);
+                // A trust region of 20 steps (about 10 pixels): the gradients' linearity ends
+                // well before that.
+                let n = u.norm();
+                if n > 20.0 {
+                    u *= 20.0 / n;
+                }
+                let cand = moved(&pose, &pivot_cam, &u.component_mul(&scale));
+                let rc = residual(level, &render(cam, &[cand], &mut renders)?[0]);
+                if rc.norm_squared() < r.norm_squared() {
+                    accepted = Some((cand, rc));
+                    lambda = (lambda / 4.0).max(1e-7);
+                    break;
+                }
+                lambda *= 8.0;
+            }
+            let Some((cand, rc)) = accepted else {
+                break;
+            };
+            let gain = r.norm_squared() - rc.norm_squared();
+            pose = cand;
+            r = rc;
+            steps += 1;
+            if gain < 1e-5 * r.norm_squared() {
+                break;
+            }
+        }
+        r_last = r;
+    }
+    let channels = levels[finest].frame.channels.len();
+    let (before, after) = (similarity(&r_init, channels), similarity(&r_last, channels));
+    Ok(if after > before {
+        Refinement {
+            pose,
+            similarity_before: before,
+            similarity: after,
+            renders,
+            steps,
+        }
+    } else {
+        Refinement {
+            pose: *init,
+            similarity_before: before,
+            similarity: before,
+            renders,
+            steps,
+        }
+    })
+}
+
+/// The centroid of the points: the pivot [`refine`] turns the pose about.
+pub fn centroid(points: &[Point3<f64>]) -> Point3<f64> {
+    let n = points.len().max(1) as f64;
+    Point3::from(points.iter().map(|p| p.coords).sum::<Vector3<f64>>() / n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn downsample_averages_blocks() {
+        let img: Vec<f32> = (0..16).map(|v| v as f32).collect();
+        let d = downsample(&img, 4, 4, 2, 2);
+        assert_eq!(d, vec![2.5, 4.5, 10.5, 12.5]);
+        assert_eq!(downsample(&img, 4, 4, 4, 4), img);
+    }
+
+    #[test]
+    fn features_see_gain_and_offset_as_equal() {
+        let (w, h) = (32, 24);
+        let img: Vec<f32> = (0..w * h)
+            .map(|i| ((i % w) as f32 * 0.3).sin() + ((i / w) as f32 * 0.2).cos())
+            .collect();
+        let bright: Vec<f32> = img.iter().map(|v| 3.0 * v + 7.0).collect();
+        let (a, b) = (
+            Features::new(&img, w, h, Similarity::Gradient, 1.0, 0.05).unwrap(),
+            Features::new(&bright, w, h, Similarity::Gradient, 1.0, 0.05).unwrap(),
+        );
+        assert!((similarity(&a.residual(&b), 2) - 1.0).abs() < 1e-9);
+        let inverted: Vec<f32> = img.iter().map(|v| -v).collect();
+        let c = Features::new(&inverted, w, h, Similarity::Gradient, 1.0, 0.05).unwrap();
+        assert!((similarity(&a.residual(&c), 2) + 1.0).abs() < 1e-9);
+        for sim in [Similarity::Gradient, Similarity::Intensity] {
+            let flat = vec![1.0; w * h];
+            assert!(Features::new(&flat, w, h, sim, 1.0, 0.05).is_none());
+            let a = Features::new(&img, w, h, sim, 0.0, 0.05).unwrap();
+            let b = Features::new(&bright, w, h, sim, 0.0, 0.05).unwrap();
+            assert!((similarity(&a.residual(&b), a.channels.len()) - 1.0).abs() < 1e-9);
+        }
+    }
+
+    #[test]
+    fn moving_about_the_pivot_keeps_it_in_place() {
+        let pose = Pose::new(
+            Vector3::new(0.1, -0.2, 0.05),
+            Vector3::new(5.0, -3.0, 800.0),
+        );
+        let pivot = Point3::new(10.0, 20.0, -30.0);
+        let c = pose.camera_from_world(&pivot).coords;
+        let turned = moved(&pose, &c, &Vector6::new(0.1, 0.2, -0.1, 0.0, 0.0, 0.0));
+        assert!((turned.camera_from_world(&pivot).coords - c).norm() < 1e-9);
+        let shifted = moved(&pose, &c, &Vector6::new(0.0, 0.0, 0.0, 1.0, 2.0, 3.0));
+        let d = shifted.camera_from_world(&pivot).coords - c;
+        assert!((d - Vector3::new(1.0, 2.0, 3.0)).norm() < 1e-9);
+    }
+}
