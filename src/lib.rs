@@ -46,6 +46,23 @@ pub fn tune_allocator() {
     }
 }
 
+/// Lowers the calling thread's scheduling priority (nice 10), and so that of the threads it
+/// starts afterwards (a GPU driver's workers among them): background work such as the live
+/// view's pose refinement then takes only the CPU time the frame pipeline leaves.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn lower_thread_priority() {
+    // SAFETY: setpriority takes plain integers; on Linux `who = 0` is the calling thread.
+    #[allow(unsafe_code)]
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+    if r != 0 {
+        log::debug!("setpriority: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// Elsewhere threads keep their priority.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn lower_thread_priority() {}
+
 /// See the Linux version: other platforms keep their allocator's defaults.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn tune_allocator() {}

@@ -106,6 +106,64 @@ fn default_start_shows_landmarks_and_a_pose() {
     });
 }
 
+/// Refinement against the CT: switched on, the paused frame gets a pose refined against it that
+/// is closer to the truth than the landmarks' pose, the DRR shows it, and the panel says so;
+/// switched off, frames carry none.
+#[test]
+fn refining_against_the_ct_brings_the_paused_frames_pose_to_the_truth() {
+    if skip() {
+        return;
+    }
+    let mut h = harness();
+    wait(&mut h, "the first processed frame", |a| a.latest.is_some());
+    h.get_by_label("refine the pose against the CT").click();
+    h.step();
+    assert!(h.state().settings.refine);
+    h.get_by_label("Step").click();
+    wait(&mut h, "a refinement of the frame shown", |a| {
+        a.latest
+            .as_ref()
+            .is_some_and(|p| p.refined.is_some_and(|r| r.index == p.index))
+    });
+    let p = h.state().latest.clone().unwrap();
+    let r = p.refined.unwrap();
+    let truth = p.truth.unwrap();
+    let pts: Vec<_> = h
+        .state()
+        .scene
+        .landmarks
+        .points
+        .iter()
+        .flatten()
+        .copied()
+        .collect();
+    let tre = |q: &fluoropose::geometry::Pose| {
+        fluoropose::registration::metrics::mean_tre_mm(q, &truth, &pts)
+    };
+    assert!(
+        tre(&r.pose) < tre(&r.from) && tre(&r.pose) < 3.0,
+        "refined {} mm, landmarks {} mm",
+        tre(&r.pose),
+        tre(&r.from)
+    );
+    assert!(r.similarity.1 > r.similarity.0);
+    assert_eq!(h.state().display_pose(), Some(r.pose));
+    h.step();
+    assert!(h.query_by_label_contains("refined error").is_some());
+    // The panel grew by the refinement's lines: the switch may have scrolled out of view.
+    h.get_by_label("refine the pose against the CT")
+        .scroll_to_me();
+    h.step();
+    h.get_by_label("refine the pose against the CT")
+        .click_accesskit();
+    h.step();
+    assert!(!h.state().settings.refine);
+    h.get_by_label("Step").click();
+    wait(&mut h, "a frame without a refinement", |a| {
+        a.latest.as_ref().is_some_and(|p| p.refined.is_none())
+    });
+}
+
 #[test]
 fn loading_ct_files_and_a_corrupt_file_keeps_the_old_ct() {
     if skip() {

@@ -19,6 +19,7 @@ use crate::train::Metric;
 use crate::volume::Volume;
 use eframe::egui;
 use eframe::wgpu;
+pub use pipeline::RefinedPose;
 use pipeline::{Command, Pipeline, Processed, Source};
 use std::path::PathBuf;
 use std::sync::mpsc::Receiver;
@@ -38,6 +39,8 @@ pub struct AppOptions {
     pub open: Option<PathBuf>,
     /// The stream's frame clock, overriding the saved setting.
     pub fps: Option<f64>,
+    /// Refinement against the CT on or off, overriding the saved setting.
+    pub refine: Option<bool>,
 }
 
 /// The tabs.
@@ -88,6 +91,8 @@ pub struct Settings {
     pub consistent: bool,
     /// Filter the pose over frames (Kalman, constant velocity).
     pub track: bool,
+    /// Refine solved poses against the frames with DRRs of the CT (intensity-based).
+    pub refine: bool,
 }
 
 impl Settings {
@@ -114,6 +119,9 @@ impl Default for Settings {
             mirror: true,
             consistent: true,
             track: true,
+            // Off by default: it shares the CPU with the live pipeline (about 0.4 s a frame
+            // here), which would then fall below 10 fps.
+            refine: false,
         }
     }
 }
@@ -361,6 +369,9 @@ impl FluoroApp {
             // spends on the window.
             Box::new(move || repaint.request_repaint_after(std::time::Duration::from_micros(1))),
         );
+        if let Some(r) = options.refine {
+            settings.refine = r;
+        }
         if let Some(f) = options.fps.filter(|f| f.is_finite() && *f > 0.0) {
             settings.fps = f.clamp(0.1, 120.0);
         }
@@ -368,6 +379,9 @@ impl FluoroApp {
         pipeline.send(Command::Loop(settings.looping));
         pipeline.send(Command::Decode(settings.decode()));
         pipeline.send(Command::Track(settings.track));
+        pipeline.send(Command::Refine(
+            settings.refine.then(|| scene.density.clone()),
+        ));
         let (gpu, gpu_status) = match cc.wgpu_render_state.as_ref() {
             Some(rs) => {
                 let mut renderer = DrrRenderer::new(&rs.device, &rs.queue);
@@ -491,6 +505,10 @@ impl FluoroApp {
         }
         self.pipeline
             .send(Command::Landmarks(scene.landmarks.clone()));
+        if self.settings.refine {
+            self.pipeline
+                .send(Command::Refine(Some(scene.density.clone())));
+        }
         if matches!(self.source_kind(), SourceKind::Simulated) {
             self.pipeline.send(Command::Source(Source::Simulated {
                 density: scene.density.clone(),
@@ -667,6 +685,10 @@ impl FluoroApp {
             ]));
         }
         let p = self.latest.as_ref()?;
+        // A refinement of the frame shown is the best pose there is for it.
+        if let Some(r) = p.refined.filter(|r| r.index == p.index) {
+            return Some(r.pose);
+        }
         if let Some(t) = &p.tracked {
             return Some(t.pose);
         }

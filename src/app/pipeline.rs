@@ -70,6 +70,11 @@ pub enum Command {
     Decode(Decode),
     /// Filter the pose over frames ([`PoseTracker`]).
     Track(bool),
+    /// Refine solved poses against their frames with DRRs of this CT, on a thread of its own
+    /// ([`crate::registration::intensity`]); `None` stops refining.
+    Refine(Option<Arc<crate::drr::DensityVolume>>),
+    /// A refinement finished (sent by the refinement thread).
+    Refined(Result<RefinedPose, String>),
     /// Stop the thread.
     Quit,
 }
@@ -83,6 +88,23 @@ pub struct Timings {
     pub inference_ms: f64,
     /// Registration.
     pub pose_ms: f64,
+}
+
+/// A solved pose refined against the frame it was solved on.
+#[derive(Clone, Copy, Debug)]
+pub struct RefinedPose {
+    /// The frame.
+    pub index: u64,
+    /// The refined pose.
+    pub pose: Pose,
+    /// The landmark pose it started from.
+    pub from: Pose,
+    /// The frame's true pose (simulated source).
+    pub truth: Option<Pose>,
+    /// Gradient correlation of the DRR with the frame, before and after.
+    pub similarity: (f64, f64),
+    /// How long it took, ms.
+    pub ms: f64,
 }
 
 /// One processed frame.
@@ -104,6 +126,9 @@ pub struct Processed {
     pub solution: Option<Solution>,
     /// The pose filtered over frames (when tracking is on and a pose was ever solved).
     pub tracked: Option<Tracked>,
+    /// The newest refinement (of this frame or an earlier one; see its index), while
+    /// refinement is on.
+    pub refined: Option<RefinedPose>,
     /// The true pose (simulated source).
     pub truth: Option<Pose>,
     /// Stage latencies.
@@ -133,9 +158,10 @@ impl Pipeline {
     ) -> Self {
         let (ctx, crx) = std::sync::mpsc::channel();
         let (rtx, rrx) = sync_channel(1);
+        let to_self = ctx.clone();
         let thread = std::thread::Builder::new()
             .name("fluoropose-pipeline".into())
-            .spawn(move || Worker::new(source, model, landmarks, rtx, on_frame).run(crx))
+            .spawn(move || Worker::new(source, model, landmarks, rtx, on_frame, to_self).run(crx))
             .ok();
         Self {
             commands: ctx,
@@ -302,6 +328,114 @@ impl Drop for SimThread {
     }
 }
 
+/// What the refinement thread is asked.
+enum RefineRequest {
+    Volume(Arc<crate::drr::DensityVolume>),
+    Job {
+        index: u64,
+        pixels: Arc<Vec<f32>>,
+        camera: Camera,
+        pose: Pose,
+        truth: Option<Pose>,
+        pivot: nalgebra::Point3<f64>,
+    },
+}
+
+/// Intensity-based refinement on its own thread (and GPU device), one frame at a time: the
+/// worker hands it the newest solved frame whenever it is idle, so that the live overlay never
+/// waits for it; each result comes back to the worker as [`Command::Refined`].
+struct RefineThread {
+    requests: Sender<RefineRequest>,
+    busy: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RefineThread {
+    fn start(volume: Arc<crate::drr::DensityVolume>, back: Sender<Command>) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<RefineRequest>();
+        let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = busy.clone();
+        let _ = tx.send(RefineRequest::Volume(volume));
+        let thread = std::thread::Builder::new()
+            .name("fluoropose-refine".into())
+            .spawn(move || {
+                // Before the device exists, so that its driver's threads inherit it too.
+                crate::lower_thread_priority();
+                let mut source = crate::drr::AnyDrr::new(false);
+                let opts = crate::registration::intensity::IntensityOptions::default();
+                for req in rx {
+                    match req {
+                        RefineRequest::Volume(v) => source.set_volume(v),
+                        RefineRequest::Job {
+                            index,
+                            pixels,
+                            camera,
+                            pose,
+                            truth,
+                            pivot,
+                        } => {
+                            let t0 = Instant::now();
+                            let r = crate::registration::intensity::refine(
+                                &pixels,
+                                &camera,
+                                &pivot,
+                                &pose,
+                                &mut source,
+                                &opts,
+                            )
+                            .map(|r| RefinedPose {
+                                index,
+                                pose: r.pose,
+                                from: pose,
+                                truth,
+                                similarity: (r.similarity_before, r.similarity),
+                                ms: t0.elapsed().as_secs_f64() * 1e3,
+                            })
+                            .map_err(|e| e.to_string());
+                            if let Ok(r) = &r {
+                                log::debug!("refined frame {} in {:.0} ms", r.index, r.ms);
+                            }
+                            flag.store(false, std::sync::atomic::Ordering::Release);
+                            if back.send(Command::Refined(r)).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            })
+            .ok();
+        Self {
+            requests: tx,
+            busy,
+            thread,
+        }
+    }
+
+    /// Hands over a frame unless one is in hand; `false` when busy.
+    fn offer(&self, job: RefineRequest) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.busy.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        if self.requests.send(job).is_err() {
+            self.busy.store(false, Ordering::Release);
+            return false;
+        }
+        true
+    }
+}
+
+impl Drop for RefineThread {
+    fn drop(&mut self) {
+        // Closing the request channel ends the thread after the refinement in hand.
+        let (dead, _) = std::sync::mpsc::channel();
+        self.requests = dead;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// A frame before inference: pixels, (width, height), camera, true pose, index, the time it took
 /// to produce (ms) and when it was there.
 type RawFrame = (
@@ -330,6 +464,11 @@ struct Worker {
     decode: Decode,
     tracker: PoseTracker,
     track: bool,
+    refiner: Option<RefineThread>,
+    refined: Option<RefinedPose>,
+    /// The last frame sent, to send again when its refinement arrives.
+    last: Option<Processed>,
+    to_self: Sender<Command>,
 }
 
 impl Worker {
@@ -339,6 +478,7 @@ impl Worker {
         landmarks: Landmarks3d,
         out: SyncSender<Result<Processed, String>>,
         on_frame: Box<dyn Fn() + Send>,
+        to_self: Sender<Command>,
     ) -> Self {
         let mut w = Self {
             source: source.clone(),
@@ -356,6 +496,10 @@ impl Worker {
             decode: Decode::recommended(),
             tracker: PoseTracker::new(TrackerOptions::default()),
             track: true,
+            refiner: None,
+            refined: None,
+            last: None,
+            to_self,
         };
         w.set_source(source);
         w
@@ -365,6 +509,7 @@ impl Worker {
     fn forget_pose(&mut self) {
         self.last_pose = None;
         self.tracker.reset();
+        self.refined = None;
     }
 
     fn set_source(&mut self, source: Source) {
@@ -448,6 +593,44 @@ impl Worker {
                 if !self.playing {
                     self.next = self.next.saturating_sub(1);
                     self.process();
+                }
+            }
+            Command::Refine(volume) => match volume {
+                Some(v) => match &self.refiner {
+                    Some(r) => {
+                        let _ = r.requests.send(RefineRequest::Volume(v));
+                        self.refined = None;
+                    }
+                    None => self.refiner = Some(RefineThread::start(v, self.to_self.clone())),
+                },
+                None => {
+                    self.refiner = None;
+                    self.refined = None;
+                }
+            },
+            Command::Refined(r) => {
+                if self.refiner.is_none() {
+                    return true;
+                }
+                match r {
+                    Ok(r) => {
+                        self.refined = Some(r);
+                        // Shown at once on the frame it belongs to when that is still the
+                        // newest (a paused stream); else with the next frame.
+                        if let Some(p) = self.last.as_mut().filter(|p| p.index == r.index) {
+                            p.refined = Some(r);
+                            let _ = self.out.try_send(Ok(p.clone()));
+                            (self.on_frame)();
+                        }
+                    }
+                    Err(e) => {
+                        let _ = self.out.try_send(Err(format!("refinement: {e}")));
+                        (self.on_frame)();
+                    }
+                }
+                // The frame in hand may be waiting: offer it.
+                if let Some(p) = self.last.clone() {
+                    self.offer_refinement(&p);
                 }
             }
             Command::Quit => return false,
@@ -602,6 +785,7 @@ impl Worker {
             detections,
             solution,
             tracked,
+            refined: self.refined,
             truth,
             timings: Timings {
                 source_ms,
@@ -611,8 +795,30 @@ impl Worker {
             produced,
             skipped: self.skipped,
         };
+        self.offer_refinement(&p);
+        self.last = Some(p.clone());
         // A full channel means the UI has not taken the last frame: drop this one (no lag).
         let _ = self.out.try_send(Ok(p));
         (self.on_frame)();
+    }
+
+    /// Hands `p` to the refinement thread if it is on and idle, `p` has a pose, and `p` has
+    /// not been refined yet.
+    fn offer_refinement(&self, p: &Processed) {
+        let (Some(r), Some(s)) = (&self.refiner, &p.solution) else {
+            return;
+        };
+        if !s.status.ok() || self.refined.is_some_and(|r| r.index == p.index) {
+            return;
+        }
+        let present: Vec<_> = self.landmarks.points.iter().flatten().copied().collect();
+        r.offer(RefineRequest::Job {
+            index: p.index,
+            pixels: p.pixels.clone(),
+            camera: p.camera,
+            pose: s.pose,
+            truth: p.truth,
+            pivot: crate::registration::intensity::centroid(&present),
+        });
     }
 }

@@ -107,6 +107,40 @@ fn marker_label(painter: &egui::Painter, at: Pos2, label: &str, c: Color32) {
 }
 
 /// A pose as two lines, `r` in degrees and `t` in mm, each name after `prefix`.
+/// The Pose panel's lines for a refinement: its pose, how well the DRR matches, and with the
+/// simulated stream its error.
+fn refined_lines(app: &FluoroApp, ui: &mut egui::Ui, r: &super::RefinedPose, shown: u64) {
+    let age = if r.index == shown {
+        "this frame".to_string()
+    } else {
+        format!("frame {}", r.index)
+    };
+    ui.monospace(format!(
+        "refined ({age}, {:.0} ms, similarity {:.3} → {:.3})\n{}",
+        r.ms,
+        r.similarity.0,
+        r.similarity.1,
+        pose_lines("", &r.pose)
+    ));
+    if let Some(t) = &r.truth {
+        let pts: Vec<_> = app
+            .scene
+            .landmarks
+            .points
+            .iter()
+            .flatten()
+            .copied()
+            .collect();
+        let tre = |p: &crate::geometry::Pose| crate::registration::metrics::mean_tre_mm(p, t, &pts);
+        ui.label(format!(
+            "refined error: {:.2}° rotation, {:.1} mm TRE (landmarks' {:.1} mm)",
+            crate::registration::metrics::rotation_error_deg(&r.pose, t),
+            tre(&r.pose),
+            tre(&r.from)
+        ));
+    }
+}
+
 fn pose_lines(prefix: &str, pose: &crate::geometry::Pose) -> String {
     let v = pose.params();
     // Without a prefix the names are padded so that the "=" line up with "true r =".
@@ -239,6 +273,9 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
                         ui.label(format!("tracked error: {}", err(&tr.pose)));
                     }
                 }
+                if let Some(r) = &p.refined {
+                    refined_lines(app, ui, r, p.index);
+                }
             }
             None => {
                 ui.label("no pose (no model or no landmarks)");
@@ -290,6 +327,19 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
         if d {
             let decode = app.settings.decode();
             app.send(super::Command::Decode(decode));
+        }
+        if ui
+            .checkbox(&mut app.settings.refine, "refine the pose against the CT")
+            .on_hover_text(
+                "Match DRRs of the CT to the frame (intensity, then edges) starting from the \
+                 landmarks' pose, on a thread of its own: millimetre depth where the landmarks \
+                 leave centimetres. About 0.4 s a frame on a CPU, so it refines the newest frame \
+                 whenever it is free; the DRR shows the refined pose on the frame it belongs to.",
+            )
+            .changed()
+        {
+            let volume = app.settings.refine.then(|| app.scene.density.clone());
+            app.send(super::Command::Refine(volume));
         }
         if ui
             .checkbox(&mut app.settings.track, "track the pose over frames")

@@ -37,6 +37,9 @@ pub struct Cli {
     /// setting, first 10).
     #[arg(long)]
     pub fps: Option<f64>,
+    /// Refine the poses against the CT (intensity-based) from the start, kept as the setting.
+    #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
+    pub refine: Option<String>,
 }
 
 /// The subcommands.
@@ -370,6 +373,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 tab,
                 open: cli.open,
                 fps: cli.fps,
+                refine: cli.refine.map(|r| r == "on"),
             })
         }
         Some(Command::Info(a)) => info(&a),
