@@ -55,6 +55,36 @@ pub struct Report {
     /// With intensity-based refinement: the poses after it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refined: Option<RefinedReport>,
+    /// Image by image, when [`EvalOptions::per_image`] asks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub per_image: Vec<ImageResult>,
+}
+
+/// One image's scores (to find the worst cases).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ImageResult {
+    /// The image file.
+    pub image: String,
+    /// RMSE of its visible landmarks at 512 scale (the pose's points with a decoding).
+    pub rmse_px: f64,
+    /// TRE of the landmark pose, mm (`None`: registration failed).
+    pub tre_mm: Option<f64>,
+    /// After refinement against the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refined: Option<RefinedImage>,
+}
+
+/// One image's refinement.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct RefinedImage {
+    /// TRE after refinement, mm.
+    pub tre_mm: f64,
+    /// RMSE at 512 scale of the CT's landmarks projected at the refined pose.
+    pub rmse_px: f64,
+    /// Similarity before and after.
+    pub similarity: [f64; 2],
+    /// DRRs rendered.
+    pub renders: usize,
 }
 
 /// The solved poses refined against the images ([`crate::registration::intensity`]).
@@ -94,6 +124,8 @@ pub struct EvalOptions {
     pub cpu: bool,
     /// At most this many images of the split, evenly spaced through it (all when `None`).
     pub limit: Option<usize>,
+    /// Keep every image's scores in [`Report::per_image`].
+    pub per_image: bool,
 }
 
 /// Where the landmarks scored come from.
@@ -189,6 +221,7 @@ pub fn evaluate_with(
     let mut errors = Vec::new();
     let (mut other_peak, mut reprojected, mut decoded_landmarks) = (0usize, 0usize, 0usize);
     let (mut rot, mut trans, mut failures) = (0.0, 0.0, 0usize);
+    let mut per_image = Vec::new();
     let mut refiner = opts.refine.as_ref().map(|o| Refiner {
         opts: o.clone(),
         source: AnyDrr::new(opts.cpu),
@@ -276,6 +309,7 @@ pub fn evaluate_with(
                     (noisy.clone(), noisy)
                 }
             };
+            let (mut image_sq, mut image_n) = (0.0, 0usize);
             for i in 0..N_LANDMARKS {
                 if let Some([x, y]) = s.landmarks[i] {
                     let d =
@@ -284,20 +318,31 @@ pub fn evaluate_with(
                     sq_sub += d(sub[i].0);
                     errors.push(d(int[i].0).sqrt());
                     cnt[i] += 1;
+                    image_sq += d(int[i].0);
+                    image_n += 1;
                 }
             }
+            let mut record = ImageResult {
+                image: s.image.clone(),
+                rmse_px: (image_sq / image_n.max(1) as f64).sqrt(),
+                ..ImageResult::default()
+            };
             let sol = decoded
                 .unwrap_or_else(|| solve_detections(&data.manifest.camera, &pts3, &sub, None));
             if sol.status.ok() {
                 let truth = s.pose();
                 tres.push(metrics::mean_tre_mm(&sol.pose, &truth, &p3));
+                record.tre_mm = tres.last().copied();
                 if let Some(r) = refiner.as_mut() {
-                    r.refine(data, s, &sol.pose)?;
+                    record.refined = Some(r.refine(data, s, &sol.pose)?);
                 }
                 rot += metrics::rotation_error_deg(&sol.pose, &truth);
                 trans += metrics::translation_error_mm(&sol.pose, &truth);
             } else {
                 failures += 1;
+            }
+            if opts.per_image {
+                per_image.push(record);
             }
             task.inc(1);
         }
@@ -335,6 +380,7 @@ pub fn evaluate_with(
         other_peak_rate: other_peak as f64 / decoded_landmarks.max(1) as f64,
         reprojected_rate: reprojected as f64 / decoded_landmarks.max(1) as f64,
         refined: refiner.map(Refiner::report),
+        per_image,
     })
 }
 
@@ -360,7 +406,7 @@ impl Refiner {
         data: &Dataset,
         s: &Sample,
         pose: &crate::geometry::Pose,
-    ) -> Result<(), crate::train::TrainError> {
+    ) -> Result<RefinedImage, crate::train::TrainError> {
         let subject = &data.manifest.subjects[s.subject];
         if self.subject != Some(s.subject) {
             let vol = subject.volume()?;
@@ -385,21 +431,30 @@ impl Refiner {
         .map_err(|e| crate::train::TrainError::Invalid(format!("{}: {e}", s.image)))?;
         self.seconds += t0.elapsed().as_secs_f64();
         let truth = s.pose();
-        self.tres.push(metrics::mean_tre_mm(&r.pose, &truth, &p3));
+        let tre = metrics::mean_tre_mm(&r.pose, &truth, &p3);
+        self.tres.push(tre);
         self.before += metrics::mean_tre_mm(pose, &truth, &p3);
         self.rot += metrics::rotation_error_deg(&r.pose, &truth);
         self.trans += metrics::translation_error_mm(&r.pose, &truth);
         self.changed += usize::from(r.pose != *pose);
         let scale = 512.0 / data.manifest.size as f64;
+        let (mut sq, mut n) = (0.0, 0usize);
         for (p, l) in p3.iter().zip(&s.landmarks) {
             if let Some([x, y]) = l {
                 let q = data.manifest.camera.project(&r.pose, p);
-                self.sq_px += ((q.x - x).powi(2) + (q.y - y).powi(2)) * scale * scale;
-                self.visible += 1;
+                sq += ((q.x - x).powi(2) + (q.y - y).powi(2)) * scale * scale;
+                n += 1;
             }
         }
+        self.sq_px += sq;
+        self.visible += n;
         self.renders += r.renders;
-        Ok(())
+        Ok(RefinedImage {
+            tre_mm: tre,
+            rmse_px: (sq / n.max(1) as f64).sqrt(),
+            similarity: [r.similarity_before, r.similarity],
+            renders: r.renders,
+        })
     }
 
     fn report(self) -> RefinedReport {

@@ -150,6 +150,39 @@ fn refining_against_the_ct_brings_the_paused_frames_pose_to_the_truth() {
     assert_eq!(h.state().display_pose(), Some(r.pose));
     h.step();
     assert!(h.query_by_label_contains("refined error").is_some());
+    // The annotator takes the refined pose's landmarks for this frame (and can undo it).
+    let dir = tempfile::tempdir().unwrap();
+    h.state_mut().settings.annotation_dir = dir.path().to_path_buf();
+    h.get_by_label("Annotate").click();
+    h.step();
+    h.get_by_label("Take current frame").click();
+    h.step();
+    let detected = h.state().annotation.current.clone().unwrap().points;
+    h.get_by_label("From refined pose").click();
+    h.step();
+    let cur = h.state().annotation.current.clone().unwrap();
+    let scene = &h.state().scene;
+    let (w, hh) = (p.size.0 as f64, p.size.1 as f64);
+    for (i, q) in cur.points.iter().enumerate() {
+        let want = p
+            .camera
+            .project(&r.pose, &scene.landmarks.points[i].unwrap());
+        let inside = want.x >= 0.0 && want.y >= 0.0 && want.x < w && want.y < hh;
+        match q {
+            Some(q) => assert!(inside && (q - want).norm() < 1e-9, "{i}: {q} vs {want}"),
+            None => assert!(!inside, "{i}: {want} is inside but was not set"),
+        }
+    }
+    assert!(cur.points.iter().flatten().count() >= 6);
+    assert_ne!(cur.points, detected);
+    h.get_by_label("Undo").click();
+    h.step();
+    assert_eq!(
+        h.state().annotation.current.clone().unwrap().points,
+        detected
+    );
+    h.get_by_label("Live").click();
+    h.step();
     // The panel grew by the refinement's lines: the switch may have scrolled out of view.
     h.get_by_label("refine the pose against the CT")
         .scroll_to_me();

@@ -287,6 +287,7 @@ fn eval_refines_the_landmark_poses_against_the_images() {
             refine: Some(IntensityOptions::default()),
             cpu,
             limit: Some(3),
+            per_image: true,
         };
         let r = evaluate_with(&noisy, &ds, None, &opts, &Task::new()).unwrap();
         assert_eq!(r.images, 3);
@@ -301,13 +302,20 @@ fn eval_refines_the_landmark_poses_against_the_images() {
         );
         assert!(f.rmse_px < r.rmse_px["mean"].as_f64().unwrap());
         assert!(f.renders_per_image > 10.0);
+        // Image by image: the same numbers, each refined pose's similarity no worse.
+        assert_eq!(r.per_image.len(), 3);
+        let refined: Vec<_> = r.per_image.iter().filter_map(|i| i.refined).collect();
+        assert_eq!(refined.len(), f.images);
+        let mean = refined.iter().map(|i| i.tre_mm).sum::<f64>() / refined.len() as f64;
+        assert!((mean - f.tre_mm).abs() < 1e-9);
+        assert!(refined.iter().all(|i| i.similarity[1] >= i.similarity[0]));
         if cpu {
             assert_eq!(f.renderer, "cpu");
         }
     }
-    // Without the option there is no refined report.
+    // Without the options there is no refined report and no per-image list.
     let plain = evaluate_with(&noisy, &ds, None, &EvalOptions::default(), &Task::new()).unwrap();
-    assert!(plain.refined.is_none());
+    assert!(plain.refined.is_none() && plain.per_image.is_empty());
 }
 
 /// The shipped model on a phantom it never saw, read three ways: the paper's argmax, and the

@@ -774,6 +774,24 @@ pub fn annotate(app: &mut FluoroApp, ui: &mut egui::Ui) {
         {
             app.send(super::Command::Seek(p.index + 1));
         }
+        let refined = refined_for_annotation(app);
+        if ui
+            .add_enabled(refined.is_some(), egui::Button::new("From refined pose"))
+            .on_hover_text(
+                "set every landmark to where the pose refined against the CT puts it (switch \
+                 on \"refine the pose against the CT\" in the Live tab and wait for this frame's \
+                 refinement); undo brings the previous ones back",
+            )
+            .clicked()
+            && let Some(points) = refined
+            && let Some(cur) = app.annotation.current.as_mut()
+        {
+            let before = cur.clone();
+            cur.points = points;
+            app.annotation.undo.push(before);
+            app.annotation.redo.clear();
+            autosave(app);
+        }
         if ui
             .button("Add to dataset")
             .on_hover_text("append this corrected frame to DIR/dataset, which `train` reads")
@@ -945,6 +963,23 @@ fn edit(app: &mut FluoroApp, f: impl FnOnce(&mut Landmarks2d)) {
 }
 
 /// Writes the current annotation (atomically) as `DIR/NAME.json`.
+/// The CT's landmarks projected at the refined pose of the frame being annotated (those that
+/// fall inside it), when the pipeline has refined that very frame.
+fn refined_for_annotation(app: &FluoroApp) -> Option<[Option<nalgebra::Point2<f64>>; N_LANDMARKS]> {
+    let frame = app.annotation.frame.as_ref()?;
+    let r = app
+        .latest
+        .as_ref()
+        .and_then(|p| p.refined)
+        .filter(|r| r.index == frame.index)?;
+    let (w, h) = (frame.size.0 as f64, frame.size.1 as f64);
+    Some(std::array::from_fn(|i| {
+        let p = app.scene.landmarks.points[i]?;
+        let q = frame.camera.project(&r.pose, &p);
+        (q.x >= 0.0 && q.y >= 0.0 && q.x < w && q.y < h).then_some(q)
+    }))
+}
+
 pub fn autosave(app: &mut FluoroApp) {
     let Some(c) = &app.annotation.current else {
         return;

@@ -190,6 +190,9 @@ pub struct EvalArgs {
     /// Evaluate at most N images of the split, evenly spaced through it.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Write every image's scores here, one JSON line each (to find the worst cases).
+    #[arg(long)]
+    pub per_image: Option<PathBuf>,
 }
 
 /// `fluoropose predict`.
@@ -359,6 +362,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         refine: a.refine.then(IntensityOptions::default),
         cpu: a.cpu,
         limit: a.limit,
+        per_image: a.per_image.is_some(),
     };
     let (name, r) = match a.oracle_noise_px {
         Some(sigma_px) => {
@@ -424,6 +428,15 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             f.renders_per_image,
             f.ms_per_image
         );
+    }
+    if let Some(p) = &a.per_image {
+        let mut text = String::new();
+        for i in &r.per_image {
+            text += &serde_json::to_string(i)?;
+            text.push('\n');
+        }
+        crate::io::atomic_write(p, text.as_bytes())
+            .with_context(|| format!("writing {}", p.display()))?;
     }
     if let Some(j) = &a.json {
         crate::io::atomic_write(j, serde_json::to_string_pretty(&r)?.as_bytes())

@@ -219,6 +219,19 @@ pub enum BenchWhat {
         #[arg(long)]
         json: bool,
     },
+    /// Intensity-based pose refinement: time per frame and TRE before and after, from starts
+    /// as far off as the landmark solver leaves them.
+    Refine {
+        /// Frames.
+        #[arg(long, default_value_t = 20)]
+        frames: usize,
+        /// Render on the CPU reference instead of the GPU.
+        #[arg(long)]
+        cpu: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// One 8-point solve per solver, over poses drawn from the paper's range.
     Register {
         /// Number of problems.
@@ -390,6 +403,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Experiment(a)) => learn::experiment(&a),
         Some(Command::Bench(a)) => match a.what {
             BenchWhat::Register { problems, json } => crate::bench::register(problems, json),
+            BenchWhat::Refine { frames, cpu, json } => crate::bench::refine(frames, cpu, json),
             BenchWhat::Pipeline {
                 seconds,
                 warmup,
