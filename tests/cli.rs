@@ -299,3 +299,78 @@ fn bench_pipeline_runs_the_live_pipeline_headless() {
     }
     assert!(v["latency_ms"].as_f64().unwrap() >= v["inference_ms"].as_f64().unwrap());
 }
+
+/// `predict --ct` refines each pose against the frame: on a DRR rendered at a known pose, the
+/// refined pose is much closer to it than the landmarks' pose. `bench refine` reports the same
+/// kind of gain.
+#[test]
+fn predict_refines_the_pose_against_the_ct_and_bench_refine_measures_it() {
+    if std::env::var("FLUOROPOSE_SKIP_GPU").is_ok_and(|v| v == "1")
+        || !fluoropose::model::shipped::available()
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("frame.png");
+    let (vol, lm) = fluoropose::volume::phantom::phantom_subject(62, None);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
+    let range = PoseRange {
+        max_rotation_rad: 20f64.to_radians(),
+        ..PoseRange::default()
+    };
+    let truth = range.sample(&mut rng, &vol.center_mm());
+    let pose = truth.params().map(|v| v.to_string()).join(",");
+    let (ok, _, err) = run(&[
+        "render",
+        "--ct",
+        "phantom:62",
+        "--height",
+        "256",
+        "--delx",
+        "1.5",
+        "--sdd",
+        "1020",
+        "--pose",
+        &pose,
+        "--attenuation",
+        "physical",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = run(&["predict", png.to_str().unwrap(), "--ct", "phantom:62"]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let params = |k: &str| -> fluoropose::geometry::Pose {
+        let p: Vec<f64> = serde_json::from_value(v[0][k].clone()).unwrap();
+        fluoropose::geometry::Pose::from_params(&p.try_into().unwrap())
+    };
+    let pts: Vec<_> = lm.points.iter().flatten().copied().collect();
+    let tre = |p: &fluoropose::geometry::Pose| {
+        fluoropose::registration::metrics::mean_tre_mm(p, &truth, &pts)
+    };
+    let (landmarks, refined) = (tre(&params("pose")), tre(&params("refined_pose")));
+    assert!(
+        refined < 1.0 && refined < landmarks,
+        "landmarks {landmarks} mm, refined {refined} mm"
+    );
+    let sim: Vec<f64> = serde_json::from_value(v[0]["similarity"].clone()).unwrap();
+    assert!(sim[1] >= sim[0], "{sim:?}");
+    // Without the CT's landmarks there is no pose to start from.
+    let (ok, _, err) = run(&[
+        "predict",
+        png.to_str().unwrap(),
+        "--ct",
+        dir.path().join("missing.nii.gz").to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("missing.nii.gz"), "{err}");
+
+    let (ok, out, err) = run(&["bench", "refine", "--frames", "1", "--json"]);
+    assert!(ok, "{err}");
+    let b: Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(b["renders_per_frame"].as_f64().unwrap() > 10.0, "{b}");
+    assert!(
+        b["tre_after_mm"].as_f64().unwrap() < 0.5 * b["tre_before_mm"].as_f64().unwrap(),
+        "{b}"
+    );
+}
