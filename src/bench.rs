@@ -433,13 +433,16 @@ pub fn model(
 /// what the app's pipeline sustains, and on a software rasteriser it separates the pipeline from
 /// the cost of drawing egui. `fps` is the stream's clock (frames beyond what the pipeline keeps
 /// up with are dropped, as in the app); the first `warmup_s` are not counted.
+#[allow(clippy::too_many_arguments)]
 pub fn pipeline(
     seconds: f64,
     warmup_s: f64,
     fps: f64,
     photons: f64,
+    motion: f64,
     plain: bool,
     track: bool,
+    refine: bool,
     json: bool,
 ) -> Result<()> {
     use crate::app::Scene;
@@ -460,6 +463,7 @@ pub fn pipeline(
             isocenter: scene.volume.center_mm(),
             size: 256,
             photons,
+            motion,
         },
         Some(model),
         scene.landmarks.clone(),
@@ -481,6 +485,12 @@ pub fn pipeline(
     };
     pipe.send(Command::Decode(decode));
     pipe.send(Command::Track(track));
+    pipe.send(Command::Refine(refine.then(|| scene.density.clone())));
+    let (mut tre_corrected, mut jitter_corrected, mut refined_ms) =
+        (Vec::new(), Vec::new(), Vec::new());
+    let mut prev_corrected: Option<(u64, Vec<nalgebra::Vector3<f64>>)> = None;
+    let mut tre_live_on_corrected = Vec::new();
+    let mut last_refined = None;
     let points: Vec<_> = scene.landmarks.points.iter().flatten().copied().collect();
     let (mut tre, mut tre_tracked) = (Vec::new(), Vec::new());
     let (mut jitter, mut jitter_tracked) = (Vec::new(), Vec::new());
@@ -500,8 +510,15 @@ pub fn pipeline(
         let p = p.map_err(|e| anyhow::anyhow!("the pipeline failed: {e}"))?;
         let t = Instant::now();
         let solved = p.solution.as_ref().filter(|s| s.status.ok());
-        // The DRR follows the tracked pose when there is one, as in the app.
-        let shown = p.tracked.map(|t| t.pose).or(solved.map(|s| s.pose));
+        // The DRR follows the pose the app shows: refined on its own frame, else corrected by
+        // the newest refinement, else tracked, else solved.
+        let shown = p
+            .refined
+            .filter(|r| r.index == p.index)
+            .map(|r| r.pose)
+            .or(p.corrected)
+            .or(p.tracked.map(|t| t.pose))
+            .or(solved.map(|s| s.pose));
         if let Some(shown) = shown {
             let c = &p.camera;
             let cam = c.rescaled((max_px as f64 / c.width_px.max(c.height_px) as f64).min(1.0));
@@ -572,6 +589,25 @@ pub fn pipeline(
             if let Some(tr) = &p.tracked {
                 tre_tracked.push(metrics::mean_tre_mm(&tr.pose, truth, &points));
             }
+            if let Some(c) = &p.corrected {
+                tre_corrected.push(metrics::mean_tre_mm(c, truth, &points));
+                if let Some(l) = p.tracked.map(|t| t.pose).or(solved.map(|s| s.pose)) {
+                    tre_live_on_corrected.push(metrics::mean_tre_mm(&l, truth, &points));
+                }
+                let e = errors(c);
+                if let Some((i, a)) = &prev_corrected
+                    && *i + 1 == p.index
+                {
+                    jitter_corrected.push(step(a, &e));
+                }
+                prev_corrected = Some((p.index, e));
+            }
+            if let Some(r) = p.refined
+                && last_refined != Some(r.index)
+            {
+                last_refined = Some(r.index);
+                refined_ms.push(r.ms);
+            }
             if consecutive {
                 if let (Some((_, Some(a), _)), Some(b)) = (&prev, &raw_e) {
                     jitter.push(step(a, b));
@@ -616,6 +652,14 @@ pub fn pipeline(
         "tre_tracked_mm": if tre_tracked.is_empty() { serde_json::Value::Null } else { mean(&tre_tracked).into() },
         "jitter_mm": mean(&jitter),
         "jitter_tracked_mm": if jitter_tracked.is_empty() { serde_json::Value::Null } else { mean(&jitter_tracked).into() },
+        "refine": refine,
+        "motion": motion,
+        "refinements": refined_ms.len(),
+        "refine_ms": if refined_ms.is_empty() { serde_json::Value::Null } else { mean(&refined_ms).into() },
+        "corrected_share": tre_corrected.len() as f64 / n.max(1) as f64,
+        "tre_corrected_mm": if tre_corrected.is_empty() { serde_json::Value::Null } else { mean(&tre_corrected).into() },
+        "tre_uncorrected_same_frames_mm": if tre_live_on_corrected.is_empty() { serde_json::Value::Null } else { mean(&tre_live_on_corrected).into() },
+        "jitter_corrected_mm": if jitter_corrected.is_empty() { serde_json::Value::Null } else { mean(&jitter_corrected).into() },
     });
     if json {
         println!("{}", serde_json::to_string(&row)?);
@@ -654,6 +698,19 @@ pub fn pipeline(
                 )
             }
         );
+        if refine {
+            println!(
+                "refined against the CT in the background: {} refinements, {:.0} ms each; \
+                 {:.0}% of frames corrected by the newest one: TRE {:.2} mm (uncorrected on those \
+                 frames {:.2} mm), jitter {:.2} mm/frame",
+                refined_ms.len(),
+                mean(&refined_ms),
+                100.0 * tre_corrected.len() as f64 / n.max(1) as f64,
+                mean(&tre_corrected),
+                mean(&tre_live_on_corrected),
+                mean(&jitter_corrected)
+            );
+        }
     }
     Ok(())
 }

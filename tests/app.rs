@@ -183,6 +183,25 @@ fn refining_against_the_ct_brings_the_paused_frames_pose_to_the_truth() {
     );
     h.get_by_label("Live").click();
     h.step();
+    // The next frame, a tenth of a second on: its live pose carries the refinement's correction,
+    // and the DRR shows the corrected pose.
+    h.get_by_label("Step").click();
+    wait(&mut h, "the next frame", |a| {
+        a.latest.as_ref().is_some_and(|q| q.index == p.index + 1)
+    });
+    let next = h.state().latest.clone().unwrap();
+    let corrected = next.corrected.expect("a correction carried over");
+    assert_eq!(h.state().display_pose(), Some(corrected));
+    let live = next.tracked.map(|t| t.pose).unwrap();
+    let to_truth = |q: &fluoropose::geometry::Pose| {
+        fluoropose::registration::metrics::mean_tre_mm(q, &next.truth.unwrap(), &pts)
+    };
+    assert!(
+        to_truth(&corrected) < to_truth(&live),
+        "corrected {} mm, live {} mm",
+        to_truth(&corrected),
+        to_truth(&live)
+    );
     // The panel grew by the refinement's lines: the switch may have scrolled out of view.
     h.get_by_label("refine the pose against the CT")
         .scroll_to_me();

@@ -358,6 +358,7 @@ impl FluoroApp {
             isocenter: scene.volume.center_mm(),
             size: 256,
             photons: settings.photons,
+            motion: 1.0,
         };
         let repaint = cc.egui_ctx.clone();
         let pipeline = Pipeline::start(
@@ -515,6 +516,7 @@ impl FluoroApp {
                 isocenter: scene.volume.center_mm(),
                 size: 256,
                 photons: self.settings.photons,
+                motion: 1.0,
             }));
         }
         let d = scene.volume.dims();
@@ -688,6 +690,10 @@ impl FluoroApp {
         // A refinement of the frame shown is the best pose there is for it.
         if let Some(r) = p.refined.filter(|r| r.index == p.index) {
             return Some(r.pose);
+        }
+        // Else the live pose corrected by the newest refinement.
+        if let Some(c) = p.corrected {
+            return Some(c);
         }
         if let Some(t) = &p.tracked {
             return Some(t.pose);
@@ -901,6 +907,7 @@ impl FluoroApp {
             isocenter: self.scene.volume.center_mm(),
             size: 256,
             photons: self.settings.photons,
+            motion: 1.0,
         }));
     }
 }

@@ -32,6 +32,8 @@ pub enum Source {
         size: u32,
         /// Photons per pixel (0: clean).
         photons: f64,
+        /// How far the C-arm moves: 1 the default trajectory (±15°, ±40 mm over 20 s), 0 still.
+        motion: f64,
     },
     /// Pre-decoded frames (a folder of images, a DICOM file or cine).
     Frames {
@@ -90,6 +92,11 @@ pub struct Timings {
     pub pose_ms: f64,
 }
 
+/// How old (stream seconds) a refinement may be for its correction to carry over to later frames.
+const CORRECTION_MAX_AGE_S: f64 = 2.0;
+/// How far (degrees) the C-arm may have turned since the refined frame for the same.
+const CORRECTION_MAX_TURN_DEG: f64 = 4.0;
+
 /// A solved pose refined against the frame it was solved on.
 #[derive(Clone, Copy, Debug)]
 pub struct RefinedPose {
@@ -99,6 +106,9 @@ pub struct RefinedPose {
     pub pose: Pose,
     /// The landmark pose it started from.
     pub from: Pose,
+    /// The pose the frame was shown with (tracked, else solved): what [`Processed::corrected`]
+    /// carries the correction from.
+    pub live: Pose,
     /// The frame's true pose (simulated source).
     pub truth: Option<Pose>,
     /// Gradient correlation of the DRR with the frame, before and after.
@@ -129,6 +139,10 @@ pub struct Processed {
     /// The newest refinement (of this frame or an earlier one; see its index), while
     /// refinement is on.
     pub refined: Option<RefinedPose>,
+    /// This frame's pose (tracked, else solved) corrected as the newest refinement corrected
+    /// its own frame's ([`crate::registration::intensity::transfer`]), while that refinement is
+    /// recent and its view near.
+    pub corrected: Option<Pose>,
     /// The true pose (simulated source).
     pub truth: Option<Pose>,
     /// Stage latencies.
@@ -225,6 +239,7 @@ impl SimThread {
         isocenter: nalgebra::Point3<f64>,
         size: u32,
         photons: f64,
+        motion: f64,
         fps: f64,
     ) -> Self {
         let (qtx, qrx) = std::sync::mpsc::channel::<SimRequest>();
@@ -253,14 +268,16 @@ impl SimThread {
                 let noise = (photons > 0.0).then_some(QuantumNoise {
                     photons_per_pixel: photons,
                 });
-                let mut sim = SimulatedStream::new(
-                    Trajectory::around(isocenter),
-                    Camera::paper(size),
-                    renderer,
-                    fps,
-                    noise,
-                    42,
-                );
+                let mut trajectory = Trajectory::around(isocenter);
+                let motion = if motion.is_finite() {
+                    motion.max(0.0)
+                } else {
+                    1.0
+                };
+                trajectory.rotation_amplitude_rad *= motion;
+                trajectory.translation_amplitude_mm *= motion;
+                let mut sim =
+                    SimulatedStream::new(trajectory, Camera::paper(size), renderer, fps, noise, 42);
                 for req in qrx {
                     match req {
                         SimRequest::Fps(f) => sim.fps = f,
@@ -328,17 +345,21 @@ impl Drop for SimThread {
     }
 }
 
+/// One frame for the refinement thread.
+struct RefineJob {
+    index: u64,
+    pixels: Arc<Vec<f32>>,
+    camera: Camera,
+    pose: Pose,
+    live: Pose,
+    truth: Option<Pose>,
+    pivot: nalgebra::Point3<f64>,
+}
+
 /// What the refinement thread is asked.
 enum RefineRequest {
     Volume(Arc<crate::drr::DensityVolume>),
-    Job {
-        index: u64,
-        pixels: Arc<Vec<f32>>,
-        camera: Camera,
-        pose: Pose,
-        truth: Option<Pose>,
-        pivot: nalgebra::Point3<f64>,
-    },
+    Job(Box<RefineJob>),
 }
 
 /// Intensity-based refinement on its own thread (and GPU device), one frame at a time: the
@@ -366,14 +387,16 @@ impl RefineThread {
                 for req in rx {
                     match req {
                         RefineRequest::Volume(v) => source.set_volume(v),
-                        RefineRequest::Job {
-                            index,
-                            pixels,
-                            camera,
-                            pose,
-                            truth,
-                            pivot,
-                        } => {
+                        RefineRequest::Job(job) => {
+                            let RefineJob {
+                                index,
+                                pixels,
+                                camera,
+                                pose,
+                                live,
+                                truth,
+                                pivot,
+                            } = *job;
                             let t0 = Instant::now();
                             let r = crate::registration::intensity::refine(
                                 &pixels,
@@ -387,6 +410,7 @@ impl RefineThread {
                                 index,
                                 pose: r.pose,
                                 from: pose,
+                                live,
                                 truth,
                                 similarity: (r.similarity_before, r.similarity),
                                 ms: t0.elapsed().as_secs_f64() * 1e3,
@@ -521,11 +545,13 @@ impl Worker {
                 isocenter,
                 size,
                 photons,
+                motion,
             } => Some(SimThread::start(
                 density.clone(),
                 *isocenter,
                 *size,
                 *photons,
+                *motion,
                 self.fps,
             )),
             Source::Frames { .. } => None,
@@ -776,6 +802,21 @@ impl Worker {
         } else {
             None
         };
+        let live = tracked
+            .map(|t| t.pose)
+            .or(solution.as_ref().filter(|s| s.status.ok()).map(|s| s.pose));
+        let corrected = match (self.refined, live) {
+            (Some(r), Some(live))
+                if index.abs_diff(r.index) as f64 <= CORRECTION_MAX_AGE_S * self.fps
+                    && crate::registration::metrics::rotation_error_deg(&r.live, &live)
+                        <= CORRECTION_MAX_TURN_DEG =>
+            {
+                Some(crate::registration::intensity::transfer(
+                    &r.live, &r.pose, &live,
+                ))
+            }
+            _ => None,
+        };
         let p = Processed {
             index,
             count: self.count(),
@@ -786,6 +827,7 @@ impl Worker {
             solution,
             tracked,
             refined: self.refined,
+            corrected,
             truth,
             timings: Timings {
                 source_ms,
@@ -812,13 +854,14 @@ impl Worker {
             return;
         }
         let present: Vec<_> = self.landmarks.points.iter().flatten().copied().collect();
-        r.offer(RefineRequest::Job {
+        r.offer(RefineRequest::Job(Box::new(RefineJob {
             index: p.index,
             pixels: p.pixels.clone(),
             camera: p.camera,
             pose: s.pose,
+            live: p.tracked.map_or(s.pose, |t| t.pose),
             truth: p.truth,
             pivot: crate::registration::intensity::centroid(&present),
-        });
+        })));
     }
 }

@@ -276,6 +276,20 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
                 if let Some(r) = &p.refined {
                     refined_lines(app, ui, r, p.index);
                 }
+                if let Some(c) = &p.corrected
+                    && p.refined.is_some_and(|r| r.index != p.index)
+                {
+                    ui.monospace(format!("corrected by that refinement\n{}", pose_lines("", c)));
+                    if let Some(t) = &p.truth {
+                        let pts: Vec<_> =
+                            app.scene.landmarks.points.iter().flatten().copied().collect();
+                        ui.label(format!(
+                            "corrected error: {:.2}° rotation, {:.1} mm TRE",
+                            crate::registration::metrics::rotation_error_deg(c, t),
+                            crate::registration::metrics::mean_tre_mm(c, t, &pts)
+                        ));
+                    }
+                }
             }
             None => {
                 ui.label("no pose (no model or no landmarks)");

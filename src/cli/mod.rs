@@ -215,6 +215,13 @@ pub enum BenchWhat {
         /// Use each frame's own solve, not the pose tracked over frames.
         #[arg(long)]
         no_track: bool,
+        /// How far the simulated C-arm moves: 1 the app's trajectory, 0 still.
+        #[arg(long, default_value_t = 1.0)]
+        motion: f64,
+        /// Refine poses against the CT in the background, as the Live tab's switch does, and
+        /// score the live poses its corrections carry over to.
+        #[arg(long)]
+        refine: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -409,10 +416,14 @@ pub fn run(cli: Cli) -> Result<()> {
                 warmup,
                 fps,
                 photons,
+                motion,
                 plain,
                 no_track,
+                refine,
                 json,
-            } => crate::bench::pipeline(seconds, warmup, fps, photons, plain, !no_track, json),
+            } => crate::bench::pipeline(
+                seconds, warmup, fps, photons, motion, plain, !no_track, refine, json,
+            ),
             BenchWhat::Model {
                 size,
                 base,

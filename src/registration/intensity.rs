@@ -406,6 +406,17 @@ pub fn refine(
     })
 }
 
+/// Carries a refinement over to another pose of the same C-arm: the correction that took `from`
+/// (a landmark pose) to `refined`, expressed in the camera frame, applied to `to` (a later
+/// frame's landmark pose). Landmark poses at nearby views err alike (mostly in depth, slowly as
+/// the C-arm moves), so a refinement a few frames old still corrects most of a live pose's
+/// error while the next refinement runs.
+pub fn transfer(from: &Pose, refined: &Pose, to: &Pose) -> Pose {
+    let rc = refined.rotation_matrix() * from.rotation_matrix().transpose();
+    let tc = refined.translation_mm - rc * from.translation_mm;
+    Pose::from_matrix(&(rc * to.rotation_matrix()), rc * to.translation_mm + tc)
+}
+
 /// The centroid of the points: the pivot [`refine`] turns the pose about.
 pub fn centroid(points: &[Point3<f64>]) -> Point3<f64> {
     let n = points.len().max(1) as f64;
@@ -446,6 +457,33 @@ mod tests {
             let b = Features::new(&bright, w, h, sim, 0.0, 0.05).unwrap();
             assert!((similarity(&a.residual(&b), a.channels.len()) - 1.0).abs() < 1e-9);
         }
+    }
+
+    #[test]
+    fn a_transferred_correction_is_the_refinement_on_its_own_frame_and_moves_with_the_carm() {
+        let from = Pose::new(
+            Vector3::new(0.1, -0.2, 0.05),
+            Vector3::new(5.0, -3.0, 800.0),
+        );
+        let refined = Pose::new(
+            Vector3::new(0.11, -0.19, 0.04),
+            Vector3::new(4.0, -2.0, 790.0),
+        );
+        let same = transfer(&from, &refined, &from);
+        assert!((same.rotation - refined.rotation).norm() < 1e-12);
+        assert!((same.translation_mm - refined.translation_mm).norm() < 1e-9);
+        // The C-arm then moves by some M (world side): the corrected pose moves by the same M.
+        let m = Pose::new(Vector3::new(0.0, 0.05, 0.0), Vector3::new(10.0, 0.0, -5.0));
+        let then = |p: &Pose| {
+            Pose::from_matrix(
+                &(p.rotation_matrix() * m.rotation_matrix()),
+                p.rotation_matrix() * m.translation_mm + p.translation_mm,
+            )
+        };
+        let moved = transfer(&from, &refined, &then(&from));
+        let want = then(&refined);
+        assert!((moved.rotation - want.rotation).norm() < 1e-12);
+        assert!((moved.translation_mm - want.translation_mm).norm() < 1e-9);
     }
 
     #[test]
