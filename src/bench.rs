@@ -491,7 +491,7 @@ pub fn pipeline(
     let mut prev_corrected: Option<(u64, Vec<nalgebra::Vector3<f64>>)> = None;
     let mut tre_live_on_corrected = Vec::new();
     let mut last_refined = None;
-    let points: Vec<_> = scene.landmarks.points.iter().flatten().copied().collect();
+    let points: Vec<_> = scene.landmarks.present();
     let (mut tre, mut tre_tracked) = (Vec::new(), Vec::new());
     let (mut jitter, mut jitter_tracked) = (Vec::new(), Vec::new());
     type Errors = Option<Vec<nalgebra::Vector3<f64>>>;
@@ -726,7 +726,7 @@ pub fn refine(n: usize, cpu: bool, json: bool) -> Result<()> {
     use crate::registration::metrics::mean_tre_mm;
     use rand::RngExt;
     let (vol, lm) = crate::volume::phantom::phantom_subject(crate::app::DEFAULT_PHANTOM, None);
-    let points: Vec<Point3<f64>> = lm.points.iter().flatten().copied().collect();
+    let points: Vec<Point3<f64>> = lm.present();
     let pivot = intensity::centroid(&points);
     let mut source = AnyDrr::new(cpu);
     source.set_volume(std::sync::Arc::new(DensityVolume::from_volume(

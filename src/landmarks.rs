@@ -197,6 +197,11 @@ fn flip_xy(p: Point3<f64>) -> Point3<f64> {
 }
 
 impl Landmarks3d {
+    /// The landmarks that are placed, in order (absent ones skipped).
+    pub fn present(&self) -> Vec<Point3<f64>> {
+        self.points.iter().flatten().copied().collect()
+    }
+
     /// All eight present, in order, or `None`.
     pub fn all(&self) -> Option<[Point3<f64>; N_LANDMARKS]> {
         let mut out = [Point3::origin(); N_LANDMARKS];

@@ -128,15 +128,7 @@ fn refining_against_the_ct_brings_the_paused_frames_pose_to_the_truth() {
     let p = h.state().latest.clone().unwrap();
     let r = p.refined.unwrap();
     let truth = p.truth.unwrap();
-    let pts: Vec<_> = h
-        .state()
-        .scene
-        .landmarks
-        .points
-        .iter()
-        .flatten()
-        .copied()
-        .collect();
+    let pts = h.state().scene.landmarks.present();
     let tre = |q: &fluoropose::geometry::Pose| {
         fluoropose::registration::metrics::mean_tre_mm(q, &truth, &pts)
     };

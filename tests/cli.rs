@@ -345,7 +345,7 @@ fn predict_refines_the_pose_against_the_ct_and_bench_refine_measures_it() {
         let p: Vec<f64> = serde_json::from_value(v[0][k].clone()).unwrap();
         fluoropose::geometry::Pose::from_params(&p.try_into().unwrap())
     };
-    let pts: Vec<_> = lm.points.iter().flatten().copied().collect();
+    let pts: Vec<_> = lm.present();
     let tre = |p: &fluoropose::geometry::Pose| {
         fluoropose::registration::metrics::mean_tre_mm(p, &truth, &pts)
     };

@@ -853,7 +853,7 @@ impl Worker {
         if !s.status.ok() || self.refined.is_some_and(|r| r.index == p.index) {
             return;
         }
-        let present: Vec<_> = self.landmarks.points.iter().flatten().copied().collect();
+        let present: Vec<_> = self.landmarks.present();
         r.offer(RefineRequest::Job(Box::new(RefineJob {
             index: p.index,
             pixels: p.pixels.clone(),

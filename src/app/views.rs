@@ -123,14 +123,7 @@ fn refined_lines(app: &FluoroApp, ui: &mut egui::Ui, r: &super::RefinedPose, sho
         pose_lines("", &r.pose)
     ));
     if let Some(t) = &r.truth {
-        let pts: Vec<_> = app
-            .scene
-            .landmarks
-            .points
-            .iter()
-            .flatten()
-            .copied()
-            .collect();
+        let pts = app.scene.landmarks.present();
         let tre = |p: &crate::geometry::Pose| crate::registration::metrics::mean_tre_mm(p, t, &pts);
         ui.label(format!(
             "refined error: {:.2}° rotation, {:.1} mm TRE (landmarks' {:.1} mm)",
@@ -258,7 +251,7 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
                 }
                 if let Some(t) = &p.truth {
                     ui.monospace(pose_lines("true ", t));
-                    let pts: Vec<_> = app.scene.landmarks.points.iter().flatten().copied().collect();
+                    let pts = app.scene.landmarks.present();
                     let err = |pose: &crate::geometry::Pose| {
                         format!(
                             "{:.2}° rotation, {:.1} mm TRE",
@@ -281,8 +274,7 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
                 {
                     ui.monospace(format!("corrected by that refinement\n{}", pose_lines("", c)));
                     if let Some(t) = &p.truth {
-                        let pts: Vec<_> =
-                            app.scene.landmarks.points.iter().flatten().copied().collect();
+                        let pts = app.scene.landmarks.present();
                         ui.label(format!(
                             "corrected error: {:.2}° rotation, {:.1} mm TRE",
                             crate::registration::metrics::rotation_error_deg(c, t),

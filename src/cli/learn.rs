@@ -542,7 +542,7 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
                 rec["status"] = serde_json::json!(format!("{:?}", s.status));
                 rec["reprojection_rmse_px"] = serde_json::json!(s.rmse_px);
                 if let (Some(src), Some(lm)) = (refiner.as_mut(), lm3.as_ref()) {
-                    let present: Vec<_> = lm.points.iter().flatten().copied().collect();
+                    let present: Vec<_> = lm.present();
                     let pivot = crate::registration::intensity::centroid(&present);
                     let r = crate::registration::intensity::refine(
                         frame,

@@ -219,7 +219,7 @@ mod tests {
     fn tracking_a_moving_c_arm_beats_per_frame_solves_and_follows_a_jump() {
         let camera = Camera::paper(256);
         let (vol, lm) = crate::volume::phantom::phantom_subject(5, Some(4.0));
-        let p3: Vec<Point3<f64>> = lm.points.iter().flatten().copied().collect();
+        let p3: Vec<Point3<f64>> = lm.present();
         let iso = vol.center_mm();
         let path = |t: f64| {
             let rot = Vector3::new(0.2 * (0.3 * t).sin(), 0.15 * (0.2 * t).cos(), 0.1);
@@ -273,7 +273,7 @@ mod tests {
         assert!(tr.update(0.0, None).is_none());
         let camera = Camera::paper(256);
         let (_, lm) = crate::volume::phantom::phantom_subject(5, Some(4.0));
-        let p3: Vec<Point3<f64>> = lm.points.iter().flatten().copied().collect();
+        let p3: Vec<Point3<f64>> = lm.present();
         let pose = crate::geometry::sampling::ap_pose(&Point3::origin(), 800.0);
         let sol = solve_seen(&camera, &p3, &pose, || 0.0);
         assert!(tr.update(0.0, Some(&sol)).unwrap().restarted);
