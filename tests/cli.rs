@@ -374,3 +374,76 @@ fn predict_refines_the_pose_against_the_ct_and_bench_refine_measures_it() {
         "{b}"
     );
 }
+
+/// `label` turns frames of a CT'd patient into training data with no annotator: on a simulated
+/// stream, every stored pose is within millimetres of the truth the stream recorded, its labels
+/// are the CT's landmarks projected there, and `train` can open the folder.
+#[test]
+fn label_makes_a_dataset_from_frames_and_their_ct() {
+    if std::env::var("FLUOROPOSE_SKIP_GPU").is_ok_and(|v| v == "1")
+        || !fluoropose::model::shipped::available()
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let frames = dir.path().join("frames");
+    let out = dir.path().join("labelled");
+    let (ok, _, err) = run(&[
+        "simulate",
+        "--ct",
+        "phantom:62",
+        "--frames",
+        "3",
+        "--fps",
+        "1",
+        "--photons",
+        "20000",
+        "--out",
+        frames.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, text, err) = run(&[
+        "label",
+        frames.to_str().unwrap(),
+        "--ct",
+        "phantom:62",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(text.contains("labelled 3 of 3 frames"), "{text}");
+    let ds = fluoropose::dataset::Dataset::open(&out).unwrap();
+    assert_eq!(ds.samples.len(), 3);
+    let truth: Vec<Value> = std::fs::read_to_string(frames.join("poses.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let lm = fluoropose::volume::phantom::phantom_subject(62, None).1;
+    let pts = lm.present();
+    for (s, t) in ds.samples.iter().zip(&truth) {
+        let v = |k: &str| -> Vec<f64> { serde_json::from_value(t[k].clone()).unwrap() };
+        let (r, tr) = (v("rotation"), v("translation"));
+        let true_pose =
+            fluoropose::geometry::Pose::from_params(&[r[0], r[1], r[2], tr[0], tr[1], tr[2]]);
+        let tre = fluoropose::registration::metrics::mean_tre_mm(&s.pose(), &true_pose, &pts);
+        assert!(tre < 2.0, "{}: {tre} mm", s.image);
+        for (i, l) in s.landmarks.iter().enumerate() {
+            if let Some([x, y]) = l {
+                let q = ds.manifest.camera.project(&true_pose, &pts[i]);
+                assert!((q.x - x).hypot(q.y - y) < 1.5, "{}: L{}", s.image, i + 1);
+            }
+        }
+    }
+    // A CT that is not there: a clear error, nothing written.
+    let (ok, _, err) = run(&[
+        "label",
+        frames.to_str().unwrap(),
+        "--ct",
+        "phantom:x",
+        "--out",
+        dir.path().join("none").to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("phantom:N"), "{err}");
+    assert!(!dir.path().join("none").exists());
+}

@@ -69,6 +69,9 @@ pub enum Command {
     Eval(learn::EvalArgs),
     /// Detect the 8 landmarks on X-ray frames and solve the pose.
     Predict(learn::PredictArgs),
+    /// Label X-ray frames of a CT'd patient for training, without an annotator: landmarks,
+    /// pose, the pose refined against the CT, and the CT's landmarks projected at it.
+    Label(learn::LabelArgs),
     /// The whole Table 1 study: generate, train four ways, evaluate both splits.
     Experiment(learn::ExperimentArgs),
 }
@@ -407,6 +410,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Train(a)) => learn::train(&a),
         Some(Command::Eval(a)) => learn::eval(&a),
         Some(Command::Predict(a)) => learn::predict(&a),
+        Some(Command::Label(a)) => learn::label(&a),
         Some(Command::Experiment(a)) => learn::experiment(&a),
         Some(Command::Bench(a)) => match a.what {
             BenchWhat::Register { problems, json } => crate::bench::register(problems, json),
