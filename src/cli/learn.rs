@@ -241,6 +241,10 @@ pub struct LabelArgs {
     /// correlation; converged simulated frames score 0.87 or more, failures under 0.83).
     #[arg(long, default_value_t = 0.85)]
     pub min_similarity: f64,
+    /// Leave out frames where fewer than this many detected landmarks lie within 3% of the
+    /// width of where the refined pose puts them: the network and the image must agree.
+    #[arg(long, default_value_t = 5)]
+    pub min_agreeing: usize,
 }
 
 /// `fluoropose experiment`.
@@ -673,10 +677,23 @@ pub fn label(a: &LabelArgs) -> Result<()> {
                     continue;
                 }
                 let (w, h) = (x.width as f64, x.height as f64);
-                let points = std::array::from_fn(|i| {
-                    let q = cam.project(&r.pose, &lm3.points[i]?);
-                    (q.x >= 0.0 && q.y >= 0.0 && q.x < w && q.y < h).then_some(q)
-                });
+                let points: [Option<nalgebra::Point2<f64>>; crate::landmarks::N_LANDMARKS] =
+                    std::array::from_fn(|i| {
+                        let q = cam.project(&r.pose, &lm3.points[i]?);
+                        (q.x >= 0.0 && q.y >= 0.0 && q.x < w && q.y < h).then_some(q)
+                    });
+                let gate = 0.03 * w.max(h);
+                let agreeing = points
+                    .iter()
+                    .zip(&found.detections)
+                    .filter(|(q, d)| q.is_some_and(|q| (q - d.point).norm() <= gate))
+                    .count();
+                if agreeing < a.min_agreeing {
+                    skipped.push(format!(
+                        "{name}: {agreeing} landmarks agree with the refined pose"
+                    ));
+                    continue;
+                }
                 dataset::append_annotated(
                     &a.out,
                     &dataset::Annotated {
