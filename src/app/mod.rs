@@ -39,8 +39,20 @@ pub struct AppOptions {
     pub open: Option<PathBuf>,
     /// The stream's frame clock, overriding the saved setting.
     pub fps: Option<f64>,
-    /// Refinement against the CT on or off, overriding the saved setting.
-    pub refine: Option<bool>,
+    /// Refinement against the CT: off, paused frames only, or while playing too (overrides
+    /// the saved setting).
+    pub refine: Option<RefineMode>,
+}
+
+/// When the Live tab refines poses against the CT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefineMode {
+    /// Never.
+    Off,
+    /// Paused and stepped frames.
+    Paused,
+    /// While playing too.
+    Always,
 }
 
 /// The tabs.
@@ -91,8 +103,11 @@ pub struct Settings {
     pub consistent: bool,
     /// Filter the pose over frames (Kalman, constant velocity).
     pub track: bool,
-    /// Refine solved poses against the frames with DRRs of the CT (intensity-based).
+    /// Refine solved poses against the frames with DRRs of the CT (intensity-based): paused
+    /// (and stepped) frames, and with `refine_while_playing` every frame it has time for.
     pub refine: bool,
+    /// Refine while the stream plays too (it then shares the CPU with the pipeline).
+    pub refine_while_playing: bool,
 }
 
 impl Settings {
@@ -119,9 +134,10 @@ impl Default for Settings {
             mirror: true,
             consistent: true,
             track: true,
-            // Off by default: it shares the CPU with the live pipeline (about 0.4 s a frame
-            // here), which would then fall below 10 fps.
-            refine: false,
+            // Paused frames only by default: while the stream plays it shares the CPU with the
+            // live pipeline (about 0.4 s a frame here), which then falls just below 10 fps.
+            refine: true,
+            refine_while_playing: false,
         }
     }
 }
@@ -371,7 +387,8 @@ impl FluoroApp {
             Box::new(move || repaint.request_repaint_after(std::time::Duration::from_micros(1))),
         );
         if let Some(r) = options.refine {
-            settings.refine = r;
+            settings.refine = r != RefineMode::Off;
+            settings.refine_while_playing = r == RefineMode::Always;
         }
         if let Some(f) = options.fps.filter(|f| f.is_finite() && *f > 0.0) {
             settings.fps = f.clamp(0.1, 120.0);
@@ -383,6 +400,7 @@ impl FluoroApp {
         pipeline.send(Command::Refine(
             settings.refine.then(|| scene.density.clone()),
         ));
+        pipeline.send(Command::RefineWhilePlaying(settings.refine_while_playing));
         let (gpu, gpu_status) = match cc.wgpu_render_state.as_ref() {
             Some(rs) => {
                 let mut renderer = DrrRenderer::new(&rs.device, &rs.queue);

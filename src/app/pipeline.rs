@@ -75,6 +75,8 @@ pub enum Command {
     /// Refine solved poses against their frames with DRRs of this CT, on a thread of its own
     /// ([`crate::registration::intensity`]); `None` stops refining.
     Refine(Option<Arc<crate::drr::DensityVolume>>),
+    /// Refine while the stream plays too (else only paused or stepped frames; on by default).
+    RefineWhilePlaying(bool),
     /// A refinement finished (sent by the refinement thread).
     Refined(Result<RefinedPose, String>),
     /// Stop the thread.
@@ -489,6 +491,7 @@ struct Worker {
     tracker: PoseTracker,
     track: bool,
     refiner: Option<RefineThread>,
+    refine_while_playing: bool,
     refined: Option<RefinedPose>,
     /// The last frame sent, to send again when its refinement arrives.
     last: Option<Processed>,
@@ -521,6 +524,7 @@ impl Worker {
             tracker: PoseTracker::new(TrackerOptions::default()),
             track: true,
             refiner: None,
+            refine_while_playing: true,
             refined: None,
             last: None,
             to_self,
@@ -570,7 +574,13 @@ impl Worker {
 
     fn handle(&mut self, c: Command) -> bool {
         match c {
-            Command::Play(p) => self.playing = p,
+            Command::Play(p) => {
+                self.playing = p;
+                // Paused: the frame in hand is the one to refine now.
+                if !p && let Some(last) = self.last.clone() {
+                    self.offer_refinement(&last);
+                }
+            }
             Command::Step => {
                 self.process();
             }
@@ -634,6 +644,7 @@ impl Worker {
                     self.refined = None;
                 }
             },
+            Command::RefineWhilePlaying(on) => self.refine_while_playing = on,
             Command::Refined(r) => {
                 if self.refiner.is_none() {
                     return true;
@@ -844,12 +855,15 @@ impl Worker {
         (self.on_frame)();
     }
 
-    /// Hands `p` to the refinement thread if it is on and idle, `p` has a pose, and `p` has
-    /// not been refined yet.
+    /// Hands `p` to the refinement thread if it is on and idle (and the stream paused, unless
+    /// refining while playing), `p` has a pose, and `p` has not been refined yet.
     fn offer_refinement(&self, p: &Processed) {
         let (Some(r), Some(s)) = (&self.refiner, &p.solution) else {
             return;
         };
+        if self.playing && !self.refine_while_playing {
+            return;
+        }
         if !s.status.ok() || self.refined.is_some_and(|r| r.index == p.index) {
             return;
         }

@@ -339,14 +339,30 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
             .on_hover_text(
                 "Match DRRs of the CT to the frame (intensity, then edges) starting from the \
                  landmarks' pose, on a thread of its own: millimetre depth where the landmarks \
-                 leave centimetres. About 0.4 s a frame on a CPU, so it refines the newest frame \
-                 whenever it is free; the DRR shows the refined pose on the frame it belongs to.",
+                 leave centimetres. About 0.4 s a frame on a CPU: a paused or stepped frame is \
+                 refined at once and the DRR shows the refined pose.",
             )
             .changed()
         {
             let volume = app.settings.refine.then(|| app.scene.density.clone());
             app.send(super::Command::Refine(volume));
         }
+        ui.add_enabled_ui(app.settings.refine, |ui| {
+            ui.indent("refine while playing", |ui| {
+                if ui
+                    .checkbox(&mut app.settings.refine_while_playing, "also while playing")
+                    .on_hover_text(
+                        "Refine the newest frame whenever the refinement is free, at low \
+                         priority; later frames carry its correction while the C-arm stays \
+                         within 4° for 2 s. Costs a few tenths of a frame per second here.",
+                    )
+                    .changed()
+                {
+                    let on = app.settings.refine_while_playing;
+                    app.send(super::Command::RefineWhilePlaying(on));
+                }
+            });
+        });
         if ui
             .checkbox(&mut app.settings.track, "track the pose over frames")
             .on_hover_text(

@@ -37,8 +37,9 @@ pub struct Cli {
     /// setting, first 10).
     #[arg(long)]
     pub fps: Option<f64>,
-    /// Refine the poses against the CT (intensity-based) from the start, kept as the setting.
-    #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
+    /// Refine the poses against the CT (intensity-based): off, on paused frames, or always
+    /// (while playing too); kept as the setting (default: the saved setting, first paused).
+    #[arg(long, value_parser = ["off", "paused", "always"])]
     pub refine: Option<String>,
 }
 
@@ -396,7 +397,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 tab,
                 open: cli.open,
                 fps: cli.fps,
-                refine: cli.refine.map(|r| r == "on"),
+                refine: cli.refine.map(|r| match r.as_str() {
+                    "off" => crate::app::RefineMode::Off,
+                    "always" => crate::app::RefineMode::Always,
+                    _ => crate::app::RefineMode::Paused,
+                }),
             })
         }
         Some(Command::Info(a)) => info(&a),
