@@ -483,9 +483,14 @@ fn median(v: &mut [f64]) -> f64 {
 
 /// Table 1 rows as markdown: one row per (model, split).
 pub fn markdown(rows: &[(String, Report)]) -> String {
+    // With refinement (any row), its TRE joins as one more column.
+    let refined = rows.iter().any(|(_, r)| r.refined.is_some());
     let mut s = String::from(
-        "| model | split | images | mean | L1 | L2 | L3 | L4 | L5 | L6 | L7 | L8 | sub-px mean | median px | misses >20 px | TRE mm | rot deg | trans mm |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| model | split | images | mean | L1 | L2 | L3 | L4 | L5 | L6 | L7 | L8 | sub-px mean | median px | misses >20 px | TRE mm | rot deg | trans mm |",
     );
+    s.push_str(if refined { " TRE refined mm |\n" } else { "\n" });
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    s.push_str(if refined { "---|\n" } else { "\n" });
     for (name, r) in rows {
         let g = |k: &str| {
             r.rmse_px
@@ -503,7 +508,7 @@ pub fn markdown(rows: &[(String, Report)]) -> String {
             s.push_str(&format!(" {:.2} |", g(&format!("L{i}"))));
         }
         s.push_str(&format!(
-            " {:.2} | {:.2} | {:.1}% | {:.2} | {:.2} | {:.2} |\n",
+            " {:.2} | {:.2} | {:.1}% | {:.2} | {:.2} | {:.2} |",
             r.rmse_subpixel_px,
             r.median_error_px,
             100.0 * r.miss_rate,
@@ -511,6 +516,11 @@ pub fn markdown(rows: &[(String, Report)]) -> String {
             r.rotation_error_deg,
             r.translation_error_mm
         ));
+        match (&r.refined, refined) {
+            (Some(f), _) => s.push_str(&format!(" {:.2} |\n", f.tre_mm)),
+            (None, true) => s.push_str(" - |\n"),
+            (None, false) => s.push('\n'),
+        }
     }
     s
 }
@@ -522,7 +532,7 @@ pub fn csv(rows: &[(String, Report)]) -> String {
         s.push_str(&format!(",L{i}"));
     }
     s.push_str(
-        ",rmse_subpixel_px,median_error_px,miss_rate,tre_mm,rotation_error_deg,translation_error_mm\n",
+        ",rmse_subpixel_px,median_error_px,miss_rate,tre_mm,rotation_error_deg,translation_error_mm,tre_refined_mm\n",
     );
     for (name, r) in rows {
         let g = |k: &str| {
@@ -536,13 +546,16 @@ pub fn csv(rows: &[(String, Report)]) -> String {
             s.push_str(&format!(",{:.4}", g(&format!("L{i}"))));
         }
         s.push_str(&format!(
-            ",{:.4},{:.4},{:.4},{:.4},{:.4},{:.4}\n",
+            ",{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{}\n",
             r.rmse_subpixel_px,
             r.median_error_px,
             r.miss_rate,
             r.tre_mm,
             r.rotation_error_deg,
-            r.translation_error_mm
+            r.translation_error_mm,
+            r.refined
+                .as_ref()
+                .map_or(String::new(), |f| format!("{:.4}", f.tre_mm))
         ));
     }
     s

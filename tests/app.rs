@@ -93,7 +93,8 @@ fn default_start_shows_landmarks_and_a_pose() {
     assert!(m["inference_ms"].as_f64().unwrap() > 0.0, "{m}");
     // The Model switches reach the pipeline: with tracking off, frames carry no tracked pose;
     // back on, they do again.
-    h.get_by_label("track the pose over frames").click_accesskit();
+    h.get_by_label("track the pose over frames")
+        .click_accesskit();
     h.step();
     assert!(!h.state().settings.track);
     // (A frame made before the switch may still be on its way: wait for one made after.)
@@ -101,7 +102,8 @@ fn default_start_shows_landmarks_and_a_pose() {
     wait(&mut h, "a frame without a tracked pose", |a| {
         a.latest.as_ref().is_some_and(|p| p.tracked.is_none())
     });
-    h.get_by_label("track the pose over frames").click_accesskit();
+    h.get_by_label("track the pose over frames")
+        .click_accesskit();
     h.step();
     assert!(h.state().settings.track);
     h.get_by_label("Step").click();

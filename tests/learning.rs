@@ -291,7 +291,7 @@ fn eval_refines_the_landmark_poses_against_the_images() {
         };
         let r = evaluate_with(&noisy, &ds, None, &opts, &Task::new()).unwrap();
         assert_eq!(r.images, 3);
-        let f = r.refined.unwrap();
+        let f = r.refined.clone().unwrap();
         assert_eq!(f.images, 3 - r.registration_failures);
         assert!((f.tre_before_mm - r.tre_mm).abs() < 1e-9);
         assert!(
@@ -312,10 +312,25 @@ fn eval_refines_the_landmark_poses_against_the_images() {
         if cpu {
             assert_eq!(f.renderer, "cpu");
         }
+        // The tables carry the refined TRE as one more column.
+        let rows = [("oracle".to_string(), r.clone())];
+        let md = fluoropose::eval::markdown(&rows);
+        assert!(md.contains("| TRE refined mm |"), "{md}");
+        assert!(md.contains(&format!(" {:.2} |\n", f.tre_mm)), "{md}");
+        let csv = fluoropose::eval::csv(&rows);
+        assert!(csv.lines().next().unwrap().ends_with(",tre_refined_mm"));
+        assert!(
+            csv.lines()
+                .nth(1)
+                .unwrap()
+                .ends_with(&format!(",{:.4}", f.tre_mm))
+        );
     }
     // Without the options there is no refined report and no per-image list.
     let plain = evaluate_with(&noisy, &ds, None, &EvalOptions::default(), &Task::new()).unwrap();
     assert!(plain.refined.is_none() && plain.per_image.is_empty());
+    let md = fluoropose::eval::markdown(&[("plain".to_string(), plain)]);
+    assert!(!md.contains("refined"), "{md}");
 }
 
 /// The shipped model on a phantom it never saw, read three ways: the paper's argmax, and the
