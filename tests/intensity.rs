@@ -117,3 +117,35 @@ fn refinement_keeps_a_pose_that_is_already_right_and_rejects_bad_input() {
     nan.translation_mm.x = f64::NAN;
     assert!(refine(&s.frame, &s.camera, &pivot, &nan, &mut s.source, &opts).is_err());
 }
+
+/// A renderer that fails, or returns too few images, gives an error (a lost GPU device, say),
+/// not a panic.
+#[test]
+fn a_failing_renderer_is_an_error() {
+    struct Lost;
+    impl DrrSource for Lost {
+        fn render(&mut self, _: &Camera, _: &Pose) -> Result<Vec<f32>, String> {
+            Err("device lost".into())
+        }
+    }
+    struct Short;
+    impl DrrSource for Short {
+        fn render(&mut self, _: &Camera, _: &Pose) -> Result<Vec<f32>, String> {
+            Ok(Vec::new())
+        }
+        fn render_batch(&mut self, _: &Camera, _: &[Pose]) -> Result<Vec<Vec<f32>>, String> {
+            Ok(Vec::new())
+        }
+    }
+    let camera = Camera::paper(32);
+    let frame: Vec<f32> = (0..32 * 32)
+        .map(|i| ((i % 32) as f32 * 0.4).sin() + ((i / 32) as f32 * 0.3).cos())
+        .collect();
+    let pose = Pose::new(Vector3::zeros(), Vector3::new(0.0, 0.0, 800.0));
+    let pivot = Point3::origin();
+    let opts = IntensityOptions::default();
+    let e = refine(&frame, &camera, &pivot, &pose, &mut Lost, &opts).unwrap_err();
+    assert!(e.to_string().contains("device lost"), "{e}");
+    let e = refine(&frame, &camera, &pivot, &pose, &mut Short, &opts).unwrap_err();
+    assert!(e.to_string().contains("0 images for 1 poses"), "{e}");
+}

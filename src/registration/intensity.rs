@@ -287,9 +287,17 @@ pub fn refine(
     };
     let mut render = |cam: &Camera, poses: &[Pose], n: &mut usize| {
         *n += poses.len();
-        source
+        let images = source
             .render_batch(cam, poses)
-            .map_err(IntensityError::Render)
+            .map_err(IntensityError::Render)?;
+        if images.len() != poses.len() {
+            return Err(IntensityError::Render(format!(
+                "{} images for {} poses",
+                images.len(),
+                poses.len()
+            )));
+        }
+        Ok(images)
     };
 
     let finest = levels.len() - 1;
