@@ -91,6 +91,32 @@ fn refinement_recovers_a_pose_the_landmarks_left_off_in_depth_and_tilt() {
     }
 }
 
+/// A frame stored the other way round (bone dark, as XA cines in MONOCHROME2 are) is matched
+/// inverted, as well as the original.
+#[test]
+fn an_inverted_frame_is_matched_inverted() {
+    let mut s = setup();
+    let pivot = centroid(&s.points);
+    let init = off(
+        &s.truth,
+        &pivot,
+        Vector3::new(0.03, -0.04, 0.01),
+        Vector3::new(2.0, -1.5, 25.0),
+    );
+    let opts = IntensityOptions::default();
+    let upright = refine(&s.frame, &s.camera, &pivot, &init, &mut s.source, &opts).unwrap();
+    assert!(!upright.inverted);
+    let dark: Vec<f32> = s.frame.iter().map(|v| 4.0 - 2.0 * v).collect();
+    let r = refine(&dark, &s.camera, &pivot, &init, &mut s.source, &opts).unwrap();
+    assert!(r.inverted);
+    let (tre0, tre) = (
+        mean_tre_mm(&init, &s.truth, &s.points),
+        mean_tre_mm(&r.pose, &s.truth, &s.points),
+    );
+    assert!(tre < 0.2 * tre0, "TRE {tre0:.2} -> {tre:.2} mm");
+    assert!((tre - mean_tre_mm(&upright.pose, &s.truth, &s.points)).abs() < 0.5);
+}
+
 #[test]
 fn refinement_keeps_a_pose_that_is_already_right_and_rejects_bad_input() {
     let mut s = setup();

@@ -604,6 +604,7 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
                     .with_context(|| format!("refining the pose of {} frame {k}", f.display()))?;
                     rec["refined_pose"] = serde_json::json!(r.pose.params());
                     rec["similarity"] = serde_json::json!([r.similarity_before, r.similarity]);
+                    rec["inverted"] = serde_json::json!(r.inverted);
                 }
             }
             out.push(rec);

@@ -83,6 +83,9 @@ pub struct Refinement {
     pub renders: usize,
     /// Accepted Levenberg-Marquardt steps, all levels.
     pub steps: usize,
+    /// The frame was matched with its polarity reversed (bone dark, as many X-ray formats
+    /// store it), because it correlated negatively with the DRR at the starting pose.
+    pub inverted: bool,
 }
 
 /// Why a refinement could not run.
@@ -269,7 +272,41 @@ pub fn refine(
             frame: features,
         });
     }
-    let mut renders = 0usize;
+    // The frame's polarity. DRRs are bright where the CT attenuates; many X-ray formats (an XA
+    // cine in MONOCHROME2, say) store the opposite. The coarsest level at the starting pose
+    // says which: a negative correlation means the frame is matched inverted.
+    let mut renders = 1usize;
+    let inverted = {
+        let first = &levels[0];
+        let img = source
+            .render_batch(&first.camera, &[*init])
+            .map_err(IntensityError::Render)?;
+        let (nw, nh) = (
+            first.camera.width_px as usize,
+            first.camera.height_px as usize,
+        );
+        img.first()
+            .and_then(|img| {
+                Features::new(
+                    img,
+                    nw,
+                    nh,
+                    first.spec.similarity,
+                    first.spec.blur_px,
+                    opts.margin,
+                )
+            })
+            .is_some_and(|f| {
+                similarity(&f.residual(&first.frame), first.frame.channels.len()) < 0.0
+            })
+    };
+    if inverted {
+        for level in &mut levels {
+            for c in &mut level.frame.channels {
+                c.iter_mut().for_each(|v| *v = -*v);
+            }
+        }
+    }
     let residual = |level: &Level, img: &[f32]| -> DVector<f64> {
         let (nw, nh) = (
             level.camera.width_px as usize,
@@ -402,6 +439,7 @@ pub fn refine(
             similarity: after,
             renders,
             steps,
+            inverted,
         }
     } else {
         Refinement {
@@ -410,6 +448,7 @@ pub fn refine(
             similarity: before,
             renders,
             steps,
+            inverted,
         }
     })
 }
