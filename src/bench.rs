@@ -512,13 +512,7 @@ pub fn pipeline(
         let solved = p.solution.as_ref().filter(|s| s.status.ok());
         // The DRR follows the pose the app shows: refined on its own frame, else corrected by
         // the newest refinement, else tracked, else solved.
-        let shown = p
-            .refined
-            .filter(|r| r.index == p.index)
-            .map(|r| r.pose)
-            .or(p.corrected)
-            .or(p.tracked.map(|t| t.pose))
-            .or(solved.map(|s| s.pose));
+        let shown = p.shown_pose();
         if let Some(shown) = shown {
             let c = &p.camera;
             let cam = c.rescaled((max_px as f64 / c.width_px.max(c.height_px) as f64).min(1.0));
@@ -591,7 +585,7 @@ pub fn pipeline(
             }
             if let Some(c) = &p.corrected {
                 tre_corrected.push(metrics::mean_tre_mm(c, truth, &points));
-                if let Some(l) = p.tracked.map(|t| t.pose).or(solved.map(|s| s.pose)) {
+                if let Some(l) = p.live_pose() {
                     tre_live_on_corrected.push(metrics::mean_tre_mm(&l, truth, &points));
                 }
                 let e = errors(c);

@@ -222,20 +222,10 @@ pub fn evaluate_with(
     let (mut other_peak, mut reprojected, mut decoded_landmarks) = (0usize, 0usize, 0usize);
     let (mut rot, mut trans, mut failures) = (0.0, 0.0, 0usize);
     let mut per_image = Vec::new();
-    let mut refiner = opts.refine.as_ref().map(|o| Refiner {
-        opts: o.clone(),
-        source: AnyDrr::new(opts.cpu),
-        subject: None,
-        tres: Vec::new(),
-        before: 0.0,
-        rot: 0.0,
-        trans: 0.0,
-        changed: 0,
-        renders: 0,
-        seconds: 0.0,
-        sq_px: 0.0,
-        visible: 0,
-    });
+    let mut refiner = opts
+        .refine
+        .as_ref()
+        .map(|o| Refiner::new(o.clone(), opts.cpu));
     task.set_total(samples.len() as u64);
     task.set_done(0);
     for chunk in samples.chunks(8) {
@@ -389,18 +379,33 @@ struct Refiner {
     opts: IntensityOptions,
     source: AnyDrr,
     subject: Option<usize>,
-    tres: Vec<f64>,
-    before: f64,
-    rot: f64,
-    trans: f64,
-    changed: usize,
-    renders: usize,
-    seconds: f64,
+    /// One record per refined image; the report is derived from them.
+    done: Vec<Refined>,
+}
+
+/// What one refinement scored: the per-image record plus what only the report needs.
+struct Refined {
+    image: RefinedImage,
+    tre_before_mm: f64,
+    rotation_error_deg: f64,
+    translation_error_mm: f64,
+    changed: bool,
+    /// Squared reprojection errors summed (px² at 512 scale) and how many landmarks.
     sq_px: f64,
-    visible: usize,
+    landmarks: usize,
+    seconds: f64,
 }
 
 impl Refiner {
+    fn new(opts: IntensityOptions, cpu: bool) -> Self {
+        Self {
+            opts,
+            source: AnyDrr::new(cpu),
+            subject: None,
+            done: Vec::new(),
+        }
+    }
+
     fn refine(
         &mut self,
         data: &Dataset,
@@ -429,48 +434,53 @@ impl Refiner {
             &self.opts,
         )
         .map_err(|e| crate::train::TrainError::Invalid(format!("{}: {e}", s.image)))?;
-        self.seconds += t0.elapsed().as_secs_f64();
+        let seconds = t0.elapsed().as_secs_f64();
         let truth = s.pose();
-        let tre = metrics::mean_tre_mm(&r.pose, &truth, &p3);
-        self.tres.push(tre);
-        self.before += metrics::mean_tre_mm(pose, &truth, &p3);
-        self.rot += metrics::rotation_error_deg(&r.pose, &truth);
-        self.trans += metrics::translation_error_mm(&r.pose, &truth);
-        self.changed += usize::from(r.pose != *pose);
         let scale = 512.0 / data.manifest.size as f64;
-        let (mut sq, mut n) = (0.0, 0usize);
+        let (mut sq_px, mut landmarks) = (0.0, 0usize);
         for (p, l) in p3.iter().zip(&s.landmarks) {
             if let Some([x, y]) = l {
                 let q = data.manifest.camera.project(&r.pose, p);
-                sq += ((q.x - x).powi(2) + (q.y - y).powi(2)) * scale * scale;
-                n += 1;
+                sq_px += ((q.x - x).powi(2) + (q.y - y).powi(2)) * scale * scale;
+                landmarks += 1;
             }
         }
-        self.sq_px += sq;
-        self.visible += n;
-        self.renders += r.renders;
-        Ok(RefinedImage {
-            tre_mm: tre,
-            rmse_px: (sq / n.max(1) as f64).sqrt(),
+        let image = RefinedImage {
+            tre_mm: metrics::mean_tre_mm(&r.pose, &truth, &p3),
+            rmse_px: (sq_px / landmarks.max(1) as f64).sqrt(),
             similarity: [r.similarity_before, r.similarity],
             renders: r.renders,
-        })
+        };
+        self.done.push(Refined {
+            image,
+            tre_before_mm: metrics::mean_tre_mm(pose, &truth, &p3),
+            rotation_error_deg: metrics::rotation_error_deg(&r.pose, &truth),
+            translation_error_mm: metrics::translation_error_mm(&r.pose, &truth),
+            changed: r.pose != *pose,
+            sq_px,
+            landmarks,
+            seconds,
+        });
+        Ok(image)
     }
 
     fn report(self) -> RefinedReport {
-        let n = self.tres.len().max(1) as f64;
-        let mut sorted = self.tres.clone();
+        let n = self.done.len().max(1) as f64;
+        let mean = |f: &dyn Fn(&Refined) -> f64| self.done.iter().map(f).sum::<f64>() / n;
+        let mut tres: Vec<f64> = self.done.iter().map(|d| d.image.tre_mm).collect();
+        let sq: f64 = self.done.iter().map(|d| d.sq_px).sum();
+        let landmarks: usize = self.done.iter().map(|d| d.landmarks).sum();
         RefinedReport {
-            tre_mm: self.tres.iter().sum::<f64>() / n,
-            tre_median_mm: median(&mut sorted),
-            tre_before_mm: self.before / n,
-            rmse_px: (self.sq_px / self.visible.max(1) as f64).sqrt(),
-            rotation_error_deg: self.rot / n,
-            translation_error_mm: self.trans / n,
-            changed_rate: self.changed as f64 / n,
-            images: self.tres.len(),
-            renders_per_image: self.renders as f64 / n,
-            ms_per_image: 1000.0 * self.seconds / n,
+            tre_mm: mean(&|d| d.image.tre_mm),
+            tre_median_mm: median(&mut tres),
+            tre_before_mm: mean(&|d| d.tre_before_mm),
+            rmse_px: (sq / landmarks.max(1) as f64).sqrt(),
+            rotation_error_deg: mean(&|d| d.rotation_error_deg),
+            translation_error_mm: mean(&|d| d.translation_error_mm),
+            changed_rate: mean(&|d| f64::from(u8::from(d.changed))),
+            images: self.done.len(),
+            renders_per_image: mean(&|d| d.image.renders as f64),
+            ms_per_image: 1000.0 * mean(&|d| d.seconds),
             renderer: if self.source.on_gpu() { "gpu" } else { "cpu" }.into(),
         }
     }

@@ -202,6 +202,20 @@ impl Landmarks3d {
         self.points.iter().flatten().copied().collect()
     }
 
+    /// Where `camera` at `pose` sees each landmark, in pixels; `None` where it is absent or
+    /// falls outside the image (`[0, width) x [0, height)`, docs/geometry.md).
+    pub fn seen_from(
+        &self,
+        camera: &crate::geometry::Camera,
+        pose: &crate::geometry::Pose,
+    ) -> [Option<Point2<f64>>; N_LANDMARKS] {
+        let (w, h) = (camera.width_px as f64, camera.height_px as f64);
+        std::array::from_fn(|i| {
+            let q = camera.project(pose, &self.points[i]?);
+            (q.x >= 0.0 && q.y >= 0.0 && q.x < w && q.y < h).then_some(q)
+        })
+    }
+
     /// All eight present, in order, or `None`.
     pub fn all(&self) -> Option<[Point3<f64>; N_LANDMARKS]> {
         let mut out = [Point3::origin(); N_LANDMARKS];

@@ -691,7 +691,7 @@ impl FluoroApp {
         &self.gpu_status
     }
 
-    /// The pose the DRR shows: manual sliders or the solved pose.
+    /// The pose the DRR shows: manual sliders, or the frame's best pose ([`Processed::shown_pose`]).
     pub fn display_pose(&self) -> Option<Pose> {
         if self.manual {
             let m = self.manual_pose;
@@ -704,20 +704,7 @@ impl FluoroApp {
                 m[5],
             ]));
         }
-        let p = self.latest.as_ref()?;
-        // A refinement of the frame shown is the best pose there is for it.
-        if let Some(r) = p.refined.filter(|r| r.index == p.index) {
-            return Some(r.pose);
-        }
-        // Else the live pose corrected by the newest refinement.
-        if let Some(c) = p.corrected {
-            return Some(c);
-        }
-        if let Some(t) = &p.tracked {
-            return Some(t.pose);
-        }
-        let s = p.solution.as_ref()?;
-        s.status.ok().then_some(s.pose)
+        self.latest.as_ref()?.shown_pose()
     }
 
     /// Renders the DRR at `pose` into the GPU texture if it changed; returns its texture.
@@ -849,11 +836,7 @@ impl FluoroApp {
     /// Opens frames (a DICOM file or cine, an image, or a folder of images) as the source.
     pub fn open_frames(&mut self, path: PathBuf) {
         let r = (|| -> Result<(Source, Option<f64>), String> {
-            let files = if path.is_dir() {
-                crate::stream::list_frames(&path).map_err(|e| e.to_string())?
-            } else {
-                vec![path.clone()]
-            };
+            let files = crate::stream::frame_files(&path).map_err(|e| e.to_string())?;
             let mut frames = Vec::new();
             let mut size = None;
             let mut header = None;

@@ -155,6 +155,27 @@ pub struct Processed {
     pub skipped: u64,
 }
 
+impl Processed {
+    /// The live pose: tracked over frames, else this frame's own solve when it succeeded.
+    pub fn live_pose(&self) -> Option<Pose> {
+        self.tracked.map(|t| t.pose).or(self
+            .solution
+            .as_ref()
+            .filter(|s| s.status.ok())
+            .map(|s| s.pose))
+    }
+
+    /// The best pose there is for this frame, the one the DRR shows: its own refinement, else
+    /// the live pose corrected by the newest refinement, else the live pose.
+    pub fn shown_pose(&self) -> Option<Pose> {
+        self.refined
+            .filter(|r| r.index == self.index)
+            .map(|r| r.pose)
+            .or(self.corrected)
+            .or_else(|| self.live_pose())
+    }
+}
+
 /// The worker's handle.
 pub struct Pipeline {
     commands: std::sync::mpsc::Sender<Command>,
@@ -437,17 +458,12 @@ impl RefineThread {
         }
     }
 
-    /// Hands over a frame unless one is in hand; `false` when busy.
-    fn offer(&self, job: RefineRequest) -> bool {
+    /// Hands over a frame unless one is in hand (then the frame is dropped).
+    fn offer(&self, job: RefineRequest) {
         use std::sync::atomic::Ordering;
-        if self.busy.swap(true, Ordering::AcqRel) {
-            return false;
-        }
-        if self.requests.send(job).is_err() {
+        if !self.busy.swap(true, Ordering::AcqRel) && self.requests.send(job).is_err() {
             self.busy.store(false, Ordering::Release);
-            return false;
         }
-        true
     }
 }
 
@@ -577,8 +593,8 @@ impl Worker {
             Command::Play(p) => {
                 self.playing = p;
                 // Paused: the frame in hand is the one to refine now.
-                if !p && let Some(last) = self.last.clone() {
-                    self.offer_refinement(&last);
+                if !p && let Some(last) = &self.last {
+                    self.offer_refinement(last);
                 }
             }
             Command::Step => {
@@ -666,8 +682,8 @@ impl Worker {
                     }
                 }
                 // The frame in hand may be waiting: offer it.
-                if let Some(p) = self.last.clone() {
-                    self.offer_refinement(&p);
+                if let Some(p) = &self.last {
+                    self.offer_refinement(p);
                 }
             }
             Command::Quit => return false,
@@ -813,10 +829,27 @@ impl Worker {
         } else {
             None
         };
-        let live = tracked
-            .map(|t| t.pose)
-            .or(solution.as_ref().filter(|s| s.status.ok()).map(|s| s.pose));
-        let corrected = match (self.refined, live) {
+        let mut p = Processed {
+            index,
+            count: self.count(),
+            size,
+            pixels: Arc::new(pixels),
+            camera,
+            detections,
+            solution,
+            tracked,
+            refined: self.refined,
+            corrected: None,
+            truth,
+            timings: Timings {
+                source_ms,
+                inference_ms,
+                pose_ms,
+            },
+            produced,
+            skipped: self.skipped,
+        };
+        p.corrected = match (self.refined, p.live_pose()) {
             (Some(r), Some(live))
                 if index.abs_diff(r.index) as f64 <= CORRECTION_MAX_AGE_S * self.fps
                     && crate::registration::metrics::rotation_error_deg(&r.live, &live)
@@ -827,26 +860,6 @@ impl Worker {
                 ))
             }
             _ => None,
-        };
-        let p = Processed {
-            index,
-            count: self.count(),
-            size,
-            pixels: Arc::new(pixels),
-            camera,
-            detections,
-            solution,
-            tracked,
-            refined: self.refined,
-            corrected,
-            truth,
-            timings: Timings {
-                source_ms,
-                inference_ms,
-                pose_ms,
-            },
-            produced,
-            skipped: self.skipped,
         };
         self.offer_refinement(&p);
         self.last = Some(p.clone());
@@ -867,15 +880,14 @@ impl Worker {
         if !s.status.ok() || self.refined.is_some_and(|r| r.index == p.index) {
             return;
         }
-        let present: Vec<_> = self.landmarks.present();
         r.offer(RefineRequest::Job(Box::new(RefineJob {
             index: p.index,
             pixels: p.pixels.clone(),
             camera: p.camera,
             pose: s.pose,
-            live: p.tracked.map_or(s.pose, |t| t.pose),
+            live: p.live_pose().unwrap_or(s.pose),
             truth: p.truth,
-            pivot: crate::registration::intensity::centroid(&present),
+            pivot: crate::registration::intensity::centroid(&self.landmarks.present()),
         })));
     }
 }

@@ -994,12 +994,7 @@ fn refined_for_annotation(app: &FluoroApp) -> Option<[Option<nalgebra::Point2<f6
         .as_ref()
         .and_then(|p| p.refined)
         .filter(|r| r.index == frame.index)?;
-    let (w, h) = (frame.size.0 as f64, frame.size.1 as f64);
-    Some(std::array::from_fn(|i| {
-        let p = app.scene.landmarks.points[i]?;
-        let q = frame.camera.project(&r.pose, &p);
-        (q.x >= 0.0 && q.y >= 0.0 && q.x < w && q.y < h).then_some(q)
-    }))
+    Some(app.scene.landmarks.seen_from(&frame.camera, &r.pose))
 }
 
 pub fn autosave(app: &mut FluoroApp) {

@@ -485,6 +485,15 @@ pub fn default_model(device: &Device) -> Result<Predictor> {
     Ok(crate::model::shipped::predictor(device)?)
 }
 
+/// `--model` loaded on the inference device, or the shipped model without one.
+fn load_predictor(model: Option<&Path>) -> Result<Predictor> {
+    let dev = device();
+    match model {
+        Some(m) => Predictor::load(m, &dev).with_context(|| format!("loading {}", m.display())),
+        None => default_model(&dev),
+    }
+}
+
 /// A CT loaded to refine poses against: its DRRs (on the GPU when one works) and its centre.
 struct RefineCt {
     source: crate::drr::AnyDrr,
@@ -546,16 +555,8 @@ fn ct_and_landmarks(
 }
 
 pub fn predict(a: &PredictArgs) -> Result<()> {
-    let dev = device();
-    let p = match &a.model {
-        Some(m) => Predictor::load(m, &dev).with_context(|| format!("loading {}", m.display()))?,
-        None => default_model(&dev)?,
-    };
-    let files = if a.frames.is_dir() {
-        crate::stream::list_frames(&a.frames)?
-    } else {
-        vec![a.frames.clone()]
-    };
+    let p = load_predictor(a.model.as_deref())?;
+    let files = crate::stream::frame_files(&a.frames)?;
     let (lm3, ct) = ct_and_landmarks(a.ct.as_deref(), a.landmarks.as_deref())?;
     let mut refiner = ct.map(|c| c.source);
     let decode = if a.plain {
@@ -621,16 +622,8 @@ pub fn label(a: &LabelArgs) -> Result<()> {
     if !(a.size >= 16 && a.min_similarity.is_finite()) {
         bail!("--size must be 16 or more and --min-similarity a number");
     }
-    let dev = device();
-    let p = match &a.model {
-        Some(m) => Predictor::load(m, &dev).with_context(|| format!("loading {}", m.display()))?,
-        None => default_model(&dev)?,
-    };
-    let files = if a.frames.is_dir() {
-        crate::stream::list_frames(&a.frames)?
-    } else {
-        vec![a.frames.clone()]
-    };
+    let p = load_predictor(a.model.as_deref())?;
+    let files = crate::stream::frame_files(&a.frames)?;
     let (lm3, ct) = ct_and_landmarks(Some(&a.ct), a.landmarks.as_deref())?;
     let (Some(lm3), Some(mut ct)) = (lm3, ct) else {
         bail!("--ct {} gave no CT or landmarks", a.ct);
@@ -677,13 +670,8 @@ pub fn label(a: &LabelArgs) -> Result<()> {
                     skipped.push(format!("{name}: similarity {:.3}", r.similarity));
                     continue;
                 }
-                let (w, h) = (x.width as f64, x.height as f64);
-                let points: [Option<nalgebra::Point2<f64>>; crate::landmarks::N_LANDMARKS] =
-                    std::array::from_fn(|i| {
-                        let q = cam.project(&r.pose, &lm3.points[i]?);
-                        (q.x >= 0.0 && q.y >= 0.0 && q.x < w && q.y < h).then_some(q)
-                    });
-                let gate = 0.03 * w.max(h);
+                let points = lm3.seen_from(&cam, &r.pose);
+                let gate = 0.03 * x.width.max(x.height) as f64;
                 let agreeing = points
                     .iter()
                     .zip(&found.detections)

@@ -842,12 +842,8 @@ fn render_gpu(
 }
 
 fn frames(a: &FramesArgs) -> Result<()> {
-    use crate::stream::{list_frames, read_image_file};
-    let files = if a.path.is_dir() {
-        list_frames(&a.path)?
-    } else {
-        vec![a.path.clone()]
-    };
+    use crate::stream::{frame_files, read_image_file};
+    let files = frame_files(&a.path)?;
     let mut out = Vec::new();
     for f in &files {
         let x = read_image_file(f)?;

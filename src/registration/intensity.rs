@@ -230,6 +230,34 @@ struct Level {
     frame: Features,
 }
 
+impl Level {
+    /// The features of an image at this level (the frame's, or a DRR's); `None` when flat.
+    fn features(&self, img: &[f32], margin: f64) -> Option<Features> {
+        let (w, h) = (
+            self.camera.width_px as usize,
+            self.camera.height_px as usize,
+        );
+        Features::new(img, w, h, self.spec.similarity, self.spec.blur_px, margin)
+    }
+
+    /// `DRR features − frame features` for a DRR at this level. A DRR that misses the CT
+    /// entirely (flat) counts as unlike the frame as a flat picture can be.
+    fn residual(&self, img: &[f32], margin: f64) -> DVector<f64> {
+        match self.features(img, margin) {
+            Some(f) => f.residual(&self.frame),
+            None => DVector::from_iterator(
+                self.frame.channels.iter().map(Vec::len).sum(),
+                self.frame.channels.iter().flatten().copied(),
+            ),
+        }
+    }
+
+    /// Mean correlation of a residual's channels.
+    fn similarity(&self, r: &DVector<f64>) -> f64 {
+        similarity(r, self.frame.channels.len())
+    }
+}
+
 /// Refines `init` so that DRRs of `source`'s CT match `frame` (`height x width` line integrals
 /// or any monotone image of them, row 0 at the top, the size of `camera`). `pivot` (world, mm)
 /// is what the pose turns about, typically the centroid of the CT's landmarks.
@@ -272,56 +300,7 @@ pub fn refine(
             frame: features,
         });
     }
-    // The frame's polarity. DRRs are bright where the CT attenuates; many X-ray formats (an XA
-    // cine in MONOCHROME2, say) store the opposite. The coarsest level at the starting pose
-    // says which: a negative correlation means the frame is matched inverted.
-    let mut renders = 1usize;
-    let inverted = {
-        let first = &levels[0];
-        let img = source
-            .render_batch(&first.camera, &[*init])
-            .map_err(IntensityError::Render)?;
-        let (nw, nh) = (
-            first.camera.width_px as usize,
-            first.camera.height_px as usize,
-        );
-        img.first()
-            .and_then(|img| {
-                Features::new(
-                    img,
-                    nw,
-                    nh,
-                    first.spec.similarity,
-                    first.spec.blur_px,
-                    opts.margin,
-                )
-            })
-            .is_some_and(|f| {
-                similarity(&f.residual(&first.frame), first.frame.channels.len()) < 0.0
-            })
-    };
-    if inverted {
-        for level in &mut levels {
-            for c in &mut level.frame.channels {
-                c.iter_mut().for_each(|v| *v = -*v);
-            }
-        }
-    }
-    let residual = |level: &Level, img: &[f32]| -> DVector<f64> {
-        let (nw, nh) = (
-            level.camera.width_px as usize,
-            level.camera.height_px as usize,
-        );
-        let spec = level.spec;
-        match Features::new(img, nw, nh, spec.similarity, spec.blur_px, opts.margin) {
-            Some(f) => f.residual(&level.frame),
-            // A DRR that misses the CT entirely: as unlike the frame as a flat picture can be.
-            None => DVector::from_iterator(
-                level.frame.channels.iter().map(Vec::len).sum(),
-                level.frame.channels.iter().flatten().copied(),
-            ),
-        }
-    };
+    let mut renders = 0usize;
     let mut render = |cam: &Camera, poses: &[Pose], n: &mut usize| {
         *n += poses.len();
         let images = source
@@ -336,6 +315,24 @@ pub fn refine(
         }
         Ok(images)
     };
+    // The frame's polarity. DRRs are bright where the CT attenuates; many X-ray formats (an XA
+    // cine in MONOCHROME2, say) store the opposite. The coarsest level at the starting pose
+    // says which: a negative correlation means the frame is matched inverted.
+    let first = &levels[0];
+    let inverted = first
+        .features(
+            &render(&first.camera, &[*init], &mut renders)?[0],
+            opts.margin,
+        )
+        .is_some_and(|f| first.similarity(&f.residual(&first.frame)) < 0.0);
+    if inverted {
+        for level in &mut levels {
+            for c in &mut level.frame.channels {
+                c.iter_mut().for_each(|v| *v = -*v);
+            }
+        }
+    }
+    let residual = |level: &Level, img: &[f32]| level.residual(img, opts.margin);
 
     let finest = levels.len() - 1;
     let r_init = residual(
@@ -430,8 +427,10 @@ pub fn refine(
         }
         r_last = r;
     }
-    let channels = levels[finest].frame.channels.len();
-    let (before, after) = (similarity(&r_init, channels), similarity(&r_last, channels));
+    let (before, after) = (
+        levels[finest].similarity(&r_init),
+        levels[finest].similarity(&r_last),
+    );
     Ok(if after > before {
         Refinement {
             pose,

@@ -87,6 +87,15 @@ fn natural_key(name: &str) -> Vec<(String, u64)> {
     out
 }
 
+/// What a frames argument names: a folder's frame files ([`list_frames`]), or the one file.
+pub fn frame_files(path: &Path) -> Result<Vec<PathBuf>, FrameError> {
+    if path.is_dir() {
+        list_frames(path)
+    } else {
+        Ok(vec![path.to_owned()])
+    }
+}
+
 /// The frame files of a folder (not recursive, hidden files and non-images skipped: PNG, TIFF,
 /// NPY, `.dcm` and extension-less files, which is how DICOM often comes), in natural name order.
 pub fn list_frames(dir: &Path) -> Result<Vec<PathBuf>, FrameError> {

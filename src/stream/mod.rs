@@ -7,5 +7,5 @@ mod image_file;
 pub mod simulated;
 mod xray_dicom;
 
-pub use image_file::{list_frames, read_image_file};
+pub use image_file::{frame_files, list_frames, read_image_file};
 pub use xray_dicom::{CarmHeader, FrameError, XrayFrames, read_xray_dicom};
