@@ -42,6 +42,8 @@ pub struct AppOptions {
     /// Refinement against the CT: off, paused frames only, or while playing too (overrides
     /// the saved setting).
     pub refine: Option<RefineMode>,
+    /// Present without waiting for the display's vertical blank: lower latency, may tear.
+    pub no_vsync: bool,
 }
 
 /// When the Live tab refines poses against the CT.
@@ -673,6 +675,7 @@ impl FluoroApp {
             "drr_ms": self.drr_ms,
             "ui_frames": self.ui_cpu.0,
             "ui_ms": self.ui_cpu.1 * 1e3 / self.ui_cpu.0.max(1) as f64,
+            "devices": self.gpu_status,
         })
     }
 
@@ -1055,6 +1058,9 @@ impl eframe::App for FluoroApp {
 pub fn run(options: AppOptions) -> anyhow::Result<()> {
     use eframe::egui_wgpu::{WgpuConfiguration, WgpuSetup};
     let mut wgpu_options = WgpuConfiguration::default();
+    if options.no_vsync {
+        wgpu_options.surface.present_mode = wgpu::PresentMode::AutoNoVsync;
+    }
     if let WgpuSetup::CreateNew(setup) = &mut wgpu_options.wgpu_setup {
         // egui asks for WebGPU's default limits; the DRR shares this device and wants the
         // adapter's storage and 3D texture limits, so that a large CT can go into a storage

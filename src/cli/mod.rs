@@ -41,6 +41,10 @@ pub struct Cli {
     /// (while playing too); kept as the setting (default: the saved setting, first paused).
     #[arg(long, value_parser = ["off", "paused", "always"])]
     pub refine: Option<String>,
+    /// Present frames without waiting for the display's vertical blank (lower latency; may
+    /// tear).
+    #[arg(long)]
+    pub no_vsync: bool,
 }
 
 /// The subcommands.
@@ -402,6 +406,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     "always" => crate::app::RefineMode::Always,
                     _ => crate::app::RefineMode::Paused,
                 }),
+                no_vsync: cli.no_vsync,
             })
         }
         Some(Command::Info(a)) => info(&a),
