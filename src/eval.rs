@@ -67,6 +67,9 @@ pub struct ImageResult {
     pub image: String,
     /// RMSE of its visible landmarks at 512 scale (the pose's points with a decoding).
     pub rmse_px: f64,
+    /// Each landmark's error at 512 scale, L1..L8 (`None`: not in the image).
+    #[serde(default)]
+    pub errors_px: [Option<f64>; N_LANDMARKS],
     /// TRE of the landmark pose, mm (`None`: registration failed).
     pub tre_mm: Option<f64>,
     /// After refinement against the image.
@@ -300,6 +303,7 @@ pub fn evaluate_with(
                 }
             };
             let (mut image_sq, mut image_n) = (0.0, 0usize);
+            let mut image_errors = [None; N_LANDMARKS];
             for i in 0..N_LANDMARKS {
                 if let Some([x, y]) = s.landmarks[i] {
                     let d =
@@ -307,6 +311,7 @@ pub fn evaluate_with(
                     sq[i] += d(int[i].0);
                     sq_sub += d(sub[i].0);
                     errors.push(d(int[i].0).sqrt());
+                    image_errors[i] = Some(d(int[i].0).sqrt());
                     cnt[i] += 1;
                     image_sq += d(int[i].0);
                     image_n += 1;
@@ -315,6 +320,7 @@ pub fn evaluate_with(
             let mut record = ImageResult {
                 image: s.image.clone(),
                 rmse_px: (image_sq / image_n.max(1) as f64).sqrt(),
+                errors_px: image_errors,
                 ..ImageResult::default()
             };
             let sol = decoded

@@ -515,3 +515,57 @@ fn a_recorded_npy_stream_plays_with_its_geometry() {
     assert_eq!(p.size, (96, 96));
     assert_eq!(p.camera, camera);
 }
+
+/// A stream that shows bone dark, as many fluoroscopes do, is read inverted (automatic
+/// polarity): the landmarks are the bright frame's, and the status says so. Read as stored, the
+/// network finds nothing on it.
+#[test]
+fn a_bone_dark_stream_is_read_inverted() {
+    if skip() {
+        return;
+    }
+    let mut h = harness();
+    wait(&mut h, "the simulated frame", |a| a.latest.is_some());
+    let bright = h.state().latest.clone().unwrap();
+    assert!(!bright.inverted);
+    let dir = tempfile::tempdir().unwrap();
+    let (w, ht) = bright.size;
+    let dark: Vec<f32> = bright.pixels.iter().map(|v| -v).collect();
+    for k in 0..2 {
+        std::fs::write(
+            dir.path().join(format!("frame_{k:04}.npy")),
+            fluoropose::drr::image_io::npy_bytes(&dark, w, ht),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        dir.path().join("camera.json"),
+        serde_json::to_string(&bright.camera).unwrap(),
+    )
+    .unwrap();
+    h.state_mut().open_frames(dir.path().to_path_buf());
+    wait(&mut h, "the first dark frame", |a| {
+        a.latest.as_ref().is_some_and(|p| p.truth.is_none())
+    });
+    let p = h.state().latest.clone().unwrap();
+    assert!(p.inverted, "the dark frame was read as stored");
+    assert!(p.solution.as_ref().is_some_and(|s| s.status.ok()));
+    for (a, b) in p.detections.iter().zip(&bright.detections) {
+        if !(a.reprojected || b.reprojected) {
+            assert!((a.point - b.point).norm() < 0.5, "{a:?} vs {b:?}");
+        }
+    }
+    h.state_mut().settings.polarity = fluoropose::detect::Polarity::AsIs;
+    let decode = h.state().settings.decode();
+    h.state()
+        .send(fluoropose::app::pipeline::Command::Decode(decode));
+    wait(&mut h, "a frame read as stored", |a| {
+        a.latest.as_ref().is_some_and(|p| !p.inverted)
+    });
+    let p = h.state().latest.clone().unwrap();
+    let mean = p.detections.iter().map(|d| d.confidence).sum::<f64>() / 8.0;
+    assert!(
+        mean < 0.2,
+        "mean confidence {mean} on a dark frame read as stored"
+    );
+}

@@ -357,6 +357,10 @@ fn predict_refines_the_pose_against_the_ct_and_bench_refine_measures_it() {
     let sim: Vec<f64> = serde_json::from_value(v[0]["similarity"].clone()).unwrap();
     assert!(sim[1] >= sim[0], "{sim:?}");
     assert_eq!(v[0]["inverted"], false, "a DRR has the DRR's polarity");
+    assert_eq!(
+        v[0]["frame_inverted"], false,
+        "and the network reads it as stored"
+    );
     // Without the CT's landmarks there is no pose to start from.
     let (ok, _, err) = run(&[
         "predict",

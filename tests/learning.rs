@@ -386,6 +386,7 @@ fn the_shipped_model_decoded_the_apps_way_finds_a_held_out_phantom() {
         Decode {
             mirror: true,
             consensus: None,
+            ..Decode::default()
         },
     ));
     for r in [&plain, &app, &mirrored] {
@@ -424,7 +425,8 @@ fn the_shipped_model_decoded_the_apps_way_finds_a_held_out_phantom() {
     )
     .unwrap();
     assert_eq!(found.detections.len(), 8);
-    let sol = found.solution.expect("a pose");
+    assert!(!found.inverted, "a DRR is read as stored");
+    let sol = found.solution.as_ref().expect("a pose");
     assert!(sol.status.ok());
     for (d, t) in found.detections.iter().zip(&s.landmarks) {
         if let (Some([x, y]), false) = (t, d.reprojected) {
@@ -432,4 +434,66 @@ fn the_shipped_model_decoded_the_apps_way_finds_a_held_out_phantom() {
             assert!(e < 10.0, "{e} px at 256 from the truth");
         }
     }
+
+    // The same frame with bone dark, as fluoroscopy often shows it. Read as stored, the network
+    // finds nothing; the automatic polarity reads it inverted, which is the frame above, and
+    // finds the same landmarks; a stream whose last frame was dark starts there.
+    use fluoropose::detect::Polarity;
+    let dark: Vec<f32> = img.iter().map(|v| 1.0 - v).collect();
+    let run = |pixels: &[f32], decode: Decode| {
+        detect(
+            &p,
+            pixels,
+            256,
+            256,
+            &ds.manifest.camera,
+            Some(&p3),
+            None,
+            &decode,
+        )
+        .unwrap()
+    };
+    let blind = run(
+        &dark,
+        Decode {
+            polarity: Polarity::AsIs,
+            ..Decode::recommended()
+        },
+    );
+    assert!(
+        blind.mean_confidence() < 0.2 && found.mean_confidence() > 0.6,
+        "confidence {} on the dark frame read as stored, {} on the bright one",
+        blind.mean_confidence(),
+        found.mean_confidence()
+    );
+    for first in [false, true] {
+        let auto = run(
+            &dark,
+            Decode {
+                inverted_first: first,
+                ..Decode::recommended()
+            },
+        );
+        assert!(auto.inverted);
+        for (a, b) in auto.detections.iter().zip(&found.detections) {
+            assert!((a.point - b.point).norm() < 0.05, "{a:?} vs {b:?}");
+        }
+    }
+    // Told the frame is inverted when it is not, the reading is as blind; automatic is not.
+    let told = run(
+        &img,
+        Decode {
+            polarity: Polarity::Inverted,
+            ..Decode::recommended()
+        },
+    );
+    assert!(told.inverted && told.mean_confidence() < 0.2);
+    let auto = run(
+        &img,
+        Decode {
+            inverted_first: true,
+            ..Decode::recommended()
+        },
+    );
+    assert!(!auto.inverted);
 }

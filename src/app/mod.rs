@@ -103,6 +103,9 @@ pub struct Settings {
     pub mirror: bool,
     /// Take the heatmap peaks that agree with one pose of the CT's landmarks.
     pub consistent: bool,
+    /// Which way round frames are read (bone bright as DRRs, or dark as many fluoroscopes
+    /// show it).
+    pub polarity: crate::detect::Polarity,
     /// Filter the pose over frames (Kalman, constant velocity).
     pub track: bool,
     /// Refine solved poses against the frames with DRRs of the CT (intensity-based): paused
@@ -120,6 +123,8 @@ impl Settings {
             consensus: self
                 .consistent
                 .then(crate::registration::consensus::ConsensusOptions::default),
+            polarity: self.polarity,
+            inverted_first: false,
         }
     }
 }
@@ -135,6 +140,7 @@ impl Default for Settings {
             annotation_dir: PathBuf::from("annotations"),
             mirror: true,
             consistent: true,
+            polarity: crate::detect::Polarity::Auto,
             track: true,
             // Paused frames only by default: while the stream plays it shares the CPU with the
             // live pipeline (about 0.4 s a frame here), which then falls just below 10 fps.
@@ -307,7 +313,7 @@ pub struct FluoroApp {
     /// The manual pose (rx, ry, rz in degrees; tx, ty, tz mm).
     pub manual_pose: [f64; 6],
     gpu: Option<GpuDrr>,
-    drr_pose: Option<(Pose, Camera)>,
+    drr_pose: Option<(Pose, Camera, bool)>,
     drr_ms: f64,
     frame_tex: Option<egui::TextureHandle>,
     frame_tex_index: Option<u64>,
@@ -722,7 +728,10 @@ impl FluoroApp {
         let scale = (g.max_px as f64 / camera.width_px.max(camera.height_px) as f64).min(1.0);
         let cam = camera.rescaled(scale);
         let size = (cam.width_px, cam.height_px);
-        let changed = self.drr_pose.as_ref() != Some(&(pose, cam));
+        // The DRR takes the frame's polarity, so that blend and difference compare like with
+        // like.
+        let inverted = self.latest.as_ref().is_some_and(|p| p.inverted);
+        let changed = self.drr_pose.as_ref() != Some(&(pose, cam, inverted));
         if changed {
             let t0 = Instant::now();
             if g.window.is_none() {
@@ -766,9 +775,10 @@ impl FluoroApp {
                 drop(er);
                 g.texture = Some((tex, view, id, size));
             }
-            let (Some((_, view, _, _)), Some(window)) = (g.texture.as_ref(), g.window) else {
+            let (Some((_, view, _, _)), Some(mut window)) = (g.texture.as_ref(), g.window) else {
                 return None;
             };
+            window.invert = inverted;
             let mut enc = g
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -794,7 +804,7 @@ impl FluoroApp {
                     return None;
                 }
             }
-            self.drr_pose = Some((pose, cam));
+            self.drr_pose = Some((pose, cam, inverted));
             self.drr_ms = t0.elapsed().as_secs_f64() * 1e3;
         }
         g.texture.as_ref().map(|t| (t.2, t.3))

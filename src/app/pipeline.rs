@@ -134,6 +134,8 @@ pub struct Processed {
     pub camera: Camera,
     /// Detected landmarks (empty without a model).
     pub detections: Vec<Detection>,
+    /// The frame was read inverted (bone dark; [`crate::detect::Polarity`]).
+    pub inverted: bool,
     /// The solved pose.
     pub solution: Option<Solution>,
     /// The pose filtered over frames (when tracking is on and a pose was ever solved).
@@ -641,7 +643,10 @@ impl Worker {
                 self.tracker.reset();
             }
             Command::Decode(d) => {
-                self.decode = d;
+                self.decode = Decode {
+                    inverted_first: self.decode.inverted_first,
+                    ..d
+                };
                 if !self.playing {
                     self.next = self.next.saturating_sub(1);
                     self.process();
@@ -795,7 +800,7 @@ impl Worker {
             }
         };
         self.next = index + 1;
-        let (detections, solution, inference_ms, pose_ms) = match &self.model {
+        let (detections, solution, inference_ms, pose_ms, inverted) = match &self.model {
             Some(m) => match detect(
                 m,
                 &pixels,
@@ -813,14 +818,22 @@ impl Worker {
                         .as_ref()
                         .filter(|s| s.status.ok())
                         .map(|s| s.pose);
-                    (f.detections, f.solution, f.inference_ms, f.pose_ms)
+                    // A stream keeps its polarity: the next frame is read this way first.
+                    self.decode.inverted_first = f.inverted;
+                    (
+                        f.detections,
+                        f.solution,
+                        f.inference_ms,
+                        f.pose_ms,
+                        f.inverted,
+                    )
                 }
                 Err(e) => {
                     let _ = self.out.try_send(Err(format!("inference: {e}")));
-                    (Vec::new(), None, 0.0, 0.0)
+                    (Vec::new(), None, 0.0, 0.0, false)
                 }
             },
-            None => (Vec::new(), None, 0.0, 0.0),
+            None => (Vec::new(), None, 0.0, 0.0, false),
         };
         // Frames are `1 / fps` apart on the stream's clock (dropped ones included).
         let tracked = if self.track {
@@ -836,6 +849,7 @@ impl Worker {
             pixels: Arc::new(pixels),
             camera,
             detections,
+            inverted,
             solution,
             tracked,
             refined: self.refined,

@@ -236,7 +236,15 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
         ui.heading("Pose");
         match &p.solution {
             Some(s) => {
-                ui.label(format!("status: {:?}", s.status));
+                ui.label(format!(
+                    "status: {:?}{}",
+                    s.status,
+                    if p.inverted {
+                        " · frame read inverted (bone dark)"
+                    } else {
+                        ""
+                    }
+                ));
                 ui.monospace(pose_lines("", &s.pose));
                 ui.label(format!("reprojection RMSE {:.2} px", s.rmse_px));
                 if let Some(tr) = &p.tracked {
@@ -330,6 +338,25 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
                  a landmark no peak supports is drawn dashed where the pose puts it",
             )
             .changed();
+        ui.horizontal(|ui| {
+            ui.label("frame polarity");
+            use crate::detect::Polarity;
+            egui::ComboBox::from_id_salt("polarity")
+                .selected_text(app.settings.polarity.label())
+                .show_ui(ui, |ui| {
+                    for p in [Polarity::Auto, Polarity::AsIs, Polarity::Inverted] {
+                        d |= ui
+                            .selectable_value(&mut app.settings.polarity, p, p.label())
+                            .changed();
+                    }
+                })
+                .response
+                .on_hover_text(
+                    "The network learnt DRRs, bone bright; many fluoroscopes show bone dark. \
+                     Automatic reads a frame the other way round too when its landmarks are \
+                     found faintly, and keeps the reading that finds them",
+                );
+        });
         if d {
             let decode = app.settings.decode();
             app.send(super::Command::Decode(decode));

@@ -210,6 +210,11 @@ pub struct PredictArgs {
     /// heatmaps and, with --landmarks, the peaks that agree with one pose).
     #[arg(long)]
     pub plain: bool,
+    /// Which way round the frames are: `auto` reads a frame inverted too when its landmarks
+    /// are found faintly (the network learnt bone bright; fluoroscopy often shows it dark),
+    /// `as-is`, or `inverted`.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "as-is", "inverted"])]
+    pub polarity: String,
     /// The CT the frames show (`phantom:N`, a NIfTI file or a DICOM folder): each solved pose
     /// is then refined against the frame by matching DRRs of it (intensity-based registration).
     /// Its landmarks are `--landmarks`, or the phantom's own.
@@ -417,6 +422,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
                     gate_fraction: a.gate,
                     ..ConsensusOptions::default()
                 }),
+                ..Default::default()
             };
             let r = run_eval_decoded(m, &data, split, Some(decode), &opts)?;
             let how = match (a.mirror, decode.consensus.is_some()) {
@@ -559,11 +565,13 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
     let files = crate::stream::frame_files(&a.frames)?;
     let (lm3, ct) = ct_and_landmarks(a.ct.as_deref(), a.landmarks.as_deref())?;
     let mut refiner = ct.map(|c| c.source);
-    let decode = if a.plain {
+    let mut decode = if a.plain {
         crate::detect::Decode::default()
     } else {
         crate::detect::Decode::recommended()
     };
+    decode.polarity = crate::detect::Polarity::parse(&a.polarity)
+        .with_context(|| format!("--polarity {:?}", a.polarity))?;
     let mut out = Vec::new();
     for f in &files {
         let x = crate::stream::read_image_file(f)
@@ -580,9 +588,12 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
                 None,
                 &decode,
             )?;
+            // The frames of a cine share their polarity: the next is read this way first.
+            decode.inverted_first = found.inverted;
             let det = &found.detections;
             let mut rec = serde_json::json!({
                 "file": f.display().to_string(), "frame": k, "inference_ms": found.inference_ms,
+                "frame_inverted": found.inverted,
                 "landmarks": det.iter().map(|d| [d.point.x, d.point.y]).collect::<Vec<_>>(),
                 "confidence": det.iter().map(|d| d.confidence).collect::<Vec<_>>(),
                 "reprojected": det.iter().map(|d| d.reprojected).collect::<Vec<_>>(),
