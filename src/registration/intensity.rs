@@ -33,6 +33,51 @@ pub struct IntensityOptions {
     /// Border left out of the comparison on each side, fraction of the image (collimator
     /// blades and the detector's edge are not anatomy).
     pub margin: f64,
+    /// A run that ends under this similarity is taken for a wrong optimum, and the next of
+    /// `restarts` is tried; the most similar result wins.
+    pub restart_below: f64,
+    /// Other starts, tried in turn.
+    pub restarts: Vec<Start>,
+}
+
+/// A start for [`refine`] besides the given pose: that pose moved along the pivot's ray and
+/// tilted about the pivot, where a landmark pose errs most.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Start {
+    /// Along the ray through the pivot, a fraction of its distance from the source.
+    pub depth: f64,
+    /// Tilts about the camera's x and y axes through the pivot, degrees.
+    pub tilt_deg: [f64; 2],
+}
+
+impl Start {
+    /// The start moved along the ray by `depth`.
+    pub fn depth(depth: f64) -> Self {
+        Self {
+            depth,
+            ..Self::default()
+        }
+    }
+
+    /// The start tilted by `x` and `y` degrees.
+    pub fn tilt(x: f64, y: f64) -> Self {
+        Self {
+            tilt_deg: [x, y],
+            ..Self::default()
+        }
+    }
+
+    /// `pose` moved to this start (`pivot` in world coordinates).
+    pub fn apply(&self, pose: &Pose, pivot: &Point3<f64>) -> Pose {
+        let c = pose.camera_from_world(pivot).coords;
+        let shift = c * self.depth;
+        let [x, y] = self.tilt_deg.map(f64::to_radians);
+        moved(
+            pose,
+            &c,
+            &Vector6::new(x, y, 0.0, shift.x, shift.y, shift.z),
+        )
+    }
 }
 
 impl Default for IntensityOptions {
@@ -44,9 +89,26 @@ impl Default for IntensityOptions {
             ],
             max_iterations: 20,
             margin: 0.03,
+            restart_below: RESTART_BELOW,
+            // A landmark pose that is off by centimetres is off in depth, or tilted.
+            restarts: vec![
+                Start::depth(-0.1),
+                Start::depth(0.1),
+                Start::tilt(20.0, 0.0),
+                Start::tilt(-20.0, 0.0),
+                Start::tilt(0.0, 20.0),
+                Start::tilt(0.0, -20.0),
+                Start::depth(-0.2),
+                Start::depth(0.2),
+            ],
         }
     }
 }
+
+/// Similarity under which a refinement is taken for a wrong optimum. Every refinement of the
+/// held-out ±45° phantoms that converged (to a TRE under 3 mm) ended at 0.867 or more; the
+/// failures at 0.63-0.83.
+pub const RESTART_BELOW: f64 = 0.85;
 
 /// One level of the pyramid.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -86,6 +148,8 @@ pub struct Refinement {
     /// The frame was matched with its polarity reversed (bone dark, as many X-ray formats
     /// store it), because it correlated negatively with the DRR at the starting pose.
     pub inverted: bool,
+    /// Starts tried besides the given pose ([`IntensityOptions::restarts`]).
+    pub restarts: usize,
 }
 
 /// Why a refinement could not run.
@@ -261,7 +325,46 @@ impl Level {
 /// Refines `init` so that DRRs of `source`'s CT match `frame` (`height x width` line integrals
 /// or any monotone image of them, row 0 at the top, the size of `camera`). `pivot` (world, mm)
 /// is what the pose turns about, typically the centroid of the CT's landmarks.
+///
+/// A run that ends under [`IntensityOptions::restart_below`] is started again from the other
+/// starts of [`IntensityOptions::restarts`] until one gets there; the most similar result is
+/// returned, and `similarity_before` is the given pose's.
 pub fn refine(
+    frame: &[f32],
+    camera: &Camera,
+    pivot: &Point3<f64>,
+    init: &Pose,
+    source: &mut dyn DrrSource,
+    opts: &IntensityOptions,
+) -> Result<Refinement, IntensityError> {
+    let mut best = refine_once(frame, camera, pivot, init, source, opts)?;
+    let mut renders = best.renders;
+    let similarity_before = best.similarity_before;
+    for (k, s) in opts.restarts.iter().enumerate() {
+        if best.similarity >= opts.restart_below {
+            break;
+        }
+        let start = s.apply(init, pivot);
+        let r = refine_once(frame, camera, pivot, &start, source, opts)?;
+        renders += r.renders;
+        // A restart that did not move keeps its start, which is no answer: only a result
+        // more like the frame than the given pose counts.
+        if r.similarity > best.similarity && r.pose != start {
+            best = r;
+        }
+        best.restarts = k + 1;
+    }
+    best.renders = renders;
+    best.similarity_before = similarity_before;
+    if best.similarity <= similarity_before {
+        best.pose = *init;
+        best.similarity = similarity_before;
+    }
+    Ok(best)
+}
+
+/// One run of [`refine`] from `init`.
+fn refine_once(
     frame: &[f32],
     camera: &Camera,
     pivot: &Point3<f64>,
@@ -439,6 +542,7 @@ pub fn refine(
             renders,
             steps,
             inverted,
+            restarts: 0,
         }
     } else {
         Refinement {
@@ -448,6 +552,7 @@ pub fn refine(
             renders,
             steps,
             inverted,
+            restarts: 0,
         }
     })
 }
