@@ -162,17 +162,16 @@ pub fn detect(
     if decode.polarity != Polarity::Auto || found.polarity_score() >= AUTO_RETRY_BELOW {
         return Ok(found);
     }
-    let mut other = read(!first)?;
-    if other.polarity_score() > found.polarity_score() {
-        other.inference_ms += found.inference_ms;
-        other.pose_ms += found.pose_ms;
-        Ok(other)
+    let other = read(!first)?;
+    let (mut best, rest) = if other.polarity_score() > found.polarity_score() {
+        (other, found)
     } else {
-        let mut found = found;
-        found.inference_ms += other.inference_ms;
-        found.pose_ms += other.pose_ms;
-        Ok(found)
-    }
+        (found, other)
+    };
+    // Both readings' time is the frame's.
+    best.inference_ms += rest.inference_ms;
+    best.pose_ms += rest.pose_ms;
+    Ok(best)
 }
 
 /// [`detect`] on the frame's grey levels as they are.
