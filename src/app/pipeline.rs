@@ -119,6 +119,15 @@ pub struct RefinedPose {
     pub ms: f64,
 }
 
+impl RefinedPose {
+    /// Whether the refined pose is shown and carried over to later frames: its DRR matches
+    /// the frame at least as well as [`crate::registration::intensity::RESTART_BELOW`], under
+    /// which every start of the refinement ended somewhere else than the frame's pose.
+    pub fn trusted(&self) -> bool {
+        self.similarity.1 >= crate::registration::intensity::RESTART_BELOW
+    }
+}
+
 /// One processed frame.
 #[derive(Clone)]
 pub struct Processed {
@@ -168,10 +177,11 @@ impl Processed {
     }
 
     /// The best pose there is for this frame, the one the DRR shows: its own refinement, else
-    /// the live pose corrected by the newest refinement, else the live pose.
+    /// the live pose corrected by the newest refinement, else the live pose (refinements that
+    /// are not [`RefinedPose::trusted`] count for neither).
     pub fn shown_pose(&self) -> Option<Pose> {
         self.refined
-            .filter(|r| r.index == self.index)
+            .filter(|r| r.index == self.index && r.trusted())
             .map(|r| r.pose)
             .or(self.corrected)
             .or_else(|| self.live_pose())
@@ -865,7 +875,8 @@ impl Worker {
         };
         p.corrected = match (self.refined, p.live_pose()) {
             (Some(r), Some(live))
-                if index.abs_diff(r.index) as f64 <= CORRECTION_MAX_AGE_S * self.fps
+                if r.trusted()
+                    && index.abs_diff(r.index) as f64 <= CORRECTION_MAX_AGE_S * self.fps
                     && crate::registration::metrics::rotation_error_deg(&r.live, &live)
                         <= CORRECTION_MAX_TURN_DEG =>
             {
@@ -903,5 +914,58 @@ impl Worker {
             truth: p.truth,
             pivot: crate::registration::intensity::centroid(&self.landmarks.present()),
         })));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame's own refinement is the pose it shows, unless its DRR did not match the frame.
+    #[test]
+    fn an_untrusted_refinement_is_not_shown() {
+        let pose = |z: f64| Pose::from_params(&[1.5, 0.0, 0.0, 0.0, 0.0, z]);
+        let refined = |similarity: f64| RefinedPose {
+            index: 3,
+            pose: pose(800.0),
+            from: pose(760.0),
+            live: pose(760.0),
+            truth: None,
+            similarity: (0.5, similarity),
+            ms: 1.0,
+        };
+        let mut p = Processed {
+            index: 3,
+            count: None,
+            size: (8, 8),
+            pixels: Arc::new(vec![0.0; 64]),
+            camera: Camera::paper(8),
+            detections: Vec::new(),
+            inverted: false,
+            solution: None,
+            tracked: None,
+            refined: Some(refined(0.95)),
+            corrected: Some(pose(790.0)),
+            truth: None,
+            timings: Timings::default(),
+            produced: Instant::now(),
+            skipped: 0,
+        };
+        assert!(p.refined.unwrap().trusted());
+        assert_eq!(p.shown_pose(), Some(pose(800.0)));
+        p.refined = Some(refined(0.6));
+        assert!(!p.refined.unwrap().trusted());
+        assert_eq!(
+            p.shown_pose(),
+            Some(pose(790.0)),
+            "the corrected pose instead"
+        );
+        p.index = 4;
+        p.refined = Some(refined(0.95));
+        assert_eq!(
+            p.shown_pose(),
+            Some(pose(790.0)),
+            "another frame's refinement"
+        );
     }
 }

@@ -106,7 +106,6 @@ fn marker_label(painter: &egui::Painter, at: Pos2, label: &str, c: Color32) {
     painter.text(pos, align, label, font, c);
 }
 
-/// A pose as two lines, `r` in degrees and `t` in mm, each name after `prefix`.
 /// The Pose panel's lines for a refinement: its pose, how well the DRR matches, and with the
 /// simulated stream its error.
 fn refined_lines(app: &FluoroApp, ui: &mut egui::Ui, r: &super::RefinedPose, shown: u64) {
@@ -122,6 +121,13 @@ fn refined_lines(app: &FluoroApp, ui: &mut egui::Ui, r: &super::RefinedPose, sho
         r.similarity.1,
         pose_lines("", &r.pose)
     ));
+    if !r.trusted() {
+        ui.label(format!(
+            "not used: under similarity {}, the DRR does not match the frame (another \
+             optimum, or another CT)",
+            crate::registration::intensity::RESTART_BELOW
+        ));
+    }
     if let Some(t) = &r.truth {
         let pts = app.scene.landmarks.present();
         let tre = |p: &crate::geometry::Pose| crate::registration::metrics::mean_tre_mm(p, t, &pts);
@@ -134,6 +140,7 @@ fn refined_lines(app: &FluoroApp, ui: &mut egui::Ui, r: &super::RefinedPose, sho
     }
 }
 
+/// A pose as two lines, `r` in degrees and `t` in mm, each name after `prefix`.
 fn pose_lines(prefix: &str, pose: &crate::geometry::Pose) -> String {
     let v = pose.params();
     // Without a prefix the names are padded so that the "=" line up with "true r =".
