@@ -244,7 +244,7 @@ pub struct LabelArgs {
     pub size: usize,
     /// Leave out frames whose refined DRR correlates less than this with the frame (gradient
     /// correlation; converged simulated frames score 0.87 or more, failures under 0.83).
-    #[arg(long, default_value_t = 0.85)]
+    #[arg(long, default_value_t = crate::registration::intensity::RESTART_BELOW)]
     pub min_similarity: f64,
     /// Leave out frames where fewer than this many detected landmarks lie within 3% of the
     /// width of where the refined pose puts them: the network and the image must agree.
@@ -617,6 +617,7 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
                     rec["refined_pose"] = serde_json::json!(r.pose.params());
                     rec["similarity"] = serde_json::json!([r.similarity_before, r.similarity]);
                     rec["inverted"] = serde_json::json!(r.inverted);
+                    rec["restarts"] = serde_json::json!(r.restarts);
                 }
             }
             out.push(rec);
