@@ -116,15 +116,20 @@ impl Found {
         self.detections.iter().map(|d| d.confidence).sum::<f64>() / n
     }
 
-    /// How well the network read the frame, to choose its polarity by: the mean confidence of
-    /// the more confident half of the landmarks (at a steep view some are out of the image,
-    /// rightly faint, and should not make a well-read frame look misread).
+    /// How well the network read the frame, to choose its polarity by ([`polarity_score`]).
     pub fn polarity_score(&self) -> f64 {
-        let mut c: Vec<f64> = self.detections.iter().map(|d| d.confidence).collect();
-        c.sort_by(|a, b| b.total_cmp(a));
-        let half = c.len().div_ceil(2).max(1);
-        c.iter().take(half).sum::<f64>() / half as f64
+        polarity_score(self.detections.iter().map(|d| d.confidence))
     }
+}
+
+/// How well the network read a frame, from its landmarks' confidences: the mean of the more
+/// confident half (at a steep view some landmarks are out of the image, rightly faint, and
+/// should not make a well-read frame look misread).
+pub fn polarity_score(confidences: impl Iterator<Item = f64>) -> f64 {
+    let mut c: Vec<f64> = confidences.collect();
+    c.sort_by(|a, b| b.total_cmp(a));
+    let half = c.len().div_ceil(2).max(1);
+    c.iter().take(half).sum::<f64>() / half as f64
 }
 
 /// Finds the landmarks on a `width x height` frame and, given the CT's 3D landmarks, solves the

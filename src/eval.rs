@@ -3,7 +3,7 @@
 //! predicted landmarks (TRE, rotation and translation errors).
 
 use crate::dataset::{Dataset, Sample, Split};
-use crate::detect::{Decode, peak_search};
+use crate::detect::{AUTO_RETRY_BELOW, Decode, Polarity, peak_search, polarity_score};
 use crate::drr::{AnyDrr, Attenuation, DensityVolume};
 use crate::landmarks::N_LANDMARKS;
 use crate::model::{UNet, heatmap};
@@ -58,6 +58,9 @@ pub struct Report {
     /// Image by image, when [`EvalOptions::per_image`] asks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub per_image: Vec<ImageResult>,
+    /// Share of the images the network read inverted ([`crate::detect::Polarity`]).
+    #[serde(default)]
+    pub inverted_rate: f64,
 }
 
 /// One image's scores (to find the worst cases).
@@ -129,6 +132,9 @@ pub struct EvalOptions {
     pub limit: Option<usize>,
     /// Keep every image's scores in [`Report::per_image`].
     pub per_image: bool,
+    /// Invert each image before anything reads it: bone dark, as many fluoroscopes show it
+    /// (to measure [`crate::detect::Polarity`]).
+    pub dark: bool,
 }
 
 /// Where the landmarks scored come from.
@@ -223,6 +229,7 @@ pub fn evaluate_with(
     let mut tres = Vec::new();
     let mut errors = Vec::new();
     let (mut other_peak, mut reprojected, mut decoded_landmarks) = (0usize, 0usize, 0usize);
+    let mut inverted_images = 0usize;
     let (mut rot, mut trans, mut failures) = (0.0, 0.0, 0usize);
     let mut per_image = Vec::new();
     let mut refiner = opts
@@ -237,17 +244,22 @@ pub fn evaluate_with(
         }
         let logits = match &fused {
             Some(net) => {
-                let mut v = Vec::with_capacity(chunk.len() * size * size);
+                let mut images = Vec::with_capacity(chunk.len());
                 for s in chunk {
-                    v.extend(net.config.normalisation.apply(&data.image(s)?));
+                    let img = data.image(s)?;
+                    images.push(if opts.dark {
+                        img.iter().map(|v| -v).collect()
+                    } else {
+                        img
+                    });
                 }
-                let x = Tensor::from_vec(v, (chunk.len(), 1, size, size), net.device())?;
-                Some(match from {
-                    Landmarks::Decoded(_, Decode { mirror: true, .. }) => {
-                        net.forward_mirrored(&x)?
-                    }
-                    _ => net.forward(&x, false)?,
-                })
+                let decode = match from {
+                    Landmarks::Decoded(_, d) => *d,
+                    _ => Decode::default(),
+                };
+                let (l, inv) = read_batch(net, &images, size, &decode)?;
+                inverted_images += inv.iter().filter(|&&i| i).count();
+                Some(l)
             }
             None => None,
         };
@@ -377,7 +389,70 @@ pub fn evaluate_with(
         reprojected_rate: reprojected as f64 / decoded_landmarks.max(1) as f64,
         refined: refiner.map(Refiner::report),
         per_image,
+        inverted_rate: inverted_images as f64 / samples.len().max(1) as f64,
     })
+}
+
+/// The heatmap logits `(B, N, S, S)` of a batch of `size x size` images read as `decode` says
+/// (mirror-averaged, and which way round: [`Polarity`], as [`crate::detect::detect`] reads a
+/// frame), and which images were read inverted.
+fn read_batch(
+    net: &UNet,
+    images: &[Vec<f32>],
+    size: usize,
+    decode: &Decode,
+) -> Result<(Tensor, Vec<bool>), crate::train::TrainError> {
+    let forward = |inverted: &[bool]| -> candle_core::Result<Tensor> {
+        let mut v = Vec::with_capacity(images.len() * size * size);
+        for (img, &inv) in images.iter().zip(inverted) {
+            if inv {
+                let negated: Vec<f32> = img.iter().map(|x| -x).collect();
+                v.extend(net.config.normalisation.apply(&negated));
+            } else {
+                v.extend(net.config.normalisation.apply(img));
+            }
+        }
+        let x = Tensor::from_vec(v, (images.len(), 1, size, size), net.device())?;
+        if decode.mirror {
+            net.forward_mirrored(&x)
+        } else {
+            net.forward(&x, false)
+        }
+    };
+    let first = match decode.polarity {
+        Polarity::AsIs => false,
+        Polarity::Inverted => true,
+        Polarity::Auto => decode.inverted_first,
+    };
+    let mut inverted = vec![first; images.len()];
+    let logits = forward(&inverted)?;
+    if decode.polarity != Polarity::Auto {
+        return Ok((logits, inverted));
+    }
+    let score = |l: &Tensor| -> candle_core::Result<f64> {
+        Ok(polarity_score(
+            heatmap::argmax(l)?.into_iter().map(|(_, c)| c),
+        ))
+    };
+    let scores = (0..images.len())
+        .map(|i| score(&logits.get(i)?))
+        .collect::<candle_core::Result<Vec<f64>>>()?;
+    if scores.iter().all(|&s| s >= AUTO_RETRY_BELOW) {
+        return Ok((logits, inverted));
+    }
+    let flipped: Vec<bool> = inverted.iter().map(|v| !v).collect();
+    let other = forward(&flipped)?;
+    let mut rows = Vec::with_capacity(images.len());
+    for (i, s) in scores.iter().enumerate() {
+        let o = other.get(i)?;
+        if *s < AUTO_RETRY_BELOW && score(&o)? > *s {
+            rows.push(o);
+            inverted[i] = !inverted[i];
+        } else {
+            rows.push(logits.get(i)?);
+        }
+    }
+    Ok((Tensor::stack(&rows, 0)?, inverted))
 }
 
 /// Intensity-based refinement inside [`evaluate_with`]: one subject's CT at a time.

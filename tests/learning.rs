@@ -288,6 +288,7 @@ fn eval_refines_the_landmark_poses_against_the_images() {
             cpu,
             limit: Some(3),
             per_image: true,
+            ..EvalOptions::default()
         };
         let r = evaluate_with(&noisy, &ds, None, &opts, &Task::new()).unwrap();
         assert_eq!(r.images, 3);
@@ -389,6 +390,29 @@ fn the_shipped_model_decoded_the_apps_way_finds_a_held_out_phantom() {
             ..Decode::default()
         },
     ));
+    // The same images inverted (bone dark) are read inverted, to the same landmarks; read as
+    // stored they are lost.
+    let dark = |decode: Decode| {
+        fluoropose::eval::evaluate_with(
+            &Landmarks::Decoded(&net, decode),
+            &ds,
+            Some(Split::NovelSubject),
+            &fluoropose::eval::EvalOptions {
+                dark: true,
+                ..Default::default()
+            },
+            &Task::new(),
+        )
+        .unwrap()
+    };
+    let auto = dark(Decode::recommended());
+    assert_eq!((auto.inverted_rate, app.inverted_rate), (1.0, 0.0));
+    assert_eq!(auto.rmse_px["mean"], app.rmse_px["mean"]);
+    let blind = dark(Decode {
+        polarity: fluoropose::detect::Polarity::AsIs,
+        ..Decode::recommended()
+    });
+    assert!(blind.inverted_rate == 0.0 && blind.rmse_px["mean"].as_f64().unwrap() > 50.0);
     for r in [&plain, &app, &mirrored] {
         let rmse = r.rmse_px["mean"].as_f64().unwrap();
         assert!(rmse < 12.0, "{rmse} px at 512");

@@ -193,6 +193,14 @@ pub struct EvalArgs {
     /// Write every image's scores here, one JSON line each (to find the worst cases).
     #[arg(long)]
     pub per_image: Option<PathBuf>,
+    /// Invert every image first (bone dark, as many fluoroscopes show it).
+    #[arg(long)]
+    pub dark: bool,
+    /// Which way round the network reads the images (`auto` reads one inverted too when its
+    /// landmarks are found faintly), as `predict` does; anything but `as-is` reads them the
+    /// app's way (`--mirror`/`--decode` as given).
+    #[arg(long, default_value = "as-is", value_parser = ["auto", "as-is", "inverted"])]
+    pub polarity: String,
 }
 
 /// `fluoropose predict`.
@@ -398,7 +406,10 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         cpu: a.cpu,
         limit: a.limit,
         per_image: a.per_image.is_some(),
+        dark: a.dark,
     };
+    let polarity = crate::detect::Polarity::parse(&a.polarity)
+        .with_context(|| format!("--polarity {:?}", a.polarity))?;
     let (name, r) = match a.oracle_noise_px {
         Some(sigma_px) => {
             let task = Task::new();
@@ -408,7 +419,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             })?;
             (format!("truth + N(0, {sigma_px} px)"), r)
         }
-        None if a.decode == "consistent" || a.mirror => {
+        None if a.decode == "consistent" || a.mirror || polarity != Default::default() => {
             let m = a.model.as_deref().context("--model is needed")?;
             if !(a.gate.is_finite() && a.gate > 0.0) {
                 bail!(
@@ -422,14 +433,19 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
                     gate_fraction: a.gate,
                     ..ConsensusOptions::default()
                 }),
-                ..Default::default()
+                polarity,
+                inverted_first: false,
             };
             let r = run_eval_decoded(m, &data, split, Some(decode), &opts)?;
-            let how = match (a.mirror, decode.consensus.is_some()) {
+            let mut how = match (a.mirror, decode.consensus.is_some()) {
                 (true, true) => format!("mirror-averaged, consistent, gate {}", a.gate),
                 (true, false) => "mirror-averaged".to_string(),
-                _ => format!("consistent, gate {}", a.gate),
+                (false, true) => format!("consistent, gate {}", a.gate),
+                (false, false) => "argmax".to_string(),
             };
+            if polarity != Default::default() {
+                how += &format!(", polarity {}", polarity.label());
+            }
             (format!("{} ({how})", m.display()), r)
         }
         None => {
@@ -438,8 +454,19 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             (m.display().to_string(), r)
         }
     };
+    let name = if a.dark {
+        format!("{name}, images inverted")
+    } else {
+        name
+    };
     let rows = vec![(name, r.clone())];
     print!("{}", eval::markdown(&rows));
+    if a.dark || polarity != Default::default() {
+        println!(
+            "{:.1}% of the images read inverted",
+            100.0 * r.inverted_rate
+        );
+    }
     if a.decode == "consistent" {
         println!(
             "pose-consistent decoding: {:.1}% of landmarks from a weaker peak, {:.1}% reprojected",
