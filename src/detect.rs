@@ -61,6 +61,17 @@ impl Polarity {
     }
 }
 
+/// A frame's pixels as the network reads them: negated when it was read inverted (negation
+/// inverts it: the quantile normalisation maps it to 1 - x). Datasets store frames this way,
+/// so that training sees bone bright whatever the source showed.
+pub fn as_read(pixels: &[f32], inverted: bool) -> std::borrow::Cow<'_, [f32]> {
+    if inverted {
+        std::borrow::Cow::Owned(pixels.iter().map(|v| -v).collect())
+    } else {
+        std::borrow::Cow::Borrowed(pixels)
+    }
+}
+
 /// With [`Polarity::Auto`], a frame whose [`Found::polarity_score`] is under this is read the
 /// other way round too. Mean confidences of well-read frames of the held-out phantoms are
 /// 0.85-0.99, of inverted ones 0.00-0.15.
@@ -151,15 +162,10 @@ pub fn detect(
         Polarity::Auto => decode.inverted_first,
     };
     let read = |inverted: bool| {
-        // Negating the frame inverts it: the quantile normalisation maps it to 1 - x.
-        let negated: Vec<f32>;
-        let px = if inverted {
-            negated = pixels.iter().map(|v| -v).collect();
-            &negated[..]
-        } else {
-            pixels
-        };
-        let mut f = detect_as_stored(predictor, px, width, height, camera, points3d, init, decode)?;
+        let px = as_read(pixels, inverted);
+        let mut f = detect_as_stored(
+            predictor, &px, width, height, camera, points3d, init, decode,
+        )?;
         f.inverted = inverted;
         Ok::<_, ModelError>(f)
     };

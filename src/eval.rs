@@ -248,7 +248,7 @@ pub fn evaluate_with(
                 for s in chunk {
                     let img = data.image(s)?;
                     images.push(if opts.dark {
-                        img.iter().map(|v| -v).collect()
+                        crate::detect::as_read(&img, true).into_owned()
                     } else {
                         img
                     });
@@ -405,12 +405,11 @@ fn read_batch(
     let forward = |inverted: &[bool]| -> candle_core::Result<Tensor> {
         let mut v = Vec::with_capacity(images.len() * size * size);
         for (img, &inv) in images.iter().zip(inverted) {
-            if inv {
-                let negated: Vec<f32> = img.iter().map(|x| -x).collect();
-                v.extend(net.config.normalisation.apply(&negated));
-            } else {
-                v.extend(net.config.normalisation.apply(img));
-            }
+            v.extend(
+                net.config
+                    .normalisation
+                    .apply(&crate::detect::as_read(img, inv)),
+            );
         }
         let x = Tensor::from_vec(v, (images.len(), 1, size, size), net.device())?;
         if decode.mirror {

@@ -440,6 +440,34 @@ fn label_makes_a_dataset_from_frames_and_their_ct() {
             }
         }
     }
+    // The same frames bone dark, as many fluoroscopes show them: read inverted, and stored the
+    // way the network read them (bone bright), the same images as above.
+    let dark = dir.path().join("dark");
+    std::fs::create_dir_all(&dark).unwrap();
+    std::fs::copy(frames.join("camera.json"), dark.join("camera.json")).unwrap();
+    for f in fluoropose::stream::frame_files(&frames).unwrap() {
+        let x = fluoropose::stream::read_image_file(&f).unwrap();
+        let neg: Vec<f32> = x.frames[0].iter().map(|v| -v).collect();
+        std::fs::write(
+            dark.join(f.file_name().unwrap()),
+            fluoropose::drr::image_io::npy_bytes(&neg, x.width, x.height),
+        )
+        .unwrap();
+    }
+    let out_dark = dir.path().join("labelled_dark");
+    let (ok, text, err) = run(&[
+        "label",
+        dark.to_str().unwrap(),
+        "--ct",
+        "phantom:62",
+        "--out",
+        out_dark.to_str().unwrap(),
+    ]);
+    assert!(ok && text.contains("labelled 3 of 3 frames"), "{text}{err}");
+    let dd = fluoropose::dataset::Dataset::open(&out_dark).unwrap();
+    for (a, b) in ds.samples.iter().zip(&dd.samples) {
+        assert_eq!(ds.image(a).unwrap(), dd.image(b).unwrap(), "{}", a.image);
+    }
     // A CT that is not there: a clear error, nothing written.
     let (ok, _, err) = run(&[
         "label",

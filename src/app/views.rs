@@ -987,13 +987,14 @@ fn add_to_dataset(app: &mut FluoroApp) {
     };
     let size = crate::model::ModelConfig::default().input_size;
     let dir = app.settings.annotation_dir.join("dataset");
+    let pixels = crate::detect::as_read(&frame.pixels, frame.inverted);
     let r = crate::dataset::append_annotated(
         &dir,
         &crate::dataset::Annotated {
             ct: &app.scene.name,
             landmarks3d: &app.scene.landmarks,
             isocenter: app.scene.volume.center_mm(),
-            pixels: &frame.pixels,
+            pixels: &pixels,
             size: frame.size,
             camera: &frame.camera,
             points: &cur.points,

@@ -722,13 +722,15 @@ pub fn label(a: &LabelArgs) -> Result<()> {
                     ));
                     continue;
                 }
+                // Stored the way the network read it, so that training sees bone bright.
+                let pixels = crate::detect::as_read(frame, found.inverted);
                 dataset::append_annotated(
                     &a.out,
                     &dataset::Annotated {
                         ct: &a.ct,
                         landmarks3d: &lm3,
                         isocenter: ct.center,
-                        pixels: frame,
+                        pixels: &pixels,
                         size: (x.width, x.height),
                         camera: &cam,
                         points: &points,
