@@ -18,9 +18,80 @@ fn xa_cine_gives_twelve_frames_and_its_geometry() {
     assert_eq!(x.frame_time_ms, Some(33.0));
     assert_eq!(x.geometry.primary_angle_deg, Some(77.0));
     assert_eq!(x.geometry.secondary_angle_deg, Some(-45.0));
-    // Frames differ (it is a cine, not one image repeated) and are 8-bit values.
+    // Frames differ (it is a cine, not one image repeated). The header says its 8-bit values
+    // are proportional to the beam's intensity (Pixel Intensity Relationship LIN): they come
+    // as line integrals, -ln(v + 1/2), larger where more is absorbed, as DRRs are.
     assert_ne!(x.frames[0], x.frames[11]);
-    assert!(x.frames.iter().flatten().all(|v| (0.0..=255.0).contains(v)));
+    use fluoropose::stream::IntensityRelationship;
+    assert_eq!(x.intensity, Some(IntensityRelationship::Lin(false)));
+    let range = |lo: f32, hi: f32| x.frames.iter().flatten().all(|v| (lo..=hi).contains(v));
+    assert!(range(-(255.5f32).ln(), -(0.5f32).ln()));
+}
+
+/// The intensity relationship of the header decides how values become line integrals, on the
+/// real XA file edited three ways: LOG with sign -1 (already attenuation: as stored), LOG with
+/// sign +1 (negated), and no relationship (as stored, MONOCHROME2).
+#[test]
+fn the_pixel_intensity_relationship_maps_values_to_line_integrals() {
+    use dicom::core::{DataElement, PrimitiveValue, VR};
+    use dicom::dictionary_std::tags;
+    use fluoropose::stream::IntensityRelationship;
+    let Some(p) = common::shared("fluoro/XA-MONO2-8-12x-catheter.dcm") else {
+        return;
+    };
+    let lin = read_xray_dicom(&p).unwrap();
+    let raw: Vec<f32> = lin.frames[0].iter().map(|v| (-v).exp() - 0.5).collect();
+    assert!(
+        raw.iter()
+            .all(|v| (v - v.round()).abs() < 1e-3 && (0.0..=255.5).contains(v))
+    );
+    let dir = tempfile::tempdir().unwrap();
+    // (attributes written, what the reader makes of them, sign of the values it returns)
+    type Case = (
+        Option<(&'static str, i32)>,
+        Option<IntensityRelationship>,
+        f32,
+    );
+    let cases: [Case; 3] = [
+        (
+            Some(("LOG", -1)),
+            Some(IntensityRelationship::Log(true)),
+            1.0,
+        ),
+        (
+            Some(("LOG", 1)),
+            Some(IntensityRelationship::Log(false)),
+            -1.0,
+        ),
+        (None, None, 1.0),
+    ];
+    for (k, (attr, want, sign)) in cases.into_iter().enumerate() {
+        let mut obj = dicom::object::open_file(&p).unwrap();
+        match attr {
+            Some((rel, s)) => {
+                obj.put(DataElement::new(
+                    tags::PIXEL_INTENSITY_RELATIONSHIP,
+                    VR::CS,
+                    PrimitiveValue::from(rel),
+                ));
+                obj.put(DataElement::new(
+                    tags::PIXEL_INTENSITY_RELATIONSHIP_SIGN,
+                    VR::SS,
+                    PrimitiveValue::from(s as i16),
+                ));
+            }
+            None => {
+                obj.remove_element(tags::PIXEL_INTENSITY_RELATIONSHIP);
+            }
+        }
+        let q = dir.path().join(format!("{k}.dcm"));
+        obj.write_to_file(&q).unwrap();
+        let x = read_xray_dicom(&q).unwrap();
+        assert_eq!(x.intensity, want, "{attr:?}");
+        for (a, b) in x.frames[0].iter().zip(&raw) {
+            assert!((a - sign * b.round()).abs() < 1e-3, "{attr:?}: {a} vs {b}");
+        }
+    }
 }
 
 #[test]

@@ -63,6 +63,7 @@ fn one_frame(width: usize, height: usize, data: Vec<f32>) -> XrayFrames {
         frame_time_ms: None,
         geometry: Default::default(),
         modality: String::new(),
+        intensity: None,
     }
 }
 

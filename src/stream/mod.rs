@@ -8,4 +8,4 @@ pub mod simulated;
 mod xray_dicom;
 
 pub use image_file::{frame_files, list_frames, read_image_file};
-pub use xray_dicom::{CarmHeader, FrameError, XrayFrames, read_xray_dicom};
+pub use xray_dicom::{CarmHeader, FrameError, IntensityRelationship, XrayFrames, read_xray_dicom};

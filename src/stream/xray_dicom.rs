@@ -66,8 +66,11 @@ impl CarmHeader {
     }
 }
 
-/// Decoded frames of one file, as f32 (after the modality LUT; MONOCHROME1 inverted so that
-/// larger is always brighter).
+/// Decoded frames of one file, as f32 after the modality LUT. Where the header says how the
+/// values relate to the beam's intensity (Pixel Intensity Relationship, as XA and RF files do),
+/// they are mapped to line integrals, larger where more is absorbed, as DRRs are
+/// ([`IntensityRelationship`]); otherwise MONOCHROME1 is inverted so that larger is always
+/// brighter.
 #[derive(Clone, Debug)]
 pub struct XrayFrames {
     /// Columns.
@@ -82,6 +85,46 @@ pub struct XrayFrames {
     pub geometry: CarmHeader,
     /// Modality (XA, RF, CR, DX, OT...).
     pub modality: String,
+    /// How the stored values related to the beam's intensity, when the header said so (the
+    /// frames are then line integrals).
+    pub intensity: Option<IntensityRelationship>,
+}
+
+/// Pixel Intensity Relationship (0028,1040) with its Sign (0028,1041): how an X-ray image's
+/// stored values relate to the intensity of the beam that reached the detector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IntensityRelationship {
+    /// `LIN`: proportional to the intensity; `true` when higher values mean less intensity
+    /// (sign -1).
+    Lin(bool),
+    /// `LOG`: proportional to its logarithm; `true` when higher values mean less intensity.
+    Log(bool),
+}
+
+impl IntensityRelationship {
+    /// From the header's two attributes (`DISP` or anything else: `None`).
+    pub fn parse(relationship: &str, sign: Option<f64>) -> Option<Self> {
+        let less = sign.is_some_and(|s| s < 0.0);
+        match relationship.trim() {
+            "LIN" => Some(Self::Lin(less)),
+            "LOG" => Some(Self::Log(less)),
+            _ => None,
+        }
+    }
+
+    /// A stored value as a line integral up to a gain and an offset (which neither the
+    /// network's quantile normalisation nor the refinement's correlations see): Beer-Lambert,
+    /// `-ln(I)`. `full` is the largest value the file can store (for `LIN` with sign -1, whose
+    /// intensity is `full - v`).
+    pub fn line_integral(self, v: f32, full: f32) -> f32 {
+        match self {
+            // Half a count keeps a dark (fully absorbed) pixel finite.
+            Self::Lin(false) => -(v.max(0.0) + 0.5).ln(),
+            Self::Lin(true) => -((full - v).max(0.0) + 0.5).ln(),
+            Self::Log(false) => -v,
+            Self::Log(true) => v,
+        }
+    }
 }
 
 fn float(obj: &InMemDicomObject, tag: dicom::core::Tag) -> Option<f64> {
@@ -141,6 +184,16 @@ pub fn read_xray_dicom(path: &Path) -> Result<XrayFrames, FrameError> {
         ));
     }
     let (width, height) = (decoded.columns() as usize, decoded.rows() as usize);
+    let obj: &InMemDicomObject = &file_obj;
+    let intensity = obj
+        .element_opt(tags::PIXEL_INTENSITY_RELATIONSHIP)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_str().ok())
+        .and_then(|r| {
+            IntensityRelationship::parse(&r, float(obj, tags::PIXEL_INTENSITY_RELATIONSHIP_SIGN))
+        });
+    let full = ((1u64 << decoded.bits_stored().clamp(1, 32)) - 1) as f32;
     let invert = decoded.photometric_interpretation().as_str() == "MONOCHROME1";
     let mut frames = Vec::with_capacity(decoded.number_of_frames() as usize);
     for f in 0..decoded.number_of_frames() {
@@ -153,7 +206,12 @@ pub fn read_xray_dicom(path: &Path) -> Result<XrayFrames, FrameError> {
                 format!("frame {f}: {} pixels for {width}x{height}", v.len()),
             ));
         }
-        if invert {
+        if let Some(rel) = intensity {
+            // The beam's physics, not the display: MONOCHROME1 says only how to show it.
+            for x in &mut v {
+                *x = rel.line_integral(*x, full);
+            }
+        } else if invert {
             let hi = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             for x in &mut v {
                 *x = hi - *x;
@@ -161,7 +219,6 @@ pub fn read_xray_dicom(path: &Path) -> Result<XrayFrames, FrameError> {
         }
         frames.push(v);
     }
-    let obj: &InMemDicomObject = &file_obj;
     let spacing = floats(obj, tags::IMAGER_PIXEL_SPACING)
         .or_else(|| floats(obj, tags::PIXEL_SPACING))
         .filter(|v| v.len() == 2 && v[0] > 0.0 && v[1] > 0.0);
@@ -186,5 +243,6 @@ pub fn read_xray_dicom(path: &Path) -> Result<XrayFrames, FrameError> {
         frame_time_ms: float(obj, tags::FRAME_TIME),
         geometry,
         modality,
+        intensity,
     })
 }
