@@ -95,6 +95,8 @@ pub struct Settings {
     pub overlay_alpha: f32,
     /// How the DRR is compared with the frame.
     pub compare: Compare,
+    /// Which way round bone is drawn.
+    pub bone: BoneShown,
     /// Quantum noise of the simulated stream.
     pub photons: f64,
     /// Where annotations are saved.
@@ -136,6 +138,7 @@ impl Default for Settings {
             looping: true,
             overlay_alpha: 0.4,
             compare: Compare::Blend,
+            bone: BoneShown::AsSource,
             photons: 100000.0,
             annotation_dir: PathBuf::from("annotations"),
             mirror: true,
@@ -146,6 +149,48 @@ impl Default for Settings {
             // live pipeline (about 0.4 s a frame here), which then falls just below 10 fps.
             refine: true,
             refine_while_playing: false,
+        }
+    }
+}
+
+/// Which way round frames and DRRs are drawn.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum BoneShown {
+    /// Frames as their source stores them; the DRR to match (inverted beside a frame the
+    /// network read inverted).
+    #[default]
+    AsSource,
+    /// Bone bright, as radiographs and DRRs.
+    Bright,
+    /// Bone dark, as many fluoroscopes show it.
+    Dark,
+}
+
+impl BoneShown {
+    /// Whether a frame the network read `inverted` (bone dark) is drawn inverted.
+    pub fn invert_frame(self, inverted: bool) -> bool {
+        match self {
+            Self::AsSource => false,
+            Self::Bright => inverted,
+            Self::Dark => !inverted,
+        }
+    }
+
+    /// Whether the DRR (bone bright) is drawn inverted beside such a frame.
+    pub fn invert_drr(self, inverted: bool) -> bool {
+        match self {
+            Self::AsSource => inverted,
+            Self::Bright => false,
+            Self::Dark => true,
+        }
+    }
+
+    /// For menus.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::AsSource => "as the source",
+            Self::Bright => "bright",
+            Self::Dark => "dark",
         }
     }
 }
@@ -316,7 +361,7 @@ pub struct FluoroApp {
     drr_pose: Option<(Pose, Camera, bool)>,
     drr_ms: f64,
     frame_tex: Option<egui::TextureHandle>,
-    frame_tex_index: Option<u64>,
+    frame_tex_index: Option<(u64, bool)>,
     /// Messages.
     pub toasts: Vec<Toast>,
     /// Models the Live tab can switch between: (name, weights path or None for the shipped).
@@ -730,7 +775,10 @@ impl FluoroApp {
         let size = (cam.width_px, cam.height_px);
         // The DRR takes the frame's polarity, so that blend and difference compare like with
         // like.
-        let inverted = self.latest.as_ref().is_some_and(|p| p.inverted);
+        let inverted = self
+            .settings
+            .bone
+            .invert_drr(self.latest.as_ref().is_some_and(|p| p.inverted));
         let changed = self.drr_pose.as_ref() != Some(&(pose, cam, inverted));
         if changed {
             let t0 = Instant::now();
@@ -813,8 +861,13 @@ impl FluoroApp {
     /// The frame as an egui texture (uploaded when the frame changes).
     pub fn frame_texture(&mut self, ctx: &egui::Context) -> Option<egui::TextureId> {
         let p = self.latest.as_ref()?;
-        if self.frame_tex_index != Some(p.index) || self.frame_tex.is_none() {
-            let img = gray_image(&p.pixels, p.size.0, p.size.1);
+        let invert = self.settings.bone.invert_frame(p.inverted);
+        if self.frame_tex_index != Some((p.index, invert)) || self.frame_tex.is_none() {
+            let img = gray_image(
+                &crate::detect::as_read(&p.pixels, invert),
+                p.size.0,
+                p.size.1,
+            );
             match &mut self.frame_tex {
                 Some(t) => t.set(img, egui::TextureOptions::LINEAR),
                 None => {
@@ -822,7 +875,7 @@ impl FluoroApp {
                         Some(ctx.load_texture("frame", img, egui::TextureOptions::LINEAR))
                 }
             }
-            self.frame_tex_index = Some(p.index);
+            self.frame_tex_index = Some((p.index, invert));
         }
         self.frame_tex.as_ref().map(|t| t.id())
     }
@@ -1116,3 +1169,29 @@ pub const COLOURS: [egui::Color32; N_LANDMARKS] = [
     egui::Color32::from_rgb(70, 240, 240),
     egui::Color32::from_rgb(240, 50, 230),
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::BoneShown;
+
+    /// Whatever the setting, the frame and the DRR are drawn the same way round: bone dark on
+    /// screen in both or in neither; bright and dark settings force it, whatever the source.
+    #[test]
+    fn frame_and_drr_are_drawn_the_same_way_round() {
+        for bone in [BoneShown::AsSource, BoneShown::Bright, BoneShown::Dark] {
+            for read_inverted in [false, true] {
+                let frame_dark = read_inverted != bone.invert_frame(read_inverted);
+                let drr_dark = bone.invert_drr(read_inverted);
+                assert_eq!(
+                    frame_dark, drr_dark,
+                    "{bone:?}, read inverted {read_inverted}"
+                );
+                match bone {
+                    BoneShown::Bright => assert!(!frame_dark),
+                    BoneShown::Dark => assert!(frame_dark),
+                    BoneShown::AsSource => assert_eq!(frame_dark, read_inverted),
+                }
+            }
+        }
+    }
+}

@@ -428,6 +428,22 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
             ui.selectable_value(&mut app.settings.compare, Compare::Checkerboard, "checker");
         });
         ui.add(egui::Slider::new(&mut app.settings.overlay_alpha, 0.0..=1.0).text("DRR opacity"));
+        ui.horizontal(|ui| {
+            ui.label("bone drawn");
+            egui::ComboBox::from_id_salt("bone shown")
+                .selected_text(app.settings.bone.label())
+                .show_ui(ui, |ui| {
+                    use super::BoneShown;
+                    for b in [BoneShown::AsSource, BoneShown::Bright, BoneShown::Dark] {
+                        ui.selectable_value(&mut app.settings.bone, b, b.label());
+                    }
+                })
+                .response
+                .on_hover_text(
+                    "Frames and the DRR drawn bone bright (radiographs, DRRs) or bone dark \
+                     (many fluoroscopes), or frames as their source stores them",
+                );
+        });
         ui.checkbox(&mut app.manual, "manual pose (sliders move the C-arm)");
         if app.manual {
             if let Some(s) = p.solution.as_ref().filter(|_| ui.button("start from solved pose").clicked()) {
@@ -910,7 +926,14 @@ pub fn annotate(app: &mut FluoroApp, ui: &mut egui::Ui) {
     let ctx = ui.ctx().clone();
     let tex = ctx.load_texture(
         "annot-frame",
-        super::gray_image(&frame.pixels, frame.size.0, frame.size.1),
+        super::gray_image(
+            &crate::detect::as_read(
+                &frame.pixels,
+                app.settings.bone.invert_frame(frame.inverted),
+            ),
+            frame.size.0,
+            frame.size.1,
+        ),
         egui::TextureOptions::LINEAR,
     );
     let size = fit(
