@@ -103,6 +103,21 @@ impl Decode {
             inverted_first: false,
         }
     }
+
+    /// Whether a frame is read inverted first.
+    pub fn first_inverted(&self) -> bool {
+        match self.polarity {
+            Polarity::AsIs => false,
+            Polarity::Inverted => true,
+            Polarity::Auto => self.inverted_first,
+        }
+    }
+
+    /// Whether a frame whose first reading scored `score` ([`polarity_score`]) is read the
+    /// other way round too.
+    pub fn retries(&self, score: f64) -> bool {
+        self.polarity == Polarity::Auto && score < AUTO_RETRY_BELOW
+    }
 }
 
 /// What [`detect`] finds on a frame.
@@ -156,11 +171,6 @@ pub fn detect(
     init: Option<&Pose>,
     decode: &Decode,
 ) -> Result<Found, ModelError> {
-    let first = match decode.polarity {
-        Polarity::AsIs => false,
-        Polarity::Inverted => true,
-        Polarity::Auto => decode.inverted_first,
-    };
     let read = |inverted: bool| {
         let px = as_read(pixels, inverted);
         let mut f = detect_as_stored(
@@ -169,8 +179,9 @@ pub fn detect(
         f.inverted = inverted;
         Ok::<_, ModelError>(f)
     };
+    let first = decode.first_inverted();
     let found = read(first)?;
-    if decode.polarity != Polarity::Auto || found.polarity_score() >= AUTO_RETRY_BELOW {
+    if !decode.retries(found.polarity_score()) {
         return Ok(found);
     }
     let other = read(!first)?;

@@ -3,7 +3,7 @@
 //! predicted landmarks (TRE, rotation and translation errors).
 
 use crate::dataset::{Dataset, Sample, Split};
-use crate::detect::{AUTO_RETRY_BELOW, Decode, Polarity, peak_search, polarity_score};
+use crate::detect::{Decode, Polarity, peak_search, polarity_score};
 use crate::drr::{AnyDrr, Attenuation, DensityVolume};
 use crate::landmarks::N_LANDMARKS;
 use crate::model::{UNet, heatmap};
@@ -418,12 +418,7 @@ fn read_batch(
             net.forward(&x, false)
         }
     };
-    let first = match decode.polarity {
-        Polarity::AsIs => false,
-        Polarity::Inverted => true,
-        Polarity::Auto => decode.inverted_first,
-    };
-    let mut inverted = vec![first; images.len()];
+    let mut inverted = vec![decode.first_inverted(); images.len()];
     let logits = forward(&inverted)?;
     if decode.polarity != Polarity::Auto {
         return Ok((logits, inverted));
@@ -436,7 +431,7 @@ fn read_batch(
     let scores = (0..images.len())
         .map(|i| score(&logits.get(i)?))
         .collect::<candle_core::Result<Vec<f64>>>()?;
-    if scores.iter().all(|&s| s >= AUTO_RETRY_BELOW) {
+    if !scores.iter().any(|&s| decode.retries(s)) {
         return Ok((logits, inverted));
     }
     let flipped: Vec<bool> = inverted.iter().map(|v| !v).collect();
@@ -444,7 +439,7 @@ fn read_batch(
     let mut rows = Vec::with_capacity(images.len());
     for (i, s) in scores.iter().enumerate() {
         let o = other.get(i)?;
-        if *s < AUTO_RETRY_BELOW && score(&o)? > *s {
+        if decode.retries(*s) && score(&o)? > *s {
             rows.push(o);
             inverted[i] = !inverted[i];
         } else {

@@ -140,6 +140,31 @@ fn refined_lines(app: &FluoroApp, ui: &mut egui::Ui, r: &super::RefinedPose, sho
     }
 }
 
+/// A labelled drop-down of `options` (named by `name`) setting `value`; whether it changed.
+fn choice<T: Copy + PartialEq>(
+    ui: &mut egui::Ui,
+    label: &str,
+    value: &mut T,
+    options: &[T],
+    name: fn(T) -> &'static str,
+    hover: &str,
+) -> bool {
+    let mut changed = false;
+    ui.horizontal(|ui| {
+        ui.label(label);
+        egui::ComboBox::from_id_salt(label)
+            .selected_text(name(*value))
+            .show_ui(ui, |ui| {
+                for &o in options {
+                    changed |= ui.selectable_value(value, o, name(o)).changed();
+                }
+            })
+            .response
+            .on_hover_text(hover);
+    });
+    changed
+}
+
 /// A pose as two lines, `r` in degrees and `t` in mm, each name after `prefix`.
 fn pose_lines(prefix: &str, pose: &crate::geometry::Pose) -> String {
     let v = pose.params();
@@ -345,25 +370,19 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
                  a landmark no peak supports is drawn dashed where the pose puts it",
             )
             .changed();
-        ui.horizontal(|ui| {
-            ui.label("frame polarity");
+        {
             use crate::detect::Polarity;
-            egui::ComboBox::from_id_salt("polarity")
-                .selected_text(app.settings.polarity.label())
-                .show_ui(ui, |ui| {
-                    for p in [Polarity::Auto, Polarity::AsIs, Polarity::Inverted] {
-                        d |= ui
-                            .selectable_value(&mut app.settings.polarity, p, p.label())
-                            .changed();
-                    }
-                })
-                .response
-                .on_hover_text(
-                    "The network learnt DRRs, bone bright; many fluoroscopes show bone dark. \
-                     Automatic reads a frame the other way round too when its landmarks are \
-                     found faintly, and keeps the reading that finds them",
-                );
-        });
+            d |= choice(
+                ui,
+                "frame polarity",
+                &mut app.settings.polarity,
+                &[Polarity::Auto, Polarity::AsIs, Polarity::Inverted],
+                Polarity::label,
+                "The network learnt DRRs, bone bright; many fluoroscopes show bone dark. \
+                 Automatic reads a frame the other way round too when its landmarks are found \
+                 faintly, and keeps the reading that finds them",
+            );
+        }
         if d {
             let decode = app.settings.decode();
             app.send(super::Command::Decode(decode));
@@ -428,22 +447,18 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
             ui.selectable_value(&mut app.settings.compare, Compare::Checkerboard, "checker");
         });
         ui.add(egui::Slider::new(&mut app.settings.overlay_alpha, 0.0..=1.0).text("DRR opacity"));
-        ui.horizontal(|ui| {
-            ui.label("bone drawn");
-            egui::ComboBox::from_id_salt("bone shown")
-                .selected_text(app.settings.bone.label())
-                .show_ui(ui, |ui| {
-                    use super::BoneShown;
-                    for b in [BoneShown::AsSource, BoneShown::Bright, BoneShown::Dark] {
-                        ui.selectable_value(&mut app.settings.bone, b, b.label());
-                    }
-                })
-                .response
-                .on_hover_text(
-                    "Frames and the DRR drawn bone bright (radiographs, DRRs) or bone dark \
-                     (many fluoroscopes), or frames as their source stores them",
-                );
-        });
+        {
+            use super::BoneShown;
+            choice(
+                ui,
+                "bone drawn",
+                &mut app.settings.bone,
+                &[BoneShown::AsSource, BoneShown::Bright, BoneShown::Dark],
+                BoneShown::label,
+                "Frames and the DRR drawn bone bright (radiographs, DRRs) or bone dark (many \
+                 fluoroscopes), or frames as their source stores them",
+            );
+        }
         ui.checkbox(&mut app.manual, "manual pose (sliders move the C-arm)");
         if app.manual {
             if let Some(s) = p.solution.as_ref().filter(|_| ui.button("start from solved pose").clicked()) {

@@ -354,12 +354,10 @@ pub fn refine(
         }
         best.restarts = k + 1;
     }
+    // The first run never ends below the given pose (it falls back to it), and a restart
+    // replaces it only by something more similar.
     best.renders = renders;
     best.similarity_before = similarity_before;
-    if best.similarity <= similarity_before {
-        best.pose = *init;
-        best.similarity = similarity_before;
-    }
     Ok(best)
 }
 
