@@ -201,14 +201,13 @@ fn sidecar(out: &Path, ext: &str) -> PathBuf {
     out.with_extension(ext)
 }
 
-/// Loads a batch: inputs `(B, 1, S, S)` normalised as the model does, and the samples.
+/// Loads a batch: inputs `(B, 1, S, S)` normalised as the model does.
 fn batch_tensor(
-    data: &Dataset,
     cfg: &ModelConfig,
     images: &[Vec<f32>],
     device: &Device,
 ) -> Result<Tensor, TrainError> {
-    let s = data.manifest.size;
+    let s = cfg.input_size;
     let mut v = Vec::with_capacity(images.len() * s * s);
     for img in images {
         v.extend(cfg.normalisation.apply(img));
@@ -219,21 +218,22 @@ fn batch_tensor(
 /// The pose estimation loss of eq. 10 for a batch: mean over items whose solve succeeded.
 fn pose_loss(
     logits: &Tensor,
-    samples: &[&Sample],
-    data: &Dataset,
+    samples: &[Item],
+    data: &[Dataset],
     tau: f64,
 ) -> Result<(Tensor, usize), TrainError> {
     let pts = heatmap::soft_argmax(logits, tau)?;
     let points3d = samples
         .iter()
-        .map(|s| data.manifest.subjects[s.subject].points3d())
+        .map(|&(d, s)| data[d].manifest.subjects[s.subject].points3d())
         .collect();
-    let mut layer = RegistrationLayer::new(data.manifest.camera, points3d);
+    // `train` checked that every dataset of a pose-loss run shares this camera.
+    let mut layer = RegistrationLayer::new(data[0].manifest.camera, points3d);
     // Landmarks outside the image cannot be found on it: they do not take part.
     layer.weights = Some(
         samples
             .iter()
-            .map(|s| {
+            .map(|(_, s)| {
                 s.landmarks
                     .iter()
                     .map(|l| f64::from(u8::from(l.is_some())))
@@ -245,7 +245,7 @@ fn pose_loss(
     let failures = layer.failures.load(std::sync::atomic::Ordering::Relaxed);
     let truth: Vec<f32> = samples
         .iter()
-        .flat_map(|s| s.pose.map(|v| v as f32))
+        .flat_map(|(_, s)| s.pose.map(|v| v as f32))
         .collect();
     let b = samples.len();
     let truth = Tensor::from_vec(truth, (b, 6), logits.device())?;
@@ -268,9 +268,13 @@ pub fn learning_rate(opts: &TrainOptions, step: usize, total: usize) -> f64 {
     lr_min + (opts.lr - lr_min) * (1.0 + x.cos()) / 2.0
 }
 
-/// Trains on the `train` split of `data`. `on_metric` sees every step (the GUI's curves).
+/// A training image: the index of its dataset and its sample.
+type Item<'a> = (usize, &'a Sample);
+
+/// Trains on the `train` split of every dataset in `data` together (generated DRRs of several
+/// draws, annotated frames beside DRRs). `on_metric` sees every step (the GUI's curves).
 pub fn train(
-    data: &Dataset,
+    data: &[Dataset],
     opts: &TrainOptions,
     device: &Device,
     task: &Task,
@@ -310,23 +314,26 @@ pub fn train(
         (None, None) => UNet::with_seed(opts.config.clone(), device, opts.seed)?,
     };
     let cfg = net.config.clone();
-    if cfg.input_size != data.manifest.size {
-        return Err(TrainError::Invalid(format!(
-            "the model takes {0}x{0} images but the dataset holds {1}x{1}",
-            cfg.input_size, data.manifest.size
-        )));
-    }
-    let train_set = data.split(Some(Split::Train));
+    check_datasets(data, &cfg, opts.mode)?;
+    let train_set: Vec<Item> = data
+        .iter()
+        .enumerate()
+        .flat_map(|(d, ds)| {
+            ds.split(Some(Split::Train))
+                .into_iter()
+                .map(move |s| (d, s))
+        })
+        .collect();
     if train_set.is_empty() {
         return Err(TrainError::Invalid(format!(
             "{}: no training images",
-            data.dir.display()
+            dirs(data)
         )));
     }
     task.set_message("loading images");
     let images: Vec<Vec<f32>> = train_set
         .iter()
-        .map(|s| data.image(s))
+        .map(|&(d, s)| data[d].image(s))
         .collect::<Result<_, _>>()?;
     let mut opt = candle_nn::AdamW::new(
         net.trainable_vars(),
@@ -381,12 +388,12 @@ pub fn train(
                 return Err(Cancelled.into());
             }
             let t0 = Instant::now();
-            let samples: Vec<&Sample> = chunk.iter().map(|&i| train_set[i]).collect();
+            let samples: Vec<Item> = chunk.iter().map(|&i| train_set[i]).collect();
             let flips: Vec<bool> = chunk
                 .iter()
                 .map(|_| opts.mirror > 0.0 && rng.random_bool(opts.mirror))
                 .collect();
-            let size = data.manifest.size;
+            let size = cfg.input_size;
             let imgs: Vec<Vec<f32>> = chunk
                 .iter()
                 .zip(&flips)
@@ -398,7 +405,7 @@ pub fn train(
                     }
                 })
                 .collect();
-            let x = batch_tensor(data, &cfg, &imgs, device)?;
+            let x = batch_tensor(&cfg, &imgs, device)?;
             let logits = net.forward(&x, true)?;
             let mut loss = Tensor::zeros((), DType::F32, device)?;
             let (mut seg_v, mut pose_v, mut failures) = (0.0, 0.0, 0);
@@ -406,7 +413,7 @@ pub fn train(
                 let pts: Vec<_> = samples
                     .iter()
                     .zip(&flips)
-                    .map(|(s, &f)| {
+                    .map(|((_, s), &f)| {
                         let p = s.points();
                         if f { mirror_points(&p, size) } else { p }
                     })
@@ -479,10 +486,10 @@ pub fn train(
                 "mode": opts.mode, "epochs_done": epochs_done, "steps": step,
                 "batch": opts.batch, "lr": opts.lr, "cosine": opts.cosine, "lambda": opts.lambda, "seed": opts.seed,
                 "mirror": opts.mirror,
-                "data": data.dir.display().to_string(),
-                "subjects": data.manifest.subjects.iter().filter(|s| !s.held_out).map(|s| s.ct.clone()).collect::<Vec<_>>(),
-                "images": train_set.len(), "size": data.manifest.size,
-                "realism": data.manifest.realism,
+                "data": dirs(data),
+                "subjects": data.iter().flat_map(|d| &d.manifest.subjects).filter(|s| !s.held_out).map(|s| s.ct.clone()).collect::<Vec<_>>(),
+                "images": train_set.len(), "size": cfg.input_size,
+                "realism": data.iter().map(|d| d.manifest.realism).collect::<Vec<_>>(),
                 "last_epoch_loss": last_epoch_loss,
             }
         });
@@ -504,6 +511,40 @@ pub fn train(
         last_epoch_loss,
         images_per_s: seen as f64 / started.elapsed().as_secs_f64().max(1e-9),
     })
+}
+
+/// The datasets' folders, for messages and the model card.
+fn dirs(data: &[Dataset]) -> String {
+    data.iter()
+        .map(|d| d.dir.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" + ")
+}
+
+/// Every dataset holds images of the model's input size; the pose loss solves all of a batch
+/// with one camera, so its datasets must share it.
+fn check_datasets(data: &[Dataset], cfg: &ModelConfig, mode: Mode) -> Result<(), TrainError> {
+    let Some(first) = data.first() else {
+        return Err(TrainError::Invalid("no dataset to train on".into()));
+    };
+    for d in data {
+        if d.manifest.size != cfg.input_size {
+            return Err(TrainError::Invalid(format!(
+                "the model takes {0}x{0} images but {1} holds {2}x{2}",
+                cfg.input_size,
+                d.dir.display(),
+                d.manifest.size
+            )));
+        }
+        if mode.uses_pose() && d.manifest.camera != first.manifest.camera {
+            return Err(TrainError::Invalid(format!(
+                "the pose loss needs one camera: {} and {} were rendered with different ones",
+                first.dir.display(),
+                d.dir.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A square `size`² image mirrored left-right.

@@ -124,9 +124,13 @@ fn composite_training_steps_match_the_cpu() {
             ..TrainOptions::default()
         };
         let mut losses = Vec::new();
-        train(&data, &opts, dev, &Task::new(), &mut |m: &Metric| {
-            losses.push((m.seg_loss, m.pose_loss))
-        })
+        train(
+            std::slice::from_ref(&data),
+            &opts,
+            dev,
+            &Task::new(),
+            &mut |m: &Metric| losses.push((m.seg_loss, m.pose_loss)),
+        )
         .unwrap();
         losses
     };

@@ -98,7 +98,7 @@ fn training_lowers_the_loss_checkpoints_reload_and_resume() {
     let out = dir.path().join("m.safetensors");
     let mut losses = Vec::new();
     let s = train(
-        &ds,
+        std::slice::from_ref(&ds),
         &options(&out, Mode::Baseline, 40),
         &Device::Cpu,
         &Task::new(),
@@ -125,8 +125,49 @@ fn training_lowers_the_loss_checkpoints_reload_and_resume() {
     // Resume: the state file says 40 steps; asking for 10 more continues from there.
     let mut more = options(&out, Mode::Baseline, 50);
     more.max_steps = Some(50);
-    let s2 = train(&ds, &more, &Device::Cpu, &Task::new(), &mut |_| {}).unwrap();
+    let s2 = train(
+        std::slice::from_ref(&ds),
+        &more,
+        &Device::Cpu,
+        &Task::new(),
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!(s2.steps, 50);
+}
+
+#[test]
+fn several_datasets_train_together_and_must_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    generate(&request(32, 3), &a, &Task::new()).unwrap();
+    let mut other = request(32, 2);
+    other.seed = 9;
+    generate(&other, &b, &Task::new()).unwrap();
+    let both = [Dataset::open(&a).unwrap(), Dataset::open(&b).unwrap()];
+    // 2 training subjects x 3 views + 2 x 2: one epoch at batch 4 is 3 steps, not 2.
+    let out = dir.path().join("m.safetensors");
+    let mut o = options(&out, Mode::Baseline, 100);
+    o.epochs = 1;
+    let s = train(&both, &o, &Device::Cpu, &Task::new(), &mut |_| {}).unwrap();
+    assert_eq!(s.steps, 3);
+    let card = &UNet::load(&out, &Device::Cpu).unwrap().config.card["training"];
+    assert_eq!(card["images"], 10);
+    assert!(card["data"].as_str().unwrap().contains(" + "), "{card}");
+    // The pose loss solves a batch with one camera: datasets with two are refused, by name.
+    let mut moved = both.clone();
+    moved[1].manifest.camera.sdd_mm = 900.0;
+    let mut ft = options(&dir.path().join("ft.safetensors"), Mode::Finetune, 1);
+    ft.init = Some(out.clone());
+    let e = train(&moved, &ft, &Device::Cpu, &Task::new(), &mut |_| {}).unwrap_err();
+    assert!(e.to_string().contains("one camera"), "{e}");
+    // A dataset of another image size is named in the error.
+    let small = dir.path().join("small");
+    generate(&request(16, 2), &small, &Task::new()).unwrap();
+    let mixed = [both[0].clone(), Dataset::open(&small).unwrap()];
+    let e = train(&mixed, &o, &Device::Cpu, &Task::new(), &mut |_| {}).unwrap_err();
+    assert!(e.to_string().contains("small"), "{e}");
+    assert!(train(&[], &o, &Device::Cpu, &Task::new(), &mut |_| {}).is_err());
 }
 
 #[test]
@@ -141,10 +182,16 @@ fn divergence_is_reported_and_not_written() {
     o.divergence_factor = 1.0 + 1e-9;
     let mut prev = f64::NAN;
     let mut grew = false;
-    let r = train(&ds, &o, &Device::Cpu, &Task::new(), &mut |m| {
-        grew |= m.loss > prev;
-        prev = m.loss;
-    });
+    let r = train(
+        std::slice::from_ref(&ds),
+        &o,
+        &Device::Cpu,
+        &Task::new(),
+        &mut |m| {
+            grew |= m.loss > prev;
+            prev = m.loss;
+        },
+    );
     let div_step = match r {
         Err(TrainError::Diverged { step, .. }) => step,
         other => panic!(
@@ -175,7 +222,7 @@ fn pel_finetuning_runs_through_the_registration_layer_and_evaluation_reports() {
     let ds = Dataset::open(&dir.path().join("d")).unwrap();
     let base = dir.path().join("base.safetensors");
     train(
-        &ds,
+        std::slice::from_ref(&ds),
         &options(&base, Mode::Baseline, 5),
         &Device::Cpu,
         &Task::new(),
@@ -185,7 +232,7 @@ fn pel_finetuning_runs_through_the_registration_layer_and_evaluation_reports() {
     // Fine-tuning needs a starting point.
     let ft = dir.path().join("ft.safetensors");
     let e = train(
-        &ds,
+        std::slice::from_ref(&ds),
         &options(&ft, Mode::Finetune, 2),
         &Device::Cpu,
         &Task::new(),
@@ -197,9 +244,13 @@ fn pel_finetuning_runs_through_the_registration_layer_and_evaluation_reports() {
     o.lr = 1e-4;
     o.divergence_factor = 1e6;
     let mut pose_losses = Vec::new();
-    train(&ds, &o, &Device::Cpu, &Task::new(), &mut |m| {
-        pose_losses.push(m.pose_loss)
-    })
+    train(
+        std::slice::from_ref(&ds),
+        &o,
+        &Device::Cpu,
+        &Task::new(),
+        &mut |m| pose_losses.push(m.pose_loss),
+    )
     .unwrap();
     assert_eq!(pose_losses.len(), 3);
     assert!(pose_losses.iter().all(|l| l.is_finite() && *l >= 0.0));

@@ -1209,11 +1209,17 @@ fn start_training(app: &mut FluoroApp) {
     let (tx, rx) = std::sync::mpsc::channel();
     let (t2, m2, out) = (task.clone(), metrics.clone(), opts.out.clone());
     std::thread::spawn(move || {
-        let r = crate::train::train(&data, &opts, &candle_core::Device::Cpu, &t2, &mut |m| {
-            if let Ok(mut v) = m2.lock() {
-                v.push(m.clone());
-            }
-        })
+        let r = crate::train::train(
+            std::slice::from_ref(&data),
+            &opts,
+            &candle_core::Device::Cpu,
+            &t2,
+            &mut |m| {
+                if let Ok(mut v) = m2.lock() {
+                    v.push(m.clone());
+                }
+            },
+        )
         .map(|_| opts.out.clone())
         .map_err(|e| e.to_string());
         let _ = tx.send(r);

@@ -93,9 +93,9 @@ pub struct DatasetArgs {
 /// `fluoropose train`.
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// Dataset folder.
-    #[arg(long)]
-    pub data: PathBuf,
+    /// Dataset folder; repeat `--data` to train on the training images of several together.
+    #[arg(long, required = true)]
+    pub data: Vec<PathBuf>,
     /// baseline | composite | pel-only | finetune.
     #[arg(long, default_value = "baseline")]
     pub mode: String,
@@ -341,9 +341,15 @@ fn train_options(a: &TrainArgs) -> Result<TrainOptions> {
 }
 
 pub fn train(a: &TrainArgs) -> Result<()> {
-    let data = Dataset::open(&a.data)?;
+    let data = a
+        .data
+        .iter()
+        .map(|d| Dataset::open(d).with_context(|| format!("opening {}", d.display())))
+        .collect::<Result<Vec<_>>>()?;
     let mut opts = train_options(a)?;
-    opts.config.input_size = data.manifest.size;
+    if let Some(d) = data.first() {
+        opts.config.input_size = d.manifest.size;
+    }
     let task = Task::new();
     let dev = device();
     let s = with_bar(&task, "train", || {
@@ -795,7 +801,7 @@ pub fn experiment(a: &ExperimentArgs) -> Result<()> {
     for mode in ["baseline", "composite", "pel-only", "finetune"] {
         let out = a.out.join(format!("{mode}.safetensors"));
         let targs = TrainArgs {
-            data: data_dir.clone(),
+            data: vec![data_dir.clone()],
             mode: mode.into(),
             epochs: if mode == "finetune" { 1 } else { epochs },
             batch: 4,
