@@ -36,7 +36,8 @@ fn wait(h: &mut Harness<'_, FluoroApp>, what: &str, done: impl Fn(&FluoroApp) ->
     while !done(h.state()) {
         assert!(
             t0.elapsed() < Duration::from_secs(120),
-            "timed out waiting for {what}"
+            "timed out waiting for {what}; messages: {:?}",
+            h.state().toasts.iter().map(|t| &t.text).collect::<Vec<_>>()
         );
         h.step();
         std::thread::sleep(Duration::from_millis(20));
@@ -375,6 +376,16 @@ fn the_train_tab_trains_and_its_curve_grows() {
         f.batch = 2;
         f.out = dir.path().join("m.safetensors").display().to_string();
     }
+    // A second dataset (here the same folder again) is trained on together with the first.
+    h.get_by_label("+ another dataset").click();
+    h.step();
+    {
+        let f = &mut h.state_mut().train_form;
+        assert_eq!(f.also.len(), 1);
+        f.also[0] = data.display().to_string();
+    }
+    // The new row moves the buttons below it: let the layout settle before clicking.
+    h.run_steps(3);
     h.get_by_label("Start").click();
     h.step();
     wait(&mut h, "three training steps", |a| {
@@ -388,7 +399,10 @@ fn the_train_tab_trains_and_its_curve_grows() {
             .any(|m| m.1.as_ref().is_some_and(|p| p.ends_with("m.safetensors")))
     });
     assert!(dir.path().join("m.safetensors").exists());
-    assert!(dir.path().join("m.json").exists());
+    let card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("m.json")).unwrap()).unwrap();
+    let used = card["card"]["training"]["data"].as_str().unwrap();
+    assert_eq!(used.matches(" + ").count(), 1, "{used}");
 }
 
 /// Snapshots of every tab. The Live tab shows the stream's first frame (seeded noise, so the

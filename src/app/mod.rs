@@ -306,6 +306,8 @@ pub struct TrainingRun {
 pub struct TrainForm {
     /// Dataset folder.
     pub data: String,
+    /// More dataset folders trained on together with `data` (other DRR draws, annotated frames).
+    pub also: Vec<String>,
     /// Mode.
     pub mode: crate::train::Mode,
     /// Epochs.
@@ -324,6 +326,7 @@ impl Default for TrainForm {
     fn default() -> Self {
         Self {
             data: "experiment/data".into(),
+            also: Vec::new(),
             mode: crate::train::Mode::Finetune,
             epochs: 1,
             batch: 4,

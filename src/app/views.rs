@@ -1103,6 +1103,33 @@ pub fn train(app: &mut FluoroApp, ui: &mut egui::Ui) {
             }
         });
         ui.end_row();
+        let mut remove = None;
+        for (i, extra) in f.also.iter_mut().enumerate() {
+            let l = ui.label("and dataset");
+            ui.horizontal(|ui| {
+                ui.text_edit_singleline(extra).labelled_by(l.id);
+                if ui
+                    .button("remove")
+                    .on_hover_text("do not train on it")
+                    .clicked()
+                {
+                    remove = Some(i);
+                }
+            });
+            ui.end_row();
+        }
+        if let Some(i) = remove {
+            f.also.remove(i);
+        }
+        ui.label("");
+        if ui
+            .button("+ another dataset")
+            .on_hover_text("train on the training images of several datasets together")
+            .clicked()
+        {
+            f.also.push(String::new());
+        }
+        ui.end_row();
         ui.label("mode");
         ui.horizontal(|ui| {
             ui.selectable_value(&mut f.mode, Mode::Finetune, "finetune (PEL)");
@@ -1168,10 +1195,16 @@ pub fn train(app: &mut FluoroApp, ui: &mut egui::Ui) {
 
 fn start_training(app: &mut FluoroApp) {
     let f = &app.train_form;
-    let data = match crate::dataset::Dataset::open(std::path::Path::new(&f.data)) {
+    let folders = std::iter::once(&f.data).chain(f.also.iter().filter(|d| !d.trim().is_empty()));
+    let data = match folders
+        .map(|d| {
+            crate::dataset::Dataset::open(std::path::Path::new(d)).map_err(|e| format!("{d}: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()
+    {
         Ok(d) => d,
         Err(e) => {
-            app.toast(format!("{}: {e}", f.data), true);
+            app.toast(e, true);
             return;
         }
     };
@@ -1199,7 +1232,8 @@ fn start_training(app: &mut FluoroApp) {
         init,
         out: PathBuf::from(&f.out),
         config: crate::model::ModelConfig {
-            input_size: data.manifest.size,
+            // The first folder is always there; `train` checks that the others agree.
+            input_size: data.first().map_or(256, |d| d.manifest.size),
             ..Default::default()
         },
         ..Default::default()
@@ -1209,17 +1243,11 @@ fn start_training(app: &mut FluoroApp) {
     let (tx, rx) = std::sync::mpsc::channel();
     let (t2, m2, out) = (task.clone(), metrics.clone(), opts.out.clone());
     std::thread::spawn(move || {
-        let r = crate::train::train(
-            std::slice::from_ref(&data),
-            &opts,
-            &candle_core::Device::Cpu,
-            &t2,
-            &mut |m| {
-                if let Ok(mut v) = m2.lock() {
-                    v.push(m.clone());
-                }
-            },
-        )
+        let r = crate::train::train(&data, &opts, &candle_core::Device::Cpu, &t2, &mut |m| {
+            if let Ok(mut v) = m2.lock() {
+                v.push(m.clone());
+            }
+        })
         .map(|_| opts.out.clone())
         .map_err(|e| e.to_string());
         let _ = tx.send(r);
