@@ -583,3 +583,24 @@ fn a_bone_dark_stream_is_read_inverted() {
         "mean confidence {mean} on a dark frame read as stored"
     );
 }
+
+/// While it waits (here for a stream that cannot open), the app asks to be redrawn now and
+/// then, not every frame: a software-rendered window would otherwise redraw at full rate and take
+/// the cores from the work being waited for.
+#[test]
+fn waiting_redraws_at_a_few_hertz_not_every_frame() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = harness_with(AppOptions {
+        open: Some(dir.path().join("missing.dcm")),
+        ..AppOptions::default()
+    });
+    h.run_steps(5);
+    assert!(h.state().latest.is_none());
+    h.get_by_label("waiting for the first frame");
+    // `try_run` steps while the app asks for an immediate redraw: it comes back at once.
+    let steps = h.try_run();
+    assert!(steps.is_ok(), "{steps:?}");
+}

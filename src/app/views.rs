@@ -34,11 +34,36 @@ pub fn status_bar(app: &mut FluoroApp, ui: &mut egui::Ui) {
             ui.label(app.gpu_status().to_string());
             if let Some(n) = app.ct_loading() {
                 ui.separator();
-                ui.spinner();
+                waiting(ui);
                 ui.label(format!("loading {n}"));
             }
         });
     });
+}
+
+/// A spinner that turns at 10 frames a second. egui's own asks for a repaint every frame, which
+/// keeps a software-rendered window (lavapipe) redrawing at full rate and takes the cores from
+/// the model load or CT load being waited for; this one asks again after 100 ms.
+fn waiting(ui: &mut egui::Ui) {
+    let side = ui.spacing().interact_size.y;
+    let (rect, _) = ui.allocate_exact_size(Vec2::splat(side), egui::Sense::hover());
+    if ui.is_rect_visible(rect) {
+        let t = (ui.input(|i| i.time) * 10.0).floor() / 10.0;
+        let start = t * std::f64::consts::TAU / 1.5;
+        let radius = rect.height() / 2.0 - 2.0;
+        let points: Vec<Pos2> = (0..=24)
+            .map(|i| {
+                let a = (start + f64::from(i) / 24.0 * std::f64::consts::PI * 1.5) as f32;
+                rect.center() + radius * Vec2::angled(a)
+            })
+            .collect();
+        ui.painter().add(egui::Shape::line(
+            points,
+            Stroke::new(3.0, ui.visuals().strong_text_color()),
+        ));
+    }
+    ui.ctx()
+        .request_repaint_after(std::time::Duration::from_millis(100));
 }
 
 pub fn toasts(app: &mut FluoroApp, ctx: &egui::Context) {
@@ -258,7 +283,7 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
     transport(app, ui);
     let ctx = ui.ctx().clone();
     let Some(p) = app.latest.clone() else {
-        ui.spinner();
+        waiting(ui);
         ui.label("waiting for the first frame");
         return;
     };
