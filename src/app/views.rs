@@ -1133,6 +1133,11 @@ pub fn train(app: &mut FluoroApp, ui: &mut egui::Ui) {
             let l = ui.label("and dataset");
             ui.horizontal(|ui| {
                 ui.text_edit_singleline(extra).labelled_by(l.id);
+                if ui.button("…").clicked()
+                    && let Some(p) = rfd::FileDialog::new().pick_folder()
+                {
+                    *extra = p.display().to_string();
+                }
                 if ui
                     .button("remove")
                     .on_hover_text("do not train on it")
