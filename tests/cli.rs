@@ -407,14 +407,18 @@ fn label_makes_a_dataset_from_frames_and_their_ct() {
         frames.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
-    let (ok, text, err) = run(&[
-        "label",
-        frames.to_str().unwrap(),
-        "--ct",
-        "phantom:62",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    // `label` of a folder of frames of phantom 62 into a dataset.
+    let label = |from: &std::path::Path, to: &std::path::Path| {
+        run(&[
+            "label",
+            from.to_str().unwrap(),
+            "--ct",
+            "phantom:62",
+            "--out",
+            to.to_str().unwrap(),
+        ])
+    };
+    let (ok, text, err) = label(&frames, &out);
     assert!(ok, "{err}");
     assert!(text.contains("labelled 3 of 3 frames"), "{text}");
     let ds = fluoropose::dataset::Dataset::open(&out).unwrap();
@@ -455,14 +459,7 @@ fn label_makes_a_dataset_from_frames_and_their_ct() {
         .unwrap();
     }
     let out_dark = dir.path().join("labelled_dark");
-    let (ok, text, err) = run(&[
-        "label",
-        dark.to_str().unwrap(),
-        "--ct",
-        "phantom:62",
-        "--out",
-        out_dark.to_str().unwrap(),
-    ]);
+    let (ok, text, err) = label(&dark, &out_dark);
     assert!(ok && text.contains("labelled 3 of 3 frames"), "{text}{err}");
     let dd = fluoropose::dataset::Dataset::open(&out_dark).unwrap();
     for (a, b) in ds.samples.iter().zip(&dd.samples) {

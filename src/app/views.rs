@@ -1263,7 +1263,11 @@ fn start_training(app: &mut FluoroApp) {
         out: PathBuf::from(&f.out),
         config: crate::model::ModelConfig {
             // The first folder is always there; `train` checks that the others agree.
-            input_size: data.first().map_or(256, |d| d.manifest.size),
+            input_size: data
+                .first()
+                .map_or(crate::model::ModelConfig::default().input_size, |d| {
+                    d.manifest.size
+                }),
             ..Default::default()
         },
         ..Default::default()
