@@ -131,6 +131,10 @@ pub struct TrainOptions {
     /// CT, so the pose loss cannot use it (baseline mode only).
     #[serde(default)]
     pub mirror: f64,
+    /// Widen the `init` network to this many base channels before training, computing the
+    /// same heatmaps ([`crate::model::widen`]): more capacity without starting over.
+    #[serde(default)]
+    pub widen: Option<usize>,
 }
 
 impl Default for TrainOptions {
@@ -150,6 +154,7 @@ impl Default for TrainOptions {
             divergence_factor: 1e3,
             cosine: false,
             mirror: 0.0,
+            widen: None,
         }
     }
 }
@@ -305,7 +310,20 @@ pub fn train(
         .filter(|s: &State| s.mode == opts.mode && opts.out.exists());
     let net = match (&resume, &opts.init) {
         (Some(_), _) => UNet::load(&opts.out, device)?,
-        (None, Some(init)) => UNet::load(init, device)?,
+        (None, Some(init)) => {
+            let net = UNet::load(init, device)?;
+            match opts.widen {
+                Some(base) if base != net.config.base_channels => {
+                    crate::model::widen::widen(&net, base, opts.seed)?
+                }
+                _ => net,
+            }
+        }
+        (None, None) if opts.widen.is_some() => {
+            return Err(TrainError::Invalid(
+                "widening needs --init with the network to widen".into(),
+            ));
+        }
         (None, None) if opts.mode == Mode::Finetune => {
             return Err(TrainError::Invalid(
                 "finetune needs --init with a baseline checkpoint".into(),
@@ -485,7 +503,7 @@ pub fn train(
             "training": {
                 "mode": opts.mode, "epochs_done": epochs_done, "steps": step,
                 "batch": opts.batch, "lr": opts.lr, "cosine": opts.cosine, "lambda": opts.lambda, "seed": opts.seed,
-                "mirror": opts.mirror,
+                "mirror": opts.mirror, "widen": opts.widen,
                 "data": dirs(data),
                 "subjects": data.iter().flat_map(|d| &d.manifest.subjects).filter(|s| !s.held_out).map(|s| s.ct.clone()).collect::<Vec<_>>(),
                 "images": train_set.len(), "size": cfg.input_size,

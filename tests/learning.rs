@@ -171,6 +171,59 @@ fn several_datasets_train_together_and_must_agree() {
 }
 
 #[test]
+fn a_widened_network_trains_on_from_where_the_narrow_one_was() {
+    let dir = tempfile::tempdir().unwrap();
+    generate(&request(32, 4), &dir.path().join("d"), &Task::new()).unwrap();
+    let ds = [Dataset::open(&dir.path().join("d")).unwrap()];
+    let narrow = dir.path().join("narrow.safetensors");
+    train(
+        &ds,
+        &options(&narrow, Mode::Baseline, 20),
+        &Device::Cpu,
+        &Task::new(),
+        &mut |_| {},
+    )
+    .unwrap();
+    // One more step of the narrow network and of its widened copy: the same batch through the
+    // same function gives the same loss (a fresh 6-channel network would not).
+    let first_loss = |widen: Option<usize>, name: &str| {
+        let mut o = options(&dir.path().join(name), Mode::Baseline, 1);
+        o.init = Some(narrow.clone());
+        o.widen = widen;
+        let mut loss = f64::NAN;
+        train(&ds, &o, &Device::Cpu, &Task::new(), &mut |m| loss = m.loss).unwrap();
+        loss
+    };
+    let (a, b) = (
+        first_loss(None, "a.safetensors"),
+        first_loss(Some(6), "b.safetensors"),
+    );
+    assert!((a - b).abs() < 1e-5 * a.abs(), "narrow {a}, widened {b}");
+    let wide = UNet::load(&dir.path().join("b.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(wide.config.base_channels, 6);
+    assert_eq!(wide.config.card["training"]["widen"], 6);
+    // And it learns: the loss keeps falling over 20 more steps.
+    let mut o = options(&dir.path().join("c.safetensors"), Mode::Baseline, 20);
+    o.init = Some(narrow.clone());
+    o.widen = Some(6);
+    let mut losses = Vec::new();
+    train(&ds, &o, &Device::Cpu, &Task::new(), &mut |m| {
+        losses.push(m.loss)
+    })
+    .unwrap();
+    let (head, tail) = (
+        losses[..5].iter().sum::<f64>(),
+        losses[15..].iter().sum::<f64>(),
+    );
+    assert!(tail < head, "loss {head} -> {tail} (sums of 5 steps)");
+    // Widening needs a network to widen.
+    let mut fresh = options(&dir.path().join("e.safetensors"), Mode::Baseline, 1);
+    fresh.widen = Some(6);
+    let e = train(&ds, &fresh, &Device::Cpu, &Task::new(), &mut |_| {}).unwrap_err();
+    assert!(e.to_string().contains("--init"), "{e}");
+}
+
+#[test]
 fn divergence_is_reported_and_not_written() {
     let dir = tempfile::tempdir().unwrap();
     generate(&request(32, 2), &dir.path().join("d"), &Task::new()).unwrap();

@@ -130,6 +130,10 @@ pub struct TrainArgs {
     /// Base channels of a new network.
     #[arg(long, default_value_t = 8)]
     pub base: usize,
+    /// Widen the --init network to this many base channels first; the wider network starts
+    /// out computing the same heatmaps (Net2WiderNet), then trains its new channels.
+    #[arg(long, requires = "init")]
+    pub widen: Option<usize>,
     /// Encoder depth of a new network.
     #[arg(long, default_value_t = 5)]
     pub depth: usize,
@@ -327,6 +331,7 @@ fn train_options(a: &TrainArgs) -> Result<TrainOptions> {
         seed: a.seed,
         max_steps: a.max_steps,
         init: a.init.clone(),
+        widen: a.widen,
         out: a.out.clone(),
         config: ModelConfig {
             base_channels: a.base,
@@ -813,6 +818,7 @@ pub fn experiment(a: &ExperimentArgs) -> Result<()> {
             max_steps: None,
             init: (mode == "finetune").then(|| base_w.clone()),
             base: 8,
+            widen: None,
             depth: 5,
             tau: 1.0,
             pos_weight: 100.0,

@@ -15,6 +15,7 @@ pub mod conv;
 pub mod heatmap;
 pub mod resample;
 pub mod shipped;
+pub mod widen;
 
 use crate::landmarks::N_LANDMARKS;
 use candle_core::{DType, Device, Tensor, Var};
