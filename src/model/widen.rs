@@ -13,6 +13,7 @@
 
 use super::{ModelConfig, ModelError, UNet};
 use candle_core::Tensor;
+use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 use std::collections::HashMap;
 
@@ -38,11 +39,7 @@ impl ChannelMap {
         let mut source: Vec<usize> = (0..old).collect();
         while source.len() < new {
             let mut round: Vec<usize> = (0..old).collect();
-            // Fisher-Yates with the seeded generator.
-            for i in (1..round.len()).rev() {
-                let k = rng.random_range(0..=i);
-                round.swap(i, k);
-            }
+            round.shuffle(rng);
             source.extend(round.into_iter().take(new - source.len()));
         }
         let mut copies = vec![0; old];
@@ -375,11 +372,10 @@ mod network_tests {
                     .expect("row")
             })
             .collect();
-        let map_of = |o: usize| rows[o].clone();
         // Level 1 grew from 4 to 8 channels: no two rows have the same gradient.
         for a in 0..8 {
             for b in a + 1..8 {
-                assert_ne!(map_of(a), map_of(b), "rows {a} and {b}");
+                assert_ne!(rows[a], rows[b], "rows {a} and {b}");
             }
         }
     }
