@@ -218,6 +218,10 @@ pub struct Manifest {
     pub novel_views: usize,
     /// Largest rotation about each axis, degrees.
     pub max_rotation_deg: f64,
+    /// Smallest whole angle of a view from AP, degrees (0: the paper's uniform draw; see
+    /// [`PoseRange::min_angle_from_ap_rad`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub min_angle_from_ap_deg: f64,
     /// Largest translation along each axis, mm.
     pub max_translation_mm: f64,
     /// Realism applied.
@@ -452,6 +456,12 @@ pub fn label(
     (vis, proj)
 }
 
+/// Older manifests have no smallest angle: 0, and it is left out when 0 so that they still
+/// compare equal on resume.
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
+}
+
 /// Generates (or resumes) a dataset in `dir`. Returns the number of images rendered now.
 pub fn generate(req: &Request, dir: &Path, task: &Task) -> Result<usize, DatasetError> {
     if req.size == 0 || req.views == 0 {
@@ -459,6 +469,7 @@ pub fn generate(req: &Request, dir: &Path, task: &Task) -> Result<usize, Dataset
             "size and views must be positive".into(),
         ));
     }
+    req.range.check().map_err(DatasetError::Invalid)?;
     std::fs::create_dir_all(dir.join("images")).map_err(io_err(dir))?;
     let camera = Camera::paper(req.size as u32);
     task.set_message("loading CTs");
@@ -474,6 +485,7 @@ pub fn generate(req: &Request, dir: &Path, task: &Task) -> Result<usize, Dataset
         views: req.views,
         novel_views: req.novel_views,
         max_rotation_deg: req.range.max_rotation_rad.to_degrees(),
+        min_angle_from_ap_deg: req.range.min_angle_from_ap_rad.to_degrees(),
         max_translation_mm: req.range.max_translation_mm,
         realism: req.realism,
         subjects: subjects.clone(),
@@ -736,6 +748,7 @@ pub fn append_annotated(dir: &Path, a: &Annotated, size: usize) -> Result<Sample
             views: 0,
             novel_views: 0,
             max_rotation_deg: 0.0,
+            min_angle_from_ap_deg: 0.0,
             max_translation_mm: 0.0,
             realism: Realism::default(),
             subjects: Vec::new(),

@@ -61,6 +61,54 @@ pub struct Report {
     /// Share of the images the network read inverted ([`crate::detect::Polarity`]).
     #[serde(default)]
     pub inverted_rate: f64,
+    /// The landmark errors by how far each view is turned from AP ([`ANGLE_BINS_DEG`]): the
+    /// three ±45° turns compose to views up to about 86° from AP, and the errors grow with it.
+    #[serde(default)]
+    pub by_angle: Vec<AngleBin>,
+}
+
+/// Edges of [`Report::by_angle`]'s bins: degrees from AP.
+pub const ANGLE_BINS_DEG: [f64; 8] = [0.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 180.0];
+
+/// The landmark errors of the views in one range of angles from AP.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AngleBin {
+    /// The range, degrees from AP: `[from, to)`.
+    pub deg: [f64; 2],
+    /// Images in it.
+    pub images: usize,
+    /// Visible landmarks in them.
+    pub landmarks: usize,
+    /// RMSE at 512 scale over its visible landmarks.
+    pub rmse_px: f64,
+    /// Median landmark error at 512 scale.
+    pub median_error_px: f64,
+    /// Share of its landmarks more than 20 px from the truth.
+    pub miss_rate: f64,
+}
+
+/// Bins landmark errors (at 512 scale) by their view's angle from AP, degrees.
+fn angle_bins(errors: &[(f64, f64)], images: &[f64]) -> Vec<AngleBin> {
+    ANGLE_BINS_DEG
+        .windows(2)
+        .filter_map(|w| {
+            let inside = |a: f64| a >= w[0] && a < w[1];
+            let mut e: Vec<f64> = errors
+                .iter()
+                .filter(|(a, _)| inside(*a))
+                .map(|(_, e)| *e)
+                .collect();
+            let n = images.iter().filter(|a| inside(**a)).count();
+            (n > 0).then(|| AngleBin {
+                deg: [w[0], w[1]],
+                images: n,
+                landmarks: e.len(),
+                rmse_px: (e.iter().map(|x| x * x).sum::<f64>() / e.len().max(1) as f64).sqrt(),
+                miss_rate: e.iter().filter(|x| **x > 20.0).count() as f64 / e.len().max(1) as f64,
+                median_error_px: median(&mut e),
+            })
+        })
+        .collect()
 }
 
 /// One image's scores (to find the worst cases).
@@ -68,6 +116,9 @@ pub struct Report {
 pub struct ImageResult {
     /// The image file.
     pub image: String,
+    /// How far its view is turned from AP, degrees.
+    #[serde(default)]
+    pub angle_from_ap_deg: f64,
     /// RMSE of its visible landmarks at 512 scale (the pose's points with a decoding).
     pub rmse_px: f64,
     /// Each landmark's error at 512 scale, L1..L8 (`None`: not in the image).
@@ -228,6 +279,8 @@ pub fn evaluate_with(
     let mut sq_sub = 0.0;
     let mut tres = Vec::new();
     let mut errors = Vec::new();
+    // (angle from AP, error) of every landmark, and every image's angle.
+    let (mut angled_errors, mut angles) = (Vec::new(), Vec::new());
     let (mut other_peak, mut reprojected, mut decoded_landmarks) = (0usize, 0usize, 0usize);
     let mut inverted_images = 0usize;
     let (mut rot, mut trans, mut failures) = (0.0, 0.0, 0usize);
@@ -316,6 +369,8 @@ pub fn evaluate_with(
             };
             let (mut image_sq, mut image_n) = (0.0, 0usize);
             let mut image_errors = [None; N_LANDMARKS];
+            let angle = crate::geometry::sampling::angle_from_ap_rad(&s.pose()).to_degrees();
+            angles.push(angle);
             for i in 0..N_LANDMARKS {
                 if let Some([x, y]) = s.landmarks[i] {
                     let d =
@@ -323,6 +378,7 @@ pub fn evaluate_with(
                     sq[i] += d(int[i].0);
                     sq_sub += d(sub[i].0);
                     errors.push(d(int[i].0).sqrt());
+                    angled_errors.push((angle, d(int[i].0).sqrt()));
                     image_errors[i] = Some(d(int[i].0).sqrt());
                     cnt[i] += 1;
                     image_sq += d(int[i].0);
@@ -331,6 +387,7 @@ pub fn evaluate_with(
             }
             let mut record = ImageResult {
                 image: s.image.clone(),
+                angle_from_ap_deg: angle,
                 rmse_px: (image_sq / image_n.max(1) as f64).sqrt(),
                 errors_px: image_errors,
                 ..ImageResult::default()
@@ -390,6 +447,7 @@ pub fn evaluate_with(
         refined: refiner.map(Refiner::report),
         per_image,
         inverted_rate: inverted_images as f64 / samples.len().max(1) as f64,
+        by_angle: angle_bins(&angled_errors, &angles),
     })
 }
 

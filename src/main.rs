@@ -21,7 +21,7 @@ fn main() -> std::process::ExitCode {
     match fluoropose::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", fluoropose::cli::report(&e));
             std::process::ExitCode::FAILURE
         }
     }

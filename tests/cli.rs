@@ -38,6 +38,10 @@ fn phantom_info_register_round_trip() {
     let info: Value = serde_json::from_str(&out).unwrap();
     let vol = fluoropose::volume::read_nifti(&nii).unwrap();
     assert_eq!(info["dims"], serde_json::json!(vol.dims()));
+    // `info` takes a phantom by id, as every other command that takes a CT does.
+    let (ok, out, err) = run(&["info", "phantom:4"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("subject 4"), "{out}");
     assert_eq!(info["orientation"], "LPS");
 
     // Project the subject's landmarks at a random pose, then ask `register` for the pose.
@@ -177,6 +181,10 @@ fn bad_input_gives_a_clear_error_and_a_failure_code() {
     let missing = dir.path().join("nope.nii.gz");
     let (ok, _, err) = run(&["info", missing.to_str().unwrap()]);
     assert!(!ok && err.contains("nope.nii.gz"), "{err}");
+    // The reason once: the library's error names it and returns it as its source too.
+    assert_eq!(err.matches("no such file").count(), 1, "{err}");
+    let (ok, _, err) = run(&["info", "phantom:x"]);
+    assert!(!ok && err.contains("must be a number"), "{err}");
     let (ok, _, err) = run(&[
         "render",
         "--ct",

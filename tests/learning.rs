@@ -356,6 +356,30 @@ fn the_oracle_scores_its_noise_and_exact_landmarks_register_exactly() {
     let (a, b) = (score(2.0), score(8.0));
     let ra = a.rmse_px["mean"].as_f64().unwrap();
     let rb = b.rmse_px["mean"].as_f64().unwrap();
+    // The errors by angle from AP partition the images and the landmarks: their squared errors
+    // add up to the whole set's.
+    assert!(b.by_angle.len() > 1, "{:?}", b.by_angle);
+    assert_eq!(b.by_angle.iter().map(|g| g.images).sum::<usize>(), b.images);
+    let n: usize = b.by_angle.iter().map(|g| g.landmarks).sum();
+    let sq: f64 = b
+        .by_angle
+        .iter()
+        .map(|g| g.rmse_px.powi(2) * g.landmarks as f64)
+        .sum();
+    assert!(
+        ((sq / n as f64).sqrt() - rb).abs() < 1e-9,
+        "{:?}",
+        b.by_angle
+    );
+    for g in &b.by_angle {
+        let angles: Vec<f64> = ds
+            .samples
+            .iter()
+            .map(|s| fluoropose::geometry::sampling::angle_from_ap_rad(&s.pose()).to_degrees())
+            .filter(|a| *a >= g.deg[0] && *a < g.deg[1])
+            .collect();
+        assert_eq!(angles.len(), g.images, "{g:?}");
+    }
     // RMSE of 2D Gaussian noise is sigma * sqrt 2 (about 60 points here: within 25%).
     assert!((ra / (2.0 * 2f64.sqrt()) - 1.0).abs() < 0.25, "{ra}");
     assert!((rb / (8.0 * 2f64.sqrt()) - 1.0).abs() < 0.25, "{rb}");

@@ -261,8 +261,8 @@ pub enum BenchWhat {
 /// `fluoropose info`.
 #[derive(Args, Debug)]
 pub struct InfoArgs {
-    /// A NIfTI file, a DICOM folder, or one DICOM file of a series.
-    pub ct: PathBuf,
+    /// A NIfTI file, a DICOM folder, one DICOM file of a series, or `phantom:N`.
+    pub ct: String,
     /// SeriesInstanceUID, when the folder holds several series.
     #[arg(long)]
     pub series: Option<String>,
@@ -466,6 +466,25 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// An error and its causes on one line, as `{:#}` prints them, but without a cause whose text the
+/// message before it already says: the library's errors name their cause in their own message
+/// (so the app's one-line status reads whole) and also return it as `source()`, which `{:#}`
+/// would print twice ("x.nii: no such file: no such file").
+pub fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 /// Loads a CT given as a path or `phantom:N`.
 pub fn load_ct(spec: &str, series: Option<&str>) -> Result<Volume> {
     if let Some(id) = spec.strip_prefix("phantom:") {
@@ -478,7 +497,7 @@ pub fn load_ct(spec: &str, series: Option<&str>) -> Result<Volume> {
 }
 
 fn info(a: &InfoArgs) -> Result<()> {
-    let v = volume::read_volume(&a.ct, a.series.as_deref())?;
+    let v = load_ct(&a.ct, a.series.as_deref())?;
     let (lo, hi) = v.hu_range();
     let d = v.dims();
     let s = v.spacing_mm();
@@ -667,7 +686,10 @@ fn render(a: &RenderArgs) -> Result<()> {
         match render_gpu(&density, &cam, &pose, renderer) {
             Ok(img) => img,
             Err(e) => {
-                eprintln!("note: {e:#}; rendering on the CPU reference instead");
+                eprintln!(
+                    "note: {}; rendering on the CPU reference instead",
+                    report(&e)
+                );
                 cpu::render(&density, &cam, &pose, renderer)
             }
         }
@@ -893,7 +915,10 @@ fn simulate(a: &SimulateArgs) -> Result<()> {
         match gpu_renderer(&density) {
             Ok(r) => Box::new(r),
             Err(e) => {
-                eprintln!("note: {e:#}; rendering on the CPU reference instead");
+                eprintln!(
+                    "note: {}; rendering on the CPU reference instead",
+                    report(&e)
+                );
                 Box::new(cpu_src())
             }
         }

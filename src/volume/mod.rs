@@ -221,7 +221,7 @@ pub fn read_volume(path: &Path, series_uid: Option<&str>) -> Result<Volume, Volu
     } else if !path.exists() {
         Err(VolumeError::io(
             path,
-            std::io::Error::from(std::io::ErrorKind::NotFound),
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
         ))
     } else {
         let name = path.to_string_lossy().to_ascii_lowercase();
