@@ -278,8 +278,7 @@ pub fn evaluate_with(
     let mut cnt = [0usize; N_LANDMARKS];
     let mut sq_sub = 0.0;
     let mut tres = Vec::new();
-    let mut errors = Vec::new();
-    // (angle from AP, error) of every landmark, and every image's angle.
+    // (angle from AP, error at 512 scale) of every visible landmark, and every image's angle.
     let (mut angled_errors, mut angles) = (Vec::new(), Vec::new());
     let (mut other_peak, mut reprojected, mut decoded_landmarks) = (0usize, 0usize, 0usize);
     let mut inverted_images = 0usize;
@@ -377,7 +376,6 @@ pub fn evaluate_with(
                         |p: Point2<f64>| ((p.x - x).powi(2) + (p.y - y).powi(2)) * scale * scale;
                     sq[i] += d(int[i].0);
                     sq_sub += d(sub[i].0);
-                    errors.push(d(int[i].0).sqrt());
                     angled_errors.push((angle, d(int[i].0).sqrt()));
                     image_errors[i] = Some(d(int[i].0).sqrt());
                     cnt[i] += 1;
@@ -423,6 +421,7 @@ pub fn evaluate_with(
         );
     }
     let ok = tres.len().max(1) as f64;
+    let mut errors: Vec<f64> = angled_errors.iter().map(|(_, e)| *e).collect();
     let mut sorted = tres.clone();
     sorted.sort_by(|a, b| a.total_cmp(b));
     Ok(Report {

@@ -25,12 +25,16 @@ pub fn perturbed_pose(
     rot_rad: &Vector3<f64>,
     shift_mm: &Vector3<f64>,
 ) -> Pose {
-    let turn = Rotation3::from_axis_angle(&Vector3::z_axis(), rot_rad.z)
-        * Rotation3::from_axis_angle(&Vector3::y_axis(), rot_rad.y)
-        * Rotation3::from_axis_angle(&Vector3::x_axis(), rot_rad.x);
-    let r = ap_rotation() * turn.matrix().transpose();
+    let r = ap_rotation() * turn(rot_rad).matrix().transpose();
     let t = Vector3::new(0.0, 0.0, sod_mm) + shift_mm - r * iso.coords;
     Pose::from_matrix(&r, t)
+}
+
+/// The turn of [`perturbed_pose`]: about the patient's x, then y, then z axis.
+fn turn(rot_rad: &Vector3<f64>) -> Rotation3<f64> {
+    Rotation3::from_axis_angle(&Vector3::z_axis(), rot_rad.z)
+        * Rotation3::from_axis_angle(&Vector3::y_axis(), rot_rad.y)
+        * Rotation3::from_axis_angle(&Vector3::x_axis(), rot_rad.x)
 }
 
 /// How far a pose's view is turned from the AP view: the angle of the one rotation that takes
@@ -83,12 +87,7 @@ impl PoseRange {
             ));
         }
         // Two axes at their limits: every draw near such an edge of the box qualifies.
-        let reach = angle_from_ap_rad(&perturbed_pose(
-            &Point3::origin(),
-            1.0,
-            &Vector3::new(a, 0.0, a),
-            &Vector3::zeros(),
-        ));
+        let reach = turn(&Vector3::new(a, 0.0, a)).angle();
         if !(0.0..=reach + 1e-9).contains(&lo) {
             return Err(format!(
                 "the smallest angle from AP ({:.1} deg) must lie between 0 and {:.1} deg, the \
@@ -112,9 +111,8 @@ impl PoseRange {
         let m = self.max_translation_mm;
         let mut rot = Vector3::from_fn(|_, _| rng.random_range(-a..=a));
         if self.min_angle_from_ap_rad > 0.0 {
-            let angle = |r: &Vector3<f64>| {
-                angle_from_ap_rad(&perturbed_pose(iso, 1.0, r, &Vector3::zeros()))
-            };
+            // The view's angle from AP is the turn's own angle.
+            let angle = |r: &Vector3<f64>| turn(r).angle();
             let (mut best, mut best_angle) = (rot, angle(&rot));
             for _ in 0..10_000 {
                 if best_angle >= self.min_angle_from_ap_rad {
