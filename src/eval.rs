@@ -37,6 +37,11 @@ pub struct Report {
     pub translation_error_mm: f64,
     /// Images whose registration failed (not in the pose errors).
     pub registration_failures: usize,
+    /// RMSE at 512 scale of the CT's landmarks projected at the pose solved from the
+    /// predictions (images whose registration worked): the landmarks as the registered CT
+    /// places them, 6 pose parameters fitted to 16 coordinates.
+    #[serde(default)]
+    pub pose_rmse_px: f64,
     /// Median landmark error at 512 scale, px (the typical landmark, where the RMSE is the
     /// misses' measure as much as the hits').
     #[serde(default)]
@@ -126,6 +131,17 @@ pub struct ImageResult {
     pub errors_px: [Option<f64>; N_LANDMARKS],
     /// TRE of the landmark pose, mm (`None`: registration failed).
     pub tre_mm: Option<f64>,
+    /// RMSE at 512 scale of the CT's landmarks projected at the landmark pose (`None`:
+    /// registration failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pose_rmse_px: Option<f64>,
+    /// The scored points, in the image's pixels, L1..L8, and their heatmap confidences.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub points: Vec<[f64; 3]>,
+    /// The CT's landmarks projected at the landmark pose, in the image's pixels (empty when
+    /// registration failed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pose_points: Vec<[f64; 2]>,
     /// After refinement against the image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refined: Option<RefinedImage>,
@@ -283,6 +299,7 @@ pub fn evaluate_with(
     let (mut other_peak, mut reprojected, mut decoded_landmarks) = (0usize, 0usize, 0usize);
     let mut inverted_images = 0usize;
     let (mut rot, mut trans, mut failures) = (0.0, 0.0, 0usize);
+    let (mut pose_sq, mut pose_n) = (0.0, 0usize);
     let mut per_image = Vec::new();
     let mut refiner = opts
         .refine
@@ -388,6 +405,11 @@ pub fn evaluate_with(
                 angle_from_ap_deg: angle,
                 rmse_px: (image_sq / image_n.max(1) as f64).sqrt(),
                 errors_px: image_errors,
+                points: if opts.per_image {
+                    int.iter().map(|(p, c)| [p.x, p.y, *c]).collect()
+                } else {
+                    Vec::new()
+                },
                 ..ImageResult::default()
             };
             let sol = decoded
@@ -396,6 +418,21 @@ pub fn evaluate_with(
                 let truth = s.pose();
                 tres.push(metrics::mean_tre_mm(&sol.pose, &truth, &p3));
                 record.tre_mm = tres.last().copied();
+                let (sq, n) = reprojection_sq(&data.manifest.camera, &sol.pose, &p3, s, scale);
+                (pose_sq, pose_n) = (pose_sq + sq, pose_n + n);
+                record.pose_rmse_px = Some((sq / n.max(1) as f64).sqrt());
+                if opts.per_image {
+                    record.pose_points = p3
+                        .iter()
+                        .map(|p| {
+                            let u = data
+                                .manifest
+                                .camera
+                                .project_camera(&sol.pose.camera_from_world(p));
+                            [u.x, u.y]
+                        })
+                        .collect();
+                }
                 if let Some(r) = refiner.as_mut() {
                     record.refined = Some(r.refine(data, s, &sol.pose)?);
                 }
@@ -439,6 +476,7 @@ pub fn evaluate_with(
         rotation_error_deg: rot / ok,
         translation_error_mm: trans / ok,
         registration_failures: failures,
+        pose_rmse_px: (pose_sq / pose_n.max(1) as f64).sqrt(),
         median_error_px: median(&mut errors),
         miss_rate: errors.iter().filter(|e| **e > 20.0).count() as f64 / errors.len().max(1) as f64,
         other_peak_rate: other_peak as f64 / decoded_landmarks.max(1) as f64,
@@ -448,6 +486,31 @@ pub fn evaluate_with(
         inverted_rate: inverted_images as f64 / samples.len().max(1) as f64,
         by_angle: angle_bins(&angled_errors, &angles),
     })
+}
+
+/// Squared distances at 512 scale (`scale` = 512 / dataset size), summed, between the CT's
+/// landmarks `p3` projected at `pose` and the visible true landmarks of `s`, and how many.
+fn reprojection_sq(
+    camera: &crate::geometry::Camera,
+    pose: &crate::geometry::Pose,
+    p3: &[nalgebra::Point3<f64>],
+    s: &Sample,
+    scale: f64,
+) -> (f64, usize) {
+    let mut sum = (0.0, 0usize);
+    for (p, truth) in p3.iter().zip(&s.landmarks) {
+        let Some([x, y]) = *truth else { continue };
+        let q = pose.camera_from_world(p);
+        // Behind the source nothing projects: count it as far off as the image is wide.
+        let d2 = if q.z > 1e-3 {
+            let u = camera.project_camera(&q);
+            ((u.x - x).powi(2) + (u.y - y).powi(2)) * scale * scale
+        } else {
+            (512.0f64).powi(2)
+        };
+        sum = (sum.0 + d2, sum.1 + 1);
+    }
+    sum
 }
 
 /// The heatmap logits `(B, N, S, S)` of a batch of `size x size` images read as `decode` says

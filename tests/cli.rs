@@ -369,6 +369,31 @@ fn predict_refines_the_pose_against_the_ct_and_bench_refine_measures_it() {
         v[0]["frame_inverted"], false,
         "and the network reads it as stored"
     );
+    // Landmarks at the pose: the same pose, every point moved onto the CT's projection, none
+    // farther than the agreement gate (3% of the width) from its peak.
+    let frame = png.to_str().unwrap();
+    let at = |extra: &[&str]| {
+        let (ok, out, err) =
+            run(&[&["predict", frame, "--landmarks", "phantom:62"], extra].concat());
+        assert!(ok, "{err}");
+        serde_json::from_str::<Value>(&out).unwrap()
+    };
+    let (peaks, registered) = (at(&[]), at(&["--registered"]));
+    assert_eq!(peaks[0]["pose"], registered[0]["pose"]);
+    let points =
+        |v: &Value| -> Vec<[f64; 2]> { serde_json::from_value(v[0]["landmarks"].clone()).unwrap() };
+    let moved: Vec<f64> = points(&peaks)
+        .iter()
+        .zip(points(&registered))
+        .map(|(a, b)| (a[0] - b[0]).hypot(a[1] - b[1]))
+        .collect();
+    assert!(moved.iter().any(|d| *d > 1e-6), "{moved:?}");
+    assert!(moved.iter().all(|d| *d < 0.03 * 256.0), "{moved:?}");
+    let (ok, _, err) = run(&["predict", frame, "--registered"]);
+    assert!(
+        !ok && err.contains("--registered needs the CT's landmarks"),
+        "{err}"
+    );
     // Without the CT's landmarks there is no pose to start from.
     let (ok, _, err) = run(&[
         "predict",

@@ -353,8 +353,16 @@ fn the_oracle_scores_its_noise_and_exact_landmarks_register_exactly() {
     assert!(exact.rmse_px["mean"].as_f64().unwrap() < 1e-9);
     assert!(exact.tre_mm < 1e-3, "TRE {} mm", exact.tre_mm);
     assert!(exact.rotation_error_deg < 1e-3);
+    assert!(exact.pose_rmse_px < 1e-6, "{}", exact.pose_rmse_px);
     let (a, b) = (score(2.0), score(8.0));
     let ra = a.rmse_px["mean"].as_f64().unwrap();
+    // The pose fits 6 parameters to 16 coordinates, so the CT's landmarks projected at it keep
+    // about sqrt(6/16) = 0.61 of independent noise.
+    assert!(
+        a.pose_rmse_px > 0.3 * ra && a.pose_rmse_px < 0.85 * ra,
+        "{} against {ra}",
+        a.pose_rmse_px
+    );
     let rb = b.rmse_px["mean"].as_f64().unwrap();
     // The errors by angle from AP partition the images and the landmarks: their squared errors
     // add up to the whole set's.
@@ -433,6 +441,11 @@ fn eval_refines_the_landmark_poses_against_the_images() {
         assert!(f.renders_per_image > 10.0);
         // Image by image: the same numbers, each refined pose's similarity no worse.
         assert_eq!(r.per_image.len(), 3);
+        // Each image's points, and the CT's at its landmark pose, come with it.
+        for i in &r.per_image {
+            assert_eq!(i.points.len(), 8, "{i:?}");
+            assert_eq!(i.pose_points.len(), if i.tre_mm.is_some() { 8 } else { 0 });
+        }
         let refined: Vec<_> = r.per_image.iter().filter_map(|i| i.refined).collect();
         assert_eq!(refined.len(), f.images);
         let mean = refined.iter().map(|i| i.tre_mm).sum::<f64>() / refined.len() as f64;
@@ -551,6 +564,22 @@ fn the_shipped_model_decoded_the_apps_way_finds_a_held_out_phantom() {
     assert_eq!(plain.reprojected_rate + plain.other_peak_rate, 0.0);
     assert_eq!(mirrored.reprojected_rate + mirrored.other_peak_rate, 0.0);
     assert!(app.reprojected_rate + app.other_peak_rate < 0.25, "{app:?}");
+    // Landmarks at the pose: the same pose (and TRE), the points where the CT's project, so
+    // they score as the CT's landmarks at the landmark pose do.
+    let registered = score(&Landmarks::Decoded(
+        &net,
+        Decode {
+            consensus: Some(fluoropose::registration::consensus::ConsensusOptions {
+                snap: true,
+                ..Default::default()
+            }),
+            ..Decode::recommended()
+        },
+    ));
+    assert_eq!(registered.tre_mm, app.tre_mm);
+    let r = registered.rmse_px["mean"].as_f64().unwrap();
+    assert!((r - registered.pose_rmse_px).abs() < 1e-6, "{registered:?}");
+    assert_ne!(registered.rmse_px["mean"], app.rmse_px["mean"]);
     // The mirror-averaged heatmaps are other heatmaps: their points differ from the argmax's.
     assert_ne!(
         plain.rmse_subpixel_px, mirrored.rmse_subpixel_px,

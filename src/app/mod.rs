@@ -105,6 +105,8 @@ pub struct Settings {
     pub mirror: bool,
     /// Take the heatmap peaks that agree with one pose of the CT's landmarks.
     pub consistent: bool,
+    /// With `consistent`: draw every landmark where the CT's projects at that pose.
+    pub registered: bool,
     /// Which way round frames are read (bone bright as DRRs, or dark as many fluoroscopes
     /// show it).
     pub polarity: crate::detect::Polarity,
@@ -124,7 +126,10 @@ impl Settings {
             mirror: self.mirror,
             consensus: self
                 .consistent
-                .then(crate::registration::consensus::ConsensusOptions::default),
+                .then(|| crate::registration::consensus::ConsensusOptions {
+                    snap: self.registered,
+                    ..Default::default()
+                }),
             polarity: self.polarity,
             inverted_first: false,
         }
@@ -143,6 +148,8 @@ impl Default for Settings {
             annotation_dir: PathBuf::from("annotations"),
             mirror: true,
             consistent: true,
+            // The network's own peaks by default: they show where it disagrees with the CT.
+            registered: false,
             polarity: crate::detect::Polarity::Auto,
             track: true,
             // Paused frames only by default: while the stream plays it shares the CPU with the

@@ -179,9 +179,10 @@ pub struct EvalArgs {
     /// would give (the model is not loaded).
     #[arg(long)]
     pub oracle_noise_px: Option<f64>,
-    /// How heatmaps become points: `argmax` (the paper's Table 1) or `consistent` (the peaks
-    /// that agree with one pose of the CT's landmarks; the rest reprojected).
-    #[arg(long, default_value = "argmax", value_parser = ["argmax", "consistent"])]
+    /// How heatmaps become points: `argmax` (the paper's Table 1), `consistent` (the peaks
+    /// that agree with one pose of the CT's landmarks; the rest reprojected) or `registered`
+    /// (as consistent, then every landmark where the CT's projects at that pose).
+    #[arg(long, default_value = "argmax", value_parser = ["argmax", "consistent", "registered"])]
     pub decode: String,
     /// With `--decode consistent`: the agreement gate as a fraction of the image width.
     #[arg(long, default_value_t = ConsensusOptions::default().gate_fraction)]
@@ -225,8 +226,12 @@ pub struct PredictArgs {
     pub landmarks: Option<String>,
     /// The paper's decoding (the argmax of each heatmap) instead of the app's (mirror-averaged
     /// heatmaps and, with --landmarks, the peaks that agree with one pose).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "registered")]
     pub plain: bool,
+    /// Put every landmark where the CT's projects at the pose solved from the agreeing peaks,
+    /// not at its heatmap's peak (the app's "landmarks at the pose"; needs --landmarks or --ct).
+    #[arg(long)]
+    pub registered: bool,
     /// Which way round the frames are: `auto` reads a frame inverted too when its landmarks
     /// are found faintly (the network learnt bone bright; fluoroscopy often shows it dark),
     /// `as-is`, or `inverted`.
@@ -436,7 +441,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             })?;
             (format!("truth + N(0, {sigma_px} px)"), r)
         }
-        None if a.decode == "consistent" || a.mirror || polarity != Default::default() => {
+        None if a.decode != "argmax" || a.mirror || polarity != Default::default() => {
             let m = a.model.as_deref().context("--model is needed")?;
             if !(a.gate.is_finite() && a.gate > 0.0) {
                 bail!(
@@ -446,8 +451,9 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             }
             let decode = crate::detect::Decode {
                 mirror: a.mirror,
-                consensus: (a.decode == "consistent").then_some(ConsensusOptions {
+                consensus: (a.decode != "argmax").then_some(ConsensusOptions {
                     gate_fraction: a.gate,
+                    snap: a.decode == "registered",
                     ..ConsensusOptions::default()
                 }),
                 polarity,
@@ -455,9 +461,9 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             };
             let r = run_eval_decoded(m, &data, split, Some(decode), &opts)?;
             let mut how = match (a.mirror, decode.consensus.is_some()) {
-                (true, true) => format!("mirror-averaged, consistent, gate {}", a.gate),
+                (true, true) => format!("mirror-averaged, {}, gate {}", a.decode, a.gate),
                 (true, false) => "mirror-averaged".to_string(),
-                (false, true) => format!("consistent, gate {}", a.gate),
+                (false, true) => format!("{}, gate {}", a.decode, a.gate),
                 (false, false) => "argmax".to_string(),
             };
             if polarity != Default::default() {
@@ -501,7 +507,11 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             );
         }
     }
-    if a.decode == "consistent" {
+    println!(
+        "the CT's landmarks projected at the pose solved from these: RMSE {:.2} px",
+        r.pose_rmse_px
+    );
+    if a.decode != "argmax" {
         println!(
             "pose-consistent decoding: {:.1}% of landmarks from a weaker peak, {:.1}% reprojected",
             100.0 * r.other_peak_rate,
@@ -631,6 +641,12 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
     } else {
         crate::detect::Decode::recommended()
     };
+    if let Some(c) = decode.consensus.as_mut() {
+        c.snap = a.registered;
+    }
+    if a.registered && lm3.is_none() {
+        bail!("--registered needs the CT's landmarks: --landmarks or --ct");
+    }
     decode.polarity = crate::detect::Polarity::parse(&a.polarity)
         .with_context(|| format!("--polarity {:?}", a.polarity))?;
     let mut out = Vec::new();
