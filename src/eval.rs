@@ -425,10 +425,7 @@ pub fn evaluate_with(
                     record.pose_points = p3
                         .iter()
                         .map(|p| {
-                            let u = data
-                                .manifest
-                                .camera
-                                .project_camera(&sol.pose.camera_from_world(p));
+                            let u = data.manifest.camera.project(&sol.pose, p);
                             [u.x, u.y]
                         })
                         .collect();
@@ -632,14 +629,7 @@ impl Refiner {
         let seconds = t0.elapsed().as_secs_f64();
         let truth = s.pose();
         let scale = 512.0 / data.manifest.size as f64;
-        let (mut sq_px, mut landmarks) = (0.0, 0usize);
-        for (p, l) in p3.iter().zip(&s.landmarks) {
-            if let Some([x, y]) = l {
-                let q = data.manifest.camera.project(&r.pose, p);
-                sq_px += ((q.x - x).powi(2) + (q.y - y).powi(2)) * scale * scale;
-                landmarks += 1;
-            }
-        }
+        let (sq_px, landmarks) = reprojection_sq(&data.manifest.camera, &r.pose, &p3, s, scale);
         let image = RefinedImage {
             tre_mm: metrics::mean_tre_mm(&r.pose, &truth, &p3),
             rmse_px: (sq_px / landmarks.max(1) as f64).sqrt(),

@@ -113,6 +113,28 @@ fn default_start_shows_landmarks_and_a_pose() {
     wait(&mut h, "a tracked frame again", |a| {
         a.latest.as_ref().is_some_and(|p| p.tracked.is_some())
     });
+    // "Landmarks at the pose": the landmarks of frames made after the switch sit where the CT's
+    // project at the frame's solved pose.
+    h.get_by_label("landmarks at the pose").click_accesskit();
+    h.step();
+    assert!(h.state().settings.registered);
+    let at_pose = |a: &FluoroApp| {
+        let Some(p) = a.latest.as_ref() else {
+            return false;
+        };
+        let Some(sol) = p.solution.as_ref().filter(|s| s.status.ok()) else {
+            return false;
+        };
+        p.detections.len() == 8
+            && p.detections
+                .iter()
+                .zip(&a.scene.landmarks.points)
+                .all(|(d, q)| {
+                    q.is_some_and(|q| (d.point - p.camera.project(&sol.pose, &q)).norm() < 1e-6)
+                })
+    };
+    h.get_by_label("Step").click();
+    wait(&mut h, "a frame's landmarks at its pose", at_pose);
 }
 
 /// Refinement against the CT (on by default for paused frames): the paused frame gets a pose
