@@ -402,8 +402,8 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
             )
             .on_hover_text(
                 "Draw every landmark where the CT's projects at the solved pose, not at its \
-                 heatmap's peak: the pose averages out the network's jitter (median error \
-                 -23% on held-out subjects); the pose itself does not change",
+                 heatmap's peak: the pose averages out the network's jitter (the median error \
+                 falls by about a quarter on held-out subjects); the pose itself does not change",
             )
             .changed();
         {

@@ -184,7 +184,8 @@ pub struct EvalArgs {
     /// (as consistent, then every landmark where the CT's projects at that pose).
     #[arg(long, default_value = "argmax", value_parser = ["argmax", "consistent", "registered"])]
     pub decode: String,
-    /// With `--decode consistent`: the agreement gate as a fraction of the image width.
+    /// With `--decode consistent` or `registered`: the agreement gate as a fraction of the
+    /// image width.
     #[arg(long, default_value_t = ConsensusOptions::default().gate_fraction)]
     pub gate: f64,
     /// Average the heatmaps of each image and its mirror image (test-time augmentation).
