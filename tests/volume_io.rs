@@ -356,6 +356,20 @@ fn corrupt_truncated_and_hostile_dicom_files_are_errors_naming_the_file() {
     std::fs::write(&files[3], &bytes[..bytes.len() / 2]).unwrap();
     let e = read_dicom_series(&d, None).unwrap_err().to_string();
     assert!(e.contains("slice_0003.dcm"), "{e}");
+    // A slice whose pixel data claims 4 GiB is refused from its headers, before any parser
+    // allocates that much.
+    std::fs::write(&files[3], &bytes).unwrap();
+    let five = std::fs::read(&files[5]).unwrap();
+    std::fs::write(
+        &files[5],
+        common::with_pixel_data_length(&five, 0xffff_fff0),
+    )
+    .unwrap();
+    let e = read_dicom_series(&d, None).unwrap_err().to_string();
+    assert!(
+        e.contains("slice_0005.dcm") && e.contains("claims 4294967280 bytes"),
+        "{e}"
+    );
     // Random bytes only.
     let d = dir.path().join("noise");
     std::fs::create_dir(&d).unwrap();

@@ -138,6 +138,15 @@ fn truncated_and_foreign_files_are_errors_naming_the_file() {
         std::fs::write(&cut, &b[..b.len() / 3]).unwrap();
         let e = read_xray_dicom(&cut).unwrap_err().to_string();
         assert!(e.contains("cut.dcm"), "{e}");
+        // A pixel data length of 4 GiB in a 3 MB file is refused from the headers, before a
+        // parser allocates it (dicom-rs would zero 4 GiB first).
+        let hostile = dir.path().join("hostile.dcm");
+        std::fs::write(&hostile, common::with_pixel_data_length(&b, 0xffff_fff0)).unwrap();
+        let e = read_xray_dicom(&hostile).unwrap_err().to_string();
+        assert!(
+            e.contains("hostile.dcm") && e.contains("claims 4294967280 bytes"),
+            "{e}"
+        );
     }
     let txt = dir.path().join("notes.txt");
     std::fs::write(&txt, "not an image at all").unwrap();

@@ -141,6 +141,7 @@ pub fn read_xray_dicom(path: &Path) -> Result<XrayFrames, FrameError> {
         path: path.to_owned(),
         source: e,
     })?;
+    crate::io::check_dicom_lengths(path, false).map_err(|e| err(path, e))?;
     let file_obj = match crate::io::catch_panic(|| dicom::object::open_file(path))
         .map_err(|p| err(path, format!("parser crashed: {p}")))?
     {

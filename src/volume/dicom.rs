@@ -50,6 +50,7 @@ struct SliceHeader {
 }
 
 fn open_header(path: &Path) -> Result<DefaultDicomObject, VolumeError> {
+    crate::io::check_dicom_lengths(path, true).map_err(|e| VolumeError::dicom(path, e))?;
     crate::io::catch_panic(|| {
         OpenFileOptions::new()
             .read_until(tags::PIXEL_DATA)
@@ -413,6 +414,7 @@ fn bilinear(img: &[f32], w: usize, h: usize, x: f64, y: f64) -> f32 {
 }
 
 fn decode_slice(path: &Path, rows: usize, cols: usize) -> Result<Vec<f32>, VolumeError> {
+    crate::io::check_dicom_lengths(path, false).map_err(|e| VolumeError::dicom(path, e))?;
     let obj = crate::io::catch_panic(|| dicom::object::open_file(path))
         .map_err(|p| VolumeError::dicom(path, format!("parser crashed: {p}")))?
         .map_err(|e| VolumeError::dicom(path, e))?;

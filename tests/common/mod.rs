@@ -55,3 +55,22 @@ pub fn ncc(a: &[f32], b: &[f32]) -> f64 {
     }
     ab / (aa * bb).sqrt()
 }
+
+/// `bytes` of a DICOM file with its pixel data's value length set to `len`, whatever the file
+/// holds (a hostile or corrupt length): explicit VR (`OB`/`OW`, 4 length bytes after 2 reserved
+/// ones) or implicit (4 length bytes right after the tag).
+#[allow(dead_code)] // not every test binary uses every helper
+pub fn with_pixel_data_length(bytes: &[u8], len: u32) -> Vec<u8> {
+    let at = bytes
+        .windows(4)
+        .rposition(|w| w == [0xe0, 0x7f, 0x10, 0x00])
+        .expect("a pixel data element");
+    let mut out = bytes.to_vec();
+    let off = if matches!(&bytes[at + 4..at + 6], b"OB" | b"OW") {
+        8
+    } else {
+        4
+    };
+    out[at + off..at + off + 4].copy_from_slice(&len.to_le_bytes());
+    out
+}
