@@ -528,6 +528,13 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
     };
     let size = fit(per, p.size.0 as f32, p.size.1 as f32);
     ui.horizontal(|ui| {
+        // Centred in the space the panels leave, instead of a band of empty space on one side.
+        let used = if side {
+            2.0 * size.x + ui.spacing().item_spacing.x
+        } else {
+            size.x
+        };
+        ui.add_space(((avail.x - used) / 2.0).max(0.0));
         let (rect, _) = ui.allocate_exact_size(size, egui::Sense::hover());
         let painter = ui.painter_at(rect);
         let uv = Rect::from_min_max(Pos2::ZERO, Pos2::new(1.0, 1.0));
