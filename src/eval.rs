@@ -497,14 +497,12 @@ fn reprojection_sq(
     let mut sum = (0.0, 0usize);
     for (p, truth) in p3.iter().zip(&s.landmarks) {
         let Some([x, y]) = *truth else { continue };
-        let q = pose.camera_from_world(p);
         // Behind the source nothing projects: count it as far off as the image is wide.
-        let d2 = if q.z > 1e-3 {
-            let u = camera.project_camera(&q);
-            ((u.x - x).powi(2) + (u.y - y).powi(2)) * scale * scale
-        } else {
-            (512.0f64).powi(2)
-        };
+        let d2 = camera
+            .project_in_front(pose, p)
+            .map_or(512.0f64.powi(2), |u| {
+                ((u.x - x).powi(2) + (u.y - y).powi(2)) * scale * scale
+            });
         sum = (sum.0 + d2, sum.1 + 1);
     }
     sum

@@ -113,17 +113,13 @@ pub fn check_dicom_lengths(path: &Path, headers_only: bool) -> Result<(), String
             if headers_only && pixel_data {
                 return Ok(());
             }
-            // (value length, where the value starts) of the lengths the file must hold.
+            // (value length, where the value starts) of the values a parser would allocate.
             let claim = match &token {
                 LazyDataToken::LazyValue { header, decoder } if header.len.is_defined() => {
                     Some((header.len.0, decoder.position()))
                 }
                 LazyDataToken::LazyItemValue { len, decoder } => Some((*len, decoder.position())),
-                LazyDataToken::SequenceStart { len, .. } | LazyDataToken::ItemStart { len }
-                    if len.is_defined() =>
-                {
-                    Some((len.0, 0))
-                }
+                // Sequences and items are parsed element by element, not allocated whole.
                 _ => None,
             };
             if let Some((len, at)) = claim

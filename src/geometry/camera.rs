@@ -101,6 +101,13 @@ impl Camera {
         self.project_camera(&pose.camera_from_world(p))
     }
 
+    /// [`Self::project`], or `None` for a point at or behind the source (where eq. 8 has no
+    /// image).
+    pub fn project_in_front(&self, pose: &Pose, p: &Point3<f64>) -> Option<Point2<f64>> {
+        let q = pose.camera_from_world(p);
+        (q.z > Z_MIN_MM).then(|| self.project_camera(&q))
+    }
+
     /// The camera-frame direction (not normalised, z = sdd) of the ray through pixel position
     /// `uv`: the point on the detector plane.
     pub fn detector_point(&self, uv: &Point2<f64>) -> Point3<f64> {

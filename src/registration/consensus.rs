@@ -101,11 +101,7 @@ pub fn decode(
         return out;
     }
     let gate = opts.gate_fraction * f64::from(camera.width_px);
-    let project = |pose: &Pose, i: usize| -> Option<Point2<f64>> {
-        let p = points3d[i]?;
-        let q = pose.camera_from_world(&p);
-        (q.z > 1e-3).then(|| camera.project_camera(&q))
-    };
+    let project = |pose: &Pose, i: usize| camera.project_in_front(pose, &points3d[i]?);
     // Step 2: per landmark, the strongest peak within the gate of the reprojection.
     let pose0 = out.solution.pose;
     let mut agrees = vec![false; n];
