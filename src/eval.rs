@@ -158,6 +158,13 @@ pub struct RefinedImage {
     pub similarity: [f64; 2],
     /// DRRs rendered.
     pub renders: usize,
+    /// Restarts tried, and candidates of the scan of views refined (the landmark pose was no
+    /// guide).
+    #[serde(default)]
+    pub restarts: [usize; 2],
+    /// The refined pose ([`crate::geometry::Pose::params`]).
+    #[serde(default)]
+    pub pose: [f64; 6],
 }
 
 /// The solved poses refined against the images ([`crate::registration::intensity`]).
@@ -178,6 +185,17 @@ pub struct RefinedReport {
     pub rmse_px: f64,
     /// Share of images whose pose refinement changed (the rest kept the landmark pose).
     pub changed_rate: f64,
+    /// Share of images refined to a TRE under 3 mm.
+    #[serde(default)]
+    pub under_3mm_rate: f64,
+    /// Share of images whose refined DRR is still unlike the frame (similarity under
+    /// [`intensity::RESTART_BELOW`]): a refinement the app does not trust.
+    #[serde(default)]
+    pub unmatched_rate: f64,
+    /// Share of images for which the landmark pose and its restarts all ended unlike the frame,
+    /// so that the views were scanned ([`intensity::Search`]).
+    #[serde(default)]
+    pub searched_rate: f64,
     /// Images refined.
     pub images: usize,
     /// DRRs rendered per image, mean.
@@ -633,6 +651,8 @@ impl Refiner {
             rmse_px: (sq_px / landmarks.max(1) as f64).sqrt(),
             similarity: [r.similarity_before, r.similarity],
             renders: r.renders,
+            restarts: [r.restarts, r.searched],
+            pose: r.pose.params(),
         };
         self.done.push(Refined {
             image,
@@ -661,6 +681,11 @@ impl Refiner {
             rotation_error_deg: mean(&|d| d.rotation_error_deg),
             translation_error_mm: mean(&|d| d.translation_error_mm),
             changed_rate: mean(&|d| f64::from(u8::from(d.changed))),
+            under_3mm_rate: mean(&|d| f64::from(u8::from(d.image.tre_mm < 3.0))),
+            unmatched_rate: mean(&|d| {
+                f64::from(u8::from(d.image.similarity[1] < intensity::RESTART_BELOW))
+            }),
+            searched_rate: mean(&|d| f64::from(u8::from(d.image.restarts[1] > 0))),
             images: self.done.len(),
             renders_per_image: mean(&|d| d.image.renders as f64),
             ms_per_image: 1000.0 * mean(&|d| d.seconds),

@@ -196,6 +196,7 @@ fn a_refinement_that_ends_unlike_the_frame_restarts_elsewhere() {
     let once = IntensityOptions {
         restarts: Vec::new(),
         restart_below: BELOW,
+        search: None,
         ..IntensityOptions::default()
     };
     let r = refine(&s.frame, &s.camera, &pivot, &init, &mut s.source, &once).unwrap();
@@ -235,4 +236,119 @@ fn a_refinement_that_ends_unlike_the_frame_restarts_elsewhere() {
     let r3 = refine(&s.frame, &s.camera, &pivot, &near, &mut s.source, &opts).unwrap();
     assert_eq!(r3.restarts, 0);
     assert!(tre(&r3.pose) < 3.0);
+}
+
+/// A start that is no guide at all (the image upside down and the CT 300 mm deeper: the pose of
+/// a few wrong landmarks) ends unlike the frame from itself; the scan of the C-arm's views finds
+/// the pose from where the start puts the pivot in the image.
+#[test]
+fn a_start_that_is_no_guide_is_replaced_by_a_scan_of_the_views() {
+    use fluoropose::registration::intensity::Search;
+    const BELOW: f64 = 0.8;
+    let mut s = setup();
+    let pivot = centroid(&s.points);
+    let init = off(
+        &s.truth,
+        &pivot,
+        Vector3::new(0.0, 0.0, 150f64.to_radians()),
+        Vector3::new(0.0, 0.0, 300.0),
+    );
+    let tre = |p: &Pose| mean_tre_mm(p, &s.truth, &s.points);
+    assert!(tre(&init) > 200.0, "{}", tre(&init));
+    let alone = IntensityOptions {
+        restarts: Vec::new(),
+        restart_below: BELOW,
+        search: None,
+        ..IntensityOptions::default()
+    };
+    let r = refine(&s.frame, &s.camera, &pivot, &init, &mut s.source, &alone).unwrap();
+    assert!(
+        r.similarity < BELOW && tre(&r.pose) > 20.0 && r.searched == 0,
+        "without the scan: {r:?}, TRE {} mm",
+        tre(&r.pose)
+    );
+    let opts = IntensityOptions {
+        search: Some(Search::default()),
+        ..alone
+    };
+    let r2 = refine(&s.frame, &s.camera, &pivot, &init, &mut s.source, &opts).unwrap();
+    println!(
+        "TRE {:.1} -> {:.2} mm, similarity {:.3}, {} candidates refined, {} DRRs",
+        tre(&init),
+        tre(&r2.pose),
+        r2.similarity,
+        r2.searched,
+        r2.renders
+    );
+    assert!(
+        r2.similarity >= BELOW && tre(&r2.pose) < 3.0,
+        "{r2:?}, TRE {} mm",
+        tre(&r2.pose)
+    );
+    assert!((1..=3).contains(&r2.searched));
+    assert!(r2.renders > r.renders + 375, "the scan's DRRs are counted");
+    // A start that converges scans nothing.
+    let r3 = refine(&s.frame, &s.camera, &pivot, &s.truth, &mut s.source, &opts).unwrap();
+    assert_eq!((r3.restarts, r3.searched), (0, 0));
+}
+
+/// Seen from behind, the pelvis looks almost as from the front, mirrored: a start there ends in
+/// that mirror optimum, a view no C-arm takes. Such a result is not taken, and the scan finds
+/// the pose.
+#[test]
+fn the_mirror_optimum_behind_the_patient_is_not_taken() {
+    use fluoropose::geometry::sampling::angle_from_ap_rad;
+    const BELOW: f64 = 0.8;
+    let mut s = setup();
+    let pivot = centroid(&s.points);
+    let behind = off(
+        &s.truth,
+        &pivot,
+        Vector3::new(0.0, 180f64.to_radians(), 0.0),
+        Vector3::zeros(),
+    );
+    let tre = |p: &Pose| mean_tre_mm(p, &s.truth, &s.points);
+    let angle = |p: &Pose| angle_from_ap_rad(p).to_degrees();
+    assert!(angle(&behind) > 150.0, "{}", angle(&behind));
+    let anything = IntensityOptions {
+        restarts: Vec::new(),
+        restart_below: BELOW,
+        search: None,
+        max_angle_from_ap_deg: 180.0,
+        ..IntensityOptions::default()
+    };
+    let r = refine(
+        &s.frame,
+        &s.camera,
+        &pivot,
+        &behind,
+        &mut s.source,
+        &anything,
+    )
+    .unwrap();
+    println!(
+        "any view: angle {:.1} deg, TRE {:.1} mm, similarity {:.3}, scanned {}",
+        angle(&r.pose),
+        tre(&r.pose),
+        r.similarity,
+        r.searched
+    );
+    assert!(
+        angle(&r.pose) > 90.0 && tre(&r.pose) > 50.0,
+        "the mirror optimum: {r:?}"
+    );
+    let carm = IntensityOptions {
+        search: IntensityOptions::default().search,
+        max_angle_from_ap_deg: 90.0,
+        ..anything
+    };
+    let r2 = refine(&s.frame, &s.camera, &pivot, &behind, &mut s.source, &carm).unwrap();
+    println!(
+        "C-arm views: angle {:.1} deg, TRE {:.2} mm, similarity {:.3}, scanned {}",
+        angle(&r2.pose),
+        tre(&r2.pose),
+        r2.similarity,
+        r2.searched
+    );
+    assert!(r2.searched > 0 && tre(&r2.pose) < 3.0, "{r2:?}");
 }

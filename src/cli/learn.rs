@@ -522,17 +522,21 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     if let Some(f) = &r.refined {
         println!(
             "refined against the images ({} images, DRRs on the {}): TRE {:.2} -> {:.2} mm \
-             (median {:.2}), rotation {:.2} deg, source {:.2} mm; landmarks reprojected at the \
-             refined pose: RMSE {:.2} px; {:.0}% changed; {:.0} DRRs and {:.0} ms per image",
+             (median {:.2}), {:.1}% under 3 mm, rotation {:.2} deg, source {:.2} mm; landmarks \
+             reprojected at the refined pose: RMSE {:.2} px; {:.0}% changed, {:.1}% still unlike \
+             the image, views scanned for {:.1}%; {:.0} DRRs and {:.0} ms per image",
             f.images,
             f.renderer,
             f.tre_before_mm,
             f.tre_mm,
             f.tre_median_mm,
+            100.0 * f.under_3mm_rate,
             f.rotation_error_deg,
             f.translation_error_mm,
             f.rmse_px,
             100.0 * f.changed_rate,
+            100.0 * f.unmatched_rate,
+            100.0 * f.searched_rate,
             f.renders_per_image,
             f.ms_per_image
         );
@@ -696,6 +700,7 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
                     rec["similarity"] = serde_json::json!([r.similarity_before, r.similarity]);
                     rec["inverted"] = serde_json::json!(r.inverted);
                     rec["restarts"] = serde_json::json!(r.restarts);
+                    rec["searched"] = serde_json::json!(r.searched);
                 }
             }
             out.push(rec);

@@ -19,8 +19,9 @@
 //!   both in camera axes, so that turning does not also slide the anatomy across the image.
 
 use crate::drr::DrrSource;
+use crate::geometry::sampling::{angle_from_ap_rad, perturbed_pose};
 use crate::geometry::{Camera, Pose, rodrigues};
-use nalgebra::{DMatrix, DVector, Matrix6, Point3, Vector3, Vector6};
+use nalgebra::{DMatrix, DVector, Matrix6, Point2, Point3, Vector3, Vector6};
 use serde::Serialize;
 
 /// How to refine.
@@ -38,6 +39,86 @@ pub struct IntensityOptions {
     pub restart_below: f64,
     /// Other starts, tried in turn.
     pub restarts: Vec<Start>,
+    /// When the restarts end unlike the frame too: a scan of the C-arm's views (`None`: none).
+    pub search: Option<Search>,
+    /// A run that ends with the view turned further than this from AP (degrees) is not taken.
+    /// Seen from behind, a near-lateral pelvis looks almost as from the front, mirrored, so an
+    /// optimum lies there too; a C-arm's views lie within 86° of AP (the paper's ±45° about
+    /// each axis).
+    pub max_angle_from_ap_deg: f64,
+}
+
+/// The last resort of [`refine`]: when the given pose and every restart end unlike the frame,
+/// the landmark pose is no guide (a few landmarks in the field, or wrong ones), so the views a
+/// C-arm takes of the pelvis are scanned instead. Each candidate view puts the pivot where the
+/// given pose put it in the image (across the beam the landmarks are seldom far off even then)
+/// at a few depths; all of them are compared with the frame at the coarsest level in one batch of
+/// DRRs, and the most similar few are refined.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Search {
+    /// Candidate views: turns from the AP view about the patient's x, y and z axes, radians (as
+    /// [`sampling::perturbed_pose`]'s).
+    pub turns: Vec<Vector3<f64>>,
+    /// Source-to-pivot distances tried for each view, mm.
+    pub depths_mm: Vec<f64>,
+    /// How many of the most similar candidates are refined, best first, until one ends like the
+    /// frame.
+    pub keep: usize,
+}
+
+impl Search {
+    /// A grid over the C-arm's range: `steps` turns about each axis spanning `±max_deg`, the
+    /// pivot at each of `depths_mm`.
+    pub fn grid(max_deg: f64, steps: usize, depths_mm: Vec<f64>, keep: usize) -> Self {
+        let a = max_deg.to_radians();
+        let at = |i: usize| {
+            if steps < 2 {
+                0.0
+            } else {
+                -a + 2.0 * a * i as f64 / (steps - 1) as f64
+            }
+        };
+        let turns = (0..steps.pow(3))
+            .map(|k| Vector3::new(at(k % steps), at(k / steps % steps), at(k / steps / steps)))
+            .collect();
+        Self {
+            turns,
+            depths_mm,
+            keep,
+        }
+    }
+
+    /// The candidate poses for a pivot that `init` puts at pixel `uv`.
+    fn candidates(&self, camera: &Camera, pivot: &Point3<f64>, init: &Pose) -> Vec<Pose> {
+        // Where the given pose shows the pivot, kept inside the image; the image centre if it
+        // puts the pivot behind the source.
+        let (w, h) = (camera.width_px as f64, camera.height_px as f64);
+        let uv = camera
+            .project_in_front(init, pivot)
+            .filter(|p| p.x.is_finite() && p.y.is_finite())
+            .map(|p| Point2::new(p.x.clamp(0.0, w), p.y.clamp(0.0, h)))
+            .unwrap_or(Point2::new(camera.cx_px, camera.cy_px));
+        let ray = camera.detector_point(&uv).coords / camera.sdd_mm;
+        let mut poses = Vec::with_capacity(self.turns.len() * self.depths_mm.len());
+        for turn in &self.turns {
+            let view = perturbed_pose(pivot, 0.0, turn, &Vector3::zeros());
+            let r = view.rotation_matrix();
+            for &d in &self.depths_mm {
+                poses.push(Pose::from_matrix(&r, ray * d - r * pivot.coords));
+            }
+        }
+        poses
+    }
+}
+
+impl Default for Search {
+    /// The paper's range of views (±45° about each axis around AP) at 20° steps, the pivot
+    /// 700-900 mm from the source (the C-arm's isocentre distances), the best three refined:
+    /// 375 DRRs at the coarsest level. On the held-out ±45° phantoms the optimiser's basin is
+    /// about ±10-15° wide, so some candidate falls in it.
+    fn default() -> Self {
+        Self::grid(40.0, 5, vec![700.0, 800.0, 900.0], 3)
+    }
 }
 
 /// A start for [`refine`] besides the given pose: that pose moved along the pivot's ray and
@@ -101,6 +182,8 @@ impl Default for IntensityOptions {
                 Start::depth(-0.2),
                 Start::depth(0.2),
             ],
+            search: Some(Search::default()),
+            max_angle_from_ap_deg: 90.0,
         }
     }
 }
@@ -150,6 +233,8 @@ pub struct Refinement {
     pub inverted: bool,
     /// Starts tried besides the given pose ([`IntensityOptions::restarts`]).
     pub restarts: usize,
+    /// Candidates of the scan of views refined ([`IntensityOptions::search`]; 0: no scan).
+    pub searched: usize,
 }
 
 /// Why a refinement could not run.
@@ -295,6 +380,42 @@ struct Level {
 }
 
 impl Level {
+    /// The frame (`camera`'s size) seen at `spec`'s level.
+    fn new(
+        frame: &[f32],
+        camera: &Camera,
+        spec: LevelSpec,
+        margin: f64,
+    ) -> Result<Self, IntensityError> {
+        let (w, h) = (camera.width_px as usize, camera.height_px as usize);
+        if frame.len() != w * h || w < 8 || h < 8 {
+            return Err(IntensityError::Input(format!(
+                "the frame holds {} values but the camera is {w}x{h}",
+                frame.len()
+            )));
+        }
+        let scale = (spec.width_px as f64 / w as f64).min(1.0);
+        let cam = camera.rescaled(scale);
+        let (nw, nh) = (cam.width_px as usize, cam.height_px as usize);
+        let small = downsample(frame, w, h, nw, nh);
+        let frame = Features::new(&small, nw, nh, spec.similarity, spec.blur_px, margin)
+            .ok_or_else(|| {
+                IntensityError::Input("the frame is flat (or not finite): nothing to match".into())
+            })?;
+        Ok(Self {
+            spec,
+            camera: cam,
+            frame,
+        })
+    }
+
+    /// Matches the frame with its polarity reversed.
+    fn invert(&mut self) {
+        for c in &mut self.frame.channels {
+            c.iter_mut().for_each(|v| *v = -*v);
+        }
+    }
+
     /// The features of an image at this level (the frame's, or a DRR's); `None` when flat.
     fn features(&self, img: &[f32], margin: f64) -> Option<Features> {
         let (w, h) = (
@@ -327,8 +448,10 @@ impl Level {
 /// is what the pose turns about, typically the centroid of the CT's landmarks.
 ///
 /// A run that ends under [`IntensityOptions::restart_below`] is started again from the other
-/// starts of [`IntensityOptions::restarts`] until one gets there; the most similar result is
-/// returned, and `similarity_before` is the given pose's.
+/// starts of [`IntensityOptions::restarts`] until one gets there, then from the best candidates
+/// of [`IntensityOptions::search`]'s scan of views; a run that ends beyond
+/// [`IntensityOptions::max_angle_from_ap_deg`] counts as not having moved. The most similar
+/// result is returned, and `similarity_before` is the given pose's.
 pub fn refine(
     frame: &[f32],
     camera: &Camera,
@@ -337,46 +460,135 @@ pub fn refine(
     source: &mut dyn DrrSource,
     opts: &IntensityOptions,
 ) -> Result<Refinement, IntensityError> {
-    let mut best = refine_once(frame, camera, pivot, init, source, opts)?;
+    let mut best = refine_once(frame, camera, pivot, init, None, source, opts)?;
     let mut renders = best.renders;
     let similarity_before = best.similarity_before;
+    // The frame's polarity is judged once, at the given pose: from a far start the correlation's
+    // sign says little.
+    let inverted = Some(best.inverted);
+    let consider = |r: Refinement, start: &Pose, best: &mut Refinement| {
+        // A run that did not move keeps its start, which is no answer: only a result more like
+        // the frame than the given pose counts.
+        if r.similarity > best.similarity && r.pose != *start {
+            *best = Refinement {
+                restarts: best.restarts,
+                searched: best.searched,
+                ..r
+            };
+        }
+    };
     for (k, s) in opts.restarts.iter().enumerate() {
         if best.similarity >= opts.restart_below {
             break;
         }
         let start = s.apply(init, pivot);
-        let r = refine_once(frame, camera, pivot, &start, source, opts)?;
+        let r = refine_once(frame, camera, pivot, &start, inverted, source, opts)?;
         renders += r.renders;
-        // A restart that did not move keeps its start, which is no answer: only a result
-        // more like the frame than the given pose counts.
-        if r.similarity > best.similarity && r.pose != start {
-            best = r;
-        }
+        consider(r, &start, &mut best);
         best.restarts = k + 1;
     }
-    // The first run never ends below the given pose (it falls back to it), and a restart
+    if let Some(search) = opts.search.as_ref()
+        && best.similarity < opts.restart_below
+    {
+        let (starts, scanned) = scan(
+            frame,
+            camera,
+            pivot,
+            init,
+            best.inverted,
+            source,
+            opts,
+            search,
+        )?;
+        renders += scanned;
+        for (k, start) in starts.iter().enumerate() {
+            if best.similarity >= opts.restart_below {
+                break;
+            }
+            let r = refine_once(frame, camera, pivot, start, inverted, source, opts)?;
+            renders += r.renders;
+            consider(r, start, &mut best);
+            best.searched = k + 1;
+        }
+    }
+    // The first run never ends below the given pose (it falls back to it), and a later run
     // replaces it only by something more similar.
     best.renders = renders;
     best.similarity_before = similarity_before;
     Ok(best)
 }
 
-/// One run of [`refine`] from `init`.
+/// The scan of [`Search`]: every candidate view rendered at the coarsest level and compared with
+/// the frame (of the polarity the given pose found); the `keep` most similar, best first, and the
+/// DRRs it took.
+#[allow(clippy::too_many_arguments)]
+fn scan(
+    frame: &[f32],
+    camera: &Camera,
+    pivot: &Point3<f64>,
+    init: &Pose,
+    inverted: bool,
+    source: &mut dyn DrrSource,
+    opts: &IntensityOptions,
+    search: &Search,
+) -> Result<(Vec<Pose>, usize), IntensityError> {
+    let Some(&spec) = opts.levels.first() else {
+        return Ok((Vec::new(), 0));
+    };
+    let mut level = Level::new(frame, camera, spec, opts.margin)?;
+    if inverted {
+        level.invert();
+    }
+    let poses = search.candidates(camera, pivot, init);
+    let images = render_checked(source, &level.camera, &poses)?;
+    let mut scored: Vec<(f64, Pose)> = images
+        .iter()
+        .zip(&poses)
+        .map(|(img, p)| (level.similarity(&level.residual(img, opts.margin)), *p))
+        .filter(|(s, _)| s.is_finite())
+        .collect();
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let n = poses.len();
+    Ok((
+        scored
+            .into_iter()
+            .take(search.keep)
+            .map(|(_, p)| p)
+            .collect(),
+        n,
+    ))
+}
+
+/// `poses` rendered as one batch, one image each.
+fn render_checked(
+    source: &mut dyn DrrSource,
+    camera: &Camera,
+    poses: &[Pose],
+) -> Result<Vec<Vec<f32>>, IntensityError> {
+    let images = source
+        .render_batch(camera, poses)
+        .map_err(IntensityError::Render)?;
+    if images.len() != poses.len() {
+        return Err(IntensityError::Render(format!(
+            "{} images for {} poses",
+            images.len(),
+            poses.len()
+        )));
+    }
+    Ok(images)
+}
+
+/// One run of [`refine`] from `init`, with the frame's polarity given or (`None`) judged at
+/// `init`.
 fn refine_once(
     frame: &[f32],
     camera: &Camera,
     pivot: &Point3<f64>,
     init: &Pose,
+    inverted: Option<bool>,
     source: &mut dyn DrrSource,
     opts: &IntensityOptions,
 ) -> Result<Refinement, IntensityError> {
-    let (w, h) = (camera.width_px as usize, camera.height_px as usize);
-    if frame.len() != w * h || w < 8 || h < 8 {
-        return Err(IntensityError::Input(format!(
-            "the frame holds {} values but the camera is {w}x{h}",
-            frame.len()
-        )));
-    }
     if !init.is_finite() {
         return Err(IntensityError::Input(
             "the starting pose is not finite".into(),
@@ -385,53 +597,33 @@ fn refine_once(
     if opts.levels.is_empty() {
         return Err(IntensityError::Input("no pyramid levels".into()));
     }
-    let mut levels = Vec::new();
-    for &spec in &opts.levels {
-        let scale = (spec.width_px as f64 / w as f64).min(1.0);
-        let cam = camera.rescaled(scale);
-        let (nw, nh) = (cam.width_px as usize, cam.height_px as usize);
-        let small = downsample(frame, w, h, nw, nh);
-        let features = Features::new(&small, nw, nh, spec.similarity, spec.blur_px, opts.margin)
-            .ok_or_else(|| {
-                IntensityError::Input("the frame is flat (or not finite): nothing to match".into())
-            })?;
-        levels.push(Level {
-            spec,
-            camera: cam,
-            frame: features,
-        });
-    }
+    let mut levels = opts
+        .levels
+        .iter()
+        .map(|&spec| Level::new(frame, camera, spec, opts.margin))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut renders = 0usize;
     let mut render = |cam: &Camera, poses: &[Pose], n: &mut usize| {
         *n += poses.len();
-        let images = source
-            .render_batch(cam, poses)
-            .map_err(IntensityError::Render)?;
-        if images.len() != poses.len() {
-            return Err(IntensityError::Render(format!(
-                "{} images for {} poses",
-                images.len(),
-                poses.len()
-            )));
-        }
-        Ok(images)
+        render_checked(source, cam, poses)
     };
     // The frame's polarity. DRRs are bright where the CT attenuates; many X-ray formats (an XA
-    // cine in MONOCHROME2, say) store the opposite. The coarsest level at the starting pose
-    // says which: a negative correlation means the frame is matched inverted.
-    let first = &levels[0];
-    let inverted = first
-        .features(
-            &render(&first.camera, &[*init], &mut renders)?[0],
-            opts.margin,
-        )
-        .is_some_and(|f| first.similarity(&f.residual(&first.frame)) < 0.0);
-    if inverted {
-        for level in &mut levels {
-            for c in &mut level.frame.channels {
-                c.iter_mut().for_each(|v| *v = -*v);
-            }
+    // cine in MONOCHROME2, say) store the opposite. Unless told, the coarsest level at the
+    // starting pose says which: a negative correlation means the frame is matched inverted.
+    let inverted = match inverted {
+        Some(i) => i,
+        None => {
+            let first = &levels[0];
+            first
+                .features(
+                    &render(&first.camera, &[*init], &mut renders)?[0],
+                    opts.margin,
+                )
+                .is_some_and(|f| first.similarity(&f.residual(&first.frame)) < 0.0)
         }
+    };
+    if inverted {
+        levels.iter_mut().for_each(Level::invert);
     }
     let residual = |level: &Level, img: &[f32]| level.residual(img, opts.margin);
 
@@ -532,7 +724,9 @@ fn refine_once(
         levels[finest].similarity(&r_init),
         levels[finest].similarity(&r_last),
     );
-    Ok(if after > before {
+    // A view from behind is the mirror optimum, not the C-arm's pose.
+    let plausible = angle_from_ap_rad(&pose).to_degrees() <= opts.max_angle_from_ap_deg;
+    Ok(if after > before && plausible {
         Refinement {
             pose,
             similarity_before: before,
@@ -541,6 +735,7 @@ fn refine_once(
             steps,
             inverted,
             restarts: 0,
+            searched: 0,
         }
     } else {
         Refinement {
@@ -551,6 +746,7 @@ fn refine_once(
             steps,
             inverted,
             restarts: 0,
+            searched: 0,
         }
     })
 }
@@ -633,6 +829,44 @@ mod tests {
         let want = then(&refined);
         assert!((moved.rotation - want.rotation).norm() < 1e-12);
         assert!((moved.translation_mm - want.translation_mm).norm() < 1e-9);
+    }
+
+    #[test]
+    fn the_scan_puts_the_pivot_where_the_start_shows_it_in_every_view_and_depth() {
+        let search = Search::grid(40.0, 5, vec![700.0, 900.0], 3);
+        assert_eq!(search.turns.len(), 125);
+        let a = 40f64.to_radians();
+        assert!(search.turns.contains(&Vector3::zeros()));
+        assert!(search.turns.contains(&Vector3::new(-a, a, -a)));
+        assert!(search.turns.iter().all(|t| t.amax() <= a + 1e-12));
+        let camera = Camera::paper(128);
+        let pivot = Point3::new(12.0, -40.0, 30.0);
+        let init = perturbed_pose(
+            &pivot,
+            760.0,
+            &Vector3::new(0.3, -0.2, 0.1),
+            &Vector3::new(30.0, -20.0, 0.0),
+        );
+        let uv = camera.project(&init, &pivot);
+        let poses = search.candidates(&camera, &pivot, &init);
+        assert_eq!(poses.len(), 250);
+        for (k, p) in poses.iter().enumerate() {
+            let c = p.camera_from_world(&pivot);
+            assert!((c.z - search.depths_mm[k % 2]).abs() < 1e-9);
+            assert!((camera.project(p, &pivot) - uv).norm() < 1e-9);
+        }
+        // Each view is its turn from AP, whatever the depth.
+        let ap = perturbed_pose(&pivot, 800.0, &Vector3::zeros(), &Vector3::zeros());
+        assert!((poses[2 * 62].rotation_matrix() - ap.rotation_matrix()).norm() < 1e-12);
+        // A start that puts the pivot behind the source says nothing of where it is: the centre.
+        let behind = Pose::from_matrix(
+            &init.rotation_matrix(),
+            init.translation_mm - Vector3::new(0.0, 0.0, 2000.0),
+        );
+        for p in search.candidates(&camera, &pivot, &behind) {
+            let q = camera.project(&p, &pivot);
+            assert!((q - Point2::new(camera.cx_px, camera.cy_px)).norm() < 1e-9);
+        }
     }
 
     #[test]
