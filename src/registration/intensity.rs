@@ -57,7 +57,7 @@ pub struct IntensityOptions {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Search {
     /// Candidate views: turns from the AP view about the patient's x, y and z axes, radians (as
-    /// [`sampling::perturbed_pose`]'s).
+    /// [`perturbed_pose`]'s).
     pub turns: Vec<Vector3<f64>>,
     /// Source-to-pivot distances tried for each view, mm.
     pub depths_mm: Vec<f64>,
