@@ -53,6 +53,20 @@ fn setup() -> Setup {
     }
 }
 
+/// The similarity under which a run counts as ending unlike the frame in these tests: this frame
+/// is noisier than the dataset's, and its own pose matches it to 0.83 only.
+const BELOW: f64 = 0.8;
+
+/// One run of the optimiser from the given start: no restarts, no scan of views.
+fn one_run() -> IntensityOptions {
+    IntensityOptions {
+        restarts: Vec::new(),
+        restart_below: BELOW,
+        search: None,
+        ..IntensityOptions::default()
+    }
+}
+
 /// `pose` turned by `rot` about `pivot` and shifted by `shift` (camera axes).
 fn off(pose: &Pose, pivot: &Point3<f64>, rot: Vector3<f64>, shift: Vector3<f64>) -> Pose {
     let c = pose.camera_from_world(pivot).coords;
@@ -182,8 +196,6 @@ fn a_failing_renderer_is_an_error() {
 #[test]
 fn a_refinement_that_ends_unlike_the_frame_restarts_elsewhere() {
     use fluoropose::registration::intensity::Start;
-    // This frame is noisier than the dataset's: its own pose matches it to 0.83 only.
-    const BELOW: f64 = 0.8;
     let mut s = setup();
     let pivot = centroid(&s.points);
     let init = off(
@@ -193,12 +205,7 @@ fn a_refinement_that_ends_unlike_the_frame_restarts_elsewhere() {
         Vector3::zeros(),
     );
     let tre = |p: &Pose| mean_tre_mm(p, &s.truth, &s.points);
-    let once = IntensityOptions {
-        restarts: Vec::new(),
-        restart_below: BELOW,
-        search: None,
-        ..IntensityOptions::default()
-    };
+    let once = one_run();
     let r = refine(&s.frame, &s.camera, &pivot, &init, &mut s.source, &once).unwrap();
     assert!(
         r.similarity < BELOW && tre(&r.pose) > 10.0 && r.restarts == 0,
@@ -244,7 +251,6 @@ fn a_refinement_that_ends_unlike_the_frame_restarts_elsewhere() {
 #[test]
 fn a_start_that_is_no_guide_is_replaced_by_a_scan_of_the_views() {
     use fluoropose::registration::intensity::Search;
-    const BELOW: f64 = 0.8;
     let mut s = setup();
     let pivot = centroid(&s.points);
     let init = off(
@@ -255,12 +261,7 @@ fn a_start_that_is_no_guide_is_replaced_by_a_scan_of_the_views() {
     );
     let tre = |p: &Pose| mean_tre_mm(p, &s.truth, &s.points);
     assert!(tre(&init) > 200.0, "{}", tre(&init));
-    let alone = IntensityOptions {
-        restarts: Vec::new(),
-        restart_below: BELOW,
-        search: None,
-        ..IntensityOptions::default()
-    };
+    let alone = one_run();
     let r = refine(&s.frame, &s.camera, &pivot, &init, &mut s.source, &alone).unwrap();
     assert!(
         r.similarity < BELOW && tre(&r.pose) > 20.0 && r.searched == 0,
@@ -298,7 +299,6 @@ fn a_start_that_is_no_guide_is_replaced_by_a_scan_of_the_views() {
 #[test]
 fn the_mirror_optimum_behind_the_patient_is_not_taken() {
     use fluoropose::geometry::sampling::angle_from_ap_rad;
-    const BELOW: f64 = 0.8;
     let mut s = setup();
     let pivot = centroid(&s.points);
     let behind = off(
@@ -311,11 +311,8 @@ fn the_mirror_optimum_behind_the_patient_is_not_taken() {
     let angle = |p: &Pose| angle_from_ap_rad(p).to_degrees();
     assert!(angle(&behind) > 150.0, "{}", angle(&behind));
     let anything = IntensityOptions {
-        restarts: Vec::new(),
-        restart_below: BELOW,
-        search: None,
         max_angle_from_ap_deg: 180.0,
-        ..IntensityOptions::default()
+        ..one_run()
     };
     let r = refine(
         &s.frame,
