@@ -243,6 +243,23 @@ fn a_refinement_that_ends_unlike_the_frame_restarts_elsewhere() {
     let r3 = refine(&s.frame, &s.camera, &pivot, &near, &mut s.source, &opts).unwrap();
     assert_eq!(r3.restarts, 0);
     assert!(tre(&r3.pose) < 3.0);
+    // With the scan of views on, a restart that gets over the line does not end the search once
+    // the first run did not: the scan's candidates compete with it (a restart near a useless
+    // start can pass the line in another optimum), and the most similar wins.
+    let scanning = IntensityOptions {
+        search: IntensityOptions::default().search,
+        ..opts.clone()
+    };
+    let r4 = refine(&s.frame, &s.camera, &pivot, &init, &mut s.source, &scanning).unwrap();
+    assert!(
+        r4.restarts >= 1 && r4.searched >= 1 && tre(&r4.pose) < 3.0,
+        "{r4:?}, TRE {} mm",
+        tre(&r4.pose)
+    );
+    assert!(r4.similarity >= r2.similarity - 1e-12);
+    // Near the truth the first run gets there: no restart, no scan.
+    let r5 = refine(&s.frame, &s.camera, &pivot, &near, &mut s.source, &scanning).unwrap();
+    assert_eq!((r5.restarts, r5.searched), (0, 0));
 }
 
 /// A start that is no guide at all (the image upside down and the CT 300 mm deeper: the pose of

@@ -39,7 +39,8 @@ pub struct IntensityOptions {
     pub restart_below: f64,
     /// Other starts, tried in turn.
     pub restarts: Vec<Start>,
-    /// When the restarts end unlike the frame too: a scan of the C-arm's views (`None`: none).
+    /// When the run from the given pose ends unlike the frame: a scan of the C-arm's views, whose
+    /// candidates compete with the restarts (`None`: none).
     pub search: Option<Search>,
     /// A run that ends with the view turned further than this from AP (degrees) is not taken.
     /// Seen from behind, a near-lateral pelvis looks almost as from the front, mirrored, so an
@@ -48,9 +49,10 @@ pub struct IntensityOptions {
     pub max_angle_from_ap_deg: f64,
 }
 
-/// The last resort of [`refine`]: when the given pose and every restart end unlike the frame,
-/// the landmark pose is no guide (a few landmarks in the field, or wrong ones), so the views a
-/// C-arm takes of the pelvis are scanned instead. Each candidate view puts the pivot where the
+/// The wider search of [`refine`]: when the run from the given pose ends unlike the frame, the
+/// landmark pose is no guide (a few landmarks in the field, or wrong ones), and the restarts
+/// about it may end in another wrong optimum that passes the line; so the views a C-arm takes of
+/// the pelvis are scanned too. Each candidate view puts the pivot where the
 /// given pose put it in the image (across the beam the landmarks are seldom far off even then)
 /// at a few depths; all of them are compared with the frame at the coarsest level in one batch of
 /// DRRs, and the most similar few are refined.
@@ -449,7 +451,7 @@ impl Level {
 ///
 /// A run that ends under [`IntensityOptions::restart_below`] is started again from the other
 /// starts of [`IntensityOptions::restarts`] until one gets there, then from the best candidates
-/// of [`IntensityOptions::search`]'s scan of views; a run that ends beyond
+/// of [`IntensityOptions::search`]'s scan of views until one of them gets there; a run that ends beyond
 /// [`IntensityOptions::max_angle_from_ap_deg`] counts as not having moved. The most similar
 /// result is returned, and `similarity_before` is the given pose's.
 pub fn refine(
@@ -461,6 +463,7 @@ pub fn refine(
     opts: &IntensityOptions,
 ) -> Result<Refinement, IntensityError> {
     let mut best = refine_once(frame, camera, pivot, init, None, source, opts)?;
+    let first_unlike = best.similarity < opts.restart_below;
     let mut renders = best.renders;
     let similarity_before = best.similarity_before;
     // The frame's polarity is judged once, at the given pose: from a far start the correlation's
@@ -487,8 +490,12 @@ pub fn refine(
         consider(r, &start, &mut best);
         best.restarts = k + 1;
     }
+    // Once the landmark pose has led to an optimum unlike the frame, it is no guide, and a
+    // restart near it that gets over the line may have found another wrong one (a depth or tilt
+    // away: seen on h80, 74 mm off at 0.858): the scan's candidates compete with it, until one
+    // of them gets over the line.
     if let Some(search) = opts.search.as_ref()
-        && best.similarity < opts.restart_below
+        && first_unlike
     {
         let (starts, scanned) = scan(
             frame,
@@ -502,13 +509,14 @@ pub fn refine(
         )?;
         renders += scanned;
         for (k, start) in starts.iter().enumerate() {
-            if best.similarity >= opts.restart_below {
-                break;
-            }
             let r = refine_once(frame, camera, pivot, start, inverted, source, opts)?;
             renders += r.renders;
+            let matched = r.similarity >= opts.restart_below;
             consider(r, start, &mut best);
             best.searched = k + 1;
+            if matched {
+                break;
+            }
         }
     }
     // The first run never ends below the given pose (it falls back to it), and a later run
