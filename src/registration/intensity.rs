@@ -462,13 +462,38 @@ pub fn refine(
     source: &mut dyn DrrSource,
     opts: &IntensityOptions,
 ) -> Result<Refinement, IntensityError> {
-    let mut best = refine_once(frame, camera, pivot, init, None, source, opts)?;
+    if !init.is_finite() {
+        return Err(IntensityError::Input(
+            "the starting pose is not finite".into(),
+        ));
+    }
+    if opts.levels.is_empty() {
+        return Err(IntensityError::Input("no pyramid levels".into()));
+    }
+    // The frame's pyramid, built once for every run.
+    let mut levels = opts
+        .levels
+        .iter()
+        .map(|&spec| Level::new(frame, camera, spec, opts.margin))
+        .collect::<Result<Vec<_>, _>>()?;
+    // The frame's polarity, judged once at the given pose (from a far start the correlation's
+    // sign says little). DRRs are bright where the CT attenuates; many X-ray formats (an XA cine
+    // in MONOCHROME2, say) store the opposite. A negative correlation at the coarsest level
+    // means the frame is matched inverted.
+    let first = &levels[0];
+    let inverted = first
+        .features(
+            &render_checked(source, &first.camera, &[*init])?[0],
+            opts.margin,
+        )
+        .is_some_and(|f| first.similarity(&f.residual(&first.frame)) < 0.0);
+    if inverted {
+        levels.iter_mut().for_each(Level::invert);
+    }
+    let mut best = refine_once(&levels, pivot, init, source, opts)?;
     let first_unlike = best.similarity < opts.restart_below;
-    let mut renders = best.renders;
+    let mut renders = 1 + best.renders;
     let similarity_before = best.similarity_before;
-    // The frame's polarity is judged once, at the given pose: from a far start the correlation's
-    // sign says little.
-    let inverted = Some(best.inverted);
     let consider = |r: Refinement, start: &Pose, best: &mut Refinement| {
         // A run that did not move keeps its start, which is no answer: only a result more like
         // the frame than the given pose counts.
@@ -485,7 +510,7 @@ pub fn refine(
             break;
         }
         let start = s.apply(init, pivot);
-        let r = refine_once(frame, camera, pivot, &start, inverted, source, opts)?;
+        let r = refine_once(&levels, pivot, &start, source, opts)?;
         renders += r.renders;
         consider(r, &start, &mut best);
         best.restarts = k + 1;
@@ -497,19 +522,10 @@ pub fn refine(
     if let Some(search) = opts.search.as_ref()
         && first_unlike
     {
-        let (starts, scanned) = scan(
-            frame,
-            camera,
-            pivot,
-            init,
-            best.inverted,
-            source,
-            opts,
-            search,
-        )?;
+        let (starts, scanned) = scan(&levels[0], camera, pivot, init, source, opts, search)?;
         renders += scanned;
         for (k, start) in starts.iter().enumerate() {
-            let r = refine_once(frame, camera, pivot, start, inverted, source, opts)?;
+            let r = refine_once(&levels, pivot, start, source, opts)?;
             renders += r.renders;
             let matched = r.similarity >= opts.restart_below;
             consider(r, start, &mut best);
@@ -523,30 +539,21 @@ pub fn refine(
     // replaces it only by something more similar.
     best.renders = renders;
     best.similarity_before = similarity_before;
+    best.inverted = inverted;
     Ok(best)
 }
 
-/// The scan of [`Search`]: every candidate view rendered at the coarsest level and compared with
-/// the frame (of the polarity the given pose found); the `keep` most similar, best first, and the
-/// DRRs it took.
-#[allow(clippy::too_many_arguments)]
+/// The scan of [`Search`]: every candidate view rendered at the coarsest `level` and compared
+/// with the frame there; the `keep` most similar, best first, and the DRRs it took.
 fn scan(
-    frame: &[f32],
+    level: &Level,
     camera: &Camera,
     pivot: &Point3<f64>,
     init: &Pose,
-    inverted: bool,
     source: &mut dyn DrrSource,
     opts: &IntensityOptions,
     search: &Search,
 ) -> Result<(Vec<Pose>, usize), IntensityError> {
-    let Some(&spec) = opts.levels.first() else {
-        return Ok((Vec::new(), 0));
-    };
-    let mut level = Level::new(frame, camera, spec, opts.margin)?;
-    if inverted {
-        level.invert();
-    }
     let poses = search.candidates(camera, pivot, init);
     let images = render_checked(source, &level.camera, &poses)?;
     let mut scored: Vec<(f64, Pose)> = images
@@ -586,53 +593,20 @@ fn render_checked(
     Ok(images)
 }
 
-/// One run of [`refine`] from `init`, with the frame's polarity given or (`None`) judged at
-/// `init`.
+/// One run of [`refine`] from `init` through the frame's pyramid `levels` (coarse to fine, of
+/// the polarity [`refine`] found). Its `inverted` is left for [`refine`] to set.
 fn refine_once(
-    frame: &[f32],
-    camera: &Camera,
+    levels: &[Level],
     pivot: &Point3<f64>,
     init: &Pose,
-    inverted: Option<bool>,
     source: &mut dyn DrrSource,
     opts: &IntensityOptions,
 ) -> Result<Refinement, IntensityError> {
-    if !init.is_finite() {
-        return Err(IntensityError::Input(
-            "the starting pose is not finite".into(),
-        ));
-    }
-    if opts.levels.is_empty() {
-        return Err(IntensityError::Input("no pyramid levels".into()));
-    }
-    let mut levels = opts
-        .levels
-        .iter()
-        .map(|&spec| Level::new(frame, camera, spec, opts.margin))
-        .collect::<Result<Vec<_>, _>>()?;
     let mut renders = 0usize;
     let mut render = |cam: &Camera, poses: &[Pose], n: &mut usize| {
         *n += poses.len();
         render_checked(source, cam, poses)
     };
-    // The frame's polarity. DRRs are bright where the CT attenuates; many X-ray formats (an XA
-    // cine in MONOCHROME2, say) store the opposite. Unless told, the coarsest level at the
-    // starting pose says which: a negative correlation means the frame is matched inverted.
-    let inverted = match inverted {
-        Some(i) => i,
-        None => {
-            let first = &levels[0];
-            first
-                .features(
-                    &render(&first.camera, &[*init], &mut renders)?[0],
-                    opts.margin,
-                )
-                .is_some_and(|f| first.similarity(&f.residual(&first.frame)) < 0.0)
-        }
-    };
-    if inverted {
-        levels.iter_mut().for_each(Level::invert);
-    }
     let residual = |level: &Level, img: &[f32]| level.residual(img, opts.margin);
 
     let finest = levels.len() - 1;
@@ -741,7 +715,7 @@ fn refine_once(
             similarity: after,
             renders,
             steps,
-            inverted,
+            inverted: false,
             restarts: 0,
             searched: 0,
         }
@@ -752,7 +726,7 @@ fn refine_once(
             similarity: before,
             renders,
             steps,
-            inverted,
+            inverted: false,
             restarts: 0,
             searched: 0,
         }
