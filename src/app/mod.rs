@@ -115,11 +115,21 @@ pub struct Settings {
     /// Refine solved poses against the frames with DRRs of the CT (intensity-based): paused
     /// (and stepped) frames, and with `refine_while_playing` every frame it has time for.
     pub refine: bool,
-    /// Refine while the stream plays too (it then shares the CPU with the pipeline).
-    pub refine_while_playing: bool,
+    /// Refine while the stream plays too; `None` leaves it to the DRR's device
+    /// ([`Settings::refine_while_playing`]). A new key, so that the `false` every earlier run
+    /// saved (it was the one default) does not hold on a GPU.
+    pub refine_playing: Option<bool>,
 }
 
 impl Settings {
+    /// Whether poses are refined while the stream plays: the user's choice, else on where the
+    /// DRRs run on a GPU of their own (`gpu`, [`crate::drr::gpu::refines_while_playing`]). On a
+    /// CPU's software renderer a refinement takes about 0.4 s and shares the 2 cores with the
+    /// live pipeline, which then falls just below 10 fps: paused frames only there.
+    pub fn refine_while_playing(&self, gpu: bool) -> bool {
+        self.refine_playing.unwrap_or(gpu)
+    }
+
     /// The landmark decoding these settings ask for.
     pub fn decode(&self) -> crate::detect::Decode {
         crate::detect::Decode {
@@ -152,10 +162,8 @@ impl Default for Settings {
             registered: false,
             polarity: crate::detect::Polarity::Auto,
             track: true,
-            // Paused frames only by default: while the stream plays it shares the CPU with the
-            // live pipeline (about 0.4 s a frame here), which then falls just below 10 fps.
             refine: true,
-            refine_while_playing: false,
+            refine_playing: None,
         }
     }
 }
@@ -405,6 +413,8 @@ pub struct FluoroApp {
     frames_drawn: u32,
     screenshot_requested: bool,
     gpu_status: String,
+    /// The DRR's device is a GPU that refines while the stream plays by default.
+    pub gpu_refines: bool,
 }
 
 impl FluoroApp {
@@ -451,7 +461,7 @@ impl FluoroApp {
         );
         if let Some(r) = options.refine {
             settings.refine = r != RefineMode::Off;
-            settings.refine_while_playing = r == RefineMode::Always;
+            settings.refine_playing = Some(r == RefineMode::Always);
         }
         if let Some(f) = options.fps.filter(|f| f.is_finite() && *f > 0.0) {
             settings.fps = f.clamp(0.1, 120.0);
@@ -463,7 +473,6 @@ impl FluoroApp {
         pipeline.send(Command::Refine(
             settings.refine.then(|| scene.density.clone()),
         ));
-        pipeline.send(Command::RefineWhilePlaying(settings.refine_while_playing));
         let (gpu, gpu_status) = match cc.wgpu_render_state.as_ref() {
             Some(rs) => {
                 let mut renderer = DrrRenderer::new(&rs.device, &rs.queue);
@@ -493,6 +502,13 @@ impl FluoroApp {
                 "no GPU adapter: DRR verification off, CPU paths only".into(),
             ),
         };
+        let gpu_refines = cc
+            .wgpu_render_state
+            .as_ref()
+            .is_some_and(|rs| crate::drr::gpu::refines_while_playing(&rs.adapter.get_info()));
+        pipeline.send(Command::RefineWhilePlaying(
+            settings.refine_while_playing(gpu_refines),
+        ));
         // Which device the U-Net runs on belongs beside the DRR's (a CUDA build on a machine
         // without a GPU falls back to the CPU, and the user should see that).
         let gpu_status = format!(
@@ -540,6 +556,7 @@ impl FluoroApp {
             frames_drawn: 0,
             screenshot_requested: false,
             gpu_status,
+            gpu_refines,
         };
         if let Some(path) = open {
             app.open_frames(path);
@@ -1182,7 +1199,43 @@ pub const COLOURS: [egui::Color32; N_LANDMARKS] = [
 
 #[cfg(test)]
 mod tests {
-    use super::BoneShown;
+    use super::{BoneShown, Settings};
+    use eframe::wgpu;
+
+    /// Refining while playing follows the DRR's device until the user chooses; settings saved
+    /// before the choice could be left to the device (every one of them says `false`) start
+    /// from the device's default, and a choice is kept through a save and a load.
+    #[test]
+    fn refining_while_playing_follows_the_device_until_chosen() {
+        let adapter = |device_type| wgpu::AdapterInfo::new(device_type, wgpu::Backend::Vulkan);
+        use crate::drr::gpu::refines_while_playing as by_device;
+        assert!(by_device(&adapter(wgpu::DeviceType::DiscreteGpu)));
+        for shared in [
+            wgpu::DeviceType::Cpu,
+            wgpu::DeviceType::IntegratedGpu,
+            wgpu::DeviceType::Other,
+        ] {
+            assert!(!by_device(&adapter(shared)), "{shared:?}");
+        }
+        let fresh = Settings::default();
+        assert!(fresh.refine_while_playing(true) && !fresh.refine_while_playing(false));
+        let old: Settings =
+            serde_json::from_str(r#"{"refine": true, "refine_while_playing": false}"#)
+                .expect("an earlier run's settings load");
+        assert!(old.refine && old.refine_while_playing(true));
+        for choice in [false, true] {
+            let chosen = Settings {
+                refine_playing: Some(choice),
+                ..Settings::default()
+            };
+            let back: Settings =
+                serde_json::from_str(&serde_json::to_string(&chosen).expect("settings serialise"))
+                    .expect("settings load");
+            for gpu in [false, true] {
+                assert_eq!(back.refine_while_playing(gpu), choice);
+            }
+        }
+    }
 
     /// Whatever the setting, the frame and the DRR are drawn the same way round: bone dark on
     /// screen in both or in neither; bright and dark settings force it, whatever the source.

@@ -438,16 +438,18 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
         }
         ui.add_enabled_ui(app.settings.refine, |ui| {
             ui.indent("refine while playing", |ui| {
+                let mut on = app.settings.refine_while_playing(app.gpu_refines);
                 if ui
-                    .checkbox(&mut app.settings.refine_while_playing, "also while playing")
+                    .checkbox(&mut on, "also while playing")
                     .on_hover_text(
                         "Refine the newest frame whenever the refinement is free, at low \
                          priority; later frames carry its correction while the C-arm stays \
-                         within 4° for 2 s. Costs a few tenths of a frame per second here.",
+                         within 4° for 2 s. On by default where the DRRs run on a GPU; on a \
+                         CPU's software renderer it costs a few tenths of a frame per second.",
                     )
                     .changed()
                 {
-                    let on = app.settings.refine_while_playing;
+                    app.settings.refine_playing = Some(on);
                     app.send(super::Command::RefineWhilePlaying(on));
                 }
             });

@@ -38,7 +38,8 @@ pub struct Cli {
     #[arg(long)]
     pub fps: Option<f64>,
     /// Refine the poses against the CT (intensity-based): off, on paused frames, or always
-    /// (while playing too); kept as the setting (default: the saved setting, first paused).
+    /// (while playing too); kept as the setting (default: the saved setting, first always where
+    /// the DRRs run on a discrete GPU, else paused).
     #[arg(long, value_parser = ["off", "paused", "always"])]
     pub refine: Option<String>,
     /// Present frames without waiting for the display's vertical blank (lower latency; may

@@ -233,6 +233,15 @@ pub fn verification_max_px(adapter: &wgpu::AdapterInfo) -> u32 {
     }
 }
 
+/// Whether poses are refined against the CT while a stream plays, by default, on this
+/// adapter: on a GPU of its own a refinement's few hundred DRRs take about 0.1-0.2 s (an H200:
+/// 119-198 ms a frame over 80 subjects), beside the live pipeline rather than in its way. A
+/// software renderer (lavapipe, 0.4 s) shares the CPU with the pipeline, and an integrated GPU
+/// shares its memory and the display with the window's own drawing: paused frames only there.
+pub fn refines_while_playing(adapter: &wgpu::AdapterInfo) -> bool {
+    adapter.device_type == wgpu::DeviceType::DiscreteGpu
+}
+
 /// An rgba8unorm texture that [`DrrRenderer::encode_window`] writes and a renderer samples.
 pub fn display_texture(device: &wgpu::Device, (width, height): (u32, u32)) -> wgpu::Texture {
     device.create_texture(&wgpu::TextureDescriptor {
