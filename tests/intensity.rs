@@ -366,3 +366,60 @@ fn the_mirror_optimum_behind_the_patient_is_not_taken() {
     );
     assert!(r2.searched > 0 && tre(&r2.pose) < 3.0, "{r2:?}");
 }
+
+/// A start built on wrong landmarks can be off across the beam as well: here the image upside
+/// down, the CT 250 mm deeper and a third of the field to the side. Scanning the views with the
+/// pivot where the start shows it finds nothing like the frame; placing each candidate where it
+/// correlates best with the frame finds the pose.
+#[test]
+fn the_scan_places_its_candidates_across_the_beam() {
+    use fluoropose::registration::intensity::Search;
+    let mut s = setup();
+    let pivot = centroid(&s.points);
+    let init = off(
+        &s.truth,
+        &pivot,
+        Vector3::new(0.0, 0.0, 150f64.to_radians()),
+        Vector3::new(110.0, -70.0, 250.0),
+    );
+    let tre = |p: &Pose| mean_tre_mm(p, &s.truth, &s.points);
+    let across = |p: &Pose| {
+        let (a, b) = (
+            s.camera.project(p, &pivot),
+            s.camera.project(&s.truth, &pivot),
+        );
+        (a - b).norm()
+    };
+    assert!(across(&init) > 25.0, "{} px", across(&init));
+    let scan = |search: Search| IntensityOptions {
+        search: Some(search),
+        ..one_run()
+    };
+    let fixed = scan(Search {
+        shift_fraction: 0.0,
+        ..Search::default()
+    });
+    let r = refine(&s.frame, &s.camera, &pivot, &init, &mut s.source, &fixed).unwrap();
+    println!(
+        "pivot where the start shows it ({:.0} px off): TRE {:.1} mm, similarity {:.3}",
+        across(&init),
+        tre(&r.pose),
+        r.similarity
+    );
+    assert!(r.searched == 3 && tre(&r.pose) > 20.0, "{r:?}");
+    let placed = scan(Search::default());
+    let r2 = refine(&s.frame, &s.camera, &pivot, &init, &mut s.source, &placed).unwrap();
+    println!(
+        "placed: TRE {:.1} -> {:.2} mm, similarity {:.3}, {} candidates refined, {} DRRs",
+        tre(&init),
+        tre(&r2.pose),
+        r2.similarity,
+        r2.searched,
+        r2.renders
+    );
+    assert!(
+        r2.similarity >= BELOW && tre(&r2.pose) < 3.0,
+        "{r2:?}, TRE {} mm",
+        tre(&r2.pose)
+    );
+}
