@@ -699,9 +699,8 @@ impl<'a> Placement<'a> {
         };
         // The correlation with the window whose inside starts at canvas (ox, oy).
         let score = |dx: i64, dy: i64| -> Option<f64> {
-            let ox = (canvas.pad_x as i64 - dx + x0 as i64).try_into().ok()?;
-            let oy = (canvas.pad_y as i64 - dy + y0 as i64).try_into().ok()?;
-            let (ox, oy): (usize, usize) = (ox, oy);
+            let ox: usize = (canvas.pad_x as i64 - dx + x0 as i64).try_into().ok()?;
+            let oy: usize = (canvas.pad_y as i64 - dy + y0 as i64).try_into().ok()?;
             if ox + iw > cw || oy + ih > ch {
                 return None;
             }
