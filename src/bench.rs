@@ -353,28 +353,24 @@ pub fn model(
         conv::use_reference_kernels(reference_kernels);
         let fused = net.fused()?;
         fused.forward(&x1, false)?; // warm-up
-        let fwd = median(
-            (0..reps.max(1))
-                .map(|_| {
-                    let t = Instant::now();
-                    let _ = fused.forward(&x1, false);
-                    // GPU work is queued: the time is the time to a finished result.
-                    let _ = dev.synchronize();
-                    t.elapsed().as_secs_f64() * 1e3
-                })
-                .collect(),
-        );
-        // The app's default: the frame and its mirror image as one batch of 2.
-        let fwd_mirrored = median(
-            (0..reps.max(1))
-                .map(|_| {
-                    let t = Instant::now();
-                    let _ = fused.forward_mirrored(&x1);
-                    let _ = dev.synchronize();
-                    t.elapsed().as_secs_f64() * 1e3
-                })
-                .collect(),
-        );
+        // The frame alone; the frame and its mirror image as one batch of 2; and with the two
+        // moved copies as well, one batch of 4 (`Views::recommended`).
+        let timed = |views: &crate::model::Views| {
+            median(
+                (0..reps.max(1))
+                    .map(|_| {
+                        let t = Instant::now();
+                        let _ = fused.forward_views(&x1, views);
+                        // GPU work is queued: the time is the time to a finished result.
+                        let _ = dev.synchronize();
+                        t.elapsed().as_secs_f64() * 1e3
+                    })
+                    .collect(),
+            )
+        };
+        let fwd = timed(&crate::model::Views::PLAIN);
+        let fwd_mirrored = timed(&crate::model::Views::MIRROR);
+        let fwd_views = timed(&crate::model::Views::recommended());
         let mut opt = candle_nn::AdamW::new(net.trainable_vars(), Default::default())?;
         let mut step = || -> Result<f64> {
             let t = Instant::now();
@@ -394,6 +390,7 @@ pub fn model(
             "size": size, "base_channels": base, "depth": depth,
             "parameters": net.parameter_count(),
             "forward_ms": fwd, "forward_mirrored_ms": fwd_mirrored,
+            "forward_views_ms": fwd_views,
             "train_step_ms": train, "batch": batch,
             "threads": rayon::current_num_threads(),
             "device": if dev.is_cuda() { "cuda" } else { "cpu" },
@@ -409,16 +406,17 @@ pub fn model(
         println!("{}", serde_json::to_string(&main)?);
     } else {
         println!(
-            "| kernels | size | forward ms | mirror-averaged forward ms | train step ms (batch {batch}) |"
+            "| kernels | size | forward ms | mirror-averaged ms | mirror- and shift-averaged ms (the app's) | train step ms (batch {batch}) |"
         );
-        println!("|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|");
         for r in &rows {
             println!(
-                "| {} | {} | {:.1} | {:.1} | {:.1} |",
+                "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
                 r["kernels"].as_str().unwrap_or(""),
                 size,
                 r["forward_ms"].as_f64().unwrap_or(f64::NAN),
                 r["forward_mirrored_ms"].as_f64().unwrap_or(f64::NAN),
+                r["forward_views_ms"].as_f64().unwrap_or(f64::NAN),
                 r["train_step_ms"].as_f64().unwrap_or(f64::NAN)
             );
         }
@@ -457,6 +455,12 @@ pub fn pipeline(
     let dev = crate::model::default_device();
     let model = Arc::new(crate::model::shipped::predictor(&dev)?);
     let (tx, rx) = std::sync::mpsc::channel::<()>();
+    // As the app reads frames by default (the moved views only where they fit a live stream).
+    let decode = if plain {
+        crate::detect::Decode::default()
+    } else {
+        crate::app::Settings::default().decode(crate::model::Views::shifts_fit_live(&dev))
+    };
     let pipe = Pipeline::start(
         Source::Simulated {
             density: scene.density.clone(),
@@ -467,6 +471,7 @@ pub fn pipeline(
         },
         Some(model),
         scene.landmarks.clone(),
+        decode,
         Box::new(move || {
             let _ = tx.send(());
         }),
@@ -478,12 +483,6 @@ pub fn pipeline(
     let mut target: Option<((u32, u32), wgpu::TextureView)> = None;
     let mut window: Option<Window> = None;
 
-    let decode = if plain {
-        crate::detect::Decode::default()
-    } else {
-        crate::detect::Decode::recommended()
-    };
-    pipe.send(Command::Decode(decode));
     pipe.send(Command::Track(track));
     pipe.send(Command::Refine(refine.then(|| scene.density.clone())));
     let (mut tre_corrected, mut jitter_corrected, mut refined_ms) =
@@ -640,7 +639,7 @@ pub fn pipeline(
         "model_device": crate::model::device_name(&dev),
         "drr_adapter": format!("{} ({:?})", info.name, info.backend),
         "threads": rayon::current_num_threads(),
-        "decoding": if plain { "argmax" } else { "mirror-averaged, pose-consistent" },
+        "decoding": if plain { "argmax".to_string() } else { format!("{}, pose-consistent", decode.views.describe()) },
         "tracking": track,
         "tre_mm": mean(&tre),
         "tre_tracked_mm": if tre_tracked.is_empty() { serde_json::Value::Null } else { mean(&tre_tracked).into() },

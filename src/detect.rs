@@ -3,7 +3,7 @@
 //! run this; `fluoropose eval` runs the same [`Decode`] on batches.
 
 use crate::geometry::{Camera, Pose};
-use crate::model::{Detection, ModelError, Predictor, heatmap};
+use crate::model::{Detection, ModelError, Predictor, Views, heatmap};
 use crate::registration::consensus::{self, ConsensusOptions, Origin};
 use crate::registration::{Solution, solve_detections};
 use nalgebra::Point3;
@@ -80,9 +80,9 @@ pub const AUTO_RETRY_BELOW: f64 = 0.5;
 /// How heatmaps become points.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Decode {
-    /// Average the heatmaps of the image and of its mirror image
-    /// ([`crate::model::UNet::forward_mirrored`]): twice the inference time.
-    pub mirror: bool,
+    /// The views of the frame whose heatmaps are averaged ([`crate::model::UNet::forward_views`]):
+    /// each view is one more network input per frame.
+    pub views: Views,
     /// Choose among each heatmap's peaks those that agree with one pose of the CT's landmarks
     /// ([`consensus`]); a landmark none agrees with is reprojected. `None`: the argmax.
     pub consensus: Option<ConsensusOptions>,
@@ -93,11 +93,12 @@ pub struct Decode {
 }
 
 impl Decode {
-    /// The decoding the app and `predict` use unless told otherwise: mirror-averaged heatmaps
-    /// and pose-consistent peaks (see the model card for what each adds).
+    /// The decoding the app and `predict` use unless told otherwise: heatmaps averaged over
+    /// the frame, its mirror image and two shifted copies, and pose-consistent peaks (see the
+    /// model card for what each adds).
     pub fn recommended() -> Self {
         Self {
-            mirror: true,
+            views: Views::recommended(),
             consensus: Some(ConsensusOptions::default()),
             polarity: Polarity::Auto,
             inverted_first: false,
@@ -212,7 +213,7 @@ fn detect_as_stored(
     let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
     if let (Some(opts), Some(p3)) = (&decode.consensus, points3d) {
         let search = peak_search(predictor.config.input_size, opts);
-        let cands = predictor.candidates(pixels, width, height, decode.mirror, &search)?;
+        let cands = predictor.candidates(pixels, width, height, &decode.views, &search)?;
         let inference_ms = ms(t0);
         let t1 = std::time::Instant::now();
         let c = consensus::decode(camera, p3, &cands, init, opts);
@@ -234,7 +235,7 @@ fn detect_as_stored(
             inverted: false,
         });
     }
-    let detections = predictor.predict_with(pixels, width, height, decode.mirror)?;
+    let detections = predictor.predict_with(pixels, width, height, &decode.views)?;
     let inference_ms = ms(t0);
     let t1 = std::time::Instant::now();
     let solution = points3d.map(|p3| {

@@ -545,11 +545,7 @@ fn read_batch(
             );
         }
         let x = Tensor::from_vec(v, (images.len(), 1, size, size), net.device())?;
-        if decode.mirror {
-            net.forward_mirrored(&x)
-        } else {
-            net.forward(&x, false)
-        }
+        net.forward_views(&x, &decode.views)
     };
     let mut inverted = vec![decode.first_inverted(); images.len()];
     let logits = forward(&inverted)?;

@@ -113,6 +113,28 @@ fn default_start_shows_landmarks_and_a_pose() {
     wait(&mut h, "a tracked frame again", |a| {
         a.latest.as_ref().is_some_and(|p| p.tracked.is_some())
     });
+    // Shift averaging follows the network's device (off on 2 CPU cores, where the 4-image
+    // batch would slow the stream), and its switch is the user's choice and reaches the decoding.
+    use fluoropose::model::Views;
+    let fits = h.state().shifts_fit;
+    assert_eq!(
+        fits,
+        Views::shifts_fit_live(&fluoropose::model::default_device())
+    );
+    let views = |h: &Harness<'_, FluoroApp>| h.state().settings.decode(fits).views;
+    let (default, other) = if fits {
+        (Views::recommended(), Views::MIRROR)
+    } else {
+        (Views::MIRROR, Views::recommended())
+    };
+    assert_eq!(views(&h), default);
+    h.get_by_label("shift-average heatmaps").click_accesskit();
+    h.step();
+    assert_eq!(views(&h), other);
+    assert_eq!(h.state().settings.shift, Some(!fits));
+    h.get_by_label("shift-average heatmaps").click_accesskit();
+    h.step();
+    assert_eq!(views(&h), default);
     // "Landmarks at the pose": the landmarks of frames made after the switch sit where the CT's
     // project at the frame's solved pose.
     h.get_by_label("landmarks at the pose").click_accesskit();
@@ -594,7 +616,7 @@ fn a_bone_dark_stream_is_read_inverted() {
         }
     }
     h.state_mut().settings.polarity = fluoropose::detect::Polarity::AsIs;
-    let decode = h.state().settings.decode();
+    let decode = h.state().settings.decode(h.state().shifts_fit);
     h.state()
         .send(fluoropose::app::pipeline::Command::Decode(decode));
     wait(&mut h, "a frame read as stored", |a| {

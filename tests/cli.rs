@@ -238,6 +238,17 @@ fn bad_input_gives_a_clear_error_and_a_failure_code() {
         "1,2,3",
     ]);
     assert!(!ok && err.contains("6 finite numbers"), "{err}");
+    let (ok, _, err) = run(&[
+        "eval",
+        "--model",
+        "nowhere.safetensors",
+        "--data",
+        "nowhere",
+        "--mirror",
+        "--shift-px",
+        "300",
+    ]);
+    assert!(!ok && err.contains("--shift-px 300: at most 64"), "{err}");
 }
 
 #[test]

@@ -5,7 +5,7 @@
 
 use candle_core::Device;
 use fluoropose::dataset::{Dataset, Request, Split, generate, parse_subjects};
-use fluoropose::model::{ModelConfig, Predictor, UNet};
+use fluoropose::model::{ModelConfig, Predictor, UNet, Views};
 use fluoropose::task::Task;
 use fluoropose::train::{Mode, TrainError, TrainOptions, train};
 use std::path::Path;
@@ -526,7 +526,18 @@ fn the_shipped_model_decoded_the_apps_way_finds_a_held_out_phantom() {
     let mirrored = score(&Landmarks::Decoded(
         &net,
         Decode {
-            mirror: true,
+            views: Views::MIRROR,
+            consensus: None,
+            ..Decode::default()
+        },
+    ));
+    let shifted = score(&Landmarks::Decoded(
+        &net,
+        Decode {
+            views: Views {
+                mirror: false,
+                shift_px: Views::SHIFT_PX,
+            },
             consensus: None,
             ..Decode::default()
         },
@@ -554,7 +565,7 @@ fn the_shipped_model_decoded_the_apps_way_finds_a_held_out_phantom() {
         ..Decode::recommended()
     });
     assert!(blind.inverted_rate == 0.0 && blind.rmse_px["mean"].as_f64().unwrap() > 50.0);
-    for r in [&plain, &app, &mirrored] {
+    for r in [&plain, &app, &mirrored, &shifted] {
         let rmse = r.rmse_px["mean"].as_f64().unwrap();
         assert!(rmse < 12.0, "{rmse} px at 512");
         assert!(r.tre_mm < 30.0, "TRE {} mm", r.tre_mm);
@@ -584,6 +595,15 @@ fn the_shipped_model_decoded_the_apps_way_finds_a_held_out_phantom() {
     assert_ne!(
         plain.rmse_subpixel_px, mirrored.rmse_subpixel_px,
         "mirroring changed nothing"
+    );
+    // So are the shift-averaged ones, and each shifted view is mapped back onto the frame: a
+    // view moved the wrong way would put two of the three opinions 34 px off (68 at 512).
+    assert_ne!(plain.rmse_subpixel_px, shifted.rmse_subpixel_px);
+    assert!(
+        (shifted.rmse_subpixel_px - plain.rmse_subpixel_px).abs() < 3.0,
+        "shifted {} px, plain {} px",
+        shifted.rmse_subpixel_px,
+        plain.rmse_subpixel_px
     );
     // The pipeline's entry point on one image: 8 landmarks in frame pixels and a pose.
     let p = Predictor::new(&net).unwrap();

@@ -103,6 +103,10 @@ pub struct Settings {
     pub annotation_dir: PathBuf,
     /// Average the heatmaps of each frame and its mirror image.
     pub mirror: bool,
+    /// Average the heatmaps of each frame and of it moved both ways
+    /// ([`crate::model::Views::shift_px`]); `None` leaves it to the model's device
+    /// ([`Settings::shift_views`]).
+    pub shift: Option<bool>,
     /// Take the heatmap peaks that agree with one pose of the CT's landmarks.
     pub consistent: bool,
     /// With `consistent`: draw every landmark where the CT's projects at that pose.
@@ -130,10 +134,24 @@ impl Settings {
         self.refine_playing.unwrap_or(gpu)
     }
 
-    /// The landmark decoding these settings ask for.
-    pub fn decode(&self) -> crate::detect::Decode {
+    /// Whether frames are read moved as well: the user's choice, else where the network has
+    /// the time for it (`fits`, [`crate::model::Views::shifts_fit_live`]).
+    pub fn shift_views(&self, fits: bool) -> bool {
+        self.shift.unwrap_or(fits)
+    }
+
+    /// The landmark decoding these settings ask for, with the moved views by default where
+    /// they fit (`shifts_fit`).
+    pub fn decode(&self, shifts_fit: bool) -> crate::detect::Decode {
         crate::detect::Decode {
-            mirror: self.mirror,
+            views: crate::model::Views {
+                mirror: self.mirror,
+                shift_px: if self.shift_views(shifts_fit) {
+                    crate::model::Views::SHIFT_PX
+                } else {
+                    0
+                },
+            },
             consensus: self
                 .consistent
                 .then(|| crate::registration::consensus::ConsensusOptions {
@@ -157,6 +175,7 @@ impl Default for Settings {
             photons: 100000.0,
             annotation_dir: PathBuf::from("annotations"),
             mirror: true,
+            shift: None,
             consistent: true,
             // The network's own peaks by default: they show where it disagrees with the CT.
             registered: false,
@@ -415,6 +434,9 @@ pub struct FluoroApp {
     gpu_status: String,
     /// The DRR's device is a GPU that refines while the stream plays by default.
     pub gpu_refines: bool,
+    /// The network has the time to read each frame moved too, by default
+    /// ([`crate::model::Views::shifts_fit_live`]).
+    pub shifts_fit: bool,
 }
 
 impl FluoroApp {
@@ -450,10 +472,12 @@ impl FluoroApp {
             motion: 1.0,
         };
         let repaint = cc.egui_ctx.clone();
+        let shifts_fit = crate::model::Views::shifts_fit_live(&crate::model::default_device());
         let pipeline = Pipeline::start(
             source,
             model,
             scene.landmarks.clone(),
+            settings.decode(shifts_fit),
             // A zero-delay request makes egui draw twice ("to let things settle"); any delay
             // draws once. One UI frame per video frame halves what a software rasteriser
             // spends on the window.
@@ -468,7 +492,7 @@ impl FluoroApp {
         }
         pipeline.send(Command::Fps(settings.fps));
         pipeline.send(Command::Loop(settings.looping));
-        pipeline.send(Command::Decode(settings.decode()));
+        pipeline.send(Command::Decode(settings.decode(shifts_fit)));
         pipeline.send(Command::Track(settings.track));
         pipeline.send(Command::Refine(
             settings.refine.then(|| scene.density.clone()),
@@ -557,6 +581,7 @@ impl FluoroApp {
             screenshot_requested: false,
             gpu_status,
             gpu_refines,
+            shifts_fit,
         };
         if let Some(path) = open {
             app.open_frames(path);
@@ -1202,6 +1227,36 @@ mod tests {
     use super::{BoneShown, Settings};
     use eframe::wgpu;
 
+    /// `s` as the app saves it and loads it back.
+    fn saved_and_loaded(s: &Settings) -> Settings {
+        serde_json::from_str(&serde_json::to_string(s).expect("settings serialise"))
+            .expect("settings load")
+    }
+
+    /// The moved views follow the network's device until the user chooses; settings saved
+    /// before they existed load with the device's default, and a choice survives a save.
+    #[test]
+    fn shift_views_follow_the_device_until_chosen() {
+        use crate::model::Views;
+        let fresh = Settings::default();
+        assert_eq!(fresh.decode(true).views, Views::recommended());
+        assert_eq!(fresh.decode(false).views, Views::MIRROR);
+        let old: Settings = serde_json::from_str(r#"{"mirror": true, "consistent": true}"#)
+            .expect("an earlier run's settings load");
+        assert_eq!(old.shift, None);
+        for choice in [false, true] {
+            let chosen = Settings {
+                shift: Some(choice),
+                ..Settings::default()
+            };
+            let back = saved_and_loaded(&chosen);
+            for fits in [false, true] {
+                assert_eq!(back.shift_views(fits), choice);
+                assert_eq!(back.decode(fits).views.shift_px > 0, choice);
+            }
+        }
+    }
+
     /// Refining while playing follows the DRR's device until the user chooses; settings saved
     /// before the choice could be left to the device (every one of them says `false`) start
     /// from the device's default, and a choice is kept through a save and a load.
@@ -1228,9 +1283,7 @@ mod tests {
                 refine_playing: Some(choice),
                 ..Settings::default()
             };
-            let back: Settings =
-                serde_json::from_str(&serde_json::to_string(&chosen).expect("settings serialise"))
-                    .expect("settings load");
+            let back = saved_and_loaded(&chosen);
             for gpu in [false, true] {
                 assert_eq!(back.refine_while_playing(gpu), choice);
             }

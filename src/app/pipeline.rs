@@ -196,13 +196,15 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Starts the worker (paused) on `source`.
+    /// Starts the worker (paused) on `source`, reading frames as `decode` says (the first
+    /// frame is read before any command arrives).
     /// `on_frame` runs after each result is sent (the app asks egui for a repaint there, so
     /// that the UI draws when a frame arrives instead of polling).
     pub fn start(
         source: Source,
         model: Option<Arc<Predictor>>,
         landmarks: Landmarks3d,
+        decode: Decode,
         on_frame: Box<dyn Fn() + Send>,
     ) -> Self {
         let (ctx, crx) = std::sync::mpsc::channel();
@@ -210,7 +212,9 @@ impl Pipeline {
         let to_self = ctx.clone();
         let thread = std::thread::Builder::new()
             .name("fluoropose-pipeline".into())
-            .spawn(move || Worker::new(source, model, landmarks, rtx, on_frame, to_self).run(crx))
+            .spawn(move || {
+                Worker::new(source, model, landmarks, decode, rtx, on_frame, to_self).run(crx)
+            })
             .ok();
         Self {
             commands: ctx,
@@ -531,6 +535,7 @@ impl Worker {
         source: Source,
         model: Option<Arc<Predictor>>,
         landmarks: Landmarks3d,
+        decode: Decode,
         out: SyncSender<Result<Processed, String>>,
         on_frame: Box<dyn Fn() + Send>,
         to_self: Sender<Command>,
@@ -548,7 +553,7 @@ impl Worker {
             next: 0,
             last_pose: None,
             skipped: 0,
-            decode: Decode::recommended(),
+            decode,
             tracker: PoseTracker::new(TrackerOptions::default()),
             track: true,
             refiner: None,

@@ -386,8 +386,22 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
         let mut d = false;
         d |= ui
             .checkbox(&mut app.settings.mirror, "mirror-average heatmaps")
-            .on_hover_text("Average each frame's heatmaps with its mirror image's (2x inference)")
+            .on_hover_text("Average each frame's heatmaps with its mirror image's (one more image per frame)")
             .changed();
+        let mut shift = app.settings.shift_views(app.shifts_fit);
+        if ui
+            .checkbox(&mut shift, "shift-average heatmaps")
+            .on_hover_text(format!(
+                "Average each frame's heatmaps with those of it moved {} model pixels down-right \
+                 and up-left (two more images per frame; fewer landmarks far off). On by default \
+                 where the network runs on a GPU or 4 or more CPU threads.",
+                crate::model::Views::SHIFT_PX
+            ))
+            .changed()
+        {
+            app.settings.shift = Some(shift);
+            d = true;
+        }
         d |= ui
             .checkbox(&mut app.settings.consistent, "pose-consistent landmarks")
             .on_hover_text(
@@ -420,7 +434,7 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
             );
         }
         if d {
-            let decode = app.settings.decode();
+            let decode = app.settings.decode(app.shifts_fit);
             app.send(super::Command::Decode(decode));
         }
         if ui

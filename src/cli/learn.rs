@@ -191,6 +191,10 @@ pub struct EvalArgs {
     /// Average the heatmaps of each image and its mirror image (test-time augmentation).
     #[arg(long)]
     pub mirror: bool,
+    /// Average the heatmaps of each image and of it moved this many model-input pixels
+    /// down-right and up-left too (test-time augmentation; the app reads 12 beside the mirror).
+    #[arg(long, default_value_t = 0)]
+    pub shift_px: usize,
     /// Also refine each solved pose against its image with the subject's CT (intensity-based
     /// registration, beyond the paper) and report the refined poses' errors beside.
     #[arg(long)]
@@ -209,10 +213,14 @@ pub struct EvalArgs {
     pub dark: bool,
     /// Which way round the network reads the images (`auto` reads one inverted too when its
     /// landmarks are found faintly), as `predict` does; anything but `as-is` reads them the
-    /// app's way (`--mirror`/`--decode` as given).
+    /// app's way (`--mirror`/`--shift-px`/`--decode` as given).
     #[arg(long, default_value = "as-is", value_parser = ["auto", "as-is", "inverted"])]
     pub polarity: String,
 }
+
+/// The largest `eval --shift-px`: a quarter of the 256-px model's input. Farther, the shifted
+/// views lose whole landmarks off the field.
+const MAX_SHIFT_PX: usize = 64;
 
 /// `fluoropose predict`.
 #[derive(Args, Debug)]
@@ -225,8 +233,9 @@ pub struct PredictArgs {
     /// The CT's 3D landmarks to solve the pose with (`phantom:N` or a landmarks file).
     #[arg(long)]
     pub landmarks: Option<String>,
-    /// The paper's decoding (the argmax of each heatmap) instead of the app's (mirror-averaged
-    /// heatmaps and, with --landmarks, the peaks that agree with one pose).
+    /// The paper's decoding (the argmax of each heatmap) instead of the app's (heatmaps
+    /// averaged over the frame, its mirror image and two shifted copies, and, with --landmarks,
+    /// the peaks that agree with one pose).
     #[arg(long, conflicts_with = "registered")]
     pub plain: bool,
     /// Put every landmark where the CT's projects at the pose solved from the agreeing peaks,
@@ -422,6 +431,13 @@ fn run_eval_decoded(
 }
 
 pub fn eval(a: &EvalArgs) -> Result<()> {
+    if a.shift_px > MAX_SHIFT_PX {
+        bail!(
+            "--shift-px {}: at most {MAX_SHIFT_PX} model pixels (the app reads {})",
+            a.shift_px,
+            crate::model::Views::SHIFT_PX
+        );
+    }
     let data = Dataset::open(&a.data)?;
     let split = parse_split(&a.split)?;
     let opts = eval::EvalOptions {
@@ -442,7 +458,11 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             })?;
             (format!("truth + N(0, {sigma_px} px)"), r)
         }
-        None if a.decode != "argmax" || a.mirror || polarity != Default::default() => {
+        None if a.decode != "argmax"
+            || a.mirror
+            || a.shift_px > 0
+            || polarity != Default::default() =>
+        {
             let m = a.model.as_deref().context("--model is needed")?;
             if !(a.gate.is_finite() && a.gate > 0.0) {
                 bail!(
@@ -450,8 +470,12 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
                     a.gate
                 );
             }
-            let decode = crate::detect::Decode {
+            let views = crate::model::Views {
                 mirror: a.mirror,
+                shift_px: a.shift_px,
+            };
+            let decode = crate::detect::Decode {
+                views,
                 consensus: (a.decode != "argmax").then_some(ConsensusOptions {
                     gate_fraction: a.gate,
                     snap: a.decode == "registered",
@@ -461,11 +485,11 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
                 inverted_first: false,
             };
             let r = run_eval_decoded(m, &data, split, Some(decode), &opts)?;
-            let mut how = match (a.mirror, decode.consensus.is_some()) {
-                (true, true) => format!("mirror-averaged, {}, gate {}", a.decode, a.gate),
-                (true, false) => "mirror-averaged".to_string(),
-                (false, true) => format!("{}, gate {}", a.decode, a.gate),
-                (false, false) => "argmax".to_string(),
+            let mut how = match (views.describe(), decode.consensus.is_some()) {
+                (v, true) if v.is_empty() => format!("{}, gate {}", a.decode, a.gate),
+                (v, true) => format!("{v}, {}, gate {}", a.decode, a.gate),
+                (v, false) if v.is_empty() => "argmax".to_string(),
+                (v, false) => v,
             };
             if polarity != Default::default() {
                 how += &format!(", polarity {}", polarity.label());

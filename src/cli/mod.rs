@@ -218,7 +218,7 @@ pub enum BenchWhat {
         #[arg(long, default_value_t = 100000.0)]
         photons: f64,
         /// Read the heatmaps by the paper's argmax instead of the app's decoding
-        /// (mirror-averaged, pose-consistent).
+        /// (mirror- and shift-averaged, pose-consistent).
         #[arg(long)]
         plain: bool,
         /// Use each frame's own solve, not the pose tracked over frames.

@@ -231,6 +231,50 @@ pub fn unmirror(logits: &Tensor) -> candle_core::Result<Tensor> {
     flip_x(&logits.index_select(&idx, 1)?)
 }
 
+/// `(B, C, H, W)` maps with their content moved `dx` columns right and `dy` rows down
+/// (negative: left, up). The strips uncovered repeat the nearest edge, as an image moved under
+/// the detector would continue.
+pub fn shift(t: &Tensor, dx: isize, dy: isize) -> candle_core::Result<Tensor> {
+    shift_axis(&shift_axis(t, 3, dx)?, 2, dy)
+}
+
+fn shift_axis(t: &Tensor, dim: usize, d: isize) -> candle_core::Result<Tensor> {
+    let n = t.dim(dim)?;
+    let k = d.unsigned_abs().min(n.saturating_sub(1));
+    if k == 0 {
+        return Ok(t.clone());
+    }
+    if d > 0 {
+        t.narrow(dim, 0, n - k)?.pad_with_same(dim, k, 0)
+    } else {
+        t.narrow(dim, k, n - k)?.pad_with_same(dim, 0, k)
+    }
+}
+
+/// Heatmap logits `(B, N, H, W)` of an image [`shift`]ed by `(dx, dy)` turned into those of the
+/// image itself: moved back, and where the shifted view did not see the image (the strips it
+/// moved out of the field) `fallback`'s logits, the plain view's, so that those pixels keep one
+/// opinion instead of an invented one.
+pub fn unshift(
+    logits: &Tensor,
+    fallback: &Tensor,
+    dx: isize,
+    dy: isize,
+) -> candle_core::Result<Tensor> {
+    let back = shift(logits, -dx, -dy)?;
+    let (_, _, h, w) = logits.dims4()?;
+    // Frame pixel p sat at p + d in the view: unseen where that left the field.
+    let unseen = |p: usize, n: usize, d: isize| {
+        let q = p as isize + d;
+        q < 0 || q >= n as isize
+    };
+    let mask: Vec<f32> = (0..h * w)
+        .map(|i| f32::from(u8::from(unseen(i % w, w, dx) || unseen(i / w, h, dy))))
+        .collect();
+    let m = Tensor::from_vec(mask, (1, 1, h, w), logits.device())?.to_dtype(logits.dtype())?;
+    back.broadcast_mul(&m.affine(-1.0, 1.0)?)? + fallback.broadcast_mul(&m)?
+}
+
 /// Per heatmap of `(N, H, W)` logits: the argmax pixel refined to sub-pixel precision by a
 /// parabola through its neighbours on each axis, and the peak probability `sigmoid(max)`.
 pub fn argmax_subpixel(logits: &Tensor) -> candle_core::Result<Vec<(Point2<f64>, f64)>> {
@@ -403,6 +447,48 @@ mod tests {
             }
         }
         Tensor::from_vec(v, (1, points.len(), size, size), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn a_shifted_view_moves_its_peaks_and_unshifting_brings_them_back() {
+        let pts = [(20.0, 41.0), (3.0, 50.0), (60.0, 2.0)];
+        let t = gaussian_logits(&pts, 64, 2.0, 30.0);
+        let peaks = |t: &Tensor| argmax(&t.get(0).unwrap()).unwrap();
+        // The view: content 5 right and 7 up. A peak that leaves the field sticks to the edge.
+        let view = shift(&t, 5, -7).unwrap();
+        assert_eq!(view.dims(), t.dims());
+        let moved = peaks(&view);
+        assert_eq!((moved[0].0.x, moved[0].0.y), (25.0, 34.0));
+        assert_eq!((moved[1].0.x, moved[1].0.y), (8.0, 43.0));
+        assert_eq!(moved[2].0.y, 0.0, "{:?}", moved[2]);
+        // Back in the frame: what the view saw returns exactly; the strips it did not see (the
+        // 5 right-most columns, the 7 top rows) are the fallback's.
+        let fallback = (t.clone() + 0.25).unwrap();
+        let back = unshift(&view, &fallback, 5, -7).unwrap();
+        let (b, t3, f) = (
+            back.get(0).unwrap().to_vec3::<f32>().unwrap(),
+            t.get(0).unwrap().to_vec3::<f32>().unwrap(),
+            fallback.get(0).unwrap().to_vec3::<f32>().unwrap(),
+        );
+        for c in 0..3 {
+            for y in 0..64 {
+                for x in 0..64 {
+                    let want = if x >= 59 || y < 7 {
+                        f[c][y][x]
+                    } else {
+                        t3[c][y][x]
+                    };
+                    assert_eq!(b[c][y][x], want, "map {c} at ({x}, {y})");
+                }
+            }
+        }
+        assert_eq!(
+            peaks(&back)
+                .iter()
+                .map(|(p, _)| (p.x, p.y))
+                .collect::<Vec<_>>(),
+            pts
+        );
     }
 
     #[test]

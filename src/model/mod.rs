@@ -544,17 +544,46 @@ impl UNet {
         out.reshape((bsz, self.config.n_landmarks, hh, ww))
     }
 
-    /// Heatmap logits averaged over the image and its mirror image (test-time augmentation):
-    /// one batch of `2B` through [`Self::forward`], the mirrored half mapped back with
-    /// [`heatmap::unmirror`]. A network that has learnt the anatomy gives both views the same
+    /// Heatmap logits averaged over the image and its mirror image ([`Self::forward_views`]
+    /// with [`Views::MIRROR`]). A network that has learnt the anatomy gives both views the same
     /// answer; where it is unsure (an ASIS on the crest, a peak near the border), the two
     /// disagree and the average is steadier. Twice the inference time.
     pub fn forward_mirrored(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_views(x, &Views::MIRROR)
+    }
+
+    /// Heatmap logits of `x` averaged over the [`Views`] of each image (test-time
+    /// augmentation): all views in one batch through [`Self::forward`], each mapped back to the
+    /// image ([`heatmap::unmirror`], [`heatmap::unshift`]) before the logits are averaged.
+    pub fn forward_views(&self, x: &Tensor, views: &Views) -> candle_core::Result<Tensor> {
         let b = x.dim(0)?;
-        let both = Tensor::cat(&[x, &heatmap::flip_x(x)?], 0)?;
-        let out = self.forward(&both, false)?;
-        let back = heatmap::unmirror(&out.narrow(0, b, b)?)?;
-        (out.narrow(0, 0, b)? + back)? * 0.5
+        let s = views.shift_px as isize;
+        let shifts: &[isize] = if s > 0 { &[s, -s] } else { &[] };
+        let mut batch = vec![x.clone()];
+        if views.mirror {
+            batch.push(heatmap::flip_x(x)?);
+        }
+        for &d in shifts {
+            batch.push(heatmap::shift(x, d, d)?);
+        }
+        if batch.len() == 1 {
+            return self.forward(x, false);
+        }
+        let n = batch.len();
+        let out = self.forward(&Tensor::cat(&batch, 0)?, false)?;
+        let view = |k: usize| out.narrow(0, k * b, b);
+        let plain = view(0)?;
+        let mut sum = plain.clone();
+        let mut k = 1;
+        if views.mirror {
+            sum = (sum + heatmap::unmirror(&view(k)?)?)?;
+            k += 1;
+        }
+        for &d in shifts {
+            sum = (sum + heatmap::unshift(&view(k)?, &plain, d, d)?)?;
+            k += 1;
+        }
+        sum.affine(1.0 / n as f64, 0.0)
     }
 
     /// The inference network: batch norm folded into each convolution, bias and ReLU fused.
@@ -749,6 +778,64 @@ pub fn device_name(device: &Device) -> &'static str {
     }
 }
 
+/// The views of a frame whose heatmaps are averaged at inference (test-time augmentation,
+/// [`UNet::forward_views`]); the frame itself is always one. Each view is one more image in the
+/// network's batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Views {
+    /// The mirror image, its left and right landmarks swapped back: the pelvis is bilaterally
+    /// symmetric, so it is another plausible pelvis and the network's second opinion.
+    pub mirror: bool,
+    /// The frame moved this many model-input pixels down-right, and as many up-left (0: not).
+    /// The network is not shift-equivariant (four 2x max-pools, and zero padding that tells it
+    /// where the border is), so a moved frame is a third and fourth opinion that errs
+    /// elsewhere; the edge repeats into the strip uncovered.
+    pub shift_px: usize,
+}
+
+impl Views {
+    /// The frame alone.
+    pub const PLAIN: Self = Self {
+        mirror: false,
+        shift_px: 0,
+    };
+    /// The frame and its mirror image.
+    pub const MIRROR: Self = Self {
+        mirror: true,
+        shift_px: 0,
+    };
+    /// The shift of [`Self::recommended`], model-input pixels: not a multiple of the 16 px
+    /// the max-pools step in, and small against the pelvis (see the model card for 8 and 16).
+    pub const SHIFT_PX: usize = 12;
+
+    /// What the app and `predict` read: the frame, its mirror image and the frame moved
+    /// [`Self::SHIFT_PX`] both ways (four images per frame).
+    pub fn recommended() -> Self {
+        Self {
+            mirror: true,
+            shift_px: Self::SHIFT_PX,
+        }
+    }
+
+    /// Whether a live stream reads the moved views by default with the network on `device`:
+    /// on a GPU, or with 4 or more CPU threads. On 2 CPU cores the 4-image batch takes 49-62 ms
+    /// against 26-34 ms for the frame and its mirror image (`fluoropose bench model`), and the
+    /// Live tab at a 10 fps clock falls from 8.9 to 7.0 fps.
+    pub fn shifts_fit_live(device: &Device) -> bool {
+        device.is_cuda() || device.is_metal() || rayon::current_num_threads() >= 4
+    }
+
+    /// For reports: "mirror-averaged", "shift-averaged (12 px)", both, or "" for the frame alone.
+    pub fn describe(&self) -> String {
+        match (self.mirror, self.shift_px) {
+            (false, 0) => String::new(),
+            (true, 0) => "mirror-averaged".into(),
+            (false, s) => format!("shift-averaged ({s} px)"),
+            (true, s) => format!("mirror- and shift-averaged ({s} px)"),
+        }
+    }
+}
+
 /// Frame pixels -> landmarks: resize to the model input, normalise, run the fused network,
 /// read the heatmaps with sub-pixel argmax, and map back to frame pixels.
 pub struct Predictor {
@@ -792,25 +879,20 @@ impl Predictor {
         width: usize,
         height: usize,
     ) -> Result<Tensor, ModelError> {
-        self.heatmaps_with(pixels, width, height, false)
+        self.heatmaps_with(pixels, width, height, &Views::PLAIN)
     }
 
-    /// Heatmap logits `(N, S, S)` for a frame, averaged with its mirror image's when `mirror`
-    /// ([`UNet::forward_mirrored`]).
+    /// Heatmap logits `(N, S, S)` for a frame, averaged over `views`
+    /// ([`UNet::forward_views`]).
     pub fn heatmaps_with(
         &self,
         pixels: &[f32],
         width: usize,
         height: usize,
-        mirror: bool,
+        views: &Views,
     ) -> Result<Tensor, ModelError> {
         let x = self.input(pixels, width, height)?;
-        let out = if mirror {
-            self.net.forward_mirrored(&x)?
-        } else {
-            self.net.forward(&x, false)?
-        };
-        Ok(out.squeeze(0)?)
+        Ok(self.net.forward_views(&x, views)?.squeeze(0)?)
     }
 
     /// A point of the model's input grid in the pixels of a `width x height` frame.
@@ -828,18 +910,18 @@ impl Predictor {
         width: usize,
         height: usize,
     ) -> Result<Vec<Detection>, ModelError> {
-        self.predict_with(pixels, width, height, false)
+        self.predict_with(pixels, width, height, &Views::PLAIN)
     }
 
-    /// [`Self::predict`], from heatmaps averaged with the mirror image's when `mirror`.
+    /// [`Self::predict`], from heatmaps averaged over `views`.
     pub fn predict_with(
         &self,
         pixels: &[f32],
         width: usize,
         height: usize,
-        mirror: bool,
+        views: &Views,
     ) -> Result<Vec<Detection>, ModelError> {
-        let logits = self.heatmaps_with(pixels, width, height, mirror)?;
+        let logits = self.heatmaps_with(pixels, width, height, views)?;
         let peaks = heatmap::argmax_subpixel(&logits)?;
         Ok(peaks
             .into_iter()
@@ -858,10 +940,10 @@ impl Predictor {
         pixels: &[f32],
         width: usize,
         height: usize,
-        mirror: bool,
+        views: &Views,
         search: &heatmap::PeakSearch,
     ) -> Result<Vec<heatmap::Peaks>, ModelError> {
-        let logits = self.heatmaps_with(pixels, width, height, mirror)?;
+        let logits = self.heatmaps_with(pixels, width, height, views)?;
         Ok(heatmap::candidates(&logits, search)?
             .into_iter()
             .map(|c| {
