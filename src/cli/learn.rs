@@ -900,11 +900,12 @@ pub fn experiment(a: &ExperimentArgs) -> Result<()> {
                 for split in [Split::NovelView, Split::NovelSubject] {
                     rows.push((mode.to_string(), run_eval(&out, &data, Some(split))?));
                 }
-                // Beyond the paper: the same weights read as the app reads them.
+                // Beyond the paper: the same weights read as `predict` reads them (the app too,
+                // where the moved views fit a live stream).
                 for split in [Split::NovelView, Split::NovelSubject] {
                     let decode = Some(crate::detect::Decode::recommended());
                     rows.push((
-                        format!("{mode}, read as the app does"),
+                        format!("{mode}, read as `predict` does"),
                         run_eval_decoded(
                             &out,
                             &data,
