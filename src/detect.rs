@@ -93,9 +93,10 @@ pub struct Decode {
 }
 
 impl Decode {
-    /// The decoding the app and `predict` use unless told otherwise: heatmaps averaged over
-    /// the frame, its mirror image and two shifted copies, and pose-consistent peaks (see the
-    /// model card for what each adds).
+    /// The decoding `predict` uses unless told otherwise, and the app where the moved views
+    /// fit a live stream ([`Views::shifts_fit_live`]): heatmaps averaged over the frame, its
+    /// mirror image and two shifted copies, and pose-consistent peaks (see the model card for
+    /// what each adds).
     pub fn recommended() -> Self {
         Self {
             views: Views::recommended(),

@@ -492,7 +492,6 @@ impl FluoroApp {
         }
         pipeline.send(Command::Fps(settings.fps));
         pipeline.send(Command::Loop(settings.looping));
-        pipeline.send(Command::Decode(settings.decode(shifts_fit)));
         pipeline.send(Command::Track(settings.track));
         pipeline.send(Command::Refine(
             settings.refine.then(|| scene.density.clone()),

@@ -262,17 +262,36 @@ pub fn unshift(
     dy: isize,
 ) -> candle_core::Result<Tensor> {
     let back = shift(logits, -dx, -dy)?;
-    let (_, _, h, w) = logits.dims4()?;
-    // Frame pixel p sat at p + d in the view: unseen where that left the field.
-    let unseen = |p: usize, n: usize, d: isize| {
-        let q = p as isize + d;
-        q < 0 || q >= n as isize
-    };
-    let mask: Vec<f32> = (0..h * w)
-        .map(|i| f32::from(u8::from(unseen(i % w, w, dx) || unseen(i / w, h, dy))))
-        .collect();
-    let m = Tensor::from_vec(mask, (1, 1, h, w), logits.device())?.to_dtype(logits.dtype())?;
-    back.broadcast_mul(&m.affine(-1.0, 1.0)?)? + fallback.broadcast_mul(&m)?
+    // Frame pixel p sat at p + d in the view: the strip where that left the field is the
+    // fallback's (columns first, then whole rows, so the corner both miss is too).
+    let cols = fallback_strip(&back, fallback, 3, dx)?;
+    fallback_strip(&cols, fallback, 2, dy)
+}
+
+/// `t` with the `|d|` lines along `dim` that a view moved by `d` did not see (the far side's
+/// for `d > 0`) taken from `fallback`.
+fn fallback_strip(
+    t: &Tensor,
+    fallback: &Tensor,
+    dim: usize,
+    d: isize,
+) -> candle_core::Result<Tensor> {
+    let n = t.dim(dim)?;
+    let k = d.unsigned_abs().min(n);
+    if k == 0 {
+        return Ok(t.clone());
+    }
+    if d > 0 {
+        Tensor::cat(
+            &[&t.narrow(dim, 0, n - k)?, &fallback.narrow(dim, n - k, k)?],
+            dim,
+        )
+    } else {
+        Tensor::cat(
+            &[&fallback.narrow(dim, 0, k)?, &t.narrow(dim, k, n - k)?],
+            dim,
+        )
+    }
 }
 
 /// Per heatmap of `(N, H, W)` logits: the argmax pixel refined to sub-pixel precision by a

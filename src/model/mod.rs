@@ -544,14 +544,6 @@ impl UNet {
         out.reshape((bsz, self.config.n_landmarks, hh, ww))
     }
 
-    /// Heatmap logits averaged over the image and its mirror image ([`Self::forward_views`]
-    /// with [`Views::MIRROR`]). A network that has learnt the anatomy gives both views the same
-    /// answer; where it is unsure (an ASIS on the crest, a peak near the border), the two
-    /// disagree and the average is steadier. Twice the inference time.
-    pub fn forward_mirrored(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward_views(x, &Views::MIRROR)
-    }
-
     /// Heatmap logits of `x` averaged over the [`Views`] of each image (test-time
     /// augmentation): all views in one batch through [`Self::forward`], each mapped back to the
     /// image ([`heatmap::unmirror`], [`heatmap::unshift`]) before the logits are averaged.
@@ -799,7 +791,9 @@ impl Views {
         mirror: false,
         shift_px: 0,
     };
-    /// The frame and its mirror image.
+    /// The frame and its mirror image. A network that has learnt the anatomy gives both the
+    /// same answer; where it is unsure (an ASIS on the crest, a peak near the border), the two
+    /// disagree and their average is steadier.
     pub const MIRROR: Self = Self {
         mirror: true,
         shift_px: 0,
@@ -1039,9 +1033,9 @@ mod tests {
                 .to_scalar()
                 .unwrap()
         };
-        let m = net.forward_mirrored(&x).unwrap();
+        let m = net.forward_views(&x, &Views::MIRROR).unwrap();
         assert_eq!(m.dims(), &[2, 8, 32, 32]);
-        let a = net.forward_mirrored(&fx).unwrap();
+        let a = net.forward_views(&fx, &Views::MIRROR).unwrap();
         let b = heatmap::unmirror(&m).unwrap();
         assert!(max_diff(&a, &b) < 1e-4, "{}", max_diff(&a, &b));
         let plain_a = net.forward(&fx, false).unwrap();
