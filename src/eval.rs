@@ -46,9 +46,22 @@ pub struct Report {
     /// misses' measure as much as the hits').
     #[serde(default)]
     pub median_error_px: f64,
-    /// Share of visible landmarks more than 20 px (at 512 scale) from the truth: gross misses.
+    /// Share of visible landmarks more than [`MISS_PX`] (at 512 scale) from the truth: gross
+    /// misses.
     #[serde(default)]
     pub miss_rate: f64,
+    /// Share of the squared error (the mean RMSE's square) that the misses carry.
+    #[serde(default)]
+    pub miss_error_share: f64,
+    /// RMSE at 512 scale over the landmarks that are not misses: the accuracy apart from the
+    /// tail that most of the mean RMSE is made of.
+    #[serde(default)]
+    pub rmse_hits_px: f64,
+    /// Of the misses, the share whose heatmap held a peak ([`heatmap::candidates`]) within
+    /// [`NEAR_TRUTH_PX`] of the truth: a decoding could still have found those, where for the
+    /// rest the network saw nothing there (`None`: no heatmaps, or no misses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub misses_with_peak_rate: Option<f64>,
     /// With the pose-consistent decoding: share of landmarks taken from a weaker peak of their
     /// heatmap.
     #[serde(default)]
@@ -71,6 +84,14 @@ pub struct Report {
     #[serde(default)]
     pub by_angle: Vec<AngleBin>,
 }
+
+/// A landmark further than this from the truth (px at 512 scale) is a gross miss.
+pub const MISS_PX: f64 = 20.0;
+
+/// How near the truth (px at 512 scale) a heatmap peak must lie for a missed landmark to count
+/// as seen by the network: the consensus decoding's gate ([`ConsensusOptions::gate_fraction`]
+/// at 512).
+pub const NEAR_TRUTH_PX: f64 = 15.0;
 
 /// Edges of [`Report::by_angle`]'s bins: degrees from AP.
 pub const ANGLE_BINS_DEG: [f64; 8] = [0.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 180.0];
@@ -109,7 +130,8 @@ fn angle_bins(errors: &[(f64, f64)], images: &[f64]) -> Vec<AngleBin> {
                 images: n,
                 landmarks: e.len(),
                 rmse_px: (e.iter().map(|x| x * x).sum::<f64>() / e.len().max(1) as f64).sqrt(),
-                miss_rate: e.iter().filter(|x| **x > 20.0).count() as f64 / e.len().max(1) as f64,
+                miss_rate: e.iter().filter(|x| **x > MISS_PX).count() as f64
+                    / e.len().max(1) as f64,
                 median_error_px: median(&mut e),
             })
         })
@@ -316,6 +338,8 @@ pub fn evaluate_with(
     let (mut angled_errors, mut angles) = (Vec::new(), Vec::new());
     let (mut other_peak, mut reprojected, mut decoded_landmarks) = (0usize, 0usize, 0usize);
     let mut inverted_images = 0usize;
+    // Misses (over MISS_PX) whose heatmap had a peak near the truth, and those without.
+    let (mut misses_seen, mut misses_unseen) = (0usize, 0usize);
     let (mut rot, mut trans, mut failures) = (0.0, 0.0, 0usize);
     let (mut pose_sq, mut pose_n) = (0.0, 0usize);
     let mut per_image = Vec::new();
@@ -355,6 +379,8 @@ pub fn evaluate_with(
             let p3 = subject.points3d();
             let pts3: Vec<_> = p3.iter().map(|p| Some(*p)).collect();
             let mut decoded = None;
+            // The consistent decoding's peaks, for the misses' breakdown.
+            let mut peaks = None;
             let (int, sub) = match (&logits, from) {
                 (
                     Some(logits),
@@ -378,6 +404,7 @@ pub fn evaluate_with(
                     }
                     decoded_landmarks += c.origin.len();
                     decoded = Some(c.solution);
+                    peaks = Some(cands);
                     // The decoded points are sub-pixel: they stand for both argmaxes.
                     (c.detections.clone(), c.detections)
                 }
@@ -416,6 +443,28 @@ pub fn evaluate_with(
                     cnt[i] += 1;
                     image_sq += d(int[i].0);
                     image_n += 1;
+                }
+            }
+            let missed: Vec<usize> = (0..N_LANDMARKS)
+                .filter(|&i| image_errors[i].is_some_and(|e| e > MISS_PX))
+                .collect();
+            if let (Some(logits), false) = (&logits, missed.is_empty()) {
+                let peaks = match peaks {
+                    Some(p) => p,
+                    None => heatmap::candidates(
+                        &logits.get(b)?,
+                        &peak_search(size, &consensus::ConsensusOptions::default()),
+                    )?,
+                };
+                for i in missed {
+                    let Some([x, y]) = s.landmarks[i] else {
+                        continue;
+                    };
+                    if peak_near(&peaks[i], Point2::new(x, y), scale) {
+                        misses_seen += 1;
+                    } else {
+                        misses_unseen += 1;
+                    }
                 }
             }
             let mut record = ImageResult {
@@ -474,6 +523,14 @@ pub fn evaluate_with(
     }
     let ok = tres.len().max(1) as f64;
     let mut errors: Vec<f64> = angled_errors.iter().map(|(_, e)| *e).collect();
+    let misses = errors.iter().filter(|e| **e > MISS_PX).count();
+    let (miss_sq, hit_sq) = errors.iter().fold((0.0, 0.0), |(m, h), e| {
+        if *e > MISS_PX {
+            (m + e * e, h)
+        } else {
+            (m, h + e * e)
+        }
+    });
     let mut sorted = tres.clone();
     sorted.sort_by(|a, b| a.total_cmp(b));
     Ok(Report {
@@ -493,7 +550,11 @@ pub fn evaluate_with(
         registration_failures: failures,
         pose_rmse_px: (pose_sq / pose_n.max(1) as f64).sqrt(),
         median_error_px: median(&mut errors),
-        miss_rate: errors.iter().filter(|e| **e > 20.0).count() as f64 / errors.len().max(1) as f64,
+        miss_rate: misses as f64 / errors.len().max(1) as f64,
+        miss_error_share: miss_sq / (miss_sq + hit_sq).max(f64::MIN_POSITIVE),
+        rmse_hits_px: (hit_sq / (total - misses).max(1) as f64).sqrt(),
+        misses_with_peak_rate: (misses_seen + misses_unseen > 0)
+            .then(|| misses_seen as f64 / (misses_seen + misses_unseen) as f64),
         other_peak_rate: other_peak as f64 / decoded_landmarks.max(1) as f64,
         reprojected_rate: reprojected as f64 / decoded_landmarks.max(1) as f64,
         refined: refiner.map(Refiner::report),
@@ -501,6 +562,14 @@ pub fn evaluate_with(
         inverted_rate: inverted_images as f64 / samples.len().max(1) as f64,
         by_angle: angle_bins(&angled_errors, &angles),
     })
+}
+
+/// Whether one of a heatmap's `peaks` lies within [`NEAR_TRUTH_PX`] (at 512 scale; `scale` =
+/// 512 / image size) of the true landmark.
+fn peak_near(peaks: &heatmap::Peaks, truth: Point2<f64>, scale: f64) -> bool {
+    peaks
+        .iter()
+        .any(|(p, _)| (p - truth).norm() * scale <= NEAR_TRUTH_PX)
 }
 
 /// Squared distances at 512 scale (`scale` = 512 / dataset size), summed, between the CT's
@@ -773,4 +842,22 @@ pub fn csv(rows: &[(String, Report)]) -> String {
         ));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_miss_counts_as_seen_only_with_a_peak_near_the_truth() {
+        let truth = Point2::new(100.0, 50.0);
+        // At 256 (scale 2), 15 px at 512 is 7.5 image pixels.
+        let far = vec![(Point2::new(140.0, 50.0), 0.9)];
+        assert!(!peak_near(&far, truth, 2.0));
+        assert!(!peak_near(&Vec::new(), truth, 2.0));
+        let weaker_near = vec![far[0], (Point2::new(100.0, 57.0), 0.1)];
+        assert!(peak_near(&weaker_near, truth, 2.0));
+        // The same offset is too far at 128 (scale 4: 28 px at 512).
+        assert!(!peak_near(&weaker_near, truth, 4.0));
+    }
 }

@@ -397,6 +397,23 @@ fn the_oracle_scores_its_noise_and_exact_landmarks_register_exactly() {
         a.tre_mm,
         b.tre_mm
     );
+    // The misses' breakdown: none for exact landmarks; with coarse noise (a radial miss over
+    // 20 px for about a quarter of them) the hits' and the misses' squared errors make up the
+    // mean's, and without heatmaps nobody says whether a peak was near.
+    assert_eq!((exact.miss_rate, exact.miss_error_share), (0.0, 0.0));
+    assert!(exact.misses_with_peak_rate.is_none());
+    let c = score(12.0);
+    let rc = c.rmse_px["mean"].as_f64().unwrap();
+    assert!(c.miss_rate > 0.05 && c.miss_rate < 0.6, "{}", c.miss_rate);
+    assert!(c.rmse_hits_px < fluoropose::eval::MISS_PX && c.rmse_hits_px < rc);
+    assert!(c.miss_error_share > c.miss_rate && c.miss_error_share < 1.0);
+    let split = c.rmse_hits_px.powi(2) * (1.0 - c.miss_rate) / (1.0 - c.miss_error_share);
+    assert!(
+        (split - rc * rc).abs() < 1e-6 * rc * rc,
+        "{split} against {}",
+        rc * rc
+    );
+    assert!(c.misses_with_peak_rate.is_none());
     let nan = Landmarks::Oracle {
         sigma_px: f64::NAN,
         seed: 0,
@@ -565,6 +582,19 @@ fn the_shipped_model_decoded_the_apps_way_finds_a_held_out_phantom() {
         ..Decode::recommended()
     });
     assert!(blind.inverted_rate == 0.0 && blind.rmse_px["mean"].as_f64().unwrap() > 50.0);
+    // Every decoding with misses says how many of them its heatmaps had a peak near; read
+    // bone-dark, the network sees hardly a landmark, so few of its many misses had one.
+    for r in [&plain, &app, &mirrored, &shifted, &auto, &blind] {
+        assert_eq!(
+            r.misses_with_peak_rate.is_some(),
+            r.miss_rate > 0.0,
+            "{r:?}"
+        );
+    }
+    eprintln!(
+        "BLIND {:?} {}",
+        blind.misses_with_peak_rate, blind.miss_rate
+    );
     for r in [&plain, &app, &mirrored, &shifted] {
         let rmse = r.rmse_px["mean"].as_f64().unwrap();
         assert!(rmse < 12.0, "{rmse} px at 512");

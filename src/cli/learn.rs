@@ -532,6 +532,23 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             );
         }
     }
+    if r.miss_rate > 0.0 {
+        let seen = r.misses_with_peak_rate.map_or(String::new(), |p| {
+            format!(
+                "; {:.0}% of them had a heatmap peak within {} px of the truth",
+                100.0 * p,
+                eval::NEAR_TRUTH_PX
+            )
+        });
+        println!(
+            "misses (over {} px): {:.1}% of landmarks, {:.0}% of the squared error; RMSE without \
+             them {:.2} px{seen}",
+            eval::MISS_PX,
+            100.0 * r.miss_rate,
+            100.0 * r.miss_error_share,
+            r.rmse_hits_px
+        );
+    }
     println!(
         "the CT's landmarks projected at the pose solved from these: RMSE {:.2} px",
         r.pose_rmse_px
