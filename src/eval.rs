@@ -89,8 +89,8 @@ pub struct Report {
 pub const MISS_PX: f64 = 20.0;
 
 /// How near the truth (px at 512 scale) a heatmap peak must lie for a missed landmark to count
-/// as seen by the network: the consensus decoding's gate ([`ConsensusOptions::gate_fraction`]
-/// at 512).
+/// as seen by the network: the consensus decoding's gate
+/// ([`consensus::ConsensusOptions::gate_fraction`] at 512).
 pub const NEAR_TRUTH_PX: f64 = 15.0;
 
 /// Edges of [`Report::by_angle`]'s bins: degrees from AP.
@@ -552,7 +552,7 @@ pub fn evaluate_with(
         median_error_px: median(&mut errors),
         miss_rate: misses as f64 / errors.len().max(1) as f64,
         miss_error_share: miss_sq / (miss_sq + hit_sq).max(f64::MIN_POSITIVE),
-        rmse_hits_px: (hit_sq / (total - misses).max(1) as f64).sqrt(),
+        rmse_hits_px: (hit_sq / (errors.len() - misses).max(1) as f64).sqrt(),
         misses_with_peak_rate: (misses_seen + misses_unseen > 0)
             .then(|| misses_seen as f64 / (misses_seen + misses_unseen) as f64),
         other_peak_rate: other_peak as f64 / decoded_landmarks.max(1) as f64,
