@@ -523,12 +523,12 @@ pub fn evaluate_with(
     }
     let ok = tres.len().max(1) as f64;
     let mut errors: Vec<f64> = angled_errors.iter().map(|(_, e)| *e).collect();
-    let misses = errors.iter().filter(|e| **e > MISS_PX).count();
-    let (miss_sq, hit_sq) = errors.iter().fold((0.0, 0.0), |(m, h), e| {
+    // The gross misses' count and the squared error they and the hits each carry.
+    let (misses, miss_sq, hit_sq) = errors.iter().fold((0usize, 0.0, 0.0), |(n, m, h), e| {
         if *e > MISS_PX {
-            (m + e * e, h)
+            (n + 1, m + e * e, h)
         } else {
-            (m, h + e * e)
+            (n, m, h + e * e)
         }
     });
     let mut sorted = tres.clone();
