@@ -1,11 +1,18 @@
-//! Embeds the shipped model when `models/default.safetensors` exists (see `src/model/shipped.rs`).
+//! Embeds the shipped models whose files exist (see `src/model/shipped.rs`).
 fn main() {
-    println!("cargo::rustc-check-cfg=cfg(has_default_model)");
-    println!("cargo::rerun-if-changed=models/default.safetensors");
-    println!("cargo::rerun-if-changed=models/default.json");
-    if std::path::Path::new("models/default.safetensors").exists()
-        && std::path::Path::new("models/default.json").exists()
-    {
-        println!("cargo::rustc-cfg=has_default_model");
+    for (name, cfg) in [
+        ("default", "has_default_model"),
+        ("compact", "has_compact_model"),
+    ] {
+        println!("cargo::rustc-check-cfg=cfg({cfg})");
+        let (w, j) = (
+            format!("models/{name}.safetensors"),
+            format!("models/{name}.json"),
+        );
+        println!("cargo::rerun-if-changed={w}");
+        println!("cargo::rerun-if-changed={j}");
+        if std::path::Path::new(&w).exists() && std::path::Path::new(&j).exists() {
+            println!("cargo::rustc-cfg={cfg}");
+        }
     }
 }

@@ -441,6 +441,7 @@ pub fn pipeline(
     plain: bool,
     track: bool,
     refine: bool,
+    network: Option<crate::model::shipped::Shipped>,
     json: bool,
 ) -> Result<()> {
     use crate::app::Scene;
@@ -453,7 +454,8 @@ pub fn pipeline(
 
     let scene = Scene::default_phantom();
     let dev = crate::model::default_device();
-    let model = Arc::new(crate::model::shipped::predictor(&dev)?);
+    let network = network.unwrap_or_else(|| crate::model::shipped::Shipped::for_live(&dev));
+    let model = Arc::new(network.predictor(&dev)?);
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     // As the app reads frames by default (the moved views only where they fit a live stream).
     let decode = if plain {
@@ -637,6 +639,7 @@ pub fn pipeline(
         "skipped": skipped,
         "registration_failures": failures,
         "model_device": crate::model::device_name(&dev),
+        "network": network.label(),
         "drr_adapter": format!("{} ({:?})", info.name, info.backend),
         "threads": rayon::current_num_threads(),
         "decoding": if plain { "argmax".to_string() } else { format!("{}, pose-consistent", decode.views.describe()) },
@@ -658,8 +661,9 @@ pub fn pipeline(
         println!("{}", serde_json::to_string(&row)?);
     } else {
         println!(
-            "live pipeline, simulated 256² stream at {fps} fps, model on {}, DRR on {} ({:?}); \
+            "live pipeline, simulated 256² stream at {fps} fps, {} on {}, DRR on {} ({:?}); \
              {n} frames after {warmup_s} s warm-up",
+            network.label(),
             crate::model::device_name(&dev),
             info.name,
             info.backend

@@ -7,7 +7,8 @@ mod common;
 use eframe::egui;
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
-use fluoropose::app::{AppOptions, FluoroApp, Tab};
+use fluoropose::app::{AppOptions, FluoroApp, ModelRef, Tab};
+use fluoropose::model::shipped::Shipped;
 use std::time::{Duration, Instant};
 
 fn skip() -> bool {
@@ -442,13 +443,56 @@ fn the_train_tab_trains_and_its_curve_grows() {
     wait(&mut h, "the checkpoint in the model list", |a| {
         a.models
             .iter()
-            .any(|m| m.1.as_ref().is_some_and(|p| p.ends_with("m.safetensors")))
+            .any(|m| matches!(&m.1, ModelRef::File(p) if p.ends_with("m.safetensors")))
     });
     assert!(dir.path().join("m.safetensors").exists());
     let card: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("m.json")).unwrap()).unwrap();
     let used = card["card"]["training"]["data"].as_str().unwrap();
     assert_eq!(used.matches(" + ").count(), 1, "{used}");
+}
+
+/// Both embedded networks are in the Live tab's picker; the app starts on the one the compute
+/// runs live, or on the one asked for, and runs it; switching to the other reports no error.
+#[test]
+fn both_shipped_networks_in_the_picker() {
+    if skip() || !Shipped::Compact.available() {
+        return;
+    }
+    let live = Shipped::for_live(&fluoropose::model::default_device());
+    for start in [None, Some(Shipped::Compact), Some(Shipped::Default)] {
+        let mut h = harness_with(AppOptions {
+            refine: Some(fluoropose::app::RefineMode::Off),
+            network: start,
+            ..AppOptions::default()
+        });
+        let a = h.state();
+        let listed: Vec<&ModelRef> = a.models.iter().map(|m| &m.1).collect();
+        for w in Shipped::ALL {
+            assert!(
+                listed.contains(&&ModelRef::Shipped(w)),
+                "{w:?} not in {listed:?}"
+            );
+        }
+        let expected = start.unwrap_or(live);
+        assert_eq!(a.models[a.model_index].1, ModelRef::Shipped(expected));
+        wait(&mut h, "landmarks", |a| {
+            a.latest.as_ref().is_some_and(|p| !p.detections.is_empty())
+        });
+        let other = h
+            .state()
+            .models
+            .iter()
+            .position(|m| m.1 != ModelRef::Shipped(expected))
+            .unwrap();
+        h.state_mut().select_model(other);
+        assert_eq!(h.state().model_index, other);
+        assert!(
+            !h.state().toasts.iter().any(|t| t.error),
+            "{:?}",
+            h.state().toasts.iter().map(|t| &t.text).collect::<Vec<_>>()
+        );
+    }
 }
 
 /// Snapshots of every tab. The Live tab shows the stream's first frame (seeded noise, so the

@@ -299,10 +299,13 @@ fn bench_pipeline_runs_the_live_pipeline_headless() {
         "2",
         "--fps",
         "30",
+        "--network",
+        "compact",
         "--json",
     ]);
     assert!(ok, "{err}");
     let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(v["network"].as_str().unwrap().contains("compact"), "{v}");
     assert!(v["frames"].as_u64().unwrap() >= 2, "{v}");
     assert!(v["fps"].as_f64().unwrap() > 0.0, "{v}");
     assert_eq!(v["registration_failures"], 0, "{v}");
@@ -400,6 +403,16 @@ fn predict_refines_the_pose_against_the_ct_and_bench_refine_measures_it() {
         .collect();
     assert!(moved.iter().any(|d| *d > 1e-6), "{moved:?}");
     assert!(moved.iter().all(|d| *d < 0.03 * 256.0), "{moved:?}");
+    // The other embedded network by name: another network's peaks, as many of them.
+    if fluoropose::model::shipped::Shipped::Compact.available() {
+        let compact = at(&["--model", "compact"]);
+        assert_eq!(points(&compact).len(), points(&peaks).len());
+        assert_ne!(points(&compact), points(&peaks));
+        assert_eq!(
+            at(&["--model", "default"])[0]["landmarks"],
+            peaks[0]["landmarks"]
+        );
+    }
     let (ok, _, err) = run(&["predict", frame, "--registered"]);
     assert!(
         !ok && err.contains("--registered needs the CT's landmarks"),

@@ -14,6 +14,7 @@ use crate::drr::{Attenuation, DensityVolume};
 use crate::geometry::{Camera, Pose};
 use crate::landmarks::{Landmarks2d, Landmarks3d, N_LANDMARKS};
 use crate::model::Predictor;
+use crate::model::shipped::Shipped;
 use crate::task::Task;
 use crate::train::Metric;
 use crate::volume::Volume;
@@ -44,6 +45,18 @@ pub struct AppOptions {
     pub refine: Option<RefineMode>,
     /// Present without waiting for the display's vertical blank: lower latency, may tear.
     pub no_vsync: bool,
+    /// The embedded network to start with, instead of the one the compute runs live
+    /// ([`Shipped::for_live`]).
+    pub network: Option<Shipped>,
+}
+
+/// Where a model in the Live tab's picker comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelRef {
+    /// Embedded in the binary.
+    Shipped(Shipped),
+    /// A checkpoint (`.safetensors` with its `.json`), e.g. from the Train tab.
+    File(PathBuf),
 }
 
 /// When the Live tab refines poses against the CT.
@@ -401,8 +414,8 @@ pub struct FluoroApp {
     frame_tex_index: Option<(u64, bool)>,
     /// Messages.
     pub toasts: Vec<Toast>,
-    /// Models the Live tab can switch between: (name, weights path or None for the shipped).
-    pub models: Vec<(String, Option<PathBuf>)>,
+    /// Models the Live tab can switch between: (name, where its weights are).
+    pub models: Vec<(String, ModelRef)>,
     /// Selected model.
     pub model_index: usize,
     /// CT being loaded.
@@ -453,7 +466,12 @@ impl FluoroApp {
         cc.egui_ctx
             .all_styles_mut(|s| s.visuals.panel_fill = egui::Color32::TRANSPARENT);
         let scene = Scene::default_phantom();
-        let model = match crate::model::shipped::predictor(&crate::model::default_device()) {
+        // The network the compute can run live: the compact one on a CPU with few threads.
+        let device = crate::model::default_device();
+        let shipped = options
+            .network
+            .unwrap_or_else(|| Shipped::for_live(&device));
+        let model = match shipped.predictor(&device) {
             Ok(p) => Some(Arc::new(p)),
             Err(e) => {
                 toasts.push(Toast {
@@ -561,8 +579,16 @@ impl FluoroApp {
             frame_tex: None,
             frame_tex_index: None,
             toasts,
-            models: vec![("shipped (models/default)".into(), None)],
-            model_index: 0,
+            models: Shipped::ALL
+                .into_iter()
+                .filter(|w| w.available())
+                .map(|w| (w.label().to_string(), ModelRef::Shipped(w)))
+                .collect(),
+            model_index: Shipped::ALL
+                .into_iter()
+                .filter(|w| w.available())
+                .position(|w| w == shipped)
+                .unwrap_or(0),
             ct_loading: None,
             slices: [c[0] / 2, c[1] / 2, c[2] / 2],
             hu_window: (-400.0, 1200.0),
@@ -699,8 +725,9 @@ impl FluoroApp {
             match r {
                 Ok(path) => {
                     let name = path.display().to_string();
-                    if !self.models.iter().any(|(_, p)| p.as_ref() == Some(&path)) {
-                        self.models.push((name.clone(), Some(path)));
+                    let entry = ModelRef::File(path);
+                    if !self.models.iter().any(|(_, m)| *m == entry) {
+                        self.models.push((name.clone(), entry));
                     }
                     self.toast(
                         format!("training finished: {name} (pick it in Live)"),
@@ -933,12 +960,12 @@ impl FluoroApp {
 
     /// Switches the live model to entry `i` of [`FluoroApp::models`].
     pub fn select_model(&mut self, i: usize) {
-        let Some((name, path)) = self.models.get(i).cloned() else {
+        let Some((name, source)) = self.models.get(i).cloned() else {
             return;
         };
-        let r = match &path {
-            None => crate::model::shipped::predictor(&crate::model::default_device()),
-            Some(p) => Predictor::load(p, &crate::model::default_device()),
+        let r = match &source {
+            ModelRef::Shipped(w) => w.predictor(&crate::model::default_device()),
+            ModelRef::File(p) => Predictor::load(p, &crate::model::default_device()),
         };
         match r {
             Ok(p) => {

@@ -1273,18 +1273,20 @@ fn start_training(app: &mut FluoroApp) {
         }
     };
     let init = match f.mode {
-        crate::train::Mode::Finetune => app
-            .models
-            .get(app.model_index)
-            .and_then(|m| m.1.clone())
-            .or_else(|| {
-                // The shipped model as the starting point: write it out once.
-                let p = std::env::temp_dir().join("fluoropose-shipped.safetensors");
-                crate::model::shipped::network(&candle_core::Device::Cpu)
+        crate::train::Mode::Finetune => app.models.get(app.model_index).and_then(|m| match &m.1 {
+            super::ModelRef::File(p) => Some(p.clone()),
+            // A shipped model as the starting point: write it out once.
+            super::ModelRef::Shipped(w) => {
+                let p = std::env::temp_dir().join(format!(
+                    "fluoropose-shipped-{}.safetensors",
+                    format!("{w:?}").to_lowercase()
+                ));
+                w.network(&candle_core::Device::Cpu)
                     .ok()
                     .and_then(|n| n.save(&p).ok())
                     .map(|_| p)
-            }),
+            }
+        }),
         _ => None,
     };
     let opts = crate::train::TrainOptions {

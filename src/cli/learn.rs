@@ -3,6 +3,7 @@
 use crate::dataset::{self, Dataset, Realism, Request, Split};
 use crate::eval::{self, Report};
 use crate::geometry::sampling::PoseRange;
+use crate::model::shipped::Shipped;
 use crate::model::{ModelConfig, Predictor, UNet};
 use crate::registration::consensus::ConsensusOptions;
 use crate::registration::intensity::IntensityOptions;
@@ -225,7 +226,7 @@ const MAX_SHIFT_PX: usize = 64;
 /// `fluoropose predict`.
 #[derive(Args, Debug)]
 pub struct PredictArgs {
-    /// Model weights (default: the shipped model).
+    /// Model weights, or `default` / `compact` for a shipped network (default: `default`).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Frames: an image, a DICOM file (cine: every frame) or a folder.
@@ -265,7 +266,7 @@ pub struct LabelArgs {
     /// The CT's 3D landmarks (default: a phantom's own).
     #[arg(long)]
     pub landmarks: Option<String>,
-    /// Model weights (default: the shipped model).
+    /// Model weights, or `default` / `compact` for a shipped network (default: `default`).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Dataset folder to append to (created when new; `train` reads it).
@@ -602,17 +603,21 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// The shipped model: `models/default.safetensors` next to the executable's source tree, or
-/// embedded in the binary.
+/// The shipped default network (`models/default.safetensors`, embedded in the binary).
 pub fn default_model(device: &Device) -> Result<Predictor> {
     Ok(crate::model::shipped::predictor(device)?)
 }
 
-/// `--model` loaded on the inference device, or the shipped model without one.
+/// `--model` loaded on the inference device: a weights file, or `default` / `compact` for an
+/// embedded network (when no file of that name exists); the shipped default without one.
 fn load_predictor(model: Option<&Path>) -> Result<Predictor> {
+    use clap::ValueEnum;
     let dev = device();
     match model {
-        Some(m) => Predictor::load(m, &dev).with_context(|| format!("loading {}", m.display())),
+        Some(m) => match m.to_str().and_then(|s| Shipped::from_str(s, false).ok()) {
+            Some(which) if !m.exists() => Ok(which.predictor(&dev)?),
+            _ => Predictor::load(m, &dev).with_context(|| format!("loading {}", m.display())),
+        },
         None => default_model(&dev),
     }
 }

@@ -46,6 +46,10 @@ pub struct Cli {
     /// tear).
     #[arg(long)]
     pub no_vsync: bool,
+    /// The embedded network the Live tab starts with (default: `default` where the network
+    /// runs on a GPU or 4+ CPU threads, `compact` on fewer).
+    #[arg(long, value_enum)]
+    pub network: Option<crate::model::shipped::Shipped>,
 }
 
 /// The subcommands.
@@ -183,12 +187,12 @@ pub enum BenchWhat {
         /// Input size (square).
         #[arg(long, default_value_t = 256)]
         size: usize,
-        /// Base channels.
-        #[arg(long, default_value_t = 8)]
-        base: usize,
-        /// Encoder depth.
-        #[arg(long, default_value_t = 5)]
-        depth: usize,
+        /// Base channels [default: the shipped model's].
+        #[arg(long)]
+        base: Option<usize>,
+        /// Encoder depth [default: the shipped model's].
+        #[arg(long)]
+        depth: Option<usize>,
         /// Training batch.
         #[arg(long, default_value_t = 4)]
         batch: usize,
@@ -231,6 +235,9 @@ pub enum BenchWhat {
         /// score the live poses its corrections carry over to.
         #[arg(long)]
         refine: bool,
+        /// The embedded network (default: the one the app starts with on this machine).
+        #[arg(long, value_enum)]
+        network: Option<crate::model::shipped::Shipped>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -408,6 +415,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     _ => crate::app::RefineMode::Paused,
                 }),
                 no_vsync: cli.no_vsync,
+                network: cli.network,
             })
         }
         Some(Command::Info(a)) => info(&a),
@@ -435,9 +443,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 plain,
                 no_track,
                 refine,
+                network,
                 json,
             } => crate::bench::pipeline(
-                seconds, warmup, fps, photons, motion, plain, !no_track, refine, json,
+                seconds, warmup, fps, photons, motion, plain, !no_track, refine, network, json,
             ),
             BenchWhat::Model {
                 size,
@@ -447,16 +456,26 @@ pub fn run(cli: Cli) -> Result<()> {
                 reps,
                 reference,
                 json,
-            } => crate::bench::model(
-                &learn::device(),
-                size,
-                base,
-                depth,
-                batch,
-                reps,
-                reference,
-                json,
-            ),
+            } => {
+                // Time the network the app runs unless told otherwise.
+                let shipped = crate::model::shipped::config().ok();
+                let base = base
+                    .or(shipped.as_ref().map(|c| c.base_channels))
+                    .unwrap_or(crate::model::ModelConfig::default().base_channels);
+                let depth = depth
+                    .or(shipped.as_ref().map(|c| c.depth))
+                    .unwrap_or(crate::model::ModelConfig::default().depth);
+                crate::bench::model(
+                    &learn::device(),
+                    size,
+                    base,
+                    depth,
+                    batch,
+                    reps,
+                    reference,
+                    json,
+                )
+            }
             BenchWhat::Drr {
                 ct,
                 sizes,

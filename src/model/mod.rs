@@ -145,8 +145,10 @@ pub struct ModelConfig {
 }
 
 impl Default for ModelConfig {
-    /// The shipped default: 5 levels of 8..128 channels at 256x256, sized for interactive
-    /// inference on a laptop CPU (see the model card for measured speed and accuracy).
+    /// A network trained from scratch: 5 levels of 8..128 channels at 256x256 (the shipped
+    /// `models/compact`'s architecture; `models/default` is 12..192, widened with
+    /// `train --widen`), sized for interactive inference on a laptop CPU (see the model card
+    /// for measured speed and accuracy).
     fn default() -> Self {
         Self {
             architecture: "unet".into(),
