@@ -322,6 +322,69 @@ fn bench_pipeline_runs_the_live_pipeline_headless() {
     assert!(v["latency_ms"].as_f64().unwrap() >= v["inference_ms"].as_f64().unwrap());
 }
 
+/// `eval --model default|compact` scores the embedded networks by name (no file needed), and a
+/// file of that name, when one exists, still wins.
+#[test]
+fn eval_reads_the_shipped_networks_by_name() {
+    use fluoropose::model::shipped::Shipped;
+    if std::env::var("FLUOROPOSE_SKIP_GPU").is_ok_and(|v| v == "1")
+        || !(Shipped::Default.available() && Shipped::Compact.available())
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ds");
+    let (ok, _, err) = run(&[
+        "dataset",
+        "--ct",
+        "phantom:61..61",
+        "--views",
+        "2",
+        "--novel-views",
+        "0",
+        "--size",
+        "256",
+        "--max-rotation-deg",
+        "20",
+        "--out",
+        data.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let score = |model: &str| -> Value {
+        let json = dir.path().join(format!("{model}.json"));
+        let (ok, _, err) = run(&[
+            "eval",
+            "--model",
+            model,
+            "--data",
+            data.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        assert!(ok, "{model}: {err}");
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
+    };
+    let (wide, compact) = (score("default"), score("compact"));
+    for r in [&wide, &compact] {
+        assert_eq!(r["images"], 2, "{r}");
+        // Held-out phantom, near AP: both find the pelvis.
+        assert!(r["rmse_px"]["mean"].as_f64().unwrap() < 20.0, "{r}");
+    }
+    assert_ne!(wide["rmse_px"], compact["rmse_px"]);
+    // A file named like one is read as the file (here: not weights, so a clear error).
+    std::fs::write(dir.path().join("compact"), b"not weights").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fluoropose"))
+        .current_dir(dir.path())
+        .args(["eval", "--model", "compact", "--data", "ds"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("loading compact"),
+        "{err}"
+    );
+}
+
 /// `predict --ct` refines each pose against the frame: on a DRR rendered at a known pose, the
 /// refined pose is much closer to it than the landmarks' pose. `bench refine` reports the same
 /// kind of gain.

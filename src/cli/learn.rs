@@ -160,7 +160,8 @@ pub struct TrainArgs {
 /// `fluoropose eval`.
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// Model weights (`.safetensors` with its `.json`).
+    /// Model weights (`.safetensors` with its `.json`), or `default` / `compact` for a shipped
+    /// network.
     #[arg(long, required_unless_present = "oracle_noise_px")]
     pub model: Option<PathBuf>,
     /// Dataset folder.
@@ -419,8 +420,7 @@ fn run_eval_decoded(
     decode: Option<crate::detect::Decode>,
     opts: &eval::EvalOptions,
 ) -> Result<Report> {
-    let net =
-        UNet::load(model, &device()).with_context(|| format!("loading {}", model.display()))?;
+    let net = load_network(model, &device())?;
     let task = Task::new();
     let from = match decode {
         Some(d) => eval::Landmarks::Decoded(&net, d),
@@ -608,16 +608,25 @@ pub fn default_model(device: &Device) -> Result<Predictor> {
     Ok(crate::model::shipped::predictor(device)?)
 }
 
-/// `--model` loaded on the inference device: a weights file, or `default` / `compact` for an
-/// embedded network (when no file of that name exists); the shipped default without one.
-fn load_predictor(model: Option<&Path>) -> Result<Predictor> {
+/// What `--model` names: a weights file, or `default` / `compact` for an embedded network
+/// (when no file of that name exists).
+fn load_network(model: &Path, dev: &Device) -> Result<UNet> {
     use clap::ValueEnum;
+    match model
+        .to_str()
+        .and_then(|s| Shipped::from_str(s, false).ok())
+    {
+        Some(which) if !model.exists() => Ok(which.network(dev)?),
+        _ => UNet::load(model, dev).with_context(|| format!("loading {}", model.display())),
+    }
+}
+
+/// `--model` loaded on the inference device ([`load_network`]), or the shipped default without
+/// one.
+fn load_predictor(model: Option<&Path>) -> Result<Predictor> {
     let dev = device();
     match model {
-        Some(m) => match m.to_str().and_then(|s| Shipped::from_str(s, false).ok()) {
-            Some(which) if !m.exists() => Ok(which.predictor(&dev)?),
-            _ => Predictor::load(m, &dev).with_context(|| format!("loading {}", m.display())),
-        },
+        Some(m) => Ok(Predictor::new(&load_network(m, &dev)?)?),
         None => default_model(&dev),
     }
 }
