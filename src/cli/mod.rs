@@ -457,7 +457,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 reference,
                 json,
             } => {
-                // Time the network the app runs unless told otherwise.
+                // Time the default shipped network unless told otherwise.
                 let shipped = crate::model::shipped::config().ok();
                 let base = base
                     .or(shipped.as_ref().map(|c| c.base_channels))
