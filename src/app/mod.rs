@@ -562,6 +562,11 @@ impl FluoroApp {
         }
         let open = options.open.clone();
         let c = scene.volume.dims();
+        let models: Vec<(String, ModelRef)> = Shipped::ALL
+            .into_iter()
+            .filter(|w| w.available())
+            .map(|w| (w.label().to_string(), ModelRef::Shipped(w)))
+            .collect();
         let mut app = Self {
             settings,
             tab: options.tab.unwrap_or(Tab::Live),
@@ -579,16 +584,11 @@ impl FluoroApp {
             frame_tex: None,
             frame_tex_index: None,
             toasts,
-            models: Shipped::ALL
-                .into_iter()
-                .filter(|w| w.available())
-                .map(|w| (w.label().to_string(), ModelRef::Shipped(w)))
-                .collect(),
-            model_index: Shipped::ALL
-                .into_iter()
-                .filter(|w| w.available())
-                .position(|w| w == shipped)
+            model_index: models
+                .iter()
+                .position(|m| m.1 == ModelRef::Shipped(shipped))
                 .unwrap_or(0),
+            models,
             ct_loading: None,
             slices: [c[0] / 2, c[1] / 2, c[2] / 2],
             hu_window: (-400.0, 1200.0),

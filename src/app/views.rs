@@ -1277,10 +1277,7 @@ fn start_training(app: &mut FluoroApp) {
             super::ModelRef::File(p) => Some(p.clone()),
             // A shipped model as the starting point: write it out once.
             super::ModelRef::Shipped(w) => {
-                let p = std::env::temp_dir().join(format!(
-                    "fluoropose-shipped-{}.safetensors",
-                    format!("{w:?}").to_lowercase()
-                ));
+                let p = std::env::temp_dir().join(format!("fluoropose-shipped-{w:?}.safetensors"));
                 w.network(&candle_core::Device::Cpu)
                     .ok()
                     .and_then(|n| n.save(&p).ok())

@@ -458,18 +458,12 @@ pub fn run(cli: Cli) -> Result<()> {
                 json,
             } => {
                 // Time the default shipped network unless told otherwise.
-                let shipped = crate::model::shipped::config().ok();
-                let base = base
-                    .or(shipped.as_ref().map(|c| c.base_channels))
-                    .unwrap_or(crate::model::ModelConfig::default().base_channels);
-                let depth = depth
-                    .or(shipped.as_ref().map(|c| c.depth))
-                    .unwrap_or(crate::model::ModelConfig::default().depth);
+                let shipped = crate::model::shipped::config().unwrap_or_default();
                 crate::bench::model(
                     &learn::device(),
                     size,
-                    base,
-                    depth,
+                    base.unwrap_or(shipped.base_channels),
+                    depth.unwrap_or(shipped.depth),
                     batch,
                     reps,
                     reference,
