@@ -476,6 +476,8 @@ fn both_shipped_networks_in_the_picker() {
         }
         let expected = start.unwrap_or(live);
         assert_eq!(a.models[a.model_index].1, ModelRef::Shipped(expected));
+        // The status bar names the network that runs.
+        h.get_by_label(&format!("network: {}", expected.label()));
         wait(&mut h, "landmarks", |a| {
             a.latest.as_ref().is_some_and(|p| !p.detections.is_empty())
         });
@@ -487,6 +489,9 @@ fn both_shipped_networks_in_the_picker() {
             .unwrap();
         h.state_mut().select_model(other);
         assert_eq!(h.state().model_index, other);
+        h.step();
+        let shown = format!("network: {}", h.state().models[other].0);
+        h.get_by_label(&shown);
         assert!(
             !h.state().toasts.iter().any(|t| t.error),
             "{:?}",

@@ -805,6 +805,7 @@ impl FluoroApp {
             "ui_frames": self.ui_cpu.0,
             "ui_ms": self.ui_cpu.1 * 1e3 / self.ui_cpu.0.max(1) as f64,
             "devices": self.gpu_status,
+            "network": self.network_name(),
         })
     }
 
@@ -816,6 +817,11 @@ impl FluoroApp {
     /// DRR time of the last update, ms.
     pub fn drr_ms(&self) -> f64 {
         self.drr_ms
+    }
+
+    /// The name of the network the Live tab runs, as its picker lists it.
+    pub fn network_name(&self) -> Option<&str> {
+        self.models.get(self.model_index).map(|m| m.0.as_str())
     }
 
     /// Status of the GPU.

@@ -32,6 +32,13 @@ pub fn status_bar(app: &mut FluoroApp, ui: &mut egui::Ui) {
             ui.label(format!("CT: {}", app.scene.name));
             ui.separator();
             ui.label(app.gpu_status().to_string());
+            // Which network runs matters as much as where: on 2 cores the Live tab starts on
+            // the compact one, and the picker that says so sits below the right panel's fold.
+            if let Some(name) = app.network_name() {
+                ui.separator();
+                ui.label(format!("network: {name}"))
+                    .on_hover_text("the U-Net the Live tab runs; pick another under \"weights\"");
+            }
             if let Some(n) = app.ct_loading() {
                 ui.separator();
                 waiting(ui);
