@@ -95,6 +95,9 @@ fn default_start_shows_landmarks_and_a_pose() {
     assert!(m["inference_ms"].as_f64().unwrap() > 0.0, "{m}");
     // ... and say which devices did the work (a GPU run's numbers mean nothing without it).
     assert_eq!(m["devices"].as_str(), Some(h.state().gpu_status()), "{m}");
+    // ... and which network.
+    let running = &h.state().models[h.state().model_index].0;
+    assert_eq!(m["network"].as_str(), Some(running.as_str()), "{m}");
     // The Model switches reach the pipeline: with tracking off, frames carry no tracked pose;
     // back on, they do again.
     h.get_by_label("track the pose over frames")
