@@ -486,12 +486,13 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
             let on = app.settings.track;
             app.send(super::Command::Track(on));
         }
-        let names: Vec<String> = app.models.iter().map(|m| m.0.clone()).collect();
+        // The picker's text is the status bar's (`network_name`); its entries are read in
+        // place rather than cloned each frame.
         let mut sel = app.model_index;
         egui::ComboBox::from_label("weights")
-            .selected_text(names.get(sel).cloned().unwrap_or_default())
+            .selected_text(app.network_name().unwrap_or_default())
             .show_ui(ui, |ui| {
-                for (i, n) in names.iter().enumerate() {
+                for (i, (n, _)) in app.models.iter().enumerate() {
                     ui.selectable_value(&mut sel, i, n);
                 }
             });
