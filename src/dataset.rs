@@ -383,6 +383,19 @@ fn read_ct(spec: &str) -> Result<(crate::volume::Volume, Option<Landmarks3d>), D
     }
 }
 
+/// A subject's manifest entry: for a phantom from its outline, without rasterising it (the
+/// volume is made once, when its images are rendered); for a CT file from the file.
+fn subject_entry(src: &SubjectSource, index: usize) -> Result<Subject, DatasetError> {
+    if let Some(id) = src.ct.strip_prefix("phantom:") {
+        let id: u64 = id
+            .parse()
+            .map_err(|_| DatasetError::Invalid(format!("bad phantom id in {:?}", src.ct)))?;
+        let (lm, centre) = crate::volume::phantom::phantom_outline(id, None);
+        return describe_subject(src, index, lm, centre);
+    }
+    Ok(load_subject(src, index)?.0)
+}
+
 fn load_subject(
     src: &SubjectSource,
     index: usize,
@@ -401,10 +414,18 @@ fn load_subject(
                 .map_err(|e| DatasetError::Invalid(format!("{}: {e}", path.display())))?
         }
     };
+    Ok((describe_subject(src, index, lm, vol.center_mm())?, vol))
+}
+
+fn describe_subject(
+    src: &SubjectSource,
+    index: usize,
+    lm: Landmarks3d,
+    c: Point3<f64>,
+) -> Result<Subject, DatasetError> {
     let all = lm
         .all()
         .ok_or_else(|| DatasetError::Invalid(format!("{}: all 8 landmarks are needed", src.ct)))?;
-    let c = vol.center_mm();
     let name = match src.ct.strip_prefix("phantom:") {
         Some(id) => format!("phantom{id:0>3}"),
         None => format!(
@@ -420,16 +441,13 @@ fn load_subject(
                 .unwrap_or_default()
         ),
     };
-    Ok((
-        Subject {
-            name,
-            ct: src.ct.clone(),
-            held_out: src.held_out,
-            landmarks3d: all.map(|p| [p.x, p.y, p.z]),
-            isocenter: [c.x, c.y, c.z],
-        },
-        vol,
-    ))
+    Ok(Subject {
+        name,
+        ct: src.ct.clone(),
+        held_out: src.held_out,
+        landmarks3d: all.map(|p| [p.x, p.y, p.z]),
+        isocenter: [c.x, c.y, c.z],
+    })
 }
 
 /// Labels of one pose: projected landmarks, `None` outside `[0, size)`.
@@ -475,7 +493,7 @@ pub fn generate(req: &Request, dir: &Path, task: &Task) -> Result<usize, Dataset
     task.set_message("loading CTs");
     let mut subjects = Vec::new();
     for (i, s) in req.subjects.iter().enumerate() {
-        subjects.push(load_subject(s, i)?.0);
+        subjects.push(subject_entry(s, i)?);
     }
     let manifest = Manifest {
         version: 1,

@@ -449,6 +449,14 @@ fn the_train_tab_trains_and_its_curve_grows() {
             .any(|m| matches!(&m.1, ModelRef::File(p) if p.ends_with("m.safetensors")))
     });
     assert!(dir.path().join("m.safetensors").exists());
+    // Listed by its file name, short enough for the status bar, not by its temporary path.
+    let label = h
+        .state()
+        .models
+        .iter()
+        .find(|m| matches!(&m.1, ModelRef::File(_)))
+        .map(|m| m.0.clone());
+    assert_eq!(label.as_deref(), Some("m.safetensors"));
     let card: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("m.json")).unwrap()).unwrap();
     let used = card["card"]["training"]["data"].as_str().unwrap();

@@ -223,6 +223,98 @@ fn a_widened_network_trains_on_from_where_the_narrow_one_was() {
     assert!(e.to_string().contains("--init"), "{e}");
 }
 
+/// Every tensor of `a` within `tol` of `expect`'s, by name.
+fn assert_tensors_close(
+    a: &UNet,
+    expect: &std::collections::HashMap<String, Vec<f32>>,
+    tol: f32,
+    what: &str,
+) {
+    let got = a.tensors();
+    assert_eq!(got.len(), expect.len(), "{what}");
+    for (name, t) in got {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let e = &expect[&name];
+        let worst = v
+            .iter()
+            .zip(e)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst <= tol, "{what}: {name} off by {worst}");
+    }
+}
+
+fn values(net: &UNet) -> std::collections::HashMap<String, Vec<f32>> {
+    net.tensors()
+        .into_iter()
+        .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
+}
+
+#[test]
+fn the_weights_moving_average_is_kept_checkpointed_and_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    generate(&request(32, 4), &dir.path().join("d"), &Task::new()).unwrap();
+    let ds = [Dataset::open(&dir.path().join("d")).unwrap()];
+    let init = dir.path().join("init.safetensors");
+    train(
+        &ds,
+        &options(&init, Mode::Baseline, 5),
+        &Device::Cpu,
+        &Task::new(),
+        &mut |_| {},
+    )
+    .unwrap();
+    let w0 = values(&UNet::load(&init, &Device::Cpu).unwrap());
+    // One step with decay d: the average is d w0 + (1 - d) w1, every tensor (batch-norm
+    // statistics too), where w1 is the checkpoint the step wrote.
+    let d = 0.75f32;
+    let out = dir.path().join("m.safetensors");
+    let mut o = options(&out, Mode::Baseline, 1);
+    o.init = Some(init.clone());
+    o.ema = Some(f64::from(d));
+    train(&ds, &o, &Device::Cpu, &Task::new(), &mut |_| {}).unwrap();
+    let avg_path = fluoropose::train::ema_path(&out);
+    assert_eq!(avg_path, dir.path().join("m.ema.safetensors"));
+    let w1 = values(&UNet::load(&out, &Device::Cpu).unwrap());
+    let avg1 = UNet::load(&avg_path, &Device::Cpu).unwrap();
+    assert_eq!(avg1.config.card["training"]["averaged"], true);
+    assert_eq!(avg1.config.card["training"]["ema"], f64::from(d));
+    let blend = |a: &std::collections::HashMap<String, Vec<f32>>,
+                 b: &std::collections::HashMap<String, Vec<f32>>| {
+        a.iter()
+            .map(|(k, x)| {
+                let y = &b[k];
+                let v = x
+                    .iter()
+                    .zip(y)
+                    .map(|(x, y)| d * x + (1.0 - d) * y)
+                    .collect();
+                (k.clone(), v)
+            })
+            .collect::<std::collections::HashMap<_, Vec<f32>>>()
+    };
+    assert_tensors_close(&avg1, &blend(&w0, &w1), 1e-5, "after one step");
+    // The step moved the weights, so the average is neither end.
+    let moved = w0
+        .iter()
+        .any(|(k, x)| x.iter().zip(&w1[k]).any(|(a, b)| (a - b).abs() > 1e-4));
+    assert!(moved, "the step did not change the weights");
+    // Resumed for one more step, it continues the saved average (not a fresh one at w1).
+    let avg1v = values(&avg1);
+    o.max_steps = Some(2);
+    train(&ds, &o, &Device::Cpu, &Task::new(), &mut |_| {}).unwrap();
+    let w2 = values(&UNet::load(&out, &Device::Cpu).unwrap());
+    let avg2 = UNet::load(&avg_path, &Device::Cpu).unwrap();
+    assert_tensors_close(&avg2, &blend(&avg1v, &w2), 1e-5, "after resuming");
+    // A decay outside (0, 1) is refused before anything is trained.
+    o.ema = Some(1.0);
+    o.out = dir.path().join("bad.safetensors");
+    let e = train(&ds, &o, &Device::Cpu, &Task::new(), &mut |_| {}).unwrap_err();
+    assert!(e.to_string().contains("EMA decay"), "{e}");
+    assert!(!o.out.exists());
+}
+
 #[test]
 fn divergence_is_reported_and_not_written() {
     let dir = tempfile::tempdir().unwrap();

@@ -59,6 +59,20 @@ pub enum ModelRef {
     File(PathBuf),
 }
 
+/// The picker's (and the status bar's) name for a checkpoint: its file name, which fits beside
+/// the shipped networks' names; its whole path where another entry already has that name.
+fn checkpoint_label(path: &std::path::Path, models: &[(String, ModelRef)]) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string());
+    if models.iter().any(|(l, _)| *l == name) {
+        path.display().to_string()
+    } else {
+        name
+    }
+}
+
 /// When the Live tab refines poses against the CT.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RefineMode {
@@ -724,13 +738,14 @@ impl FluoroApp {
         if let Some(r) = finished {
             match r {
                 Ok(path) => {
-                    let name = path.display().to_string();
+                    let full = path.display().to_string();
+                    let label = checkpoint_label(&path, &self.models);
                     let entry = ModelRef::File(path);
                     if !self.models.iter().any(|(_, m)| *m == entry) {
-                        self.models.push((name.clone(), entry));
+                        self.models.push((label, entry));
                     }
                     self.toast(
-                        format!("training finished: {name} (pick it in Live)"),
+                        format!("training finished: {full} (pick it in Live)"),
                         false,
                     );
                 }

@@ -130,6 +130,10 @@ pub struct TrainArgs {
     /// Stop after this many steps.
     #[arg(long)]
     pub max_steps: Option<usize>,
+    /// Also keep an exponential moving average of the weights with this decay per step
+    /// (0.99: about the last 100 steps), written beside --out as NAME.ema.safetensors.
+    #[arg(long)]
+    pub ema: Option<f64>,
     /// Start from these weights (required for finetune).
     #[arg(long)]
     pub init: Option<PathBuf>,
@@ -355,6 +359,7 @@ fn train_options(a: &TrainArgs) -> Result<TrainOptions> {
         max_steps: a.max_steps,
         init: a.init.clone(),
         widen: a.widen,
+        ema: a.ema,
         out: a.out.clone(),
         config: ModelConfig {
             base_channels: a.base,
@@ -393,6 +398,12 @@ pub fn train(a: &TrainArgs) -> Result<()> {
                 s.images_per_s,
                 a.out.display()
             );
+            if a.ema.is_some() {
+                println!(
+                    "the weights' moving average -> {}",
+                    train::ema_path(&a.out).display()
+                );
+            }
             Ok(())
         }
         Err(e) => Err(e.into()),
@@ -917,6 +928,7 @@ pub fn experiment(a: &ExperimentArgs) -> Result<()> {
             lambda: 0.01,
             seed: 42,
             max_steps: None,
+            ema: None,
             init: (mode == "finetune").then(|| base_w.clone()),
             base: 8,
             widen: None,

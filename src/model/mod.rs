@@ -514,6 +514,25 @@ impl UNet {
         })
     }
 
+    /// A copy with variables of its own (the same weights and statistics, the same card):
+    /// training one leaves the other as it was.
+    pub fn duplicate(&self) -> Result<UNet, ModelError> {
+        let copy = Self::unseeded(self.config.clone(), &self.device)?;
+        let src = self.tensors();
+        let data = match copy.vars.data().lock() {
+            Ok(d) => d,
+            Err(p) => p.into_inner(),
+        };
+        for (name, var) in data.iter() {
+            let t = src.get(name).ok_or_else(|| {
+                ModelError::Config(format!("{name} is missing from the network to copy"))
+            })?;
+            var.set(t)?;
+        }
+        drop(data);
+        Ok(copy)
+    }
+
     /// The device the network lives on.
     pub fn device(&self) -> &Device {
         &self.device
