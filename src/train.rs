@@ -184,15 +184,22 @@ pub struct Ema {
 impl Ema {
     /// Starts the average at `net`'s weights.
     pub fn new(net: &UNet, decay: f64) -> Result<Self, TrainError> {
-        if !(decay > 0.0 && decay < 1.0) {
-            return Err(TrainError::Invalid(format!(
-                "the EMA decay must be between 0 and 1 (exclusive), not {decay}"
-            )));
-        }
+        Self::check_decay(decay)?;
         Ok(Self {
             decay,
             avg: net.duplicate()?,
         })
+    }
+
+    /// A decay in (0, 1): 0 would keep only the last weights, 1 only the first.
+    fn check_decay(decay: f64) -> Result<(), TrainError> {
+        if decay > 0.0 && decay < 1.0 {
+            Ok(())
+        } else {
+            Err(TrainError::Invalid(format!(
+                "the EMA decay must be between 0 and 1 (exclusive), not {decay}"
+            )))
+        }
     }
 
     /// Continues an average saved at `path` (a resumed run), or starts one at `net`'s weights
@@ -366,10 +373,8 @@ pub fn train(
             opts.mirror
         )));
     }
-    if let Some(d) = opts.ema.filter(|d| !(*d > 0.0 && *d < 1.0)) {
-        return Err(TrainError::Invalid(format!(
-            "the EMA decay must be between 0 and 1 (exclusive), not {d}"
-        )));
+    if let Some(d) = opts.ema {
+        Ema::check_decay(d)?;
     }
     if opts.mirror > 0.0 && opts.mode.uses_pose() {
         return Err(TrainError::Invalid(
