@@ -425,6 +425,7 @@ fn the_train_tab_trains_and_its_curve_grows() {
         f.max_steps = 3;
         f.batch = 2;
         f.out = dir.path().join("m.safetensors").display().to_string();
+        f.ema = true;
     }
     // A second dataset (here the same folder again) is trained on together with the first.
     h.get_by_label("+ another dataset").click();
@@ -449,14 +450,17 @@ fn the_train_tab_trains_and_its_curve_grows() {
             .any(|m| matches!(&m.1, ModelRef::File(p) if p.ends_with("m.safetensors")))
     });
     assert!(dir.path().join("m.safetensors").exists());
-    // Listed by its file name, short enough for the status bar, not by its temporary path.
-    let label = h
+    // Listed by file name, short enough for the status bar, not by the temporary path; the
+    // weights' moving average (asked for above) beside them.
+    let labels: Vec<String> = h
         .state()
         .models
         .iter()
-        .find(|m| matches!(&m.1, ModelRef::File(_)))
-        .map(|m| m.0.clone());
-    assert_eq!(label.as_deref(), Some("m.safetensors"));
+        .filter(|m| matches!(&m.1, ModelRef::File(_)))
+        .map(|m| m.0.clone())
+        .collect();
+    assert_eq!(labels, ["m.safetensors", "m.ema.safetensors"]);
+    assert!(dir.path().join("m.ema.safetensors").exists());
     let card: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("m.json")).unwrap()).unwrap();
     let used = card["card"]["training"]["data"].as_str().unwrap();

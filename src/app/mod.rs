@@ -357,8 +357,8 @@ pub struct TrainingRun {
     pub task: Task,
     /// Metrics so far.
     pub metrics: Arc<Mutex<Vec<Metric>>>,
-    /// Result when finished.
-    pub done: Receiver<Result<PathBuf, String>>,
+    /// Result when finished: the weights written (and their moving average, when kept).
+    pub done: Receiver<Result<Vec<PathBuf>, String>>,
     /// Output weights.
     pub out: PathBuf,
 }
@@ -379,6 +379,13 @@ pub struct TrainForm {
     pub lr: f64,
     /// Max steps (0: no limit).
     pub max_steps: usize,
+    /// Decay the learning rate along a half cosine to a hundredth.
+    pub cosine: bool,
+    /// Also keep a moving average of the weights ([`crate::train::Ema`]), listed beside them
+    /// when the run ends.
+    pub ema: bool,
+    /// Its decay per step.
+    pub ema_decay: f64,
     /// Output weights.
     pub out: String,
 }
@@ -393,6 +400,9 @@ impl Default for TrainForm {
             batch: 4,
             lr: 1e-4,
             max_steps: 0,
+            cosine: false,
+            ema: false,
+            ema_decay: 0.99,
             out: "models/finetuned.safetensors".into(),
         }
     }
@@ -737,12 +747,18 @@ impl FluoroApp {
         let finished = self.training.as_ref().and_then(|t| t.done.try_recv().ok());
         if let Some(r) = finished {
             match r {
-                Ok(path) => {
-                    let full = path.display().to_string();
-                    let label = checkpoint_label(&path, &self.models);
-                    let entry = ModelRef::File(path);
-                    if !self.models.iter().any(|(_, m)| *m == entry) {
-                        self.models.push((label, entry));
+                Ok(paths) => {
+                    let full = paths
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(" and ");
+                    for path in paths {
+                        let label = checkpoint_label(&path, &self.models);
+                        let entry = ModelRef::File(path);
+                        if !self.models.iter().any(|(_, m)| *m == entry) {
+                            self.models.push((label, entry));
+                        }
                     }
                     self.toast(
                         format!("training finished: {full} (pick it in Live)"),

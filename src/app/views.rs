@@ -1230,6 +1230,26 @@ pub fn train(app: &mut FluoroApp, ui: &mut egui::Ui) {
         ui.add(egui::DragValue::new(&mut f.max_steps))
             .labelled_by(l.id);
         ui.end_row();
+        ui.label("schedule");
+        ui.checkbox(&mut f.cosine, "half cosine to lr/100")
+            .on_hover_text("decay the learning rate over the run (train --cosine)");
+        ui.end_row();
+        ui.label("moving average");
+        ui.horizontal(|ui| {
+            ui.checkbox(&mut f.ema, "keep one").on_hover_text(
+                "also save an exponential moving average of the weights beside them, \
+                 NAME.ema.safetensors (train --ema); 0.99 averages about the last 100 steps",
+            );
+            let l = ui.label("decay");
+            ui.add_enabled(
+                f.ema,
+                egui::DragValue::new(&mut f.ema_decay)
+                    .speed(1e-3)
+                    .range(0.5..=0.9999),
+            )
+            .labelled_by(l.id);
+        });
+        ui.end_row();
         let l = ui.label("save to");
         ui.text_edit_singleline(&mut f.out).labelled_by(l.id);
         ui.end_row();
@@ -1300,6 +1320,8 @@ fn start_training(app: &mut FluoroApp) {
         batch: f.batch,
         lr: f.lr,
         max_steps: (f.max_steps > 0).then_some(f.max_steps),
+        cosine: f.cosine,
+        ema: f.ema.then_some(f.ema_decay),
         init,
         out: PathBuf::from(&f.out),
         config: crate::model::ModelConfig {
@@ -1323,7 +1345,13 @@ fn start_training(app: &mut FluoroApp) {
                 v.push(m.clone());
             }
         })
-        .map(|_| opts.out.clone())
+        .map(|_| {
+            let mut written = vec![opts.out.clone()];
+            if opts.ema.is_some() {
+                written.push(crate::train::ema_path(&opts.out));
+            }
+            written
+        })
         .map_err(|e| e.to_string());
         let _ = tx.send(r);
     });
