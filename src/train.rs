@@ -202,12 +202,22 @@ impl Ema {
         }
     }
 
-    /// Continues an average saved at `path` (a resumed run), or starts one at `net`'s weights
-    /// when there is none.
-    pub fn resume(path: &Path, net: &UNet, decay: f64) -> Result<Self, TrainError> {
+    /// Continues the average saved at `path` when it was written with the checkpoint being
+    /// resumed (its card's step count is `steps`); otherwise (none, a stale one of another
+    /// run, or one written just before a crash cut the checkpoint off) starts one at `net`'s
+    /// weights.
+    pub fn resume(path: &Path, net: &UNet, decay: f64, steps: usize) -> Result<Self, TrainError> {
         let mut ema = Self::new(net, decay)?;
         if path.exists() {
-            ema.avg = UNet::load(path, net.device())?;
+            let saved = UNet::load(path, net.device())?;
+            if saved.config.card["training"]["steps"].as_u64() == Some(steps as u64) {
+                ema.avg = saved;
+            } else {
+                log::warn!(
+                    "{} is not from step {steps}, where training resumes: the average starts again",
+                    path.display()
+                );
+            }
         }
         Ok(ema)
     }
@@ -415,8 +425,10 @@ pub fn train(
     check_datasets(data, &cfg, opts.mode)?;
     let ema = match opts.ema {
         // A resumed run continues its average; a fresh one starts it at the first weights.
-        Some(d) if resume.is_some() => Some(Ema::resume(&ema_path(&opts.out), &net, d)?),
-        Some(d) => Some(Ema::new(&net, d)?),
+        Some(d) => match &resume {
+            Some(r) => Some(Ema::resume(&ema_path(&opts.out), &net, d, r.steps_done)?),
+            None => Some(Ema::new(&net, d)?),
+        },
         None => None,
     };
     let train_set: Vec<Item> = data
@@ -601,9 +613,8 @@ pub fn train(
             }
         });
         if let Some(e) = &ema {
-            // The average first: a crash between the two leaves the state file (written last)
-            // pointing at the previous epoch, whose weights then resume with a newer average,
-            // which only weighs that epoch's steps twice.
+            // Written before the weights and the state file; a resumed run takes it only when
+            // its step count is the state's (`Ema::resume`).
             let mut avg_cfg = net_cfg.clone();
             avg_cfg.card["training"]["averaged"] = serde_json::json!(true);
             save_with_card(e.network(), avg_cfg, &ema_path(&opts.out))?;

@@ -302,11 +302,26 @@ fn the_weights_moving_average_is_kept_checkpointed_and_resumed() {
     assert!(moved, "the step did not change the weights");
     // Resumed for one more step, it continues the saved average (not a fresh one at w1).
     let avg1v = values(&avg1);
+    let stale = dir.path().join("stale");
+    std::fs::create_dir(&stale).unwrap();
+    for f in ["m.ema.safetensors", "m.ema.json"] {
+        std::fs::copy(dir.path().join(f), stale.join(f)).unwrap();
+    }
     o.max_steps = Some(2);
     train(&ds, &o, &Device::Cpu, &Task::new(), &mut |_| {}).unwrap();
     let w2 = values(&UNet::load(&out, &Device::Cpu).unwrap());
     let avg2 = UNet::load(&avg_path, &Device::Cpu).unwrap();
     assert_tensors_close(&avg2, &blend(&avg1v, &w2), 1e-5, "after resuming");
+    // An average that is not from the step being resumed (here step 1's, put back as if a
+    // crash had lost the later one) is not continued: the average starts again at w2.
+    for f in ["m.ema.safetensors", "m.ema.json"] {
+        std::fs::copy(stale.join(f), dir.path().join(f)).unwrap();
+    }
+    o.max_steps = Some(3);
+    train(&ds, &o, &Device::Cpu, &Task::new(), &mut |_| {}).unwrap();
+    let w3 = values(&UNet::load(&out, &Device::Cpu).unwrap());
+    let avg3 = UNet::load(&avg_path, &Device::Cpu).unwrap();
+    assert_tensors_close(&avg3, &blend(&w2, &w3), 1e-5, "after a stale average");
     // A decay outside (0, 1) is refused before anything is trained.
     o.ema = Some(1.0);
     o.out = dir.path().join("bad.safetensors");
