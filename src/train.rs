@@ -225,19 +225,13 @@ impl Ema {
     /// Folds `net`'s current weights into the average.
     pub fn update(&self, net: &UNet) -> Result<(), TrainError> {
         let current = net.tensors();
-        let data = match self.avg.vars.data().lock() {
-            Ok(d) => d,
-            Err(p) => p.into_inner(),
-        };
-        for (name, var) in data.iter() {
+        self.avg.set_vars(|name, avg| {
             let w = current.get(name).ok_or_else(|| {
                 TrainError::Invalid(format!("{name} is not in the network being averaged"))
             })?;
-            let next = (var.as_tensor().affine(self.decay, 0.0)?
-                + w.detach().affine(1.0 - self.decay, 0.0)?)?;
-            var.set(&next)?;
-        }
-        Ok(())
+            Ok((avg.as_tensor().affine(self.decay, 0.0)?
+                + w.detach().affine(1.0 - self.decay, 0.0)?)?)
+        })
     }
 
     /// The averaged network.

@@ -519,18 +519,29 @@ impl UNet {
     pub fn duplicate(&self) -> Result<UNet, ModelError> {
         let copy = Self::unseeded(self.config.clone(), &self.device)?;
         let src = self.tensors();
-        let data = match copy.vars.data().lock() {
+        copy.set_vars(|name, _| {
+            src.get(name).cloned().ok_or_else(|| {
+                ModelError::Config(format!("{name} is missing from the network to copy"))
+            })
+        })?;
+        Ok(copy)
+    }
+
+    /// Sets every variable, batch-norm statistics included, to what `value` makes of its name
+    /// and current value, under one lock of the variable map (values are copied in).
+    pub(crate) fn set_vars<E: From<candle_core::Error>>(
+        &self,
+        mut value: impl FnMut(&str, &Var) -> Result<Tensor, E>,
+    ) -> Result<(), E> {
+        let data = match self.vars.data().lock() {
             Ok(d) => d,
             Err(p) => p.into_inner(),
         };
         for (name, var) in data.iter() {
-            let t = src.get(name).ok_or_else(|| {
-                ModelError::Config(format!("{name} is missing from the network to copy"))
-            })?;
-            var.set(t)?;
+            let t = value(name, var)?;
+            var.set(&t)?;
         }
-        drop(data);
-        Ok(copy)
+        Ok(())
     }
 
     /// The device the network lives on.

@@ -197,17 +197,12 @@ pub fn widen(net: &UNet, base_channels: usize, seed: u64) -> Result<UNet, ModelE
     );
     out.insert("head.bias".into(), get("head.bias")?.0);
 
-    let data = match wide.vars.data().lock() {
-        Ok(d) => d,
-        Err(p) => p.into_inner(),
-    };
-    for (name, var) in data.iter() {
+    wide.set_vars(|name, var| {
         let v = out.remove(name).ok_or_else(|| {
             ModelError::Config(format!("widening does not know the tensor {name}"))
         })?;
-        var.set(&Tensor::from_vec(v, var.dims(), net.device())?)?;
-    }
-    drop(data);
+        Ok::<_, ModelError>(Tensor::from_vec(v, var.dims(), net.device())?)
+    })?;
     Ok(wide)
 }
 
