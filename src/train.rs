@@ -599,6 +599,7 @@ pub fn train(
                 "mode": opts.mode, "epochs_done": epochs_done, "steps": step,
                 "batch": opts.batch, "lr": opts.lr, "cosine": opts.cosine, "lambda": opts.lambda, "seed": opts.seed,
                 "mirror": opts.mirror, "widen": opts.widen, "ema": opts.ema,
+                "init": opts.init.as_ref().map(|p| p.display().to_string()),
                 "data": dirs(data),
                 "subjects": data.iter().flat_map(|d| &d.manifest.subjects).filter(|s| !s.held_out).map(|s| s.ct.clone()).collect::<Vec<_>>(),
                 "images": train_set.len(), "size": cfg.input_size,

@@ -426,6 +426,11 @@ fn the_train_tab_trains_and_its_curve_grows() {
         f.batch = 2;
         f.out = dir.path().join("m.safetensors").display().to_string();
         f.ema = true;
+        f.mirror = 0.5;
+        assert!(
+            f.from_live,
+            "the tab continues the Live tab's network by default"
+        );
     }
     // A second dataset (here the same folder again) is trained on together with the first.
     h.get_by_label("+ another dataset").click();
@@ -465,6 +470,13 @@ fn the_train_tab_trains_and_its_curve_grows() {
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("m.json")).unwrap()).unwrap();
     let used = card["card"]["training"]["data"].as_str().unwrap();
     assert_eq!(used.matches(" + ").count(), 1, "{used}");
+    // It continued the network the Live tab runs (a shipped one, written out to start from),
+    // with the tab's mirroring.
+    let init = card["card"]["training"]["init"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(init.contains("fluoropose-shipped-"), "init {init:?}");
+    assert_eq!(card["card"]["training"]["mirror"], 0.5);
 }
 
 /// Both embedded networks are in the Live tab's picker; the app starts on the one the compute

@@ -386,6 +386,13 @@ pub struct TrainForm {
     pub ema: bool,
     /// Its decay per step.
     pub ema_decay: f64,
+    /// Start from the network the Live tab runs (always, for finetune); a fresh network when
+    /// false.
+    pub from_live: bool,
+    /// λ of eq. 9 (composite mode).
+    pub lambda: f64,
+    /// Probability of mirroring each training image (baseline mode; `train --mirror`).
+    pub mirror: f64,
     /// Output weights.
     pub out: String,
 }
@@ -403,6 +410,9 @@ impl Default for TrainForm {
             cosine: false,
             ema: false,
             ema_decay: 0.99,
+            from_live: true,
+            lambda: crate::train::TrainOptions::default().lambda,
+            mirror: 0.0,
             out: "models/finetuned.safetensors".into(),
         }
     }

@@ -1210,6 +1210,48 @@ pub fn train(app: &mut FluoroApp, ui: &mut egui::Ui) {
             ui.selectable_value(&mut f.mode, Mode::PelOnly, "PEL only");
         });
         ui.end_row();
+        ui.label("start from");
+        let live = app
+            .models
+            .get(app.model_index)
+            .map_or_else(|| "none".to_string(), |m| m.0.clone());
+        let finetune = f.mode == Mode::Finetune;
+        let mut from_live = f.from_live || finetune;
+        ui.add_enabled(
+            !finetune,
+            egui::Checkbox::new(&mut from_live, format!("the Live tab's weights ({live})")),
+        )
+        .on_hover_text(
+            "continue training the network the Live tab runs (train --init); \
+             off: a fresh network. Finetune always starts from it.",
+        );
+        if !finetune {
+            f.from_live = from_live;
+        }
+        ui.end_row();
+        let l = ui.label("pose-loss weight λ");
+        ui.add_enabled(
+            f.mode == Mode::Composite,
+            egui::DragValue::new(&mut f.lambda)
+                .speed(1e-3)
+                .range(0.0..=10.0),
+        )
+        .labelled_by(l.id)
+        .on_hover_text("BCE + λ · pose loss (eq. 9; train --lambda); composite mode");
+        ui.end_row();
+        let l = ui.label("mirror");
+        ui.add_enabled(
+            f.mode == Mode::Baseline,
+            egui::DragValue::new(&mut f.mirror)
+                .speed(0.01)
+                .range(0.0..=1.0),
+        )
+        .labelled_by(l.id)
+        .on_hover_text(
+            "mirror each image left-right with this probability, its landmarks swapped left \
+             for right (train --mirror); baseline mode, since a mirror image has no pose of the CT",
+        );
+        ui.end_row();
         let l = ui.label("epochs");
         ui.add(egui::DragValue::new(&mut f.epochs).range(1..=1000))
             .labelled_by(l.id);
@@ -1300,8 +1342,9 @@ fn start_training(app: &mut FluoroApp) {
             return;
         }
     };
-    let init = match f.mode {
-        crate::train::Mode::Finetune => app.models.get(app.model_index).and_then(|m| match &m.1 {
+    let from_live = f.from_live || f.mode == crate::train::Mode::Finetune;
+    let init = if from_live {
+        app.models.get(app.model_index).and_then(|m| match &m.1 {
             super::ModelRef::File(p) => Some(p.clone()),
             // A shipped model as the starting point: write it out once.
             super::ModelRef::Shipped(w) => {
@@ -1311,11 +1354,25 @@ fn start_training(app: &mut FluoroApp) {
                     .and_then(|n| n.save(&p).ok())
                     .map(|_| p)
             }
-        }),
-        _ => None,
+        })
+    } else {
+        None
     };
+    if from_live && init.is_none() {
+        app.toast(
+            "the Live tab's weights could not be written out to train from",
+            true,
+        );
+        return;
+    }
     let opts = crate::train::TrainOptions {
         mode: f.mode,
+        lambda: f.lambda,
+        mirror: if f.mode == crate::train::Mode::Baseline {
+            f.mirror
+        } else {
+            0.0
+        },
         epochs: f.epochs,
         batch: f.batch,
         lr: f.lr,

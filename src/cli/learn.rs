@@ -15,9 +15,13 @@ use clap::Args;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Runs `work` while a progress bar follows `task`.
+/// Runs `work` while a progress bar follows `task`. Where stderr is not a terminal (a log of
+/// a background run), indicatif draws nothing, so plain progress lines are written instead.
 fn with_bar<T>(task: &Task, what: &str, work: impl FnOnce() -> T) -> T {
+    use std::io::IsTerminal;
     let pb = super::progress(0, what);
+    let mut log = (!std::io::stderr().is_terminal()).then(LogCadence::default);
+    let start = std::time::Instant::now();
     let done = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -28,6 +32,12 @@ fn with_bar<T>(task: &Task, what: &str, work: impl FnOnce() -> T) -> T {
                 if !m.is_empty() {
                     pb.set_message(format!("{what}: {m}"));
                 }
+                if let Some(log) = log.as_mut() {
+                    let elapsed = start.elapsed();
+                    if log.due(d, t, elapsed) {
+                        eprintln!("{}", progress_line(what, d, t, elapsed, &m));
+                    }
+                }
                 std::thread::sleep(Duration::from_millis(100));
             }
         });
@@ -36,6 +46,54 @@ fn with_bar<T>(task: &Task, what: &str, work: impl FnOnce() -> T) -> T {
         pb.finish_and_clear();
         out
     })
+}
+
+/// When a log gets a progress line: at each tenth of the work, and otherwise once a minute
+/// while the work moves, so that a long run's log shows it is alive without flooding.
+#[derive(Debug, Default)]
+struct LogCadence {
+    /// The last tenth logged, and when and at which count the last line was written.
+    tenth: u64,
+    last: Option<(Duration, u64)>,
+}
+
+impl LogCadence {
+    const QUIET: Duration = Duration::from_secs(60);
+
+    fn due(&mut self, done: u64, total: u64, elapsed: Duration) -> bool {
+        if total == 0 || done == 0 {
+            return false;
+        }
+        let tenth = (done.min(total) * 10) / total;
+        let moved = self.last.is_none_or(|(_, d)| d != done);
+        let quiet = self.last.is_none_or(|(t, _)| elapsed >= t + Self::QUIET);
+        let due = (tenth > self.tenth) || (moved && quiet);
+        if due {
+            self.tenth = self.tenth.max(tenth);
+            self.last = Some((elapsed, done));
+        }
+        due
+    }
+}
+
+/// `eval: 512/2025 (25%) 2m 31s, eta 7m 26s: loss 0.02`
+fn progress_line(what: &str, done: u64, total: u64, elapsed: Duration, msg: &str) -> String {
+    let pct = (done * 100).checked_div(total).unwrap_or(0);
+    let mmss = |d: Duration| format!("{}m {:02}s", d.as_secs() / 60, d.as_secs() % 60);
+    let eta = (done > 0 && done < total).then(|| {
+        let left = elapsed.as_secs_f64() * (total - done) as f64 / done as f64;
+        format!(", eta {}", mmss(Duration::from_secs_f64(left)))
+    });
+    let msg = if msg.is_empty() {
+        String::new()
+    } else {
+        format!(": {msg}")
+    };
+    format!(
+        "{what}: {done}/{total} ({pct}%) {}{}{msg}",
+        mmss(elapsed),
+        eta.unwrap_or_default()
+    )
 }
 
 /// The device training and inference run on: CUDA with the `cuda` feature when present.
@@ -982,4 +1040,42 @@ pub fn experiment(a: &ExperimentArgs) -> Result<()> {
         println!("  {m:10} {v:6.2} / {s:6.2}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_gets_a_line_each_tenth_and_once_a_minute_between() {
+        let s = Duration::from_secs;
+        let mut c = LogCadence::default();
+        assert!(!c.due(0, 100, s(0)), "nothing done yet");
+        assert!(c.due(1, 100, s(1)), "the first progress");
+        assert!(!c.due(5, 100, s(2)), "within the tenth and the minute");
+        assert!(c.due(10, 100, s(3)), "a tenth crossed");
+        assert!(!c.due(11, 100, s(30)));
+        assert!(c.due(12, 100, s(64)), "a minute since the last line");
+        assert!(!c.due(12, 100, s(200)), "a minute, but nothing moved");
+        assert!(
+            c.due(35, 100, s(201)),
+            "two tenths crossed at once: one line"
+        );
+        assert!(!c.due(36, 100, s(202)));
+        assert!(c.due(100, 100, s(300)), "the end");
+        assert!(!c.due(5, 0, s(400)), "an unknown total");
+    }
+
+    #[test]
+    fn a_progress_line_gives_count_share_time_and_eta() {
+        let s = Duration::from_secs;
+        assert_eq!(
+            progress_line("eval", 500, 2000, s(150), "loss 0.02"),
+            "eval: 500/2000 (25%) 2m 30s, eta 7m 30s: loss 0.02"
+        );
+        assert_eq!(
+            progress_line("train", 10, 10, s(61), ""),
+            "train: 10/10 (100%) 1m 01s"
+        );
+    }
 }
