@@ -50,7 +50,9 @@ impl Mode {
     fn uses_seg(self) -> bool {
         matches!(self, Self::Baseline | Self::Composite)
     }
-    fn uses_pose(self) -> bool {
+    /// Whether the pose loss (eq. 10) is part of the loss: every mode but baseline. Mirrored
+    /// images are refused then, since a mirror image has no pose of the CT.
+    pub fn uses_pose(self) -> bool {
         !matches!(self, Self::Baseline)
     }
 }

@@ -1241,7 +1241,7 @@ pub fn train(app: &mut FluoroApp, ui: &mut egui::Ui) {
         ui.end_row();
         let l = ui.label("mirror");
         ui.add_enabled(
-            f.mode == Mode::Baseline,
+            !f.mode.uses_pose(),
             egui::DragValue::new(&mut f.mirror)
                 .speed(0.01)
                 .range(0.0..=1.0),
@@ -1368,11 +1368,7 @@ fn start_training(app: &mut FluoroApp) {
     let opts = crate::train::TrainOptions {
         mode: f.mode,
         lambda: f.lambda,
-        mirror: if f.mode == crate::train::Mode::Baseline {
-            f.mirror
-        } else {
-            0.0
-        },
+        mirror: if !f.mode.uses_pose() { f.mirror } else { 0.0 },
         epochs: f.epochs,
         batch: f.batch,
         lr: f.lr,
