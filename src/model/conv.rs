@@ -248,13 +248,34 @@ fn conv3x3_item(
     }
 }
 
-/// Output channels per block of the direct convolution (accumulators in registers).
-const CO_BLOCK: usize = 8;
+/// The block of accumulators the direct convolution keeps in vector registers, per
+/// instruction set: `CO` output channels x `J` vectors of one output row, so `CO J`
+/// accumulators, `J` input vectors and one broadcast weight live in the register file.
+/// AVX-512 has 32 registers: 8 x 2. AVX2 has 16: there the 8 x 2 block spilled accumulators
+/// to the stack on every step and ran slower than the GEMMs (the shipped network's forward
+/// 90-107 ms, 75 ms with no direct kernels, on a 2-core AVX2 EPYC); 4 x 3 still spilled
+/// (65 ms); 4 x 2 keeps 11 registers live (38-50 ms) and pads no channel count that is a
+/// multiple of 4, where 6 x 2 (41-48 ms) pads the 8-channel network's top level by half.
+#[cfg(target_arch = "x86_64")]
+mod block {
+    /// AVX-512: output channels per block.
+    pub const AVX512_CO: usize = 8;
+    /// AVX-512: vectors of columns per block.
+    pub const AVX512_J: usize = 2;
+    /// AVX2: output channels per block.
+    pub const AVX2_CO: usize = 4;
+    /// AVX2: vectors of columns per block.
+    pub const AVX2_J: usize = 2;
+}
+
+/// Fewer output channels than this (the input gradient of a 1-channel input) would mostly
+/// compute the zeros that pad a block.
+const DIRECT_MIN_COUT: usize = 4;
 
 /// The weights of a convolution laid out for the direct kernel, where it applies (x86-64 with
 /// AVX2 and FMA, images at least [`CONV_DIRECT_MIN_WIDTH`] wide): `[ci][tap][co]` with `co`
-/// padded to whole blocks of [`CO_BLOCK`] with zeros, so that a block's weights for one
-/// `(ci, tap)` are adjacent; the bias padded the same way.
+/// padded to whole blocks of output channels (`co_block`, per instruction set) with zeros, so
+/// that a block's weights for one `(ci, tap)` are adjacent; the bias padded the same way.
 struct DirectWeights {
     lanes: usize,
     w2: Vec<f32>,
@@ -263,18 +284,21 @@ struct DirectWeights {
 
 impl DirectWeights {
     fn new(wt: &[f32], bias: Option<&[f32]>, s: ConvShape) -> Option<Self> {
-        let lanes = direct_lanes()?;
-        // Fewer than half a block of output channels (the input gradient of a 1-channel input)
-        // would mostly compute zeros.
+        Self::with_lanes(wt, bias, s, direct_lanes()?)
+    }
+
+    /// The layout for the kernel of `lanes` (16: AVX-512, 8: AVX2), which the caller has
+    /// checked this CPU runs.
+    fn with_lanes(wt: &[f32], bias: Option<&[f32]>, s: ConvShape, lanes: usize) -> Option<Self> {
         if s.w < CONV_DIRECT_MIN_WIDTH.max(2 * lanes)
             || s.h == 0
             || s.cin == 0
-            || s.cout < CO_BLOCK / 2
+            || s.cout < DIRECT_MIN_COUT
         {
             return None;
         }
         assert_eq!(wt.len(), s.cout * s.cin * 9, "conv3x3: weight size");
-        let coutp = s.cout.div_ceil(CO_BLOCK) * CO_BLOCK;
+        let coutp = s.cout.div_ceil(co_block(lanes)) * co_block(lanes);
         let mut w2 = vec![0.0f32; s.cin * 9 * coutp];
         for co in 0..s.cout {
             for ci in 0..s.cin {
@@ -291,11 +315,29 @@ impl DirectWeights {
     }
 }
 
-/// The direct convolution of one padded batch item into `dst` (`cout x h x w`). For `8 output
-/// channels x 2 vectors of columns` of one row the accumulators stay in registers while the
-/// loop runs over input channels and taps: each step loads 2 shifted input vectors and
-/// broadcasts 8 weights for 16 FMAs, where the GEMM formulation of a few-channel layer spends
-/// much of its time packing operands.
+/// Output channels per block of the direct convolution for vectors of `lanes` f32.
+fn co_block(lanes: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if lanes == 16 {
+            block::AVX512_CO
+        } else {
+            block::AVX2_CO
+        }
+    }
+    // `direct_lanes` is `None` elsewhere, so this is never asked there.
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = lanes;
+        DIRECT_MIN_COUT
+    }
+}
+
+/// The direct convolution of one padded batch item into `dst` (`cout x h x w`). For a block of
+/// output channels x vectors of columns of one row the accumulators stay in registers while
+/// the loop runs over input channels and taps: each step loads the shifted input vectors and
+/// broadcasts one weight per channel of the block, where the GEMM formulation of a few-channel
+/// layer spends much of its time packing operands.
 fn conv_direct(xp: &[f32], d: &DirectWeights, relu: bool, s: ConvShape, dst: &mut [f32]) {
     assert_eq!(dst.len(), s.cout * s.h * s.w, "conv3x3: output size");
     let out = SharedOut(dst.as_mut_ptr(), dst.len());
@@ -338,7 +380,9 @@ fn conv_rows_avx512(
     rows: std::ops::Range<usize>,
     out: &SharedOut,
 ) {
-    conv_rows::<simd::Avx512>(xp, w2, b2, relu, s, rows, out);
+    conv_rows::<simd::Avx512, { block::AVX512_CO }, { block::AVX512_J }>(
+        xp, w2, b2, relu, s, rows, out,
+    );
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -352,13 +396,14 @@ fn conv_rows_avx2(
     rows: std::ops::Range<usize>,
     out: &SharedOut,
 ) {
-    conv_rows::<simd::Avx2>(xp, w2, b2, relu, s, rows, out);
+    conv_rows::<simd::Avx2, { block::AVX2_CO }, { block::AVX2_J }>(xp, w2, b2, relu, s, rows, out);
 }
 
-/// Rows `rows` of every output channel of the direct convolution.
+/// Rows `rows` of every output channel of the direct convolution, in blocks of `CO` output
+/// channels x `J` vectors of columns, then single vectors, then single columns.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn conv_rows<S: simd::Lanes>(
+fn conv_rows<S: simd::Lanes, const CO: usize, const J: usize>(
     xp: &[f32],
     w2: &[f32],
     b2: &[f32],
@@ -374,25 +419,28 @@ fn conv_rows<S: simd::Lanes>(
     // channels < cout.
     assert!(xp.len() >= s.cin * plane && w2.len() == s.cin * 9 * coutp);
     assert!(rows.end <= s.h && out.1 == s.cout * hw && coutp >= s.cout);
-    let tail = s.w / S::L * S::L;
+    assert!(
+        coutp.is_multiple_of(CO),
+        "conv3x3: weights padded to blocks"
+    );
     for y in rows {
-        for cb in (0..coutp).step_by(CO_BLOCK) {
+        for cb in (0..coutp).step_by(CO) {
             let mut j = 0;
-            while j + 2 * S::L <= s.w {
-                // SAFETY: bounds as asserted above (j + 2L <= w).
-                let acc = unsafe { conv_block::<S, 2>(xp, w2, coutp, s, cb, y, j) };
-                store_block::<S, 2>(acc, b2, relu, s, cb, y, j, out);
-                j += 2 * S::L;
+            while j + J * S::L <= s.w {
+                // SAFETY: bounds as asserted above (j + J L <= w).
+                let acc = unsafe { conv_block::<S, CO, J>(xp, w2, coutp, s, cb, y, j) };
+                store_block::<S, CO, J>(acc, b2, relu, s, cb, y, j, out);
+                j += J * S::L;
             }
-            if j < tail {
+            while j + S::L <= s.w {
                 // SAFETY: as above (j + L <= w).
-                let acc = unsafe { conv_block::<S, 1>(xp, w2, coutp, s, cb, y, j) };
-                store_block::<S, 1>(acc, b2, relu, s, cb, y, j, out);
+                let acc = unsafe { conv_block::<S, CO, 1>(xp, w2, coutp, s, cb, y, j) };
+                store_block::<S, CO, 1>(acc, b2, relu, s, cb, y, j, out);
                 j += S::L;
             }
             // Columns past the last whole vector.
             for x in j..s.w {
-                for co in cb..(cb + CO_BLOCK).min(s.cout) {
+                for co in cb..(cb + CO).min(s.cout) {
                     let mut v = b2[co];
                     for ci in 0..s.cin {
                         for tap in 0..9 {
@@ -410,15 +458,15 @@ fn conv_rows<S: simd::Lanes>(
     }
 }
 
-/// The accumulators of `CO_BLOCK` output channels from `cb` x `J` vectors of columns from `j`
-/// of row `y`, summed over every input channel and tap.
+/// The accumulators of `CO` output channels from `cb` x `J` vectors of columns from `j` of
+/// row `y`, summed over every input channel and tap.
 ///
 /// # Safety
-/// The CPU has the features of `S`; `j + J L <= w`, `y < h`, `cb + CO_BLOCK <= coutp`, and
-/// `xp`, `w2` are as [`conv_rows`] asserts.
+/// The CPU has the features of `S`; `j + J L <= w`, `y < h`, `cb + CO <= coutp`, and `xp`,
+/// `w2` are as [`conv_rows`] asserts.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn conv_block<S: simd::Lanes, const J: usize>(
+unsafe fn conv_block<S: simd::Lanes, const CO: usize, const J: usize>(
     xp: &[f32],
     w2: &[f32],
     coutp: usize,
@@ -426,11 +474,11 @@ unsafe fn conv_block<S: simd::Lanes, const J: usize>(
     cb: usize,
     y: usize,
     j: usize,
-) -> [[S::V; J]; CO_BLOCK] {
+) -> [[S::V; J]; CO] {
     let (wp, plane) = (s.w + 2, s.padded_plane());
     unsafe {
         let zero = S::splat(0.0);
-        let mut acc = [[zero; J]; CO_BLOCK];
+        let mut acc = [[zero; J]; CO];
         let (xq, wq) = (xp.as_ptr(), w2.as_ptr());
         for ci in 0..s.cin {
             for ky in 0..3 {
@@ -458,8 +506,8 @@ unsafe fn conv_block<S: simd::Lanes, const J: usize>(
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn store_block<S: simd::Lanes, const J: usize>(
-    acc: [[S::V; J]; CO_BLOCK],
+fn store_block<S: simd::Lanes, const CO: usize, const J: usize>(
+    acc: [[S::V; J]; CO],
     b2: &[f32],
     relu: bool,
     s: ConvShape,
@@ -1313,6 +1361,76 @@ mod tests {
                     "{name} gradient {i}: {}",
                     max_rel(&a, &b)
                 );
+            }
+        }
+    }
+
+    /// Every direct convolution kernel this CPU can run (AVX2, and AVX-512 where present)
+    /// equals the GEMM formulation, with bias and ReLU, on shapes that end in a partial block
+    /// of output channels, a single vector and single columns.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn each_direct_convolution_kernel_matches_the_gemms() {
+        let mut kernels = Vec::new();
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            kernels.push(8);
+        }
+        if is_x86_feature_detected!("avx512f") {
+            kernels.push(16);
+        }
+        if kernels.is_empty() {
+            eprintln!("no AVX2/FMA here: no direct kernel runs, nothing to compare");
+            return;
+        }
+        for lanes in kernels {
+            for (i, &(cin, cout, h, w)) in [
+                (5, 10, 3, 45),
+                (12, 12, 4, 64),
+                (1, 8, 5, 33),
+                (3, 6, 2, 90),
+            ]
+            .iter()
+            .enumerate()
+            {
+                let s = ConvShape {
+                    batch: 1,
+                    cin,
+                    cout,
+                    h,
+                    w,
+                };
+                let xp = pad(&rand(cin * h * w, 500 + i as u64), cin, h, w);
+                let wt = rand(cout * cin * 9, 600 + i as u64);
+                let bias = rand(cout, 700 + i as u64);
+                let direct = DirectWeights::with_lanes(&wt, Some(&bias), s, lanes)
+                    .expect("wide enough for the direct kernel");
+                let (mut a, mut b) = (vec![0.0; cout * h * w], vec![0.0; cout * h * w]);
+                conv3x3_item(
+                    &xp,
+                    &wt,
+                    Some(&bias),
+                    true,
+                    s,
+                    Some(&direct),
+                    &mut Vec::new(),
+                    &mut a,
+                );
+                conv3x3_item(
+                    &xp,
+                    &wt,
+                    Some(&bias),
+                    true,
+                    s,
+                    None,
+                    &mut Vec::new(),
+                    &mut b,
+                );
+                assert!(
+                    max_rel(&a, &b) < 1e-5,
+                    "{lanes} lanes, {s:?}: {}",
+                    max_rel(&a, &b)
+                );
+                assert!(a.iter().any(|v| *v > 0.0) && a.contains(&0.0));
             }
         }
     }
