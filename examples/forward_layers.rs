@@ -1,0 +1,70 @@
+//! Times every 3x3 convolution of the shipped network (base 12, depth 5, 256² input) at batch N
+//! with bias and ReLU, as the fused inference network runs them, and their sum:
+//! `cargo run --release --example forward_layers [N]`. Medians of 21. Compare the formulations
+//! with `FLUOROPOSE_NO_WINOGRAD=1` and `FLUOROPOSE_NO_DIRECT_KERNELS=1`.
+use fluoropose::model::conv::{ConvShape, conv3x3};
+use std::time::Instant;
+
+fn main() {
+    let widths = [12usize, 24, 48, 96, 192];
+    // (input channels, output channels, size): the encoder, then the decoder from the bottom,
+    // whose first convolution takes the upsampled level below and the skip.
+    let mut shapes = Vec::new();
+    for (i, &c) in widths.iter().enumerate() {
+        let size = 256 >> i;
+        let cin = if i == 0 { 1 } else { widths[i - 1] };
+        shapes.push((cin, c, size));
+        shapes.push((c, c, size));
+    }
+    for j in (0..widths.len() - 1).rev() {
+        let size = 256 >> j;
+        shapes.push((widths[j + 1] + widths[j], widths[j], size));
+        shapes.push((widths[j], widths[j], size));
+    }
+    let batch: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1);
+    let (mut total_ms, mut total_gflop) = (0.0, 0.0);
+    for &(cin, cout, size) in &shapes {
+        let s = ConvShape {
+            batch,
+            cin,
+            cout,
+            h: size,
+            w: size,
+        };
+        let x: Vec<f32> = (0..batch * cin * size * size)
+            .map(|i| (i % 17) as f32 / 17.0 - 0.3)
+            .collect();
+        let w: Vec<f32> = (0..cout * cin * 9)
+            .map(|i| ((i % 13) as f32 / 13.0 - 0.5) / cin as f32)
+            .collect();
+        let bias = vec![0.1f32; cout];
+        let run = || {
+            std::hint::black_box(conv3x3(&x, &w, Some(&bias), true, s));
+        };
+        run();
+        let mut v: Vec<f64> = (0..21)
+            .map(|_| {
+                let t = Instant::now();
+                run();
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        v.sort_by(f64::total_cmp);
+        let ms = v[10];
+        let gflop = 2.0 * (batch * cin * cout * 9 * size * size) as f64 / 1e9;
+        total_ms += ms;
+        total_gflop += gflop;
+        println!(
+            "{cin:>4} -> {cout:<4} {size:>3}²: {ms:6.2} ms, {:5.1} GFLOP/s",
+            gflop / ms * 1e3
+        );
+    }
+    println!(
+        "all {} convolutions: {total_ms:.1} ms, {:.1} GFLOP/s",
+        shapes.len(),
+        total_gflop / total_ms * 1e3
+    );
+}

@@ -1,0 +1,249 @@
+//! Winograd's minimal filtering F(2x2, 3x3) (Lavin and Gray, "Fast Algorithms for
+//! Convolutional Neural Networks", 2016) for the U-Net's deep levels.
+//!
+//! Each 2x2 block of outputs (a *tile*) is computed from the 4x4 padded input patch under it:
+//! `Y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d B) ] A`. The element-wise product, summed over input channels,
+//! is 16 independent GEMMs `M_ξ (cout x tiles) = U_ξ (cout x cin) · V_ξ (cin x tiles)`, one per
+//! element ξ of the 4x4 transformed patch: 16 multiplications per 4 outputs against 36, so
+//! 2.25x less arithmetic than the direct convolution. The transforms cost additions and memory
+//! traffic (the transformed input is 4x the input), which pays off only where the channels are
+//! many and the images small: on the 2-core AVX2 EPYC, 288 -> 96 channels at 32² took 4.0-4.7
+//! ms against 6.4-8.2 ms for the direct kernel and 192 -> 192 at 16² 1.8-2.1 against 2.4-3.8,
+//! while 12 -> 12 at 256² took 7-9 ms against 4.5-6 (`examples/conv_profile`). See
+//! [`applies`] for where it runs.
+//!
+//! The tiles are processed in bands of tile rows small enough for the transformed input and
+//! products of a band to stay in the core's L2 cache; bands run in parallel, each with serial
+//! GEMMs.
+
+use super::{ConvShape, SharedOut, gemm_strided, serial};
+use rayon::prelude::*;
+
+/// Fewer input channels than this stay with the direct kernel or the 9-GEMM formulation: the
+/// transforms' memory traffic outweighs the saved multiplications (measured above).
+const MIN_CIN: usize = 96;
+
+/// Wider images than this stay with the direct kernel (the transforms are memory-bound there).
+const MAX_WIDTH: usize = 64;
+
+/// Tiles per band: the GEMMs' `n`. At 64 the transformed input of a 288-channel band is 1.2 MB.
+const BAND_TILES: usize = 64;
+
+/// Whether F(2x2, 3x3) runs for `s`: even sizes (whole tiles), enough input channels, a small
+/// enough image, and not switched off with `FLUOROPOSE_NO_WINOGRAD` (for comparisons).
+pub(super) fn applies(s: ConvShape) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    s.h >= 2
+        && s.w >= 2
+        && s.h.is_multiple_of(2)
+        && s.w.is_multiple_of(2)
+        && s.w <= MAX_WIDTH
+        && s.cin >= MIN_CIN
+        && s.cout > 0
+        && !*OFF.get_or_init(|| std::env::var_os("FLUOROPOSE_NO_WINOGRAD").is_some())
+}
+
+/// The transformed kernel `U = G g Gᵀ` of every (output, input) channel pair, stored as 16
+/// matrices `U_ξ` of `cout x cin` (row-major), ξ = 4 i + j over the 4x4 transformed tap.
+pub(super) struct WinogradWeights {
+    u: Vec<f32>,
+}
+
+impl WinogradWeights {
+    /// From OIHW weights `wt` (`cout x cin x 3 x 3`), where [`applies`] holds for `s`.
+    pub(super) fn new(wt: &[f32], s: ConvShape) -> Option<Self> {
+        if !applies(s) {
+            return None;
+        }
+        assert_eq!(wt.len(), s.cout * s.cin * 9, "conv3x3: weight size");
+        let (cin, cout) = (s.cin, s.cout);
+        let mut u = vec![0.0f32; 16 * cout * cin];
+        // G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]].
+        let g_rows = |a: f32, b: f32, c: f32| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
+        for co in 0..cout {
+            for ci in 0..cin {
+                let g = &wt[(co * cin + ci) * 9..][..9];
+                // G g: 4 x 3, by columns.
+                let cols: [[f32; 4]; 3] = std::array::from_fn(|c| g_rows(g[c], g[3 + c], g[6 + c]));
+                for i in 0..4 {
+                    // (G g) Gᵀ: row i of G g, transformed the same way.
+                    let row = g_rows(cols[0][i], cols[1][i], cols[2][i]);
+                    for (j, v) in row.into_iter().enumerate() {
+                        u[((i * 4 + j) * cout + co) * cin + ci] = v;
+                    }
+                }
+            }
+        }
+        Some(Self { u })
+    }
+}
+
+/// Per-band buffers, reused by each task of the pool.
+#[derive(Default)]
+struct Scratch {
+    /// `Bᵀ d B`: 16 x cin x tiles.
+    v: Vec<f32>,
+    /// The products `U_ξ V_ξ`: 16 x cout x tiles.
+    m: Vec<f32>,
+    /// `Bᵀ d` of one tile row of one channel: 4 rows of the padded width.
+    rows: Vec<f32>,
+    /// `Aᵀ M` of one output channel: 2 x 4 x tiles, then the outputs 2 x 2 x tiles.
+    half: Vec<f32>,
+    out: Vec<f32>,
+}
+
+/// The convolution of one padded batch item `xp` (`cin x (h+2)(w+2)`, as `pad` makes it) into
+/// `dst` (`cout x h x w`), with `bias` (per output channel) and ReLU.
+pub(super) fn conv(
+    xp: &[f32],
+    wg: &WinogradWeights,
+    bias: Option<&[f32]>,
+    relu: bool,
+    s: ConvShape,
+    dst: &mut [f32],
+) {
+    let (th, tw) = (s.h / 2, s.w / 2);
+    assert!(
+        xp.len() >= s.cin * s.padded_plane(),
+        "winograd: padded input size"
+    );
+    assert_eq!(dst.len(), s.cout * s.h * s.w, "winograd: output size");
+    assert_eq!(wg.u.len(), 16 * s.cout * s.cin, "winograd: weight size");
+    if let Some(b) = bias {
+        assert_eq!(b.len(), s.cout, "winograd: bias size");
+    }
+    let out = SharedOut(dst.as_mut_ptr(), dst.len());
+    let parallel = !super::SERIAL_GEMM.with(|c| c.get());
+    let threads = if parallel {
+        rayon::current_num_threads().max(1)
+    } else {
+        1
+    };
+    // At least one band per thread, else bands of about BAND_TILES tiles.
+    let band = (BAND_TILES / tw).clamp(1, th.div_ceil(threads).max(1));
+    let bands = th.div_ceil(band);
+    let run = |scratch: &mut Scratch, b: usize| {
+        let rows = b * band..((b + 1) * band).min(th);
+        serial(|| band_conv(xp, wg, bias, relu, s, rows, scratch, &out));
+    };
+    if parallel {
+        (0..bands)
+            .into_par_iter()
+            .for_each_init(Scratch::default, |sc, b| run(sc, b));
+    } else {
+        let mut sc = Scratch::default();
+        (0..bands).for_each(|b| run(&mut sc, b));
+    }
+}
+
+/// Tile rows `rows` (output rows `2 rows.start .. 2 rows.end`) of every output channel.
+#[allow(clippy::too_many_arguments)]
+fn band_conv(
+    xp: &[f32],
+    wg: &WinogradWeights,
+    bias: Option<&[f32]>,
+    relu: bool,
+    s: ConvShape,
+    rows: std::ops::Range<usize>,
+    sc: &mut Scratch,
+    out: &SharedOut,
+) {
+    let (cin, cout, wp, plane) = (s.cin, s.cout, s.w + 2, s.padded_plane());
+    let tw = s.w / 2;
+    let tb = rows.len() * tw;
+    sc.v.resize(16 * cin * tb, 0.0);
+    sc.m.resize(16 * cout * tb, 0.0);
+    sc.rows.resize(4 * wp, 0.0);
+    sc.half.resize(8 * tb, 0.0);
+    sc.out.resize(2 * tb, 0.0);
+
+    // V = Bᵀ d B, Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]: first down
+    // the 4 input rows under a tile row (whole rows, vectorisable), then across each tile.
+    for ci in 0..cin {
+        for (k, ty) in rows.clone().enumerate() {
+            let r = |i: usize| &xp[ci * plane + (2 * ty + i) * wp..][..wp];
+            let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
+            let (t0, rest) = sc.rows.split_at_mut(wp);
+            let (t1, rest) = rest.split_at_mut(wp);
+            let (t2, t3) = rest.split_at_mut(wp);
+            for x in 0..wp {
+                t0[x] = r0[x] - r2[x];
+                t1[x] = r1[x] + r2[x];
+                t2[x] = r2[x] - r1[x];
+                t3[x] = r1[x] - r3[x];
+            }
+            for (i, t) in [&*t0, &*t1, &*t2, &*t3].into_iter().enumerate() {
+                let at = |j: usize| ((i * 4 + j) * cin + ci) * tb + k * tw;
+                let (v, rest) = sc.v.split_at_mut(at(1));
+                let v0 = &mut v[at(0)..][..tw];
+                let (v1, rest) = rest.split_at_mut(at(2) - at(1));
+                let (v2, v3) = rest.split_at_mut(at(3) - at(2));
+                for tx in 0..tw {
+                    let d = &t[2 * tx..2 * tx + 4];
+                    v0[tx] = d[0] - d[2];
+                    v1[tx] = d[1] + d[2];
+                    v2[tx] = d[2] - d[1];
+                    v3[tx] = d[1] - d[3];
+                }
+            }
+        }
+    }
+
+    // M_ξ = U_ξ · V_ξ.
+    for xi in 0..16 {
+        gemm_strided(
+            (cout, tb, cin),
+            &mut sc.m[xi * cout * tb..(xi + 1) * cout * tb],
+            tb,
+            false,
+            &wg.u[xi * cout * cin..(xi + 1) * cout * cin],
+            (cin, 1),
+            &sc.v[xi * cin * tb..(xi + 1) * cin * tb],
+            (tb, 1),
+        );
+    }
+
+    // Y = Aᵀ M A, Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]], plus bias and ReLU, into the output rows.
+    let (h, w) = (s.h, s.w);
+    for co in 0..cout {
+        let m = |xi: usize| &sc.m[(xi * cout + co) * tb..][..tb];
+        // Aᵀ M: rows 0 and 1 (of the 2 x 4 result) for each column j.
+        for j in 0..4 {
+            let (a, b, c, d) = (m(j), m(4 + j), m(8 + j), m(12 + j));
+            let (p, q) = sc.half.split_at_mut(4 * tb);
+            let (p, q) = (&mut p[j * tb..][..tb], &mut q[j * tb..][..tb]);
+            for k in 0..tb {
+                p[k] = a[k] + b[k] + c[k];
+                q[k] = b[k] - c[k] - d[k];
+            }
+        }
+        let bv = bias.map_or(0.0, |b| b[co]);
+        let act = |v: f32| if relu { v.max(0.0) } else { v };
+        for r in 0..2 {
+            let half = &sc.half[r * 4 * tb..][..4 * tb];
+            let (a, b, c, d) = (
+                &half[..tb],
+                &half[tb..2 * tb],
+                &half[2 * tb..3 * tb],
+                &half[3 * tb..],
+            );
+            let (even, odd) = sc.out.split_at_mut(tb);
+            for k in 0..tb {
+                even[k] = act(a[k] + b[k] + c[k] + bv);
+                odd[k] = act(b[k] - c[k] - d[k] + bv);
+            }
+            for (k, ty) in rows.clone().enumerate() {
+                let y = 2 * ty + r;
+                // SAFETY: co < cout, y < h: the row lies inside `out` (`cout x h x w`), and
+                // only the band of tile row `ty` writes it.
+                let row =
+                    unsafe { std::slice::from_raw_parts_mut(out.0.add(co * h * w + y * w), w) };
+                let (e, o) = (&even[k * tw..][..tw], &odd[k * tw..][..tw]);
+                for tx in 0..tw {
+                    row[2 * tx] = e[tx];
+                    row[2 * tx + 1] = o[tx];
+                }
+            }
+        }
+    }
+}
