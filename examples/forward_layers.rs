@@ -1,32 +1,36 @@
 //! Times every 3x3 convolution of the shipped network (base 12, depth 5, 256² input) at batch N
 //! with bias and ReLU, as the fused inference network runs them, and their sum:
 //! `cargo run --release --example forward_layers [N]`. Medians of 21. Compare the formulations
-//! with `FLUOROPOSE_NO_WINOGRAD=1` and `FLUOROPOSE_NO_DIRECT_KERNELS=1`.
-use fluoropose::model::conv::{ConvShape, conv3x3};
+//! with `FLUOROPOSE_NO_WINOGRAD=1`, `FLUOROPOSE_NO_POLYPHASE=1` and
+//! `FLUOROPOSE_NO_DIRECT_KERNELS=1`. The decoder's first convolutions run as the fused network
+//! runs them: over the level below upsampled and concatenated with the skip.
+use candle_core::{Device, Tensor};
+use fluoropose::model::conv::{ConvShape, HostKernel, UpCatConv, conv3x3};
 use std::time::Instant;
 
 fn main() {
     let widths = [12usize, 24, 48, 96, 192];
     // (input channels, output channels, size): the encoder, then the decoder from the bottom,
     // whose first convolution takes the upsampled level below and the skip.
+    // The last field: the channels of the upsampled level below (0: a plain convolution).
     let mut shapes = Vec::new();
     for (i, &c) in widths.iter().enumerate() {
         let size = 256 >> i;
         let cin = if i == 0 { 1 } else { widths[i - 1] };
-        shapes.push((cin, c, size));
-        shapes.push((c, c, size));
+        shapes.push((cin, c, size, 0));
+        shapes.push((c, c, size, 0));
     }
     for j in (0..widths.len() - 1).rev() {
         let size = 256 >> j;
-        shapes.push((widths[j + 1] + widths[j], widths[j], size));
-        shapes.push((widths[j], widths[j], size));
+        shapes.push((widths[j + 1] + widths[j], widths[j], size, widths[j + 1]));
+        shapes.push((widths[j], widths[j], size, 0));
     }
     let batch: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(1);
     let (mut total_ms, mut total_gflop) = (0.0, 0.0);
-    for &(cin, cout, size) in &shapes {
+    for &(cin, cout, size, low) in &shapes {
         let s = ConvShape {
             batch,
             cin,
@@ -41,8 +45,29 @@ fn main() {
             .map(|i| ((i % 13) as f32 / 13.0 - 0.5) / cin as f32)
             .collect();
         let bias = vec![0.1f32; cout];
-        let run = || {
-            std::hint::black_box(conv3x3(&x, &w, Some(&bias), true, s));
+        let upcat = (low > 0).then(|| {
+            let dev = Device::Cpu;
+            let (skip, half) = (cin - low, size / 2);
+            let t = |c: usize, n: usize| {
+                let v: Vec<f32> = (0..batch * c * n * n)
+                    .map(|i| (i % 17) as f32 / 17.0 - 0.3)
+                    .collect();
+                Tensor::from_vec(v, (batch, c, n, n), &dev).expect("sizes match")
+            };
+            let op = UpCatConv(std::sync::Arc::new(HostKernel {
+                weight: w.clone(),
+                bias: bias.clone(),
+                relu: true,
+            }));
+            (t(low, half), t(skip, size), op)
+        });
+        let run = || match &upcat {
+            Some((low, skip, op)) => {
+                std::hint::black_box(low.apply_op2_no_bwd(skip, op).expect("shapes fit"));
+            }
+            None => {
+                std::hint::black_box(conv3x3(&x, &w, Some(&bias), true, s));
+            }
         };
         run();
         let mut v: Vec<f64> = (0..21)
@@ -57,8 +82,9 @@ fn main() {
         let gflop = 2.0 * (batch * cin * cout * 9 * size * size) as f64 / 1e9;
         total_ms += ms;
         total_gflop += gflop;
+        let what = if low > 0 { " (upsampled + skip)" } else { "" };
         println!(
-            "{cin:>4} -> {cout:<4} {size:>3}²: {ms:6.2} ms, {:5.1} GFLOP/s",
+            "{cin:>4} -> {cout:<4} {size:>3}²: {ms:6.2} ms, {:5.1} GFLOP/s{what}",
             gflop / ms * 1e3
         );
     }

@@ -21,7 +21,9 @@
 //!
 //! At the deep levels (many channels, images at most 64 wide) the convolution runs as
 //! Winograd's F(2x2, 3x3) instead (`winograd`): 16 GEMMs over 2x2 output tiles with 2.25x less
-//! arithmetic, 1.3-1.9x faster than the 9 GEMMs or the direct kernel there.
+//! arithmetic, 1.3-1.9x faster than the 9 GEMMs or the direct kernel there. The decoder's
+//! convolution over the upsampled level below never convolves the upsampled copy
+//! (`polyphase`): per output phase its 3x3 taps fold into 2x2 at the low resolution.
 //!
 //! The GEMM and the vector loads are `unsafe` (raw pointers with strides); every call is
 //! preceded by the bounds it relies on, checked with `assert!`, so a wrong shape panics instead
@@ -31,6 +33,8 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+mod polyphase;
 mod winograd;
 
 /// Shape of one 3x3 convolution call.
@@ -456,13 +460,13 @@ fn conv_rows<S: simd::Lanes, const CO: usize, const J: usize>(
             let mut j = 0;
             while j + J * S::L <= s.w {
                 // SAFETY: bounds as asserted above (j + J L <= w).
-                let acc = unsafe { conv_block::<S, CO, J>(xp, w2, coutp, s, cb, y, j) };
+                let acc = unsafe { conv_block::<S, CO, J, 0, 0, 3>(xp, w2, coutp, s, cb, y, j) };
                 store_block::<S, CO, J>(acc, b2, relu, s, cb, y, j, out);
                 j += J * S::L;
             }
             while j + S::L <= s.w {
                 // SAFETY: as above (j + L <= w).
-                let acc = unsafe { conv_block::<S, CO, 1>(xp, w2, coutp, s, cb, y, j) };
+                let acc = unsafe { conv_block::<S, CO, 1, 0, 0, 3>(xp, w2, coutp, s, cb, y, j) };
                 store_block::<S, CO, 1>(acc, b2, relu, s, cb, y, j, out);
                 j += S::L;
             }
@@ -487,14 +491,23 @@ fn conv_rows<S: simd::Lanes, const CO: usize, const J: usize>(
 }
 
 /// The accumulators of `CO` output channels from `cb` x `J` vectors of columns from `j` of
-/// row `y`, summed over every input channel and tap.
+/// row `y`, summed over every input channel and the taps of the `N x N` window from tap row
+/// `Y0`, column `X0` of the 3x3 kernel (all 9 taps: `0, 0, 3`; one output phase of a
+/// convolution over an upsampled image: a 2 x 2 window, see `polyphase`).
 ///
 /// # Safety
-/// The CPU has the features of `S`; `j + J L <= w`, `y < h`, `cb + CO <= coutp`, and `xp`,
-/// `w2` are as [`conv_rows`] asserts.
+/// The CPU has the features of `S`; `j + J L <= w`, `y < h`, `cb + CO <= coutp`,
+/// `Y0 + N <= 3`, `X0 + N <= 3`, and `xp`, `w2` are as [`conv_rows`] asserts.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn conv_block<S: simd::Lanes, const CO: usize, const J: usize>(
+unsafe fn conv_block<
+    S: simd::Lanes,
+    const CO: usize,
+    const J: usize,
+    const Y0: usize,
+    const X0: usize,
+    const N: usize,
+>(
     xp: &[f32],
     w2: &[f32],
     coutp: usize,
@@ -509,9 +522,9 @@ unsafe fn conv_block<S: simd::Lanes, const CO: usize, const J: usize>(
         let mut acc = [[zero; J]; CO];
         let (xq, wq) = (xp.as_ptr(), w2.as_ptr());
         for ci in 0..s.cin {
-            for ky in 0..3 {
+            for ky in Y0..Y0 + N {
                 let row = xq.add(ci * plane + (y + ky) * wp + j);
-                for kx in 0..3 {
+                for kx in X0..X0 + N {
                     let mut xv = [zero; J];
                     for (u, v) in xv.iter_mut().enumerate() {
                         *v = S::load(row.add(kx + u * S::L));
@@ -726,6 +739,10 @@ impl candle_core::CustomOp2 for UpCatConv {
         }
         let low = slice_f32(s1, l1, "low-resolution input")?;
         let skip = slice_f32(s2, l2, "skip input")?;
+        #[cfg(target_arch = "x86_64")]
+        if let Some(out) = polyphase::upcat_conv(low, cl, (hl, wl), skip, cs, (h, w), b, &self.0) {
+            return Ok((CpuStorage::F32(out), Shape::from((b, cout, h, w))));
+        }
         let s = ConvShape {
             batch: b,
             cin: cl + cs,
@@ -1635,6 +1652,64 @@ mod tests {
             theirs.flatten_all().unwrap().to_vec1().unwrap(),
         );
         assert!(max_rel(&a, &c) < 1e-4, "pool {}", max_rel(&a, &c));
+    }
+
+    /// The decoder's convolution over the upsampled image, computed as 4 phase convolutions at
+    /// the low resolution, equals candle's upsample, concatenation and convolution: whole
+    /// blocks, single vectors and single columns (widths 64, 40, 33), a partial block of
+    /// channels (6), a batch, with and without ReLU.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn polyphase_upsampled_convolution_matches_candle() {
+        let dev = Device::Cpu;
+        for (i, &(batch, cl, cs, hl, wl, cout, relu)) in [
+            (1, 24, 12, 6, 64, 12, true),
+            (2, 9, 5, 3, 33, 6, false),
+            (1, 16, 8, 5, 40, 8, true),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let (h, w) = (2 * hl, 2 * wl);
+            if polyphase::lanes(cl, cs, (hl, wl), (h, w), cout).is_none() {
+                eprintln!("no direct kernel on this CPU: the polyphase path does not run");
+                return;
+            }
+            let seed = 40 + 10 * i as u64;
+            let low = Tensor::from_vec(rand(batch * cl * hl * wl, seed), (batch, cl, hl, wl), &dev)
+                .unwrap();
+            let skip =
+                Tensor::from_vec(rand(batch * cs * h * w, seed + 1), (batch, cs, h, w), &dev)
+                    .unwrap();
+            let cin = cl + cs;
+            let wt =
+                Tensor::from_vec(rand(cout * cin * 9, seed + 2), (cout, cin, 3, 3), &dev).unwrap();
+            let b = Tensor::from_vec(rand(cout, seed + 3), cout, &dev).unwrap();
+            let op = UpCatConv(std::sync::Arc::new(HostKernel {
+                weight: wt.flatten_all().unwrap().to_vec1().unwrap(),
+                bias: b.to_vec1().unwrap(),
+                relu,
+            }));
+            let ours = low.apply_op2_no_bwd(&skip, &op).unwrap();
+            let up = low.upsample_nearest2d(h, w).unwrap();
+            let cat = Tensor::cat(&[&up, &skip], 1).unwrap();
+            let mut theirs = cat
+                .conv2d(&wt, 1, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap())
+                .unwrap();
+            if relu {
+                theirs = theirs.relu().unwrap();
+            }
+            assert_eq!(ours.dims(), theirs.dims());
+            let (a, c): (Vec<f32>, Vec<f32>) = (
+                ours.flatten_all().unwrap().to_vec1().unwrap(),
+                theirs.flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            assert!(max_rel(&a, &c) < 1e-4, "case {i}: {}", max_rel(&a, &c));
+            assert!(a.iter().any(|v| *v > 0.0));
+            assert_eq!(a.contains(&0.0), relu, "case {i}: ReLU");
+        }
     }
 
     #[test]
