@@ -15,7 +15,7 @@
 //! Those GEMMs suit the deep levels (few pixels, many channels). At the wide top levels (8-16
 //! channels, 128-512 pixels wide) a GEMM's output or reduction is so small that it spends its
 //! time packing operands: there, on x86-64 with AVX2/FMA or AVX-512, *direct* kernels keep a
-//! block of accumulators in vector registers (`conv_direct`: 8 output channels x 2 vectors of
+//! block of accumulators in vector registers (`conv_direct`: 8 (AVX-512) or 4 (AVX2) output channels x 2 vectors of
 //! one output row; `grad_weight_direct`: 4 output channels x 3 taps over whole rows). They
 //! made the U-Net forward 2x and a training step 1.9x faster (see README's table).
 //!
@@ -379,9 +379,9 @@ fn conv_direct(xp: &[f32], d: &DirectWeights, relu: bool, s: ConvShape, dst: &mu
         // AVX2 and FMA are; tasks write disjoint rows of `dst` (see `SharedOut`).
         unsafe {
             if d.lanes == 16 {
-                conv_rows_avx512(xp, &d.w2, &d.b2, relu, s, y0..y1, &out);
+                conv_rows_avx512(xp, &d.w2, &d.b2, relu, s, y0..y1, &out, None);
             } else {
-                conv_rows_avx2(xp, &d.w2, &d.b2, relu, s, y0..y1, &out);
+                conv_rows_avx2(xp, &d.w2, &d.b2, relu, s, y0..y1, &out, None);
             }
         }
     };
@@ -403,6 +403,7 @@ unsafe impl Sync for SharedOut {}
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
 fn conv_rows_avx512(
     xp: &[f32],
     w2: &[f32],
@@ -411,14 +412,16 @@ fn conv_rows_avx512(
     s: ConvShape,
     rows: std::ops::Range<usize>,
     out: &SharedOut,
+    phase: Option<usize>,
 ) {
     conv_rows::<simd::Avx512, { block::AVX512_CO }, { block::AVX512_J }>(
-        xp, w2, b2, relu, s, rows, out,
+        xp, w2, b2, relu, s, rows, out, phase,
     );
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
 fn conv_rows_avx2(
     xp: &[f32],
     w2: &[f32],
@@ -427,14 +430,20 @@ fn conv_rows_avx2(
     s: ConvShape,
     rows: std::ops::Range<usize>,
     out: &SharedOut,
+    phase: Option<usize>,
 ) {
-    conv_rows::<simd::Avx2, { block::AVX2_CO }, { block::AVX2_J }>(xp, w2, b2, relu, s, rows, out);
+    conv_rows::<simd::Avx2, { block::AVX2_CO }, { block::AVX2_J }>(
+        xp, w2, b2, relu, s, rows, out, phase,
+    );
 }
 
 /// Rows `rows` of every output channel of the direct convolution, in blocks of `CO` output
-/// channels x `J` vectors of columns, then single vectors, then single columns.
+/// channels x `J` vectors of columns, then single vectors, then single columns. With `phase`
+/// (channels per phase, see `polyphase`), the channels are 4 output phases of a convolution
+/// over an upsampled image and each block reads only its phase's 2 x 2 window of taps.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn conv_rows<S: simd::Lanes, const CO: usize, const J: usize>(
     xp: &[f32],
     w2: &[f32],
@@ -443,6 +452,7 @@ fn conv_rows<S: simd::Lanes, const CO: usize, const J: usize>(
     s: ConvShape,
     rows: std::ops::Range<usize>,
     out: &SharedOut,
+    phase: Option<usize>,
 ) {
     let (wp, plane, hw) = (s.w + 2, s.padded_plane(), s.h * s.w);
     let coutp = b2.len();
@@ -455,30 +465,42 @@ fn conv_rows<S: simd::Lanes, const CO: usize, const J: usize>(
         coutp.is_multiple_of(CO),
         "conv3x3: weights padded to blocks"
     );
+    if let Some(per) = phase {
+        assert!(
+            coutp == 4 * per && per.is_multiple_of(CO),
+            "conv3x3: phases padded to blocks"
+        );
+    }
+    // The block's window of taps: (first row, first column, size); a phase's is 2 x 2.
+    let window = |cb: usize| phase.map_or((0, 0, 3), |per| (cb / per / 2, cb / per % 2, 2));
     for y in rows {
         for cb in (0..coutp).step_by(CO) {
             let mut j = 0;
             while j + J * S::L <= s.w {
-                // SAFETY: bounds as asserted above (j + J L <= w).
-                let acc = unsafe { conv_block::<S, CO, J, 0, 0, 3>(xp, w2, coutp, s, cb, y, j) };
+                // SAFETY: bounds as asserted above (j + J L <= w); the window is a phase's.
+                let acc =
+                    unsafe { window_block::<S, CO, J>(window(cb), xp, w2, coutp, s, cb, y, j) };
                 store_block::<S, CO, J>(acc, b2, relu, s, cb, y, j, out);
                 j += J * S::L;
             }
             while j + S::L <= s.w {
                 // SAFETY: as above (j + L <= w).
-                let acc = unsafe { conv_block::<S, CO, 1, 0, 0, 3>(xp, w2, coutp, s, cb, y, j) };
+                let acc =
+                    unsafe { window_block::<S, CO, 1>(window(cb), xp, w2, coutp, s, cb, y, j) };
                 store_block::<S, CO, 1>(acc, b2, relu, s, cb, y, j, out);
                 j += S::L;
             }
             // Columns past the last whole vector.
+            let (y0, x0, n) = window(cb);
             for x in j..s.w {
                 for co in cb..(cb + CO).min(s.cout) {
                     let mut v = b2[co];
                     for ci in 0..s.cin {
-                        for tap in 0..9 {
-                            let (ky, kx) = (tap / 3, tap % 3);
-                            v = w2[(ci * 9 + tap) * coutp + co]
-                                .mul_add(xp[ci * plane + (y + ky) * wp + x + kx], v);
+                        for ky in y0..y0 + n {
+                            for kx in x0..x0 + n {
+                                v = w2[(ci * 9 + ky * 3 + kx) * coutp + co]
+                                    .mul_add(xp[ci * plane + (y + ky) * wp + x + kx], v);
+                            }
                         }
                     }
                     let v = if relu { v.max(0.0) } else { v };
@@ -486,6 +508,36 @@ fn conv_rows<S: simd::Lanes, const CO: usize, const J: usize>(
                     unsafe { *out.0.add(co * hw + y * s.w + x) = v };
                 }
             }
+        }
+    }
+}
+
+/// [`conv_block`] over the window `(first row, first column, size)` of taps: all 9, or one of
+/// the 4 phases' 2 x 2 windows (a plain function, not a closure, so that it is inlined into the
+/// kernels compiled with their target features).
+///
+/// # Safety
+/// As [`conv_block`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn window_block<S: simd::Lanes, const CO: usize, const J: usize>(
+    window: (usize, usize, usize),
+    xp: &[f32],
+    w2: &[f32],
+    coutp: usize,
+    s: ConvShape,
+    cb: usize,
+    y: usize,
+    j: usize,
+) -> [[S::V; J]; CO] {
+    unsafe {
+        match window {
+            (0, 0, 3) => conv_block::<S, CO, J, 0, 0, 3>(xp, w2, coutp, s, cb, y, j),
+            (0, 0, _) => conv_block::<S, CO, J, 0, 0, 2>(xp, w2, coutp, s, cb, y, j),
+            (0, _, _) => conv_block::<S, CO, J, 0, 1, 2>(xp, w2, coutp, s, cb, y, j),
+            (_, 0, _) => conv_block::<S, CO, J, 1, 0, 2>(xp, w2, coutp, s, cb, y, j),
+            _ => conv_block::<S, CO, J, 1, 1, 2>(xp, w2, coutp, s, cb, y, j),
         }
     }
 }

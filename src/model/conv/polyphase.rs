@@ -13,8 +13,8 @@
 //! channels are the upsampled ones.
 
 use super::{
-    CONV_DIRECT_MIN_WIDTH, ConvShape, DIRECT_MIN_COUT, HostKernel, SharedOut, co_block, conv_block,
-    conv3x3_from, direct_lanes, pad, simd, store_block,
+    CONV_DIRECT_MIN_WIDTH, ConvShape, DIRECT_MIN_COUT, HostKernel, SharedOut, co_block,
+    conv_rows_avx2, conv_rows_avx512, conv3x3_from, direct_lanes, pad,
 };
 use rayon::prelude::*;
 
@@ -140,7 +140,8 @@ pub(super) fn upcat_conv(
     Some(out)
 }
 
-/// The 4 phases' convolutions of one padded low image `xp` into `dst` (`4 coutp x hl x wl`).
+/// The 4 phases' convolutions of one padded low image `xp` into `dst` (`4 coutp x hl x wl`),
+/// on the direct kernel with each block over its phase's window of taps.
 fn phase_conv(xp: &[f32], pw: &PhaseWeights, s: ConvShape, dst: &mut [f32]) {
     assert_eq!(
         dst.len(),
@@ -149,14 +150,15 @@ fn phase_conv(xp: &[f32], pw: &PhaseWeights, s: ConvShape, dst: &mut [f32]) {
     );
     let zeros = vec![0.0f32; s.cout];
     let out = SharedOut(dst.as_mut_ptr(), dst.len());
+    let phase = Some(pw.coutp);
     let rows = |y0: usize, y1: usize| {
         // SAFETY: `direct_lanes` returned 16 only where AVX-512F is present and 8 only where
         // AVX2 and FMA are; tasks write disjoint rows of `dst`.
         unsafe {
             if pw.lanes == 16 {
-                phase_rows_avx512(xp, pw, &zeros, s, y0..y1, &out);
+                conv_rows_avx512(xp, &pw.w2, &zeros, false, s, y0..y1, &out, phase);
             } else {
-                phase_rows_avx2(xp, pw, &zeros, s, y0..y1, &out);
+                conv_rows_avx2(xp, &pw.w2, &zeros, false, s, y0..y1, &out, phase);
             }
         }
     };
@@ -167,113 +169,6 @@ fn phase_conv(xp: &[f32], pw: &PhaseWeights, s: ConvShape, dst: &mut [f32]) {
         (0..s.h.div_ceil(band))
             .into_par_iter()
             .for_each(|i| rows(i * band, ((i + 1) * band).min(s.h)));
-    }
-}
-
-#[target_feature(enable = "avx512f")]
-fn phase_rows_avx512(
-    xp: &[f32],
-    pw: &PhaseWeights,
-    zeros: &[f32],
-    s: ConvShape,
-    rows: std::ops::Range<usize>,
-    out: &SharedOut,
-) {
-    phase_rows::<simd::Avx512, { super::block::AVX512_CO }, { super::block::AVX512_J }>(
-        xp, pw, zeros, s, rows, out,
-    );
-}
-
-#[target_feature(enable = "avx2,fma")]
-fn phase_rows_avx2(
-    xp: &[f32],
-    pw: &PhaseWeights,
-    zeros: &[f32],
-    s: ConvShape,
-    rows: std::ops::Range<usize>,
-    out: &SharedOut,
-) {
-    phase_rows::<simd::Avx2, { super::block::AVX2_CO }, { super::block::AVX2_J }>(
-        xp, pw, zeros, s, rows, out,
-    );
-}
-
-/// The accumulators of one block of phase `p`'s channels (its 2 x 2 window of taps).
-///
-/// # Safety
-/// As [`conv_block`].
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn phase_block<S: simd::Lanes, const CO: usize, const J: usize>(
-    p: usize,
-    xp: &[f32],
-    w2: &[f32],
-    coutp: usize,
-    s: ConvShape,
-    cb: usize,
-    y: usize,
-    j: usize,
-) -> [[S::V; J]; CO] {
-    unsafe {
-        match p {
-            0 => conv_block::<S, CO, J, 0, 0, 2>(xp, w2, coutp, s, cb, y, j),
-            1 => conv_block::<S, CO, J, 0, 1, 2>(xp, w2, coutp, s, cb, y, j),
-            2 => conv_block::<S, CO, J, 1, 0, 2>(xp, w2, coutp, s, cb, y, j),
-            _ => conv_block::<S, CO, J, 1, 1, 2>(xp, w2, coutp, s, cb, y, j),
-        }
-    }
-}
-
-/// Rows `rows` of every phase channel, as `conv_rows` but each block over its phase's window.
-#[inline(always)]
-fn phase_rows<S: simd::Lanes, const CO: usize, const J: usize>(
-    xp: &[f32],
-    pw: &PhaseWeights,
-    zeros: &[f32],
-    s: ConvShape,
-    rows: std::ops::Range<usize>,
-    out: &SharedOut,
-) {
-    let (wp, plane, width) = (s.w + 2, s.padded_plane(), s.cout);
-    let w2 = &pw.w2;
-    // The bounds `conv_block` relies on: input rows y + 2 <= h + 1 of every channel, columns
-    // j + 2 + L <= w + 2; weights (ci, tap, channel < width); output rows < h.
-    assert!(xp.len() >= s.cin * plane && w2.len() == s.cin * 9 * width);
-    assert!(rows.end <= s.h && out.1 == width * s.h * s.w && zeros.len() == width);
-    assert!(width == 4 * pw.coutp && pw.coutp.is_multiple_of(CO));
-    for y in rows {
-        for cb in (0..width).step_by(CO) {
-            let p = cb / pw.coutp;
-            let mut j = 0;
-            while j + J * S::L <= s.w {
-                // SAFETY: bounds as asserted above (j + J L <= w); p < 4.
-                let acc = unsafe { phase_block::<S, CO, J>(p, xp, w2, width, s, cb, y, j) };
-                store_block::<S, CO, J>(acc, zeros, false, s, cb, y, j, out);
-                j += J * S::L;
-            }
-            while j + S::L <= s.w {
-                // SAFETY: as above (j + L <= w).
-                let acc = unsafe { phase_block::<S, CO, 1>(p, xp, w2, width, s, cb, y, j) };
-                store_block::<S, CO, 1>(acc, zeros, false, s, cb, y, j, out);
-                j += S::L;
-            }
-            let (y0, x0) = (p / 2, p % 2);
-            for x in j..s.w {
-                for co in cb..cb + CO {
-                    let mut v = 0.0f32;
-                    for ci in 0..s.cin {
-                        for ky in y0..y0 + 2 {
-                            for kx in x0..x0 + 2 {
-                                v = w2[(ci * 9 + ky * 3 + kx) * width + co]
-                                    .mul_add(xp[ci * plane + (y + ky) * wp + x + kx], v);
-                            }
-                        }
-                    }
-                    // SAFETY: co < width, y < h, x < w: inside `out`, a row of this task only.
-                    unsafe { *out.0.add(co * s.h * s.w + y * s.w + x) = v };
-                }
-            }
-        }
     }
 }
 
