@@ -371,19 +371,39 @@ fn co_block(lanes: usize) -> usize {
 /// broadcasts one weight per channel of the block, where the GEMM formulation of a few-channel
 /// layer spends much of its time packing operands.
 fn conv_direct(xp: &[f32], d: &DirectWeights, relu: bool, s: ConvShape, dst: &mut [f32]) {
+    direct_rows(xp, &d.w2, &d.b2, relu, s, d.lanes, dst, None);
+}
+
+/// Every row of a direct convolution (`conv_rows` on the kernel of `lanes`; `phase` as there)
+/// into `dst` (`cout x h x w`): bands of rows in parallel, or all on this thread inside work
+/// that is already parallel over batch items.
+#[allow(clippy::too_many_arguments)]
+fn direct_rows(
+    xp: &[f32],
+    w2: &[f32],
+    b2: &[f32],
+    relu: bool,
+    s: ConvShape,
+    lanes: usize,
+    dst: &mut [f32],
+    phase: Option<usize>,
+) {
     assert_eq!(dst.len(), s.cout * s.h * s.w, "conv3x3: output size");
     let out = SharedOut(dst.as_mut_ptr(), dst.len());
     let rows = |y0: usize, y1: usize| {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `direct_lanes` returned 16 only where AVX-512F is present and 8 only where
-        // AVX2 and FMA are; tasks write disjoint rows of `dst` (see `SharedOut`).
+        // AVX2 and FMA are (the callers' `lanes` come from it); tasks write disjoint rows of
+        // `dst` (see `SharedOut`).
         unsafe {
-            if d.lanes == 16 {
-                conv_rows_avx512(xp, &d.w2, &d.b2, relu, s, y0..y1, &out, None);
+            if lanes == 16 {
+                conv_rows_avx512(xp, w2, b2, relu, s, y0..y1, &out, phase);
             } else {
-                conv_rows_avx2(xp, &d.w2, &d.b2, relu, s, y0..y1, &out, None);
+                conv_rows_avx2(xp, w2, b2, relu, s, y0..y1, &out, phase);
             }
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (xp, w2, b2, relu, lanes, phase, &out, y0, y1);
     };
     if SERIAL_GEMM.with(|c| c.get()) {
         rows(0, s.h);

@@ -13,8 +13,8 @@
 //! channels are the upsampled ones.
 
 use super::{
-    CONV_DIRECT_MIN_WIDTH, ConvShape, DIRECT_MIN_COUT, HostKernel, SharedOut, co_block,
-    conv_rows_avx2, conv_rows_avx512, conv3x3_from, direct_lanes, pad,
+    CONV_DIRECT_MIN_WIDTH, ConvShape, DIRECT_MIN_COUT, HostKernel, co_block, conv3x3_from,
+    direct_lanes, direct_rows, pad,
 };
 use rayon::prelude::*;
 
@@ -143,33 +143,8 @@ pub(super) fn upcat_conv(
 /// The 4 phases' convolutions of one padded low image `xp` into `dst` (`4 coutp x hl x wl`),
 /// on the direct kernel with each block over its phase's window of taps.
 fn phase_conv(xp: &[f32], pw: &PhaseWeights, s: ConvShape, dst: &mut [f32]) {
-    assert_eq!(
-        dst.len(),
-        s.cout * s.h * s.w,
-        "up-cat-conv: phase output size"
-    );
     let zeros = vec![0.0f32; s.cout];
-    let out = SharedOut(dst.as_mut_ptr(), dst.len());
-    let phase = Some(pw.coutp);
-    let rows = |y0: usize, y1: usize| {
-        // SAFETY: `direct_lanes` returned 16 only where AVX-512F is present and 8 only where
-        // AVX2 and FMA are; tasks write disjoint rows of `dst`.
-        unsafe {
-            if pw.lanes == 16 {
-                conv_rows_avx512(xp, &pw.w2, &zeros, false, s, y0..y1, &out, phase);
-            } else {
-                conv_rows_avx2(xp, &pw.w2, &zeros, false, s, y0..y1, &out, phase);
-            }
-        }
-    };
-    if super::SERIAL_GEMM.with(|c| c.get()) {
-        rows(0, s.h);
-    } else {
-        let band = s.h.div_ceil(4 * rayon::current_num_threads().max(1)).max(1);
-        (0..s.h.div_ceil(band))
-            .into_par_iter()
-            .for_each(|i| rows(i * band, ((i + 1) * band).min(s.h)));
-    }
+    direct_rows(xp, &pw.w2, &zeros, false, s, pw.lanes, dst, Some(pw.coutp));
 }
 
 /// Adds the phases (`4 coutp x hl x wl`) into their pixels of `dst` (`cout x 2hl x 2wl`, the
