@@ -30,7 +30,7 @@
 //! of reading out of bounds.
 #![allow(unsafe_code)]
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
@@ -167,17 +167,20 @@ pub fn conv3x3(x: &[f32], wt: &[f32], bias: Option<&[f32]>, relu: bool, s: ConvS
         bias,
         relu,
         s,
+        &Layouts::default(),
     )
 }
 
 /// [`conv3x3`] over a padded input that `padded(b)` builds for batch item `b` (so that an
-/// upsample and a concatenation can be fused into the padding pass).
+/// upsample and a concatenation can be fused into the padding pass), with the fast
+/// formulations' weight layouts taken from (or made once into) `layouts`.
 fn conv3x3_from(
     padded: impl Fn(usize) -> Vec<f32> + Sync,
     wt: &[f32],
     bias: Option<&[f32]>,
     relu: bool,
     s: ConvShape,
+    layouts: &Layouts,
 ) -> Vec<f32> {
     assert_eq!(wt.len(), s.cout * s.cin * 9, "conv3x3: weight size");
     if let Some(b) = bias {
@@ -185,17 +188,7 @@ fn conv3x3_from(
     }
     let hw = s.h * s.w;
     let mut out = vec![0.0f32; s.batch * s.cout * hw];
-    // The fast formulations' weight layouts, made once for the whole batch.
-    let wino = winograd::WinogradWeights::new(wt, s);
-    let direct = match wino {
-        Some(_) => None,
-        None => DirectWeights::new(wt, bias, s),
-    };
-    let direct = direct.as_ref();
-    let fast = Fast {
-        direct,
-        wino: wino.as_ref(),
-    };
+    let fast = layouts.fast(wt, bias, s);
     // A batch at least as large as the thread pool: one item per task, serial GEMMs (9 small
     // parallel GEMMs per item spend much of their time handing work between threads).
     if s.batch > 1 && s.batch >= rayon::current_num_threads() {
@@ -214,14 +207,47 @@ fn conv3x3_from(
     out
 }
 
-/// The faster formulations of one convolution that apply to its shape, their weights laid out
-/// once per call.
+/// The faster formulations of one convolution that apply to its shape, their weights laid out.
 #[derive(Clone, Copy)]
 struct Fast<'a> {
     /// The direct kernel (wide images, few channels).
     direct: Option<&'a DirectWeights>,
     /// Winograd F(2x2, 3x3) (small images, many channels).
     wino: Option<&'a winograd::WinogradWeights>,
+}
+
+/// The weights of one kernel laid out for the fast formulations, each made on first use and
+/// kept: a fused network's kernels are constants, so every frame after the first reuses them
+/// (laying them out again took about 1 ms of each forward of the shipped network). The layouts
+/// depend on the kernel and the instruction set, not on the image, so one kernel can run at
+/// any size; which formulation runs is still chosen per call from the shape.
+#[derive(Default)]
+pub(crate) struct Layouts {
+    direct: std::sync::OnceLock<DirectWeights>,
+    wino: std::sync::OnceLock<winograd::WinogradWeights>,
+}
+
+impl Layouts {
+    /// The formulation that applies to `s`, its layout made from `wt` and `bias` the first
+    /// time (every call on one `Layouts` must pass the same kernel).
+    fn fast(&self, wt: &[f32], bias: Option<&[f32]>, s: ConvShape) -> Fast<'_> {
+        if winograd::applies(s) {
+            let wino = self
+                .wino
+                .get_or_init(|| winograd::WinogradWeights::new(wt, s.cin, s.cout));
+            return Fast {
+                direct: None,
+                wino: Some(wino),
+            };
+        }
+        let direct = direct_lanes()
+            .filter(|&lanes| DirectWeights::fits(s, lanes))
+            .map(|lanes| {
+                self.direct
+                    .get_or_init(|| DirectWeights::new(wt, bias, s.cin, s.cout, lanes))
+            });
+        Fast { direct, wino: None }
+    }
 }
 
 /// One batch item of [`conv3x3_from`]: Winograd's F(2x2, 3x3) or the direct kernel where one
@@ -315,35 +341,33 @@ struct DirectWeights {
 }
 
 impl DirectWeights {
-    fn new(wt: &[f32], bias: Option<&[f32]>, s: ConvShape) -> Option<Self> {
-        Self::with_lanes(wt, bias, s, direct_lanes()?)
+    /// Whether the direct kernel of `lanes` (16: AVX-512, 8: AVX2) runs `s`: images wide
+    /// enough for whole vectors, enough output channels to fill a block.
+    fn fits(s: ConvShape, lanes: usize) -> bool {
+        s.w >= CONV_DIRECT_MIN_WIDTH.max(2 * lanes)
+            && s.h > 0
+            && s.cin > 0
+            && s.cout >= DIRECT_MIN_COUT
     }
 
-    /// The layout for the kernel of `lanes` (16: AVX-512, 8: AVX2), which the caller has
-    /// checked this CPU runs.
-    fn with_lanes(wt: &[f32], bias: Option<&[f32]>, s: ConvShape, lanes: usize) -> Option<Self> {
-        if s.w < CONV_DIRECT_MIN_WIDTH.max(2 * lanes)
-            || s.h == 0
-            || s.cin == 0
-            || s.cout < DIRECT_MIN_COUT
-        {
-            return None;
-        }
-        assert_eq!(wt.len(), s.cout * s.cin * 9, "conv3x3: weight size");
-        let coutp = s.cout.next_multiple_of(co_block(lanes));
-        let mut w2 = vec![0.0f32; s.cin * 9 * coutp];
-        for co in 0..s.cout {
-            for ci in 0..s.cin {
+    /// The layout of `wt` (`cout x cin x 3 x 3`) and `bias` for the kernel of `lanes`, which
+    /// the caller has checked this CPU runs.
+    fn new(wt: &[f32], bias: Option<&[f32]>, cin: usize, cout: usize, lanes: usize) -> Self {
+        assert_eq!(wt.len(), cout * cin * 9, "conv3x3: weight size");
+        let coutp = cout.next_multiple_of(co_block(lanes));
+        let mut w2 = vec![0.0f32; cin * 9 * coutp];
+        for co in 0..cout {
+            for ci in 0..cin {
                 for tap in 0..9 {
-                    w2[(ci * 9 + tap) * coutp + co] = wt[(co * s.cin + ci) * 9 + tap];
+                    w2[(ci * 9 + tap) * coutp + co] = wt[(co * cin + ci) * 9 + tap];
                 }
             }
         }
         let mut b2 = vec![0.0f32; coutp];
         if let Some(b) = bias {
-            b2[..s.cout].copy_from_slice(b);
+            b2[..cout].copy_from_slice(b);
         }
-        Some(Self { lanes, w2, b2 })
+        Self { lanes, w2, b2 }
     }
 }
 
@@ -715,7 +739,8 @@ fn pad_pool(x: &[f32], c: usize, (hi, wi): (usize, usize)) -> Vec<f32> {
 }
 
 /// The constants of one fused inference convolution, on the host: read out of the tensors once
-/// when the network is fused, not on every frame.
+/// when the network is fused, not on every frame, with their layouts for the fast formulations
+/// made on the first frame and kept.
 pub struct HostKernel {
     /// OIHW weights.
     pub weight: Vec<f32>,
@@ -723,6 +748,79 @@ pub struct HostKernel {
     pub bias: Vec<f32>,
     /// Apply ReLU.
     pub relu: bool,
+    /// The whole kernel's layouts (a plain or pooled convolution, or the fallback of an
+    /// upsampled one).
+    layouts: Layouts,
+    /// The split kernel of a convolution over an upsampled image and a skip.
+    #[cfg(target_arch = "x86_64")]
+    upcat: std::sync::OnceLock<polyphase::UpCatWeights>,
+}
+
+impl HostKernel {
+    /// `relu?(conv3x3(x, weight) + bias)` with `weight` OIHW (`bias.len()` output channels).
+    pub fn new(weight: Vec<f32>, bias: Vec<f32>, relu: bool) -> Self {
+        Self {
+            weight,
+            bias,
+            relu,
+            layouts: Layouts::default(),
+            #[cfg(target_arch = "x86_64")]
+            upcat: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// An error naming `what` unless an input of `shape` with `cin` channels fits the kernel.
+    fn check_input(&self, what: &str, shape: &Shape, cin: usize) -> candle_core::Result<()> {
+        let cout = self.bias.len();
+        if cout == 0 || self.weight.len() != cout * cin * 9 {
+            return Err(candle_core::Error::Msg(format!(
+                "{what}: input {shape:?} does not fit a {cout}-channel kernel of {} weights",
+                self.weight.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for HostConv {
+    type Target = HostKernel;
+    fn deref(&self) -> &HostKernel {
+        &self.0
+    }
+}
+
+/// Inference-only `relu?(conv3x3(x) + bias)` with the kernel held by the op.
+pub struct HostConv(pub std::sync::Arc<HostKernel>);
+
+impl candle_core::CustomOp1 for HostConv {
+    fn name(&self) -> &'static str {
+        "fast-conv3x3-host"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let &[b, c, h, w] = l1.shape().dims() else {
+            return Err(candle_core::Error::Msg("conv3x3: expected NCHW".into()));
+        };
+        self.check_input("conv3x3", l1.shape(), c)?;
+        let x = slice_f32(s1, l1, "input")?;
+        let s = ConvShape {
+            batch: b,
+            cin: c,
+            cout: self.bias.len(),
+            h,
+            w,
+        };
+        let hw = h * w;
+        let out = conv3x3_from(
+            |i| pad(&x[i * c * hw..(i + 1) * c * hw], c, h, w),
+            &self.weight,
+            Some(&self.bias),
+            self.relu,
+            s,
+            &self.layouts,
+        );
+        Ok((CpuStorage::F32(out), Shape::from((b, s.cout, h, w))))
+    }
 }
 
 impl std::ops::Deref for PoolConv {
@@ -754,9 +852,10 @@ impl candle_core::CustomOp1 for PoolConv {
         };
         let cout = self.bias.len();
         let (h, w) = (hi / 2, wi / 2);
-        if h == 0 || w == 0 || self.weight.len() != cout * c * 9 {
+        self.check_input("pool-conv", l1.shape(), c)?;
+        if h == 0 || w == 0 {
             return Err(candle_core::Error::Msg(format!(
-                "pool-conv: input {:?} does not fit a {cout}-channel kernel",
+                "pool-conv: input {:?} is too small to pool",
                 l1.shape()
             )));
         }
@@ -774,6 +873,7 @@ impl candle_core::CustomOp1 for PoolConv {
             Some(&self.bias),
             self.relu,
             s,
+            &self.layouts,
         );
         Ok((CpuStorage::F32(out), Shape::from((b, cout, h, w))))
     }
@@ -838,6 +938,7 @@ impl candle_core::CustomOp2 for UpCatConv {
             Some(&self.bias),
             self.relu,
             s,
+            &self.layouts,
         );
         Ok((CpuStorage::F32(out), Shape::from((b, cout, h, w))))
     }
@@ -1310,44 +1411,6 @@ impl CustomOp2 for Conv3x3 {
     }
 }
 
-/// Inference-only `(x, weight, bias) -> relu?(conv3x3(x, weight) + bias)`.
-struct Conv3x3BiasAct {
-    relu: bool,
-}
-
-impl CustomOp3 for Conv3x3BiasAct {
-    fn name(&self) -> &'static str {
-        "fast-conv3x3-bias-act"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let s = shape_of(l1, l2)?;
-        let bias = slice_f32(s3, l3, "bias")?;
-        if bias.len() != s.cout {
-            return Err(candle_core::Error::Msg("conv3x3: bias size".into()));
-        }
-        let out = conv3x3(
-            slice_f32(s1, l1, "input")?,
-            slice_f32(s2, l2, "weight")?,
-            Some(bias),
-            self.relu,
-            s,
-        );
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from((s.batch, s.cout, s.h, s.w)),
-        ))
-    }
-}
-
 static REFERENCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Use candle's own convolution everywhere (for benchmarks and parity checks only).
@@ -1379,11 +1442,15 @@ pub fn conv3x3_bias_act(
     relu: bool,
 ) -> candle_core::Result<Tensor> {
     if fast_path(x) {
-        x.contiguous()?.apply_op3_no_bwd(
-            &w.contiguous()?,
-            &b.contiguous()?,
-            &Conv3x3BiasAct { relu },
-        )
+        shape_of(x.layout(), w.layout())?;
+        // A kernel for this one call: a fused network keeps its own (`HostConv`).
+        let k = HostKernel::new(
+            w.flatten_all()?.to_vec1()?,
+            b.flatten_all()?.to_vec1()?,
+            relu,
+        );
+        x.contiguous()?
+            .apply_op1_no_bwd(&HostConv(std::sync::Arc::new(k)))
     } else {
         let y = x
             .conv2d(w, 1, 1, 1, 1)?
@@ -1519,8 +1586,11 @@ mod tests {
                 let xp = pad(&rand(cin * h * w, 500 + i as u64), cin, h, w);
                 let wt = rand(cout * cin * 9, 600 + i as u64);
                 let bias = rand(cout, 700 + i as u64);
-                let direct = DirectWeights::with_lanes(&wt, Some(&bias), s, lanes)
-                    .expect("wide enough for the direct kernel");
+                assert!(
+                    DirectWeights::fits(s, lanes),
+                    "wide enough for the direct kernel"
+                );
+                let direct = DirectWeights::new(&wt, Some(&bias), cin, cout, lanes);
                 let run = |direct: Option<&DirectWeights>| {
                     let mut out = vec![0.0; cout * h * w];
                     let acc = &mut Vec::new();
@@ -1606,7 +1676,65 @@ mod tests {
         assert!(!winograd::applies(s(48, 32, 32)), "few input channels");
         assert!(!winograd::applies(s(96, 128, 128)), "wide image");
         let wt = rand(64 * 48 * 9, 1);
-        assert!(winograd::WinogradWeights::new(&wt, s(48, 32, 32)).is_none());
+        assert!(
+            Layouts::default()
+                .fast(&wt, None, s(48, 32, 32))
+                .wino
+                .is_none()
+        );
+    }
+
+    /// A fused kernel lays its weights out once and reuses them at every size it meets: as
+    /// Winograd's tiles (32²), for the direct kernel (a wide image) and for neither (a small
+    /// odd image), each time equal to candle's convolution, and a second pass over the kept
+    /// layouts gives the same bits as the first.
+    #[test]
+    fn kept_layouts_serve_every_image_size() {
+        let dev = Device::Cpu;
+        let (cin, cout) = (96, 12);
+        let wt = rand(cout * cin * 9, 70);
+        let bias = rand(cout, 71);
+        let op = HostConv(std::sync::Arc::new(HostKernel::new(
+            wt.clone(),
+            bias.clone(),
+            true,
+        )));
+        let wt_t = Tensor::from_vec(wt, (cout, cin, 3, 3), &dev).unwrap();
+        let b_t = Tensor::from_vec(bias, cout, &dev).unwrap();
+        for (i, &(batch, h, w)) in [(1, 32, 32), (1, 6, 96), (2, 5, 7), (2, 32, 32), (1, 6, 96)]
+            .iter()
+            .enumerate()
+        {
+            let x = Tensor::from_vec(
+                rand(batch * cin * h * w, 72 + i as u64),
+                (batch, cin, h, w),
+                &dev,
+            )
+            .unwrap();
+            let ours = x.apply_op1_no_bwd(&op).unwrap();
+            let again = x.apply_op1_no_bwd(&op).unwrap();
+            let theirs = x
+                .conv2d(&wt_t, 1, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&b_t.reshape((1, cout, 1, 1)).unwrap())
+                .unwrap()
+                .relu()
+                .unwrap();
+            let v = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+            let (a, c) = (v(&ours), v(&theirs));
+            assert!(
+                max_rel(&a, &c) < 1e-4,
+                "{batch} x {h} x {w}: {}",
+                max_rel(&a, &c)
+            );
+            assert_eq!(a, v(&again), "{batch} x {h} x {w}: a second pass differs");
+        }
+        assert!(op.layouts.wino.get().is_some(), "32² ran as Winograd");
+        assert_eq!(
+            op.layouts.direct.get().is_some(),
+            direct_lanes().is_some(),
+            "the wide image ran on the direct kernel where this CPU has one"
+        );
     }
 
     /// The direct weight-gradient kernel equals the GEMM formulation (where this CPU runs it).
@@ -1681,11 +1809,11 @@ mod tests {
             Tensor::from_vec(rand(2 * 4 * 10 * 2 * lw, 32), (2, 4, 10, 2 * lw), &dev).unwrap();
         let w = Tensor::from_vec(rand(6 * 7 * 9, 33), (6, 7, 3, 3), &dev).unwrap();
         let b = Tensor::from_vec(rand(6, 34), 6, &dev).unwrap();
-        let op = UpCatConv(std::sync::Arc::new(HostKernel {
-            weight: w.flatten_all().unwrap().to_vec1().unwrap(),
-            bias: b.to_vec1().unwrap(),
-            relu: true,
-        }));
+        let op = UpCatConv(std::sync::Arc::new(HostKernel::new(
+            w.flatten_all().unwrap().to_vec1().unwrap(),
+            b.to_vec1().unwrap(),
+            true,
+        )));
         let ours = low.apply_op2_no_bwd(&skip, &op).unwrap();
         let up = low.upsample_nearest2d(10, 2 * lw).unwrap();
         let cat = Tensor::cat(&[&up, &skip], 1).unwrap();
@@ -1705,11 +1833,11 @@ mod tests {
         let x = Tensor::from_vec(rand(2 * 3 * 9 * xw, 35), (2, 3, 9, xw), &dev).unwrap();
         let w = Tensor::from_vec(rand(5 * 3 * 9, 36), (5, 3, 3, 3), &dev).unwrap();
         let b = Tensor::from_vec(rand(5, 37), 5, &dev).unwrap();
-        let op = PoolConv(std::sync::Arc::new(HostKernel {
-            weight: w.flatten_all().unwrap().to_vec1().unwrap(),
-            bias: b.to_vec1().unwrap(),
-            relu: false,
-        }));
+        let op = PoolConv(std::sync::Arc::new(HostKernel::new(
+            w.flatten_all().unwrap().to_vec1().unwrap(),
+            b.to_vec1().unwrap(),
+            false,
+        )));
         let ours = x.apply_op1_no_bwd(&op).unwrap();
         let theirs = x
             .max_pool2d(2)
@@ -1757,12 +1885,14 @@ mod tests {
             let wt =
                 Tensor::from_vec(rand(cout * cin * 9, seed + 2), (cout, cin, 3, 3), &dev).unwrap();
             let b = Tensor::from_vec(rand(cout, seed + 3), cout, &dev).unwrap();
-            let op = UpCatConv(std::sync::Arc::new(HostKernel {
-                weight: wt.flatten_all().unwrap().to_vec1().unwrap(),
-                bias: b.to_vec1().unwrap(),
+            let op = UpCatConv(std::sync::Arc::new(HostKernel::new(
+                wt.flatten_all().unwrap().to_vec1().unwrap(),
+                b.to_vec1().unwrap(),
                 relu,
-            }));
+            )));
             let ours = low.apply_op2_no_bwd(&skip, &op).unwrap();
+            // The kernel's split is kept from the first pass: the second gives the same bits.
+            let again = low.apply_op2_no_bwd(&skip, &op).unwrap();
             let up = low.upsample_nearest2d(h, w).unwrap();
             let cat = Tensor::cat(&[&up, &skip], 1).unwrap();
             let mut theirs = cat
@@ -1779,6 +1909,8 @@ mod tests {
                 theirs.flatten_all().unwrap().to_vec1().unwrap(),
             );
             assert!(max_rel(&a, &c) < 1e-4, "case {i}: {}", max_rel(&a, &c));
+            let again: Vec<f32> = again.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(a, again, "case {i}: the kept split differs");
             assert!(a.iter().any(|v| *v > 0.0));
             assert_eq!(a.contains(&0.0), relu, "case {i}: ReLU");
         }

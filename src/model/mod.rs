@@ -337,6 +337,9 @@ impl ConvUnit {
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         match self {
             Self::Train { weight, bn } => bn.forward_relu(&conv::conv3x3_t(x, weight)?, train),
+            Self::Fused { host, .. } if conv::fast_path(x) => x
+                .contiguous()?
+                .apply_op1_no_bwd(&conv::HostConv(host.clone())),
             Self::Fused { weight, bias, .. } => conv::conv3x3_bias_act(x, weight, bias, true),
         }
     }
@@ -380,11 +383,11 @@ impl ConvUnit {
                     .broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?
                     .detach();
                 let bias = shift.detach();
-                let host = std::sync::Arc::new(conv::HostKernel {
-                    weight: weight.flatten_all()?.to_vec1()?,
-                    bias: bias.to_vec1()?,
-                    relu: true,
-                });
+                let host = std::sync::Arc::new(conv::HostKernel::new(
+                    weight.flatten_all()?.to_vec1()?,
+                    bias.to_vec1()?,
+                    true,
+                ));
                 Self::Fused { weight, bias, host }
             }
             Self::Fused { weight, bias, host } => Self::Fused {

@@ -13,7 +13,7 @@
 //! channels are the upsampled ones.
 
 use super::{
-    CONV_DIRECT_MIN_WIDTH, ConvShape, DIRECT_MIN_COUT, HostKernel, co_block, conv3x3_from,
+    CONV_DIRECT_MIN_WIDTH, ConvShape, DIRECT_MIN_COUT, HostKernel, Layouts, co_block, conv3x3_from,
     direct_lanes, direct_rows, pad,
 };
 use rayon::prelude::*;
@@ -48,6 +48,8 @@ struct PhaseWeights {
     lanes: usize,
     coutp: usize,
     w2: Vec<f32>,
+    /// The phases carry no bias (the skip channels' convolution adds it).
+    zeros: Vec<f32>,
 }
 
 impl PhaseWeights {
@@ -71,7 +73,43 @@ impl PhaseWeights {
                 }
             }
         }
-        Self { lanes, coutp, w2 }
+        Self {
+            lanes,
+            coutp,
+            w2,
+            zeros: vec![0.0; width],
+        }
+    }
+}
+
+/// A decoder kernel split for this path, made on its first frame and kept by its
+/// [`HostKernel`]: the skip channels' kernel (with its own fast layouts) and the low channels'
+/// folded per phase.
+pub(super) struct UpCatWeights {
+    /// Channels of the low-resolution input the split was made for.
+    cl: usize,
+    skip: Vec<f32>,
+    skip_layouts: Layouts,
+    phases: PhaseWeights,
+}
+
+impl UpCatWeights {
+    fn new(k: &HostKernel, cl: usize, lanes: usize) -> Self {
+        let cout = k.bias.len();
+        let cin = k.weight.len() / (9 * cout);
+        let skip = (0..cout)
+            .flat_map(|co| {
+                k.weight[(co * cin + cl) * 9..(co + 1) * cin * 9]
+                    .iter()
+                    .copied()
+            })
+            .collect();
+        Self {
+            cl,
+            skip,
+            skip_layouts: Layouts::default(),
+            phases: PhaseWeights::new(&k.weight, cl, cin, cout, lanes),
+        }
     }
 }
 
@@ -90,7 +128,11 @@ pub(super) fn upcat_conv(
 ) -> Option<Vec<f32>> {
     let cout = k.bias.len();
     let lanes = lanes(cl, cs, (hl, wl), (h, w), cout)?;
-    let cin = cl + cs;
+    assert_eq!(
+        k.weight.len(),
+        cout * (cl + cs) * 9,
+        "up-cat-conv: weight size"
+    );
     assert_eq!(
         low.len(),
         batch * cl * hl * wl,
@@ -101,14 +143,16 @@ pub(super) fn upcat_conv(
         batch * cs * h * w,
         "up-cat-conv: skip input size"
     );
+    // One kernel always meets the same split in a network; another split is made for this call.
+    let other;
+    let uw = match k.upcat.get_or_init(|| UpCatWeights::new(k, cl, lanes)) {
+        uw if uw.cl == cl => uw,
+        _ => {
+            other = UpCatWeights::new(k, cl, lanes);
+            &other
+        }
+    };
     // The skip channels with the bias, no ReLU yet.
-    let wskip: Vec<f32> = (0..cout)
-        .flat_map(|co| {
-            k.weight[(co * cin + cl) * 9..(co + 1) * cin * 9]
-                .iter()
-                .copied()
-        })
-        .collect();
     let s_skip = ConvShape {
         batch,
         cin: cs,
@@ -118,12 +162,13 @@ pub(super) fn upcat_conv(
     };
     let mut out = conv3x3_from(
         |i| pad(&skip[i * cs * h * w..(i + 1) * cs * h * w], cs, h, w),
-        &wskip,
+        &uw.skip,
         Some(&k.bias),
         false,
         s_skip,
+        &uw.skip_layouts,
     );
-    let pw = PhaseWeights::new(&k.weight, cl, cin, cout, lanes);
+    let pw = &uw.phases;
     let s_low = ConvShape {
         batch: 1,
         cin: cl,
@@ -134,7 +179,7 @@ pub(super) fn upcat_conv(
     let mut phases = vec![0.0f32; 4 * pw.coutp * hl * wl];
     for (i, dst) in out.chunks_mut(cout * h * w).enumerate() {
         let lp = pad(&low[i * cl * hl * wl..(i + 1) * cl * hl * wl], cl, hl, wl);
-        phase_conv(&lp, &pw, s_low, &mut phases);
+        phase_conv(&lp, pw, s_low, &mut phases);
         interleave(&phases, pw.coutp, (hl, wl), k.relu, dst);
     }
     Some(out)
@@ -143,8 +188,16 @@ pub(super) fn upcat_conv(
 /// The 4 phases' convolutions of one padded low image `xp` into `dst` (`4 coutp x hl x wl`),
 /// on the direct kernel with each block over its phase's window of taps.
 fn phase_conv(xp: &[f32], pw: &PhaseWeights, s: ConvShape, dst: &mut [f32]) {
-    let zeros = vec![0.0f32; s.cout];
-    direct_rows(xp, &pw.w2, &zeros, false, s, pw.lanes, dst, Some(pw.coutp));
+    direct_rows(
+        xp,
+        &pw.w2,
+        &pw.zeros,
+        false,
+        s,
+        pw.lanes,
+        dst,
+        Some(pw.coutp),
+    );
 }
 
 /// Adds the phases (`4 coutp x hl x wl`) into their pixels of `dst` (`cout x 2hl x 2wl`, the

@@ -51,13 +51,9 @@ pub(super) struct WinogradWeights {
 }
 
 impl WinogradWeights {
-    /// From OIHW weights `wt` (`cout x cin x 3 x 3`), where [`applies`] holds for `s`.
-    pub(super) fn new(wt: &[f32], s: ConvShape) -> Option<Self> {
-        if !applies(s) {
-            return None;
-        }
-        assert_eq!(wt.len(), s.cout * s.cin * 9, "conv3x3: weight size");
-        let (cin, cout) = (s.cin, s.cout);
+    /// From OIHW weights `wt` (`cout x cin x 3 x 3`).
+    pub(super) fn new(wt: &[f32], cin: usize, cout: usize) -> Self {
+        assert_eq!(wt.len(), cout * cin * 9, "conv3x3: weight size");
         let mut u = vec![0.0f32; 16 * cout * cin];
         // G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]].
         let g_rows = |a: f32, b: f32, c: f32| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
@@ -75,7 +71,7 @@ impl WinogradWeights {
                 }
             }
         }
-        Some(Self { u })
+        Self { u }
     }
 }
 
