@@ -782,13 +782,6 @@ impl HostKernel {
     }
 }
 
-impl std::ops::Deref for HostConv {
-    type Target = HostKernel;
-    fn deref(&self) -> &HostKernel {
-        &self.0
-    }
-}
-
 /// Inference-only `relu?(conv3x3(x) + bias)` with the kernel held by the op.
 pub struct HostConv(pub std::sync::Arc<HostKernel>);
 
@@ -798,42 +791,7 @@ impl candle_core::CustomOp1 for HostConv {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let &[b, c, h, w] = l1.shape().dims() else {
-            return Err(candle_core::Error::Msg("conv3x3: expected NCHW".into()));
-        };
-        self.check_input("conv3x3", l1.shape(), c)?;
-        let x = slice_f32(s1, l1, "input")?;
-        let s = ConvShape {
-            batch: b,
-            cin: c,
-            cout: self.bias.len(),
-            h,
-            w,
-        };
-        let hw = h * w;
-        let out = conv3x3_from(
-            |i| pad(&x[i * c * hw..(i + 1) * c * hw], c, h, w),
-            &self.weight,
-            Some(&self.bias),
-            self.relu,
-            s,
-            &self.layouts,
-        );
-        Ok((CpuStorage::F32(out), Shape::from((b, s.cout, h, w))))
-    }
-}
-
-impl std::ops::Deref for PoolConv {
-    type Target = HostKernel;
-    fn deref(&self) -> &HostKernel {
-        &self.0
-    }
-}
-
-impl std::ops::Deref for UpCatConv {
-    type Target = HostKernel;
-    fn deref(&self) -> &HostKernel {
-        &self.0
+        self.0.run(s1, l1, false)
     }
 }
 
@@ -847,15 +805,27 @@ impl candle_core::CustomOp1 for PoolConv {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.0.run(s1, l1, true)
+    }
+}
+
+impl HostKernel {
+    /// [`HostConv`] (`pool` false) or [`PoolConv`] on an NCHW input.
+    fn run(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        pool: bool,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let what = if pool { "pool-conv" } else { "conv3x3" };
         let &[b, c, hi, wi] = l1.shape().dims() else {
-            return Err(candle_core::Error::Msg("pool-conv: expected NCHW".into()));
+            return Err(candle_core::Error::Msg(format!("{what}: expected NCHW")));
         };
-        let cout = self.bias.len();
-        let (h, w) = (hi / 2, wi / 2);
-        self.check_input("pool-conv", l1.shape(), c)?;
+        self.check_input(what, l1.shape(), c)?;
+        let (h, w) = if pool { (hi / 2, wi / 2) } else { (hi, wi) };
         if h == 0 || w == 0 {
             return Err(candle_core::Error::Msg(format!(
-                "pool-conv: input {:?} is too small to pool",
+                "{what}: input {:?} is empty or too small to pool",
                 l1.shape()
             )));
         }
@@ -863,19 +833,26 @@ impl candle_core::CustomOp1 for PoolConv {
         let s = ConvShape {
             batch: b,
             cin: c,
-            cout,
+            cout: self.bias.len(),
             h,
             w,
         };
+        let item = |i: usize| &x[i * c * hi * wi..(i + 1) * c * hi * wi];
         let out = conv3x3_from(
-            |i| pad_pool(&x[i * c * hi * wi..(i + 1) * c * hi * wi], c, (hi, wi)),
+            |i| {
+                if pool {
+                    pad_pool(item(i), c, (hi, wi))
+                } else {
+                    pad(item(i), c, h, w)
+                }
+            },
             &self.weight,
             Some(&self.bias),
             self.relu,
             s,
             &self.layouts,
         );
-        Ok((CpuStorage::F32(out), Shape::from((b, cout, h, w))))
+        Ok((CpuStorage::F32(out), Shape::from((b, s.cout, h, w))))
     }
 }
 
@@ -896,13 +873,14 @@ impl candle_core::CustomOp2 for UpCatConv {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let k = &*self.0;
         let (&[b, cl, hl, wl], &[b2, cs, h, w]) = (l1.shape().dims(), l2.shape().dims()) else {
             return Err(candle_core::Error::Msg(
                 "up-cat-conv: expected NCHW inputs".into(),
             ));
         };
-        let cout = self.bias.len();
-        if b != b2 || hl == 0 || wl == 0 || self.weight.len() != cout * (cl + cs) * 9 {
+        let cout = k.bias.len();
+        if b != b2 || hl == 0 || wl == 0 || k.weight.len() != cout * (cl + cs) * 9 {
             return Err(candle_core::Error::Msg(format!(
                 "up-cat-conv: inputs {:?} and {:?} do not fit a {cout}-channel kernel",
                 l1.shape(),
@@ -912,7 +890,7 @@ impl candle_core::CustomOp2 for UpCatConv {
         let low = slice_f32(s1, l1, "low-resolution input")?;
         let skip = slice_f32(s2, l2, "skip input")?;
         #[cfg(target_arch = "x86_64")]
-        if let Some(out) = polyphase::upcat_conv(low, cl, (hl, wl), skip, cs, (h, w), b, &self.0) {
+        if let Some(out) = polyphase::upcat_conv(low, cl, (hl, wl), skip, cs, (h, w), b, k) {
             return Ok((CpuStorage::F32(out), Shape::from((b, cout, h, w))));
         }
         let s = ConvShape {
@@ -934,11 +912,11 @@ impl candle_core::CustomOp2 for UpCatConv {
                     w,
                 )
             },
-            &self.weight,
-            Some(&self.bias),
-            self.relu,
+            &k.weight,
+            Some(&k.bias),
+            k.relu,
             s,
-            &self.layouts,
+            &k.layouts,
         );
         Ok((CpuStorage::F32(out), Shape::from((b, cout, h, w))))
     }
@@ -1729,9 +1707,9 @@ mod tests {
             );
             assert_eq!(a, v(&again), "{batch} x {h} x {w}: a second pass differs");
         }
-        assert!(op.layouts.wino.get().is_some(), "32² ran as Winograd");
+        assert!(op.0.layouts.wino.get().is_some(), "32² ran as Winograd");
         assert_eq!(
-            op.layouts.direct.get().is_some(),
+            op.0.layouts.direct.get().is_some(),
             direct_lanes().is_some(),
             "the wide image ran on the direct kernel where this CPU has one"
         );
@@ -1924,5 +1902,13 @@ mod tests {
         assert!(conv3x3_t(&x, &w).is_err());
         let w5 = Tensor::zeros((4, 3, 5, 5), DType::F32, &dev).unwrap();
         assert!(conv3x3_t(&x, &w5).is_err());
+        // A fused kernel of 2 input channels given 3, and an image too small to pool.
+        let k = std::sync::Arc::new(HostKernel::new(vec![0.0; 4 * 2 * 9], vec![0.0; 4], true));
+        let err = x.apply_op1_no_bwd(&HostConv(k.clone())).unwrap_err();
+        assert!(err.to_string().contains("does not fit"), "{err}");
+        assert!(x.apply_op1_no_bwd(&PoolConv(k.clone())).is_err());
+        let tiny = Tensor::zeros((1, 2, 1, 8), DType::F32, &dev).unwrap();
+        let err = tiny.apply_op1_no_bwd(&PoolConv(k)).unwrap_err();
+        assert!(err.to_string().contains("too small"), "{err}");
     }
 }
