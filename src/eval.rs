@@ -83,6 +83,76 @@ pub struct Report {
     /// three ±45° turns compose to views up to about 86° from AP, and the errors grow with it.
     #[serde(default)]
     pub by_angle: Vec<AngleBin>,
+    /// How large the detected landmarks look against the truth ([`apparent_scale`]), over the
+    /// images with at least [`SCALE_MIN_LANDMARKS`] landmarks in view and a solved pose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apparent_scale: Option<ScaleReport>,
+}
+
+/// What the detected constellation's apparent size says about the landmark pose's depth: one
+/// view reads the pelvis' distance from the source from how large its landmarks look, so a
+/// constellation detected 1% too small puts the pelvis 1% of its depth too far, whatever the
+/// solver does with it.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct ScaleReport {
+    /// Images scored.
+    pub images: usize,
+    /// Mean `|s - 1|`.
+    pub mean_error: f64,
+    /// Median `|s - 1|`.
+    pub median_error: f64,
+    /// Mean `|s - 1|` x the true depth of the CT's landmarks (their mean distance from the
+    /// source along the beam), mm: the depth error the scale alone implies.
+    pub depth_error_mm: f64,
+    /// Pearson correlation of `|s - 1|` with the landmark pose's TRE, image by image.
+    pub tre_correlation: f64,
+}
+
+/// [`apparent_scale`] needs at least this many landmarks in view.
+pub const SCALE_MIN_LANDMARKS: usize = 6;
+
+/// The scale `s` about their centroids that best maps the true landmarks onto the detected ones
+/// (least squares over the landmarks in view: `truth[i]` present), or `None` with fewer than
+/// [`SCALE_MIN_LANDMARKS`] of them or no spread.
+pub fn apparent_scale(truth: &[Option<Point2<f64>>], detected: &[Point2<f64>]) -> Option<f64> {
+    let pairs: Vec<(Point2<f64>, Point2<f64>)> = truth
+        .iter()
+        .zip(detected)
+        .filter_map(|(t, d)| t.map(|t| (t, *d)))
+        .filter(|(t, d)| t.x.is_finite() && t.y.is_finite() && d.x.is_finite() && d.y.is_finite())
+        .collect();
+    if pairs.len() < SCALE_MIN_LANDMARKS {
+        return None;
+    }
+    let n = pairs.len() as f64;
+    let ct = pairs
+        .iter()
+        .fold(nalgebra::Vector2::zeros(), |a, (t, _)| a + t.coords)
+        / n;
+    let cd = pairs
+        .iter()
+        .fold(nalgebra::Vector2::zeros(), |a, (_, d)| a + d.coords)
+        / n;
+    let (num, den) = pairs.iter().fold((0.0, 0.0), |(num, den), (t, d)| {
+        let (t, d) = (t.coords - ct, d.coords - cd);
+        (num + t.dot(&d), den + t.norm_squared())
+    });
+    (den > 0.0).then(|| num / den)
+}
+
+/// Pearson's correlation of two equally long series (NaN when either does not vary).
+fn correlation(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len().min(b.len()).max(1) as f64;
+    let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
+    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
+    for (x, y) in a.iter().zip(b) {
+        (sab, saa, sbb) = (
+            sab + (x - ma) * (y - mb),
+            saa + (x - ma).powi(2),
+            sbb + (y - mb).powi(2),
+        );
+    }
+    sab / (saa * sbb).sqrt()
 }
 
 /// A landmark further than this from the truth (px at 512 scale) is a gross miss.
@@ -157,6 +227,9 @@ pub struct ImageResult {
     /// registration failed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pose_rmse_px: Option<f64>,
+    /// The detected landmarks' apparent scale against the truth, `s - 1` ([`apparent_scale`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_error: Option<f64>,
     /// The scored points, in the image's pixels, L1..L8, and their heatmap confidences.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub points: Vec<[f64; 3]>,
@@ -334,6 +407,8 @@ pub fn evaluate_with(
     let mut cnt = [0usize; N_LANDMARKS];
     let mut sq_sub = 0.0;
     let mut tres = Vec::new();
+    // Per image with a solved pose and enough landmarks in view: |s - 1|, its depth error, TRE.
+    let mut scales: Vec<(f64, f64, f64)> = Vec::new();
     // (angle from AP, error at 512 scale) of every visible landmark, and every image's angle.
     let (mut angled_errors, mut angles) = (Vec::new(), Vec::new());
     let (mut other_peak, mut reprojected, mut decoded_landmarks) = (0usize, 0usize, 0usize);
@@ -485,6 +560,14 @@ pub fn evaluate_with(
                 let truth = s.pose();
                 tres.push(metrics::mean_tre_mm(&sol.pose, &truth, &p3));
                 record.tre_mm = tres.last().copied();
+                let detected: Vec<Point2<f64>> = int.iter().map(|(p, _)| *p).collect();
+                if let Some(sc) = apparent_scale(&s.points(), &detected) {
+                    let depth = p3.iter().map(|p| truth.camera_from_world(p).z).sum::<f64>()
+                        / p3.len().max(1) as f64;
+                    let e = (sc - 1.0).abs();
+                    scales.push((e, e * depth, tres[tres.len() - 1]));
+                    record.scale_error = Some(sc - 1.0);
+                }
                 let (sq, n) = reprojection_sq(&data.manifest.camera, &sol.pose, &p3, s, scale);
                 (pose_sq, pose_n) = (pose_sq + sq, pose_n + n);
                 record.pose_rmse_px = Some((sq / n.max(1) as f64).sqrt());
@@ -561,6 +644,18 @@ pub fn evaluate_with(
         per_image,
         inverted_rate: inverted_images as f64 / samples.len().max(1) as f64,
         by_angle: angle_bins(&angled_errors, &angles),
+        apparent_scale: (!scales.is_empty()).then(|| {
+            let n = scales.len() as f64;
+            let mut e: Vec<f64> = scales.iter().map(|x| x.0).collect();
+            let t: Vec<f64> = scales.iter().map(|x| x.2).collect();
+            ScaleReport {
+                images: scales.len(),
+                mean_error: e.iter().sum::<f64>() / n,
+                depth_error_mm: scales.iter().map(|x| x.1).sum::<f64>() / n,
+                tre_correlation: correlation(&e, &t),
+                median_error: median(&mut e),
+            }
+        }),
     })
 }
 
@@ -847,6 +942,66 @@ pub fn csv(rows: &[(String, Report)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A constellation scaled about any centre and moved reads as that scale; a pelvis moved 1%
+    /// further from the source looks 1% smaller (the depth the scale stands for); too few
+    /// landmarks in view, or NaN detections among them, give no scale.
+    #[test]
+    fn apparent_scale_is_the_constellations_size() {
+        use crate::geometry::{Camera, Pose};
+        use nalgebra::{Point3, Vector3};
+        let truth: Vec<Option<Point2<f64>>> = [
+            (40.0, 120.0),
+            (100.0, 170.0),
+            (110.0, 150.0),
+            (128.0, 150.0),
+            (128.0, 175.0),
+            (146.0, 150.0),
+            (156.0, 170.0),
+            (216.0, 120.0),
+        ]
+        .iter()
+        .map(|&(x, y)| Some(Point2::new(x, y)))
+        .collect();
+        let centre = nalgebra::Vector2::new(90.0, 200.0);
+        let detected: Vec<Point2<f64>> = truth
+            .iter()
+            .flatten()
+            .map(|t| {
+                Point2::from(
+                    centre + (t.coords - centre) * 1.02 + nalgebra::Vector2::new(3.0, -2.0),
+                )
+            })
+            .collect();
+        let s = apparent_scale(&truth, &detected).unwrap();
+        assert!((s - 1.02).abs() < 1e-12, "{s}");
+        // One landmark out of view: the other seven still say 1.02.
+        let mut seven = truth.clone();
+        seven[0] = None;
+        assert!((apparent_scale(&seven, &detected).unwrap() - 1.02).abs() < 1e-12);
+        // A NaN detection drops out; five left are too few.
+        let mut nan = detected.clone();
+        nan[1] = Point2::new(f64::NAN, 0.0);
+        nan[2] = Point2::new(0.0, f64::NAN);
+        assert!(apparent_scale(&seven, &nan).is_none());
+        assert!(apparent_scale(&truth, &nan).is_some());
+
+        // The pelvis 800 mm from the source, then 1% further.
+        let cam = Camera::paper(256);
+        let pts: Vec<Point3<f64>> = (0..8)
+            .map(|i| {
+                let a = i as f64 * 0.8;
+                Point3::new(110.0 * a.cos(), 60.0 * a.sin(), 30.0 * (a * 1.7).sin())
+            })
+            .collect();
+        let view = |z: f64| -> Vec<Point2<f64>> {
+            let pose = Pose::new(Vector3::new(0.05, -0.1, 0.02), Vector3::new(5.0, -8.0, z));
+            pts.iter().map(|p| cam.project(&pose, p)).collect()
+        };
+        let near: Vec<Option<Point2<f64>>> = view(800.0).into_iter().map(Some).collect();
+        let s = apparent_scale(&near, &view(808.0)).unwrap();
+        assert!((s - 1.0 / 1.01).abs() < 2e-3, "{s}");
+    }
 
     #[test]
     fn a_miss_counts_as_seen_only_with_a_peak_near_the_truth() {

@@ -623,6 +623,17 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         "the CT's landmarks projected at the pose solved from these: RMSE {:.2} px",
         r.pose_rmse_px
     );
+    if let Some(sc) = &r.apparent_scale {
+        println!(
+            "apparent scale of the landmarks ({} images): off by {:.2}% (median {:.2}%), which \
+             alone puts the pose {:.1} mm off in depth; correlation with TRE {:.2}",
+            sc.images,
+            100.0 * sc.mean_error,
+            100.0 * sc.median_error,
+            sc.depth_error_mm,
+            sc.tre_correlation
+        );
+    }
     if a.decode != "argmax" {
         println!(
             "pose-consistent decoding: {:.1}% of landmarks from a weaker peak, {:.1}% reprojected",
