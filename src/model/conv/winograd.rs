@@ -9,9 +9,9 @@
 //! traffic (the transformed input is 4x the input), which pays off only where the channels are
 //! many and the images small: on the 2-core AVX2 EPYC, 288 -> 96 channels at 32² took 4.0-4.7
 //! ms against 6.4-8.2 ms for the direct kernel and 192 -> 192 at 16² 1.8-2.1 against 2.4-3.8,
-//! while 12 -> 12 at 256² took 7-9 ms against 4.5-6 (`examples/forward_layers` times the
-//! network's convolutions; `FLUOROPOSE_NO_WINOGRAD=1` switches this off). See [`applies`] for
-//! where it runs.
+//! while 12 -> 12 at 256² took 2.6-3.4 ms against 1.3-1.9 for the direct kernel, measured
+//! warm (`examples/forward_layers` times the network's convolutions; `FLUOROPOSE_NO_WINOGRAD=1`
+//! switches this off). See [`applies`] for where it runs.
 //!
 //! The tiles are processed in bands of about [`BAND_TILES`] tiles, so that a band's transformed
 //! input and products stay in cache (L2, or L3 for the widest layers) between the transform,
