@@ -1,7 +1,8 @@
-//! Times every 3x3 convolution of the shipped network (base 12, depth 5, 256² input) at batch N
-//! with bias and ReLU, as the fused inference network runs them, and their sum:
-//! `cargo run --release --example forward_layers [N]`. Medians of 21. Compare the formulations
-//! with `FLUOROPOSE_NO_WINOGRAD=1`, `FLUOROPOSE_NO_POLYPHASE=1` and
+//! Times every 3x3 convolution of a shipped network (depth 5, 256² input; base width B: 12 the
+//! default network, 8 the compact one) at batch N with bias and ReLU, as the fused inference
+//! network runs them, and their sum: `cargo run --release --example forward_layers [N [B]]`.
+//! Medians of 21. Compare the formulations with `FLUOROPOSE_NO_WINOGRAD=1`,
+//! `FLUOROPOSE_WINOGRAD_MIN_CIN=C`, `FLUOROPOSE_NO_POLYPHASE=1` and
 //! `FLUOROPOSE_NO_DIRECT_KERNELS=1`. The decoder's first convolutions run as the fused network
 //! runs them: over the level below upsampled and concatenated with the skip. Each is timed
 //! twice, interleaved: as the fused network runs it (weight layouts kept from the first frame)
@@ -11,7 +12,10 @@ use fluoropose::model::conv::{ConvShape, HostConv, HostKernel, UpCatConv, conv3x
 use std::time::Instant;
 
 fn main() {
-    let widths = [12usize, 24, 48, 96, 192];
+    let mut args = std::env::args().skip(1);
+    let batch: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1);
+    let base: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(12);
+    let widths: Vec<usize> = (0..5).map(|i| base << i).collect();
     // (input channels, output channels, size): the encoder, then the decoder from the bottom,
     // whose first convolution takes the upsampled level below and the skip.
     // The last field: the channels of the upsampled level below (0: a plain convolution).
@@ -27,10 +31,6 @@ fn main() {
         shapes.push((widths[j + 1] + widths[j], widths[j], size, widths[j + 1]));
         shapes.push((widths[j], widths[j], size, 0));
     }
-    let batch: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(1);
     // A first pass untimed: the allocator's first large buffers are fresh pages from the
     // system, whose faults made the first convolutions look 2-3x slower than they run in a
     // network that has already run a frame (12 -> 12 at 256²: 4.6-5.2 ms, then 1.3-1.9 ms).

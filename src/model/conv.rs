@@ -1598,6 +1598,7 @@ mod tests {
             (3, 128, 40, 16, 16, true),
             (1, 192, 192, 16, 16, true),
             (2, 96, 12, 10, 64, false),
+            (1, 48, 20, 12, 16, true),
         ]
         .iter()
         .enumerate()
@@ -1651,12 +1652,13 @@ mod tests {
         assert!(winograd::applies(s(96, 32, 32)));
         assert!(!winograd::applies(s(96, 33, 32)), "odd height");
         assert!(!winograd::applies(s(96, 32, 31)), "odd width");
-        assert!(!winograd::applies(s(48, 32, 32)), "few input channels");
+        assert!(winograd::applies(s(48, 64, 64)));
+        assert!(!winograd::applies(s(32, 32, 32)), "few input channels");
         assert!(!winograd::applies(s(96, 128, 128)), "wide image");
-        let wt = rand(64 * 48 * 9, 1);
+        let wt = rand(64 * 32 * 9, 1);
         assert!(
             Layouts::default()
-                .fast(&wt, None, s(48, 32, 32))
+                .fast(&wt, None, s(32, 32, 32))
                 .wino
                 .is_none()
         );

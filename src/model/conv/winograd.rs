@@ -11,7 +11,8 @@
 //! ms against 6.4-8.2 ms for the direct kernel and 192 -> 192 at 16² 1.8-2.1 against 2.4-3.8,
 //! while 12 -> 12 at 256² took 2.6-3.4 ms against 1.3-1.9 for the direct kernel, measured
 //! warm (`examples/forward_layers` times the network's convolutions; `FLUOROPOSE_NO_WINOGRAD=1`
-//! switches this off). See [`applies`] for where it runs.
+//! switches this off). From 48 input channels it wins at 64² and below ([`MIN_CIN`]). See
+//! [`applies`] for where it runs.
 //!
 //! The tiles are processed in bands of about [`BAND_TILES`] tiles, so that a band's transformed
 //! input and products stay in cache (L2, or L3 for the widest layers) between the transform,
@@ -21,8 +22,12 @@ use super::{ConvShape, SharedOut, gemm_strided, serial};
 use rayon::prelude::*;
 
 /// Fewer input channels than this stay with the direct kernel or the 9-GEMM formulation: the
-/// transforms' memory traffic outweighs the saved multiplications (measured above).
-const MIN_CIN: usize = 96;
+/// transforms' memory traffic outweighs the saved multiplications. Measured warm (stop 35, 8
+/// interleaved runs of `examples/forward_layers`, medians): at 48, 48 -> 48 at 64² takes
+/// 1.27-1.29 ms against 1.61-1.65 direct, 64 -> 128 at 16² (the compact network's, too narrow
+/// for the direct kernel) 0.36 against 1.21 with the GEMMs; at 32, 32 -> 32 at 64² and
+/// 32 -> 64 at 32² are slower than the direct kernel (0.92 against 0.78, 0.45 against 0.41).
+const MIN_CIN: usize = 48;
 
 /// Wider images than this stay with the direct kernel (the transforms are memory-bound there).
 const MAX_WIDTH: usize = 64;
@@ -39,9 +44,20 @@ pub(super) fn applies(s: ConvShape) -> bool {
         && s.h.is_multiple_of(2)
         && s.w.is_multiple_of(2)
         && s.w <= MAX_WIDTH
-        && s.cin >= MIN_CIN
+        && s.cin >= min_cin()
         && s.cout > 0
         && !*OFF.get_or_init(|| std::env::var_os("FLUOROPOSE_NO_WINOGRAD").is_some())
+}
+
+/// [`MIN_CIN`], or `FLUOROPOSE_WINOGRAD_MIN_CIN` where set (to measure the cut-off again).
+fn min_cin() -> usize {
+    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| {
+        std::env::var("FLUOROPOSE_WINOGRAD_MIN_CIN")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(MIN_CIN)
+    })
 }
 
 /// The transformed kernel `U = G g Gᵀ` of every (output, input) channel pair, stored as 16
