@@ -6,6 +6,8 @@ use fluoropose::model::conv::{
 use std::time::Instant;
 
 fn main() {
+    // As the binary runs (see `tune_allocator`).
+    fluoropose::tune_allocator();
     // The shapes, then the shipped network's (base 12) at the widths where the direct
     // kernels and the GEMMs trade places: batch 1 (a frame), 2 (mirror-averaged), 16 (training).
     // `FLUOROPOSE_NO_DIRECT_KERNELS=1` times the GEMMs alone.

@@ -12,6 +12,8 @@ use fluoropose::model::conv::{ConvShape, HostConv, HostKernel, UpCatConv, conv3x
 use std::time::Instant;
 
 fn main() {
+    // As the binary runs (see `tune_allocator`).
+    fluoropose::tune_allocator();
     let mut args = std::env::args().skip(1);
     let batch: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1);
     let base: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(12);

@@ -6,6 +6,8 @@ use candle_core::{Device, Tensor, Var};
 use fluoropose::model::resample::max_pool2;
 
 fn main() -> candle_core::Result<()> {
+    // As the binary runs (see `tune_allocator`).
+    fluoropose::tune_allocator();
     let x = Tensor::new(
         &[[[[1f32, 2.], [3., 4.]]], [[[0f32, 0.], [0., 0.]]]],
         &Device::Cpu,

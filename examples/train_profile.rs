@@ -17,6 +17,8 @@ fn ms(t: Instant) -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // As the binary runs (see `tune_allocator`).
+    fluoropose::tune_allocator();
     let batch = 4;
     let cfg = ModelConfig::default();
     let s = cfg.input_size;

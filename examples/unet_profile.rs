@@ -11,6 +11,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> candle_core::Result<()> {
+    // As the binary runs (see `tune_allocator`).
+    fluoropose::tune_allocator();
     let cfg = ModelConfig::default();
     let net = UNet::new(cfg.clone(), &Device::Cpu)
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?

@@ -33,15 +33,23 @@ pub mod volume;
 /// glibc hands allocations over its mmap threshold (128 KiB at first) straight to the kernel and
 /// unmaps them when freed, so every U-Net layer's buffers were mapped, zero-filled page by page
 /// and unmapped again on every frame and training step (page faults, and TLB shootdowns that
-/// interrupt the other cores). Serving buffers up to 32 MiB from the heap and keeping freed
-/// memory for reuse cut a training step by ~20% and a forward pass by ~15% on 2 cores. The
-/// binary calls this first; benchmarks call it too, so that they measure what the app runs.
+/// interrupt the other cores). Serving buffers from the heap and keeping freed memory for reuse
+/// cut a training step by ~20% and a forward pass by ~15% on 2 cores. The threshold cannot go
+/// above 32 MiB, and a training batch's activations are larger (16 x 12 channels at 256² is
+/// 50 MB), so mmap is switched off altogether: a batch-16 step of the default network then took
+/// 2.3-2.5 s against 2.9-3.2 s, and `train --batch 16` 6.0-6.4 images/s against 4.4-4.6. Freed
+/// memory stays with the process for reuse, which is what a stream of same-sized frames or steps
+/// wants; the price is resident memory after one-off large work (the 512x512x133 chest CT
+/// loaded and rendered: 770 MB against 560 MB; `malloc_trim` after the read did not lower it).
+/// The binary calls this first; benchmarks and examples call it too, so that they measure what
+/// the app runs.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn tune_allocator() {
     // SAFETY: mallopt only sets allocator parameters (glibc serialises it with allocation).
     #[allow(unsafe_code)]
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
