@@ -1,6 +1,7 @@
-//! Where a training step's time goes (batch 4, 256x256, the default architecture): forward
-//! with the loss, backward, the optimiser, against the 3x3 convolution kernels alone
-//! (forward, input and weight gradients): `cargo run --release --example train_profile`.
+//! Where a training step's time goes (batch N, default 4; 256x256; base width B, default 8, the
+//! compact network's, 12 the default network's): forward with the loss, backward, the
+//! optimiser, against the 3x3 convolution kernels alone (forward, input and weight gradients):
+//! `cargo run --release --example train_profile [N [B]]`.
 use candle_core::{Device, Tensor};
 use candle_nn::Optimizer;
 use fluoropose::model::conv::{ConvShape, conv3x3, conv3x3_grad_input, conv3x3_grad_weight};
@@ -19,8 +20,12 @@ fn ms(t: Instant) -> f64 {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // As the binary runs (see `tune_allocator`).
     fluoropose::tune_allocator();
-    let batch = 4;
-    let cfg = ModelConfig::default();
+    let mut args = std::env::args().skip(1);
+    let batch: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(4);
+    let mut cfg = ModelConfig::default();
+    if let Some(base) = args.next().and_then(|a| a.parse().ok()) {
+        cfg.base_channels = base;
+    }
     let s = cfg.input_size;
     let net = UNet::new(cfg.clone(), &Device::Cpu)?;
     let x = Tensor::randn(0f32, 1.0, (batch, 1, s, s), &Device::Cpu)?;
