@@ -357,3 +357,55 @@ fn every_volume_placement_matches_the_cpu_reference() {
         }
     }
 }
+
+/// A batch larger than one buffer of the device holds is rendered in several passes: every
+/// pose's image, in order, each as its own single render gives it.
+#[test]
+fn a_batch_over_the_buffer_limit_renders_in_passes() {
+    use eframe::wgpu;
+    if gpu().is_none() {
+        return;
+    }
+    let (vol, _) = phantom_subject(3, Some(6.0));
+    let dv = Arc::new(DensityVolume::from_volume(&vol, Attenuation::default()));
+    let iso = vol.center_mm();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    let poses: Vec<_> = (0..7)
+        .map(|_| PoseRange::default().sample(&mut rng, &iso))
+        .collect();
+    let cam = Camera::new(1020.0, 40, 32, 8.0, 9.0);
+    let instance = wgpu::Instance::default();
+    let adapter = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+        .into_iter()
+        .find(|a| a.get_info().device_type == wgpu::DeviceType::Cpu)
+        .or_else(|| {
+            pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default()))
+                .ok()
+        })
+        .unwrap();
+    // Three images to a buffer: the 7 poses take three passes (3 + 3 + 1).
+    let limit = 3 * 40 * 32 * 4;
+    let (d, q) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        required_limits: wgpu::Limits {
+            max_storage_buffer_binding_size: limit,
+            ..adapter.limits()
+        },
+        ..Default::default()
+    }))
+    .unwrap();
+    let mut r = DrrRenderer::new(&d, &q);
+    r.set_volume(dv.clone()).unwrap();
+    let which = ALL[0];
+    let batch = r.render(&cam, &poses, which).unwrap();
+    assert_eq!(batch.len(), poses.len());
+    for (i, (img, pose)) in batch.iter().zip(&poses).enumerate() {
+        assert_eq!(img.len(), 40 * 32);
+        let single = r.render(&cam, std::slice::from_ref(pose), which).unwrap();
+        assert_eq!(img, &single[0], "pose {i}");
+        let e = rel_diff(img, &cpu::render(&dv, &cam, pose, which));
+        assert!(e < 1e-4, "pose {i}: {e}");
+    }
+    // Distinct poses, distinct images: the passes did not repeat one chunk.
+    assert_ne!(batch[0], batch[3]);
+    assert_ne!(batch[3], batch[6]);
+}

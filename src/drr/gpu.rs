@@ -713,8 +713,34 @@ impl DrrRenderer {
         pass.dispatch_workgroups(images.width.div_ceil(8), images.height.div_ceil(8), 1);
     }
 
-    /// Renders a batch and reads it back: one `height x width` image per pose.
+    /// Renders a batch and reads it back: one `height x width` image per pose. A pass writes its
+    /// images into one storage buffer, so a batch larger than the device's buffer limits (64
+    /// images of 768² on lavapipe) is rendered in as many passes as it needs.
     pub fn render(
+        &self,
+        camera: &Camera,
+        poses: &[Pose],
+        renderer: Renderer,
+    ) -> Result<Vec<Vec<f32>>, GpuError> {
+        let limits = self.device.limits();
+        let per_image = (camera.width_px as u64 * camera.height_px as u64 * 4).max(1);
+        let fit = (limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size)
+            / per_image)
+            .max(1) as usize;
+        if poses.len() <= fit {
+            return self.render_pass(camera, poses, renderer);
+        }
+        let mut images = Vec::with_capacity(poses.len());
+        for chunk in poses.chunks(fit) {
+            images.extend(self.render_pass(camera, chunk, renderer)?);
+        }
+        Ok(images)
+    }
+
+    /// One pass of [`Self::render`]: the whole batch in one buffer.
+    fn render_pass(
         &self,
         camera: &Camera,
         poses: &[Pose],
