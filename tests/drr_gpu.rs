@@ -295,11 +295,40 @@ fn window_pass_writes_the_display_texture_on_the_gpu() {
     );
 }
 
+/// The adapter the tests run on (lavapipe where it is installed), for devices of their own.
+fn test_adapter() -> eframe::wgpu::Adapter {
+    use eframe::wgpu;
+    let instance = wgpu::Instance::default();
+    pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+        .into_iter()
+        .find(|a| a.get_info().device_type == wgpu::DeviceType::Cpu)
+        .or_else(|| {
+            pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default()))
+                .ok()
+        })
+        .unwrap()
+}
+
+/// A device on `adapter` whose storage buffer bindings hold at most `limit` bytes.
+fn device_with_binding_limit(
+    adapter: &eframe::wgpu::Adapter,
+    limit: u64,
+) -> (eframe::wgpu::Device, eframe::wgpu::Queue) {
+    use eframe::wgpu;
+    pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        required_limits: wgpu::Limits {
+            max_storage_buffer_binding_size: limit,
+            ..adapter.limits()
+        },
+        ..Default::default()
+    }))
+    .unwrap()
+}
+
 /// The volume in a storage buffer or in a 3D texture (what a device's storage binding limit
 /// decides): the same images as the CPU reference either way.
 #[test]
 fn every_volume_placement_matches_the_cpu_reference() {
-    use eframe::wgpu;
     if gpu().is_none() {
         return;
     }
@@ -318,15 +347,7 @@ fn every_volume_placement_matches_the_cpu_reference() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
     let pose = PoseRange::default().sample(&mut rng, &iso);
     let cam = Camera::new(1020.0, 40, 32, 8.0, 9.0);
-    let instance = wgpu::Instance::default();
-    let adapter = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
-        .into_iter()
-        .find(|a| a.get_info().device_type == wgpu::DeviceType::Cpu)
-        .or_else(|| {
-            pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default()))
-                .ok()
-        })
-        .unwrap();
+    let adapter = test_adapter();
     // (storage binding limit, where the volume must go)
     let cases = [
         (adapter.limits().max_storage_buffer_binding_size, true),
@@ -334,14 +355,7 @@ fn every_volume_placement_matches_the_cpu_reference() {
         (total - slice, false),
     ];
     for (limit, want) in cases {
-        let (d, q) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-            required_limits: wgpu::Limits {
-                max_storage_buffer_binding_size: limit,
-                ..adapter.limits()
-            },
-            ..Default::default()
-        }))
-        .unwrap();
+        let (d, q) = device_with_binding_limit(&adapter, limit);
         let mut r = DrrRenderer::new(&d, &q);
         r.set_volume(dv.clone()).unwrap();
         assert_eq!(
@@ -362,7 +376,6 @@ fn every_volume_placement_matches_the_cpu_reference() {
 /// pose's image, in order, each as its own single render gives it.
 #[test]
 fn a_batch_over_the_buffer_limit_renders_in_passes() {
-    use eframe::wgpu;
     if gpu().is_none() {
         return;
     }
@@ -374,25 +387,10 @@ fn a_batch_over_the_buffer_limit_renders_in_passes() {
         .map(|_| PoseRange::default().sample(&mut rng, &iso))
         .collect();
     let cam = Camera::new(1020.0, 40, 32, 8.0, 9.0);
-    let instance = wgpu::Instance::default();
-    let adapter = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
-        .into_iter()
-        .find(|a| a.get_info().device_type == wgpu::DeviceType::Cpu)
-        .or_else(|| {
-            pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default()))
-                .ok()
-        })
-        .unwrap();
+    let adapter = test_adapter();
     // Three images to a buffer: the 7 poses take three passes (3 + 3 + 1).
     let limit = 3 * 40 * 32 * 4;
-    let (d, q) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-        required_limits: wgpu::Limits {
-            max_storage_buffer_binding_size: limit,
-            ..adapter.limits()
-        },
-        ..Default::default()
-    }))
-    .unwrap();
+    let (d, q) = device_with_binding_limit(&adapter, limit);
     let mut r = DrrRenderer::new(&d, &q);
     r.set_volume(dv.clone()).unwrap();
     let which = ALL[0];
