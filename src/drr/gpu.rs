@@ -529,12 +529,7 @@ impl DrrRenderer {
         let (w, h) = (camera.width_px, camera.height_px);
         let n = poses.len() as u32;
         let limits = self.device.limits();
-        let out_bytes = w as u64 * h as u64 * n as u64 * 4;
-        if out_bytes
-            > limits
-                .max_storage_buffer_binding_size
-                .min(limits.max_buffer_size)
-        {
+        if u64::from(n) > self.images_per_buffer(camera) {
             return Err(GpuError::Invalid(format!(
                 "{n} images of {w}x{h} exceed one GPU buffer; render fewer at once"
             )));
@@ -602,7 +597,7 @@ impl DrrRenderer {
             });
         let out = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("drr images"),
-            size: out_bytes,
+            size: u64::from(w) * u64::from(h) * u64::from(n) * 4,
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
             mapped_at_creation: false,
         });
@@ -722,12 +717,13 @@ impl DrrRenderer {
         poses: &[Pose],
         renderer: Renderer,
     ) -> Result<Vec<Vec<f32>>, GpuError> {
-        let limits = self.device.limits();
-        let per_image = (camera.width_px as u64 * camera.height_px as u64 * 4).max(1);
-        let fit = (limits
-            .max_storage_buffer_binding_size
-            .min(limits.max_buffer_size)
-            / per_image)
+        // What one pass takes ([`Self::encode`]'s limits); at least one pose, so that a camera
+        // too large for any buffer gets `encode`'s error.
+        let fit = self
+            .images_per_buffer(camera)
+            .min(u64::from(
+                self.device.limits().max_compute_workgroups_per_dimension,
+            ))
             .max(1) as usize;
         if poses.len() <= fit {
             return self.render_pass(camera, poses, renderer);
@@ -737,6 +733,16 @@ impl DrrRenderer {
             images.extend(self.render_pass(camera, chunk, renderer)?);
         }
         Ok(images)
+    }
+
+    /// How many `camera` images one storage buffer of this device holds.
+    fn images_per_buffer(&self, camera: &Camera) -> u64 {
+        let limits = self.device.limits();
+        let per_image = (u64::from(camera.width_px) * u64::from(camera.height_px) * 4).max(1);
+        limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size)
+            / per_image
     }
 
     /// One pass of [`Self::render`]: the whole batch in one buffer.
