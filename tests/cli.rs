@@ -249,6 +249,16 @@ fn bad_input_gives_a_clear_error_and_a_failure_code() {
         "300",
     ]);
     assert!(!ok && err.contains("--shift-px 300: at most 64"), "{err}");
+    let (ok, _, err) = run(&[
+        "eval",
+        "--model",
+        "nowhere.safetensors",
+        "--data",
+        "nowhere",
+        "--zoom-pct",
+        "40",
+    ]);
+    assert!(!ok && err.contains("--zoom-pct 40: at most 25"), "{err}");
 }
 
 #[test]

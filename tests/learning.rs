@@ -661,6 +661,7 @@ fn the_shipped_model_decoded_the_apps_way_finds_a_held_out_phantom() {
             views: Views {
                 mirror: false,
                 shift_px: Views::SHIFT_PX,
+                zoom_pct: 0,
             },
             consensus: None,
             ..Decode::default()

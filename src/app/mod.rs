@@ -178,6 +178,7 @@ impl Settings {
                 } else {
                     0
                 },
+                zoom_pct: 0,
             },
             consensus: self
                 .consistent

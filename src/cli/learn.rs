@@ -259,6 +259,10 @@ pub struct EvalArgs {
     /// down-right and up-left too (test-time augmentation; the app reads 12 beside the mirror).
     #[arg(long, default_value_t = 0)]
     pub shift_px: usize,
+    /// Average the heatmaps of each image and of it magnified and shrunk by this many percent
+    /// about its centre too (test-time augmentation on the pelvis' apparent size).
+    #[arg(long, default_value_t = 0)]
+    pub zoom_pct: usize,
     /// Also refine each solved pose against its image with the subject's CT (intensity-based
     /// registration, beyond the paper) and report the refined poses' errors beside.
     #[arg(long)]
@@ -285,6 +289,9 @@ pub struct EvalArgs {
 /// The largest `eval --shift-px`: a quarter of the 256-px model's input. Farther, the shifted
 /// views lose whole landmarks off the field.
 const MAX_SHIFT_PX: usize = 64;
+
+/// The largest `eval --zoom-pct`.
+const MAX_ZOOM_PCT: usize = 25;
 
 /// `fluoropose predict`.
 #[derive(Args, Debug)]
@@ -508,6 +515,13 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             crate::model::Views::SHIFT_PX
         );
     }
+    if a.zoom_pct > MAX_ZOOM_PCT {
+        bail!(
+            "--zoom-pct {}: at most {MAX_ZOOM_PCT} (farther, the magnified view loses the \
+             landmarks near the border and the shrunk one leaves the poses the network learnt)",
+            a.zoom_pct
+        );
+    }
     let data = Dataset::open(&a.data)?;
     let split = parse_split(&a.split)?;
     let opts = eval::EvalOptions {
@@ -531,6 +545,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         None if a.decode != "argmax"
             || a.mirror
             || a.shift_px > 0
+            || a.zoom_pct > 0
             || polarity != Default::default() =>
         {
             let m = a.model.as_deref().context("--model is needed")?;
@@ -543,6 +558,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             let views = crate::model::Views {
                 mirror: a.mirror,
                 shift_px: a.shift_px,
+                zoom_pct: a.zoom_pct,
             };
             let decode = crate::detect::Decode {
                 views,

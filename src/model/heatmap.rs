@@ -294,6 +294,71 @@ fn fallback_strip(
     }
 }
 
+/// `(B, C, H, W)` maps magnified `z` times about their centre (`z < 1`: shrunk), bilinear:
+/// view pixel `p` shows the map at `c + (p - c) / z`. Shrunk, the margin repeats the nearest
+/// edge, as [`shift`] does.
+pub fn zoom(t: &Tensor, z: f64) -> candle_core::Result<Tensor> {
+    let (_, _, h, w) = t.dims4()?;
+    let zx = resample_axis(t, 3, &zoom_coords(w, 1.0 / z))?;
+    resample_axis(&zx, 2, &zoom_coords(h, 1.0 / z))
+}
+
+/// Heatmap logits `(B, N, H, W)` of an image [`zoom`]ed `z` times turned into those of the
+/// image itself: image pixel `p` is read where the view showed it, `c + z (p - c)`, and where
+/// the view did not show the image (its margin, magnified), `fallback`'s logits, the plain
+/// view's, as [`unshift`] does.
+pub fn unzoom(logits: &Tensor, fallback: &Tensor, z: f64) -> candle_core::Result<Tensor> {
+    let (_, _, h, w) = logits.dims4()?;
+    let (cx, cy) = (zoom_coords(w, z), zoom_coords(h, z));
+    let back = resample_axis(&resample_axis(logits, 3, &cx)?, 2, &cy)?;
+    // Half a pixel of slack: the view's edge pixel still covers that far.
+    let seen = |u: &[f64], n: usize| -> Vec<f32> {
+        u.iter()
+            .map(|&v| f32::from(u8::from(v >= -0.5 && v <= n as f64 - 0.5)))
+            .collect()
+    };
+    let dev = logits.device();
+    let mx = Tensor::from_vec(seen(&cx, w), (1, 1, 1, w), dev)?;
+    let my = Tensor::from_vec(seen(&cy, h), (1, 1, h, 1), dev)?;
+    let mask = mx.broadcast_mul(&my)?.to_dtype(logits.dtype())?;
+    let keep = back.broadcast_mul(&mask)?;
+    let other = fallback.broadcast_mul(&mask.affine(-1.0, 1.0)?)?;
+    keep + other
+}
+
+/// Where each of `n` pixels samples a map magnified `1 / s` times about its centre:
+/// `c + s (p - c)` (unclamped; [`resample_axis`] clamps).
+fn zoom_coords(n: usize, s: f64) -> Vec<f64> {
+    let c = (n as f64 - 1.0) / 2.0;
+    (0..n).map(|p| c + s * (p as f64 - c)).collect()
+}
+
+/// `t` sampled along `dim` at the fractional positions `at` (one per output line), linearly
+/// between the two nearest lines; positions beyond the ends take the end line.
+fn resample_axis(t: &Tensor, dim: usize, at: &[f64]) -> candle_core::Result<Tensor> {
+    let n = t.dim(dim)?;
+    let last = n.saturating_sub(1) as f64;
+    let mut i0 = Vec::with_capacity(at.len());
+    let mut i1 = Vec::with_capacity(at.len());
+    let mut w1 = Vec::with_capacity(at.len());
+    for &u in at {
+        let u = u.clamp(0.0, last);
+        let f = u.floor();
+        i0.push(f as u32);
+        i1.push((f + 1.0).min(last) as u32);
+        w1.push((u - f) as f32);
+    }
+    let dev = t.device();
+    let m = at.len();
+    let mut shape = vec![1usize; t.rank()];
+    shape[dim] = m;
+    let w1 = Tensor::from_vec(w1, shape, dev)?.to_dtype(t.dtype())?;
+    let w0 = w1.affine(-1.0, 1.0)?;
+    let a = t.index_select(&Tensor::from_vec(i0, m, dev)?, dim)?;
+    let b = t.index_select(&Tensor::from_vec(i1, m, dev)?, dim)?;
+    a.broadcast_mul(&w0)? + b.broadcast_mul(&w1)?
+}
+
 /// Per heatmap of `(N, H, W)` logits: the argmax pixel refined to sub-pixel precision by a
 /// parabola through its neighbours on each axis, and the peak probability `sigmoid(max)`.
 pub fn argmax_subpixel(logits: &Tensor) -> candle_core::Result<Vec<(Point2<f64>, f64)>> {
@@ -508,6 +573,52 @@ mod tests {
                 .collect::<Vec<_>>(),
             pts
         );
+    }
+
+    #[test]
+    fn a_zoomed_view_scales_its_peaks_about_the_centre_and_unzooming_brings_them_back() {
+        // Centre (31.5, 31.5); peaks off the axes so that both passes move them.
+        let pts = [(21.5, 41.5), (43.5, 15.5), (1.5, 60.5)];
+        let t = gaussian_logits(&pts, 64, 3.0, 30.0);
+        let peaks = |t: &Tensor| argmax_subpixel(&t.get(0).unwrap()).unwrap();
+        let near = |p: Point2<f64>, q: (f64, f64), tol: f64| {
+            assert!(
+                (p.x - q.0).abs() < tol && (p.y - q.1).abs() < tol,
+                "{p:?} is not near {q:?}"
+            );
+        };
+        let z = 1.25;
+        let magnified = zoom(&t, z).unwrap();
+        assert_eq!(magnified.dims(), t.dims());
+        let m = peaks(&magnified);
+        // 10 px from the centre becomes 12.5: p' = c + z (p - c).
+        near(m[0].0, (19.0, 44.0), 0.15);
+        near(m[1].0, (46.5, 11.5), 0.15);
+        // The third, near the corner, left the magnified field: the view cannot show it.
+        let shrunk = zoom(&t, 1.0 / z).unwrap();
+        let s = peaks(&shrunk);
+        near(s[2].0, (31.5 - 30.0 / z, 31.5 + 29.0 / z), 0.15);
+        // Back in the frame: each view's peaks return where they were, and where the magnified
+        // view did not see the frame (its outer 1/10 on each side) the fallback's logits stand.
+        let fallback = (t.clone() + 0.25).unwrap();
+        for view_z in [z, 1.0 / z] {
+            let back = unzoom(&zoom(&t, view_z).unwrap(), &fallback, view_z).unwrap();
+            for (i, (p, _)) in peaks(&back).iter().enumerate() {
+                near(*p, pts[i], 0.15);
+            }
+        }
+        let back = unzoom(&magnified, &fallback, z).unwrap();
+        let (b, f) = (
+            back.get(0).unwrap().to_vec3::<f32>().unwrap(),
+            fallback.get(0).unwrap().to_vec3::<f32>().unwrap(),
+        );
+        // Pixel 2 maps to view 31.5 + 1.25 * (2 - 31.5) = -5.4: unseen. Pixel 8 to 2.1: seen,
+        // and a smooth map resampled twice is close to itself there.
+        assert_eq!(b[0][2][40], f[0][2][40]);
+        assert_eq!(b[1][30][61], f[1][30][61]);
+        let t3 = t.get(0).unwrap().to_vec3::<f32>().unwrap();
+        assert_ne!(b[0][8][40], f[0][8][40]);
+        assert!((b[0][8][40] - t3[0][8][40]).abs() < 0.5, "{}", b[0][8][40]);
     }
 
     #[test]

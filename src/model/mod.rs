@@ -581,7 +581,8 @@ impl UNet {
 
     /// Heatmap logits of `x` averaged over the [`Views`] of each image (test-time
     /// augmentation): all views in one batch through [`Self::forward`], each mapped back to the
-    /// image ([`heatmap::unmirror`], [`heatmap::unshift`]) before the logits are averaged.
+    /// image ([`heatmap::unmirror`], [`heatmap::unshift`], [`heatmap::unzoom`]) before the logits
+    /// are averaged.
     pub fn forward_views(&self, x: &Tensor, views: &Views) -> candle_core::Result<Tensor> {
         let b = x.dim(0)?;
         let s = views.shift_px as isize;
@@ -592,6 +593,10 @@ impl UNet {
         }
         for &d in shifts {
             batch.push(heatmap::shift(x, d, d)?);
+        }
+        let zooms = views.zooms();
+        for &z in &zooms {
+            batch.push(heatmap::zoom(x, z)?);
         }
         if batch.len() == 1 {
             return self.forward(x, false);
@@ -608,6 +613,10 @@ impl UNet {
         }
         for &d in shifts {
             sum = (sum + heatmap::unshift(&view(k)?, &plain, d, d)?)?;
+            k += 1;
+        }
+        for &z in &zooms {
+            sum = (sum + heatmap::unzoom(&view(k)?, &plain, z)?)?;
             k += 1;
         }
         sum.affine(1.0 / n as f64, 0.0)
@@ -818,6 +827,12 @@ pub struct Views {
     /// where the border is), so a moved frame is a third and fourth opinion that errs
     /// elsewhere; the edge repeats into the strip uncovered.
     pub shift_px: usize,
+    /// The frame magnified by this many percent about its centre, and shrunk by as much
+    /// (0: not). The pelvis' apparent size is what a single view's depth is read from, so two
+    /// more opinions on it at other scales may err differently; shrunk, the margin repeats the
+    /// edge.
+    #[serde(default)]
+    pub zoom_pct: usize,
 }
 
 impl Views {
@@ -825,6 +840,7 @@ impl Views {
     pub const PLAIN: Self = Self {
         mirror: false,
         shift_px: 0,
+        zoom_pct: 0,
     };
     /// The frame and its mirror image. A network that has learnt the anatomy gives both the
     /// same answer; where it is unsure (an ASIS on the crest, a peak near the border), the two
@@ -832,6 +848,7 @@ impl Views {
     pub const MIRROR: Self = Self {
         mirror: true,
         shift_px: 0,
+        zoom_pct: 0,
     };
     /// The shift of [`Self::recommended`], model-input pixels: not a multiple of the 16 px
     /// the max-pools step in, and small against the pelvis (see the model card for 8 and 16).
@@ -843,6 +860,7 @@ impl Views {
         Self {
             mirror: true,
             shift_px: Self::SHIFT_PX,
+            zoom_pct: 0,
         }
     }
 
@@ -854,14 +872,42 @@ impl Views {
         device.is_cuda() || device.is_metal() || rayon::current_num_threads() >= 4
     }
 
-    /// For reports: "mirror-averaged", "shift-averaged (12 px)", both, or "" for the frame alone.
+    /// For reports: "mirror-averaged", "shift-averaged (12 px)", both, "zoom-averaged (8%)"
+    /// beside, or "" for the frame alone.
     pub fn describe(&self) -> String {
-        match (self.mirror, self.shift_px) {
-            (false, 0) => String::new(),
-            (true, 0) => "mirror-averaged".into(),
-            (false, s) => format!("shift-averaged ({s} px)"),
-            (true, s) => format!("mirror- and shift-averaged ({s} px)"),
+        let mut names = Vec::new();
+        let mut params = Vec::new();
+        if self.mirror {
+            names.push("mirror");
         }
+        if self.shift_px > 0 {
+            names.push("shift");
+            params.push(format!("{} px", self.shift_px));
+        }
+        if self.zoom_pct > 0 {
+            names.push("zoom");
+            params.push(format!("{}%", self.zoom_pct));
+        }
+        let params = if params.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", params.join(", "))
+        };
+        match names.as_slice() {
+            [] => String::new(),
+            [one] => format!("{one}-averaged{params}"),
+            [init @ .., last] => format!("{}- and {last}-averaged{params}", init.join("-, ")),
+        }
+    }
+
+    /// The magnifications of the zoomed views, `1 + zoom_pct / 100` and its inverse (none
+    /// without a zoom).
+    pub fn zooms(&self) -> Vec<f64> {
+        if self.zoom_pct == 0 {
+            return Vec::new();
+        }
+        let z = 1.0 + self.zoom_pct as f64 / 100.0;
+        vec![z, 1.0 / z]
     }
 }
 
@@ -1076,6 +1122,60 @@ mod tests {
         let plain_a = net.forward(&fx, false).unwrap();
         let plain_b = heatmap::unmirror(&net.forward(&x, false).unwrap()).unwrap();
         assert!(max_diff(&plain_a, &plain_b) > 1e-3);
+    }
+
+    #[test]
+    fn zoomed_views_are_averaged_each_mapped_back_and_described() {
+        let dev = Device::Cpu;
+        let net = UNet::with_seed(tiny(), &dev, 7).unwrap().fused().unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 1, 32, 32), &dev).unwrap();
+        let views = Views {
+            zoom_pct: 10,
+            ..Views::PLAIN
+        };
+        assert_eq!(views.zooms().len(), 2);
+        let got = net.forward_views(&x, &views).unwrap();
+        // Each view on its own, through the same network, mapped back by hand.
+        let plain = net.forward(&x, false).unwrap();
+        let mut want = plain.clone();
+        for z in [1.1, 1.0 / 1.1] {
+            let v = net.forward(&heatmap::zoom(&x, z).unwrap(), false).unwrap();
+            want = (want + heatmap::unzoom(&v, &plain, z).unwrap()).unwrap();
+        }
+        let want = want.affine(1.0 / 3.0, 0.0).unwrap();
+        let diff: f32 = (&got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-4, "{diff}");
+        let off: f32 = (&got - &plain)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(off > 1e-3, "the zoomed views changed nothing");
+        assert_eq!(views.describe(), "zoom-averaged (10%)");
+        assert_eq!(Views::PLAIN.describe(), "");
+        assert_eq!(Views::MIRROR.describe(), "mirror-averaged");
+        assert_eq!(
+            Views::recommended().describe(),
+            "mirror- and shift-averaged (12 px)"
+        );
+        assert_eq!(
+            Views {
+                zoom_pct: 8,
+                ..Views::recommended()
+            }
+            .describe(),
+            "mirror-, shift- and zoom-averaged (12 px, 8%)"
+        );
     }
 
     #[test]
