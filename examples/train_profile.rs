@@ -64,6 +64,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let (mut cf, mut ci, mut cw) = (0.0, 0.0, 0.0);
+    println!("per convolution (ms): forward, input gradient, weight gradient");
     for (cin, cout, hw) in shapes {
         let sh = ConvShape {
             batch,
@@ -87,15 +88,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .collect(),
             )
         };
-        cf += time(&|| {
+        let f = time(&|| {
             std::hint::black_box(conv3x3(&xi, &w, None, false, sh));
         });
-        ci += time(&|| {
+        let i = time(&|| {
             std::hint::black_box(conv3x3_grad_input(&g, &w, sh));
         });
-        cw += time(&|| {
+        let wg = time(&|| {
             std::hint::black_box(conv3x3_grad_weight(&xi, &g, sh));
         });
+        println!("  {cin:4} -> {cout:4} at {hw:3}²: {f:7.1} {i:7.1} {wg:7.1}");
+        (cf, ci, cw) = (cf + f, ci + i, cw + wg);
     }
     println!(
         "convolutions alone: forward {cf:.1} ms, input gradient {ci:.1} ms, weight gradient {cw:.1} ms, total {:.1} ms",

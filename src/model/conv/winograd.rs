@@ -14,6 +14,11 @@
 //! switches this off). From 48 input channels it wins at 64² and below ([`MIN_CIN`]). See
 //! [`applies`] for where it runs.
 //!
+//! The weight gradient runs through the same transforms ([`grad_weight`]): 16 GEMMs
+//! `∂L/∂U_ξ (cout x cin) = Σ_tiles (A ∂Y Aᵀ)_ξ V_ξᵀ`, then `∂L/∂g = Gᵀ (∂L/∂U) G`. The input
+//! gradient is a convolution itself (the kernel flipped and transposed) and takes the forward
+//! path.
+//!
 //! The tiles are processed in bands of about [`BAND_TILES`] tiles, so that a band's transformed
 //! input and products stay in cache (L2, or L3 for the widest layers) between the transform,
 //! the GEMMs and the inverse transform; bands run in parallel, each with serial GEMMs.
@@ -161,46 +166,14 @@ fn band_conv(
     sc: &mut Scratch,
     out: &SharedOut,
 ) {
-    let (cin, cout, wp, plane) = (s.cin, s.cout, s.w + 2, s.padded_plane());
+    let (cin, cout) = (s.cin, s.cout);
     let tw = s.w / 2;
     let tb = rows.len() * tw;
-    sc.v.resize(16 * cin * tb, 0.0);
     sc.m.resize(16 * cout * tb, 0.0);
-    sc.rows.resize(4 * wp, 0.0);
     sc.half.resize(8 * tb, 0.0);
     sc.out.resize(2 * tb, 0.0);
 
-    // V = Bᵀ d B, Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]: first down
-    // the 4 input rows under a tile row (whole rows, vectorisable), then across each tile.
-    for ci in 0..cin {
-        for (k, ty) in rows.clone().enumerate() {
-            let r = |i: usize| &xp[ci * plane + (2 * ty + i) * wp..][..wp];
-            let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
-            let (t0, rest) = sc.rows.split_at_mut(wp);
-            let (t1, rest) = rest.split_at_mut(wp);
-            let (t2, t3) = rest.split_at_mut(wp);
-            for x in 0..wp {
-                t0[x] = r0[x] - r2[x];
-                t1[x] = r1[x] + r2[x];
-                t2[x] = r2[x] - r1[x];
-                t3[x] = r1[x] - r3[x];
-            }
-            for (i, t) in [&*t0, &*t1, &*t2, &*t3].into_iter().enumerate() {
-                let at = |j: usize| ((i * 4 + j) * cin + ci) * tb + k * tw;
-                let (v, rest) = sc.v.split_at_mut(at(1));
-                let v0 = &mut v[at(0)..][..tw];
-                let (v1, rest) = rest.split_at_mut(at(2) - at(1));
-                let (v2, v3) = rest.split_at_mut(at(3) - at(2));
-                for tx in 0..tw {
-                    let d = &t[2 * tx..2 * tx + 4];
-                    v0[tx] = d[0] - d[2];
-                    v1[tx] = d[1] + d[2];
-                    v2[tx] = d[2] - d[1];
-                    v3[tx] = d[1] - d[3];
-                }
-            }
-        }
-    }
+    transform_input(xp, s, rows.clone(), &mut sc.v, &mut sc.rows);
 
     // M_ξ = U_ξ · V_ξ.
     for xi in 0..16 {
@@ -259,4 +232,200 @@ fn band_conv(
             }
         }
     }
+}
+
+/// `V = Bᵀ d B` of every tile in tile rows `rows` of the padded batch item `xp`, into `v`
+/// (`16 x cin x tiles`, ξ-major); `buf` is scratch.
+fn transform_input(
+    xp: &[f32],
+    s: ConvShape,
+    rows: std::ops::Range<usize>,
+    v: &mut Vec<f32>,
+    buf: &mut Vec<f32>,
+) {
+    let (cin, wp, plane) = (s.cin, s.w + 2, s.padded_plane());
+    let tw = s.w / 2;
+    let tb = rows.len() * tw;
+    v.resize(16 * cin * tb, 0.0);
+    buf.resize(4 * wp, 0.0);
+    // V = Bᵀ d B, Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]: first down
+    // the 4 input rows under a tile row (whole rows, vectorisable), then across each tile.
+    for ci in 0..cin {
+        for (k, ty) in rows.clone().enumerate() {
+            let r = |i: usize| &xp[ci * plane + (2 * ty + i) * wp..][..wp];
+            let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
+            let (t0, rest) = buf.split_at_mut(wp);
+            let (t1, rest) = rest.split_at_mut(wp);
+            let (t2, t3) = rest.split_at_mut(wp);
+            for x in 0..wp {
+                t0[x] = r0[x] - r2[x];
+                t1[x] = r1[x] + r2[x];
+                t2[x] = r2[x] - r1[x];
+                t3[x] = r1[x] - r3[x];
+            }
+            for (i, t) in [&*t0, &*t1, &*t2, &*t3].into_iter().enumerate() {
+                let at = |j: usize| ((i * 4 + j) * cin + ci) * tb + k * tw;
+                let (v, rest) = v.split_at_mut(at(1));
+                let v0 = &mut v[at(0)..][..tw];
+                let (v1, rest) = rest.split_at_mut(at(2) - at(1));
+                let (v2, v3) = rest.split_at_mut(at(3) - at(2));
+                for tx in 0..tw {
+                    let d = &t[2 * tx..2 * tx + 4];
+                    v0[tx] = d[0] - d[2];
+                    v1[tx] = d[1] + d[2];
+                    v2[tx] = d[2] - d[1];
+                    v3[tx] = d[1] - d[3];
+                }
+            }
+        }
+    }
+}
+
+/// Tiles per band of the weight gradient: the GEMMs' reduction length per call.
+const GRAD_BAND_TILES: usize = 128;
+
+/// The weight gradient of the convolution (`cout x cin x 3 x 3`, OIHW, summed over the batch)
+/// from the input `x` (`batch x cin x h x w`) and the output's gradient `grad`
+/// (`batch x cout x h x w`), through the same transforms: `Y = Aᵀ [U ⊙ V] A` gives
+/// `∂L/∂U_ξ = Σ_tiles (A ∂Y Aᵀ)_ξ ⊙ V_ξ`, 16 GEMMs `cout x cin` whose reduction runs over the
+/// tiles of the whole batch, and `∂L/∂g = Gᵀ (∂L/∂U) G`. Tasks over (batch item, band of tile
+/// rows), each with its own accumulator, summed at the end.
+pub(super) fn grad_weight(x: &[f32], grad: &[f32], s: ConvShape) -> Vec<f32> {
+    let (cin, cout, h, w) = (s.cin, s.cout, s.h, s.w);
+    let (th, tw, hw) = (h / 2, w / 2, h * w);
+    assert!(h % 2 == 0 && w % 2 == 0, "winograd: odd image size");
+    assert_eq!(x.len(), s.batch * cin * hw, "conv3x3: input size");
+    assert_eq!(grad.len(), s.batch * cout * hw, "conv3x3: gradient size");
+    let band = (GRAD_BAND_TILES / tw.max(1)).clamp(1, th.max(1));
+    let bands = th.div_ceil(band);
+    let du = (0..s.batch * bands)
+        .into_par_iter()
+        .fold(
+            || (GradScratch::default(), vec![0.0f32; 16 * cout * cin]),
+            |(mut sc, mut acc), task| {
+                let (b, k) = (task / bands, task % bands);
+                let rows = k * band..((k + 1) * band).min(th);
+                let xb = &x[b * cin * hw..(b + 1) * cin * hw];
+                let gb = &grad[b * cout * hw..(b + 1) * cout * hw];
+                serial(|| band_grad_weight(xb, gb, s, rows, &mut sc, &mut acc));
+                (sc, acc)
+            },
+        )
+        .map(|(_, acc)| acc)
+        .reduce(
+            || vec![0.0f32; 16 * cout * cin],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            },
+        );
+    // ∂L/∂g = Gᵀ D G with Gᵀ = [[1, 1/2, 1/2, 0], [0, 1/2, -1/2, 0], [0, 1/2, 1/2, 1]].
+    let gt = |d: [f32; 4]| {
+        [
+            d[0] + 0.5 * (d[1] + d[2]),
+            0.5 * (d[1] - d[2]),
+            0.5 * (d[1] + d[2]) + d[3],
+        ]
+    };
+    let mut out = vec![0.0f32; cout * cin * 9];
+    for co in 0..cout {
+        for ci in 0..cin {
+            let d = |xi: usize| du[(xi * cout + co) * cin + ci];
+            // Gᵀ D: 3 x 4, column by column.
+            let cols: [[f32; 3]; 4] =
+                std::array::from_fn(|j| gt([d(j), d(4 + j), d(8 + j), d(12 + j)]));
+            let o = &mut out[(co * cin + ci) * 9..][..9];
+            for r in 0..3 {
+                let row = gt([cols[0][r], cols[1][r], cols[2][r], cols[3][r]]);
+                o[r * 3..r * 3 + 3].copy_from_slice(&row);
+            }
+        }
+    }
+    out
+}
+
+/// Per-task buffers of [`grad_weight`].
+#[derive(Default)]
+struct GradScratch {
+    /// The band's input, zero-padded as [`super::pad`] pads a whole image.
+    xp: Vec<f32>,
+    /// `Bᵀ d B`: 16 x cin x tiles.
+    v: Vec<f32>,
+    /// `A ∂Y Aᵀ`: 16 x cout x tiles.
+    m: Vec<f32>,
+    rows: Vec<f32>,
+}
+
+/// Adds tile rows `rows` of one batch item (`x`: `cin x h x w`, `g`: `cout x h x w`) to `acc`
+/// (`∂L/∂U`, 16 x cout x cin).
+fn band_grad_weight(
+    x: &[f32],
+    g: &[f32],
+    s: ConvShape,
+    rows: std::ops::Range<usize>,
+    sc: &mut GradScratch,
+    acc: &mut [f32],
+) {
+    let (cin, cout, h, w) = (s.cin, s.cout, s.h, s.w);
+    let tw = w / 2;
+    let nr = rows.len();
+    let tb = nr * tw;
+    // The band's padded rows 2 ty0 .. 2 ty1 + 2 (image rows one above to one below), as a
+    // padded image of 2 nr rows of its own, so that the forward's input transform reads it.
+    let sb = ConvShape { h: 2 * nr, ..s };
+    let (wp, plane) = (w + 2, sb.padded_plane());
+    sc.xp.clear();
+    sc.xp.resize(cin * plane, 0.0);
+    for ci in 0..cin {
+        for r in 0..2 * nr + 2 {
+            let Some(y) = (2 * rows.start + r).checked_sub(1).filter(|&y| y < h) else {
+                continue;
+            };
+            sc.xp[ci * plane + r * wp + 1..][..w].copy_from_slice(&x[(ci * h + y) * w..][..w]);
+        }
+    }
+    transform_input(&sc.xp, sb, 0..nr, &mut sc.v, &mut sc.rows);
+
+    // A ∂Y Aᵀ per 2x2 gradient tile, A = [[1, 0], [1, 1], [1, -1], [0, -1]]: each row pair
+    // (a, b) becomes (a, a + b, a - b, -b), first down, then across.
+    sc.m.resize(16 * cout * tb, 0.0);
+    let spread = |a: f32, b: f32| [a, a + b, a - b, -b];
+    for co in 0..cout {
+        for (k, ty) in rows.clone().enumerate() {
+            let r0 = &g[(co * h + 2 * ty) * w..][..w];
+            let r1 = &g[(co * h + 2 * ty + 1) * w..][..w];
+            for tx in 0..tw {
+                let down0 = spread(r0[2 * tx], r1[2 * tx]);
+                let down1 = spread(r0[2 * tx + 1], r1[2 * tx + 1]);
+                for i in 0..4 {
+                    for (j, v) in spread(down0[i], down1[i]).into_iter().enumerate() {
+                        sc.m[((i * 4 + j) * cout + co) * tb + k * tw + tx] = v;
+                    }
+                }
+            }
+        }
+    }
+
+    // ∂L/∂U_ξ += (A ∂Y Aᵀ)_ξ · V_ξᵀ over the band's tiles.
+    for xi in 0..16 {
+        gemm_strided(
+            (cout, cin, tb),
+            &mut acc[xi * cout * cin..(xi + 1) * cout * cin],
+            cin,
+            true,
+            &sc.m[xi * cout * tb..(xi + 1) * cout * tb],
+            (tb, 1),
+            &sc.v[xi * cin * tb..(xi + 1) * cin * tb],
+            (1, tb),
+        );
+    }
+}
+
+/// Whether [`grad_weight`] runs for `s`: where the forward's Winograd does ([`applies`]).
+/// Measured (stop 36, `examples/train_profile 16 12`, batch 16): 144 -> 48 at 64² 75-79 ms
+/// against 147 with the direct kernel, 288 -> 96 at 32² 57-61 against 104 and 192 -> 192 at
+/// 16² 24-26 against 52 with the GEMMs; with fewer channels or wider images it loses (24 -> 48
+/// at 64² 29-32 against 18-22 direct, 72 -> 24 at 128² 110-129 against 76-84).
+pub(super) fn grad_weight_applies(s: ConvShape) -> bool {
+    s.batch > 0 && applies(s)
 }
