@@ -1096,6 +1096,18 @@ mod tests {
         assert!(d.to_scalar::<f32>().unwrap() < 1e-4);
     }
 
+    /// The largest absolute difference between two tensors of one shape.
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
     #[test]
     fn mirror_averaged_heatmaps_follow_a_mirrored_image() {
         // M(x) = (f(x) + U(f(F x))) / 2 with U = mirror back + swap left/right, an involution:
@@ -1104,16 +1116,6 @@ mod tests {
         let net = UNet::with_seed(tiny(), &dev, 7).unwrap().fused().unwrap();
         let x = Tensor::randn(0f32, 1.0, (2, 1, 32, 32), &dev).unwrap();
         let fx = heatmap::flip_x(&x).unwrap();
-        let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
         let m = net.forward_views(&x, &Views::MIRROR).unwrap();
         assert_eq!(m.dims(), &[2, 8, 32, 32]);
         let a = net.forward_views(&fx, &Views::MIRROR).unwrap();
@@ -1143,24 +1145,12 @@ mod tests {
             want = (want + heatmap::unzoom(&v, &plain, z).unwrap()).unwrap();
         }
         let want = want.affine(1.0 / 3.0, 0.0).unwrap();
-        let diff: f32 = (&got - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = max_diff(&got, &want);
         assert!(diff < 1e-4, "{diff}");
-        let off: f32 = (&got - &plain)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert!(off > 1e-3, "the zoomed views changed nothing");
+        assert!(
+            max_diff(&got, &plain) > 1e-3,
+            "the zoomed views changed nothing"
+        );
         assert_eq!(views.describe(), "zoom-averaged (10%)");
         assert_eq!(Views::PLAIN.describe(), "");
         assert_eq!(Views::MIRROR.describe(), "mirror-averaged");
