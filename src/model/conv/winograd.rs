@@ -269,12 +269,15 @@ fn transform_input(
                 let v0 = &mut v[at(0)..][..tw];
                 let (v1, rest) = rest.split_at_mut(at(2) - at(1));
                 let (v2, v3) = rest.split_at_mut(at(3) - at(2));
+                // Exact lengths, so that the loop runs without bounds checks and vectorises.
+                let (v1, v2, v3) = (&mut v1[..tw], &mut v2[..tw], &mut v3[..tw]);
+                let t = &t[..2 * tw + 2];
                 for tx in 0..tw {
-                    let d = &t[2 * tx..2 * tx + 4];
-                    v0[tx] = d[0] - d[2];
-                    v1[tx] = d[1] + d[2];
-                    v2[tx] = d[2] - d[1];
-                    v3[tx] = d[1] - d[3];
+                    let (a, b, c, d) = (t[2 * tx], t[2 * tx + 1], t[2 * tx + 2], t[2 * tx + 3]);
+                    v0[tx] = a - c;
+                    v1[tx] = b + c;
+                    v2[tx] = c - b;
+                    v3[tx] = b - d;
                 }
             }
         }
@@ -386,21 +389,37 @@ fn band_grad_weight(
     }
     transform_input(&sc.xp, sb, 0..nr, &mut sc.v, &mut sc.rows);
 
-    // A ∂Y Aᵀ per 2x2 gradient tile, A = [[1, 0], [1, 1], [1, -1], [0, -1]]: each row pair
-    // (a, b) becomes (a, a + b, a - b, -b), first down, then across.
+    // A ∂Y Aᵀ per 2x2 gradient tile, A = [[1, 0], [1, 1], [1, -1], [0, -1]]: each pair (a, b)
+    // becomes (a, a + b, a - b, -b), first down the two gradient rows of a tile row (whole
+    // rows, vectorisable), then across each tile into 4 contiguous runs of the tile row.
     sc.m.resize(16 * cout * tb, 0.0);
-    let spread = |a: f32, b: f32| [a, a + b, a - b, -b];
+    sc.rows.resize(4 * w, 0.0);
     for co in 0..cout {
         for (k, ty) in rows.clone().enumerate() {
             let r0 = &g[(co * h + 2 * ty) * w..][..w];
             let r1 = &g[(co * h + 2 * ty + 1) * w..][..w];
-            for tx in 0..tw {
-                let down0 = spread(r0[2 * tx], r1[2 * tx]);
-                let down1 = spread(r0[2 * tx + 1], r1[2 * tx + 1]);
-                for i in 0..4 {
-                    for (j, v) in spread(down0[i], down1[i]).into_iter().enumerate() {
-                        sc.m[((i * 4 + j) * cout + co) * tb + k * tw + tx] = v;
-                    }
+            let (d0, rest) = sc.rows.split_at_mut(w);
+            let (d1, rest) = rest.split_at_mut(w);
+            let (d2, d3) = rest.split_at_mut(w);
+            for x in 0..w {
+                d0[x] = r0[x];
+                d1[x] = r0[x] + r1[x];
+                d2[x] = r0[x] - r1[x];
+                d3[x] = -r1[x];
+            }
+            for (i, d) in [&*d0, &*d1, &*d2, &*d3].into_iter().enumerate() {
+                let at = |j: usize| ((i * 4 + j) * cout + co) * tb + k * tw;
+                let (m, rest) = sc.m.split_at_mut(at(1));
+                let m0 = &mut m[at(0)..][..tw];
+                let (m1, rest) = rest.split_at_mut(at(2) - at(1));
+                let (m2, m3) = rest.split_at_mut(at(3) - at(2));
+                let (m1, m2, m3) = (&mut m1[..tw], &mut m2[..tw], &mut m3[..tw]);
+                for (tx, p) in d.chunks_exact(2).enumerate() {
+                    let (a, b) = (p[0], p[1]);
+                    m0[tx] = a;
+                    m1[tx] = a + b;
+                    m2[tx] = a - b;
+                    m3[tx] = -b;
                 }
             }
         }
