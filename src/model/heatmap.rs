@@ -313,8 +313,9 @@ pub fn unzoom(logits: &Tensor, fallback: &Tensor, z: f64) -> candle_core::Result
     let back = resample_axis(&resample_axis(logits, 3, &cx)?, 2, &cy)?;
     // Half a pixel of slack: the view's edge pixel still covers that far.
     let seen = |u: &[f64], n: usize| -> Vec<f32> {
+        let inside = -0.5..=n as f64 - 0.5;
         u.iter()
-            .map(|&v| f32::from(u8::from(v >= -0.5 && v <= n as f64 - 0.5)))
+            .map(|v| if inside.contains(v) { 1.0 } else { 0.0 })
             .collect()
     };
     let dev = logits.device();

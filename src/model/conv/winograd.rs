@@ -264,13 +264,11 @@ fn transform_input(
                 t3[x] = r1[x] - r3[x];
             }
             for (i, t) in [&*t0, &*t1, &*t2, &*t3].into_iter().enumerate() {
-                let at = |j: usize| ((i * 4 + j) * cin + ci) * tb + k * tw;
-                let (v, rest) = v.split_at_mut(at(1));
-                let v0 = &mut v[at(0)..][..tw];
-                let (v1, rest) = rest.split_at_mut(at(2) - at(1));
-                let (v2, v3) = rest.split_at_mut(at(3) - at(2));
-                // Exact lengths, so that the loop runs without bounds checks and vectorises.
-                let (v1, v2, v3) = (&mut v1[..tw], &mut v2[..tw], &mut v3[..tw]);
+                let [v0, v1, v2, v3] = runs4(
+                    v,
+                    std::array::from_fn(|j| ((i * 4 + j) * cin + ci) * tb + k * tw),
+                    tw,
+                );
                 let t = &t[..2 * tw + 2];
                 for tx in 0..tw {
                     let (a, b, c, d) = (t[2 * tx], t[2 * tx + 1], t[2 * tx + 2], t[2 * tx + 3]);
@@ -282,6 +280,21 @@ fn transform_input(
             }
         }
     }
+}
+
+/// The four runs of `len` elements of `v` that start at the increasing offsets `at` (a tile
+/// row's 4 of the 16 transformed planes). Exact lengths, so that the loops writing them run
+/// without bounds checks and vectorise.
+fn runs4(v: &mut [f32], at: [usize; 4], len: usize) -> [&mut [f32]; 4] {
+    let (a, rest) = v.split_at_mut(at[1]);
+    let (b, rest) = rest.split_at_mut(at[2] - at[1]);
+    let (c, d) = rest.split_at_mut(at[3] - at[2]);
+    [
+        &mut a[at[0]..][..len],
+        &mut b[..len],
+        &mut c[..len],
+        &mut d[..len],
+    ]
 }
 
 /// Tiles per band of the weight gradient: the GEMMs' reduction length per call.
@@ -408,12 +421,11 @@ fn band_grad_weight(
                 d3[x] = -r1[x];
             }
             for (i, d) in [&*d0, &*d1, &*d2, &*d3].into_iter().enumerate() {
-                let at = |j: usize| ((i * 4 + j) * cout + co) * tb + k * tw;
-                let (m, rest) = sc.m.split_at_mut(at(1));
-                let m0 = &mut m[at(0)..][..tw];
-                let (m1, rest) = rest.split_at_mut(at(2) - at(1));
-                let (m2, m3) = rest.split_at_mut(at(3) - at(2));
-                let (m1, m2, m3) = (&mut m1[..tw], &mut m2[..tw], &mut m3[..tw]);
+                let [m0, m1, m2, m3] = runs4(
+                    &mut sc.m,
+                    std::array::from_fn(|j| ((i * 4 + j) * cout + co) * tb + k * tw),
+                    tw,
+                );
                 for (tx, p) in d.chunks_exact(2).enumerate() {
                     let (a, b) = (p[0], p[1]);
                     m0[tx] = a;
