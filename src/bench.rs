@@ -712,18 +712,63 @@ pub fn pipeline(
     Ok(())
 }
 
+/// The CT a refinement bench runs on: a name, the volume, the points its TRE is measured at
+/// and the centre its poses are drawn around. Without `ct`, the app's default phantom (poses
+/// around its volume centre, as in the paper's datasets); with one, the placed landmarks of
+/// `landmarks` or of the file beside it, and poses around their centroid (a CT from outside
+/// the project may reach far above or below the pelvis).
+fn refine_subject(
+    ct: Option<&std::path::Path>,
+    landmarks: Option<&std::path::Path>,
+) -> Result<(String, crate::volume::Volume, Vec<Point3<f64>>, Point3<f64>)> {
+    use anyhow::Context;
+    let Some(ct) = ct else {
+        let id = crate::app::DEFAULT_PHANTOM;
+        let (vol, lm) = crate::volume::phantom::phantom_subject(id, None);
+        let centre = vol.center_mm();
+        return Ok((format!("phantom {id}"), vol, lm.present(), centre));
+    };
+    let vol = crate::volume::read_volume(ct, None)
+        .with_context(|| format!("reading the CT {}", ct.display()))?;
+    let lm = match landmarks {
+        Some(p) => crate::landmarks::Landmarks3d::read(p)
+            .with_context(|| format!("reading the landmarks {}", p.display()))?,
+        None => crate::app::landmarks_beside(ct).with_context(|| {
+            format!(
+                "{}: no landmarks (give --landmarks, or put NAME.mrk.json, .fcsv or .csv beside it)",
+                ct.display()
+            )
+        })?,
+    };
+    let points = lm.present();
+    if points.len() < 3 {
+        anyhow::bail!(
+            "{} landmarks placed: the TRE needs at least 3 points",
+            points.len()
+        );
+    }
+    let centre = crate::registration::intensity::centroid(&points);
+    Ok((ct.display().to_string(), vol, points, centre))
+}
+
 /// Intensity-based refinement ([`crate::registration::intensity`]) on `n` noisy 256 px frames of
-/// the app's default phantom at poses from the paper's range, each started where the landmark
-/// solver typically leaves a pose (tilted up to 2° about the landmarks' centroid, shifted up to
-/// 2 mm across the beam and 25 mm along it): time per refinement, DRRs rendered, TRE before and
-/// after, with the DRRs on the GPU (lavapipe without one) or, with `cpu`, the CPU reference.
-pub fn refine(n: usize, cpu: bool, json: bool) -> Result<()> {
+/// the app's default phantom, or of `ct`, at poses from the paper's range, each started where
+/// the landmark solver typically leaves a pose (tilted up to 2° about the landmarks' centroid,
+/// shifted up to 2 mm across the beam and 25 mm along it): time per refinement, DRRs rendered,
+/// TRE at the landmarks before and after, with the DRRs on the GPU (lavapipe without one) or,
+/// with `cpu`, the CPU reference.
+pub fn refine(
+    n: usize,
+    cpu: bool,
+    ct: Option<&std::path::Path>,
+    landmarks: Option<&std::path::Path>,
+    json: bool,
+) -> Result<()> {
     use crate::drr::{AnyDrr, Attenuation, DensityVolume, DrrSource};
     use crate::registration::intensity::{self, IntensityOptions};
     use crate::registration::metrics::mean_tre_mm;
     use rand::RngExt;
-    let (vol, lm) = crate::volume::phantom::phantom_subject(crate::app::DEFAULT_PHANTOM, None);
-    let points: Vec<Point3<f64>> = lm.present();
+    let (name, vol, points, centre) = refine_subject(ct, landmarks)?;
     let pivot = intensity::centroid(&points);
     let mut source = AnyDrr::new(cpu);
     source.set_volume(std::sync::Arc::new(DensityVolume::from_volume(
@@ -738,7 +783,7 @@ pub fn refine(n: usize, cpu: bool, json: bool) -> Result<()> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
     let (mut ms, mut before, mut after, mut renders) = (vec![], vec![], vec![], 0usize);
     for _ in 0..n.max(1) {
-        let truth = PoseRange::default().sample(&mut rng, &vol.center_mm());
+        let truth = PoseRange::default().sample(&mut rng, &centre);
         let frame = noise.apply(
             &source.render(&camera, &truth).map_err(anyhow::Error::msg)?,
             &mut rng,
@@ -764,6 +809,8 @@ pub fn refine(n: usize, cpu: bool, json: bool) -> Result<()> {
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     let out = serde_json::json!({
+        "ct": name,
+        "tre_points": points.len(),
         "renderer": if source.on_gpu() { "gpu" } else { "cpu" },
         "frames": ms.len(),
         "ms_median": median(&mut ms.clone()),
@@ -777,14 +824,14 @@ pub fn refine(n: usize, cpu: bool, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!(
-            "refinement of {} noisy 256 px frames of phantom {} (DRRs on the {}): {:.0} ms median \
-             ({:.0} mean), {:.0} DRRs per frame; TRE {:.2} -> {:.2} mm (median {:.2})",
+            "refinement of {} noisy 256 px frames of {name} (DRRs on the {}): {:.0} ms median \
+             ({:.0} mean), {:.0} DRRs per frame; TRE at {} landmarks {:.2} -> {:.2} mm (median {:.2})",
             out["frames"],
-            crate::app::DEFAULT_PHANTOM,
             out["renderer"].as_str().unwrap_or(""),
             out["ms_median"].as_f64().unwrap_or(f64::NAN),
             out["ms_mean"].as_f64().unwrap_or(f64::NAN),
             out["renders_per_frame"].as_f64().unwrap_or(f64::NAN),
+            points.len(),
             out["tre_before_mm"].as_f64().unwrap_or(f64::NAN),
             out["tre_after_mm"].as_f64().unwrap_or(f64::NAN),
             out["tre_after_median_mm"].as_f64().unwrap_or(f64::NAN),

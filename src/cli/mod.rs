@@ -251,6 +251,14 @@ pub enum BenchWhat {
         /// Render on the CPU reference instead of the GPU.
         #[arg(long)]
         cpu: bool,
+        /// A CT (NIfTI file or DICOM folder) instead of the app's default phantom: its frames
+        /// are DRRs of it, and the poses are drawn around its landmarks' centroid.
+        #[arg(long)]
+        ct: Option<PathBuf>,
+        /// The CT's 3D landmarks (Slicer markups JSON, .fcsv or CSV; at least 3 placed): the
+        /// points the TRE is measured at (default: NAME.mrk.json, .fcsv or .csv beside the CT).
+        #[arg(long, requires = "ct")]
+        landmarks: Option<PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -433,7 +441,13 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Experiment(a)) => learn::experiment(&a),
         Some(Command::Bench(a)) => match a.what {
             BenchWhat::Register { problems, json } => crate::bench::register(problems, json),
-            BenchWhat::Refine { frames, cpu, json } => crate::bench::refine(frames, cpu, json),
+            BenchWhat::Refine {
+                frames,
+                cpu,
+                ct,
+                landmarks,
+                json,
+            } => crate::bench::refine(frames, cpu, ct.as_deref(), landmarks.as_deref(), json),
             BenchWhat::Pipeline {
                 seconds,
                 warmup,
