@@ -712,23 +712,36 @@ pub fn pipeline(
     Ok(())
 }
 
-/// The CT a refinement bench runs on: a name, the volume, the points its TRE is measured at
-/// and the centre its poses are drawn around. Without `ct`, the app's default phantom (poses
-/// around its volume centre, as in the paper's datasets); with one, the placed landmarks of
-/// `landmarks` or of the file beside it, and poses around their centroid (a CT from outside
-/// the project may reach far above or below the pelvis).
+/// The CT a refinement bench runs on.
+struct RefineSubject {
+    name: String,
+    volume: crate::volume::Volume,
+    /// Where the TRE is measured.
+    points: Vec<Point3<f64>>,
+    /// What the poses are drawn around.
+    centre: Point3<f64>,
+}
+
+/// Without `ct`, the app's default phantom (poses around its volume centre, as in the paper's
+/// datasets); with one, the placed landmarks of `landmarks` or of the file beside it, and poses
+/// around their centroid (a CT from outside the project may reach far above or below the
+/// pelvis).
 fn refine_subject(
     ct: Option<&std::path::Path>,
     landmarks: Option<&std::path::Path>,
-) -> Result<(String, crate::volume::Volume, Vec<Point3<f64>>, Point3<f64>)> {
+) -> Result<RefineSubject> {
     use anyhow::Context;
     let Some(ct) = ct else {
         let id = crate::app::DEFAULT_PHANTOM;
-        let (vol, lm) = crate::volume::phantom::phantom_subject(id, None);
-        let centre = vol.center_mm();
-        return Ok((format!("phantom {id}"), vol, lm.present(), centre));
+        let (volume, lm) = crate::volume::phantom::phantom_subject(id, None);
+        return Ok(RefineSubject {
+            name: format!("phantom {id}"),
+            centre: volume.center_mm(),
+            volume,
+            points: lm.present(),
+        });
     };
-    let vol = crate::volume::read_volume(ct, None)
+    let volume = crate::volume::read_volume(ct, None)
         .with_context(|| format!("reading the CT {}", ct.display()))?;
     let lm = match landmarks {
         Some(p) => crate::landmarks::Landmarks3d::read(p)
@@ -747,8 +760,12 @@ fn refine_subject(
             points.len()
         );
     }
-    let centre = crate::registration::intensity::centroid(&points);
-    Ok((ct.display().to_string(), vol, points, centre))
+    Ok(RefineSubject {
+        name: ct.display().to_string(),
+        volume,
+        centre: crate::registration::intensity::centroid(&points),
+        points,
+    })
 }
 
 /// Intensity-based refinement ([`crate::registration::intensity`]) on `n` noisy 256 px frames of
@@ -768,7 +785,12 @@ pub fn refine(
     use crate::registration::intensity::{self, IntensityOptions};
     use crate::registration::metrics::mean_tre_mm;
     use rand::RngExt;
-    let (name, vol, points, centre) = refine_subject(ct, landmarks)?;
+    let RefineSubject {
+        name,
+        volume: vol,
+        points,
+        centre,
+    } = refine_subject(ct, landmarks)?;
     let pivot = intensity::centroid(&points);
     let mut source = AnyDrr::new(cpu);
     source.set_volume(std::sync::Arc::new(DensityVolume::from_volume(

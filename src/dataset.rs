@@ -183,8 +183,9 @@ pub struct Subject {
     pub ct: String,
     /// Held out (novel-subject) or training.
     pub held_out: bool,
-    /// The 8 landmarks, LPS mm.
-    pub landmarks3d: [[f64; 3]; N_LANDMARKS],
+    /// The 8 landmarks, LPS mm; `None` for one the CT does not hold (a scan that ends above
+    /// the symphysis): its images label it absent, like a landmark outside the image.
+    pub landmarks3d: [Option<[f64; 3]>; N_LANDMARKS],
     /// The isocentre the poses are drawn around (the volume centre), LPS mm.
     pub isocenter: [f64; 3],
 }
@@ -195,9 +196,22 @@ impl Subject {
         Ok(read_ct(&self.ct)?.0)
     }
 
-    /// The 3D landmarks as points.
-    pub fn points3d(&self) -> Vec<Point3<f64>> {
-        self.landmarks3d.iter().map(|p| Point3::from(*p)).collect()
+    /// The 3D landmarks as points, `None` where the CT does not hold one.
+    pub fn points3d(&self) -> Vec<Option<Point3<f64>>> {
+        self.landmarks3d
+            .iter()
+            .map(|p| p.map(Point3::from))
+            .collect()
+    }
+
+    /// The landmarks the CT holds, in order.
+    pub fn present3d(&self) -> Vec<Point3<f64>> {
+        self.points3d().into_iter().flatten().collect()
+    }
+
+    /// All 8 landmarks, or `None` when the CT lacks one.
+    pub fn all3d(&self) -> Option<Vec<Point3<f64>>> {
+        self.points3d().into_iter().collect()
     }
 }
 
@@ -243,8 +257,8 @@ pub struct Sample {
     pub pose: [f64; 6],
     /// Landmarks in pixels at the stored size; `None` when it projects outside the image.
     pub landmarks: [Option<[f64; 2]>; N_LANDMARKS],
-    /// Where each landmark projects, inside the image or not.
-    pub projected: [[f64; 2]; N_LANDMARKS],
+    /// Where each landmark projects, inside the image or not (`None`: not in the CT).
+    pub projected: [Option<[f64; 2]>; N_LANDMARKS],
 }
 
 impl Sample {
@@ -414,7 +428,10 @@ fn load_subject(
                 .map_err(|e| DatasetError::Invalid(format!("{}: {e}", path.display())))?
         }
     };
-    Ok((describe_subject(src, index, lm, vol.center_mm())?, vol))
+    // Poses are drawn around the landmarks: a scan's range is the radiologist's choice (this
+    // may reach from the ribs to the symphysis), the landmarks are the pelvis.
+    let centre = crate::registration::intensity::centroid(&lm.present());
+    Ok((describe_subject(src, index, lm, centre)?, vol))
 }
 
 fn describe_subject(
@@ -423,9 +440,14 @@ fn describe_subject(
     lm: Landmarks3d,
     c: Point3<f64>,
 ) -> Result<Subject, DatasetError> {
-    let all = lm
-        .all()
-        .ok_or_else(|| DatasetError::Invalid(format!("{}: all 8 landmarks are needed", src.ct)))?;
+    // Three points are the fewest a pose can be solved from (P3P, up to four solutions).
+    let placed = lm.present().len();
+    if placed < MIN_LANDMARKS3D {
+        return Err(DatasetError::Invalid(format!(
+            "{}: {placed} of the 8 landmarks placed; at least {MIN_LANDMARKS3D} are needed",
+            src.ct
+        )));
+    }
     let name = match src.ct.strip_prefix("phantom:") {
         Some(id) => format!("phantom{id:0>3}"),
         None => format!(
@@ -445,30 +467,41 @@ fn describe_subject(
         name,
         ct: src.ct.clone(),
         held_out: src.held_out,
-        landmarks3d: all.map(|p| [p.x, p.y, p.z]),
+        landmarks3d: lm.points.map(|p| p.map(|p| [p.x, p.y, p.z])),
         isocenter: [c.x, c.y, c.z],
     })
 }
 
-/// Labels of one pose: projected landmarks, `None` outside `[0, size)`.
-pub fn label(
-    camera: &Camera,
-    pose: &Pose,
-    points: &[Point3<f64>],
-) -> (Vec<Option<[f64; 2]>>, Vec<[f64; 2]>) {
+/// The fewest 3D landmarks a subject may have.
+pub const MIN_LANDMARKS3D: usize = 3;
+
+/// One image's 2D landmarks in pixels, `None` where absent.
+pub type Points2 = Vec<Option<[f64; 2]>>;
+
+/// Labels of one pose: the landmarks in the image (`None` outside `[0, size)` or not in the
+/// CT), and where each projects (`None` only when not in the CT).
+pub fn label(camera: &Camera, pose: &Pose, points: &[Option<Point3<f64>>]) -> (Points2, Points2) {
     let (w, h) = (camera.width_px as f64, camera.height_px as f64);
-    let proj: Vec<[f64; 2]> = points
+    let proj: Vec<Option<[f64; 2]>> = points
         .iter()
         .map(|p| {
-            let uv = camera.project(pose, p);
-            [uv.x, uv.y]
+            p.map(|p| {
+                let uv = camera.project(pose, &p);
+                [uv.x, uv.y]
+            })
         })
         .collect();
     let vis = proj
         .iter()
-        .map(|&[x, y]| {
-            (x.is_finite() && y.is_finite() && x >= -0.5 && y >= -0.5 && x < w - 0.5 && y < h - 0.5)
-                .then_some([x, y])
+        .map(|p| {
+            p.filter(|&[x, y]| {
+                x.is_finite()
+                    && y.is_finite()
+                    && x >= -0.5
+                    && y >= -0.5
+                    && x < w - 0.5
+                    && y < h - 0.5
+            })
         })
         .collect();
     (vis, proj)
@@ -744,9 +777,13 @@ pub struct Annotated<'a> {
 /// corrected landmarks give). Returns the new sample. Annotators' corrections become training
 /// data the `train` command reads like any generated set.
 pub fn append_annotated(dir: &Path, a: &Annotated, size: usize) -> Result<Sample, DatasetError> {
-    let all = a.landmarks3d.all().ok_or_else(|| {
-        DatasetError::Invalid("the CT needs all 8 landmarks to label a training image".into())
-    })?;
+    let placed = a.landmarks3d.present().len();
+    if placed < MIN_LANDMARKS3D {
+        return Err(DatasetError::Invalid(format!(
+            "the CT has {placed} of the 8 landmarks placed; a training image needs at least \
+             {MIN_LANDMARKS3D}"
+        )));
+    }
     if a.pixels.len() != a.size.0 * a.size.1 || a.size.0 == 0 {
         return Err(DatasetError::Invalid(
             "the frame has the wrong number of pixels".into(),
@@ -778,7 +815,7 @@ pub fn append_annotated(dir: &Path, a: &Annotated, size: usize) -> Result<Sample
             dir.display()
         )));
     }
-    let lm3 = all.map(|p| [p.x, p.y, p.z]);
+    let lm3 = a.landmarks3d.points.map(|p| p.map(|p| [p.x, p.y, p.z]));
     let si = match manifest
         .subjects
         .iter()
@@ -814,8 +851,13 @@ pub fn append_annotated(dir: &Path, a: &Annotated, size: usize) -> Result<Sample
                     )
                 })
                 .collect();
-            let p3: Vec<Option<Point3<f64>>> =
-                all.iter().zip(&pts).map(|(q, p)| p.map(|_| *q)).collect();
+            let p3: Vec<Option<Point3<f64>>> = a
+                .landmarks3d
+                .points
+                .iter()
+                .zip(&pts)
+                .map(|(q, p)| p.and(*q))
+                .collect();
             let s = crate::registration::solve_detections(&camera, &p3, &det, None);
             if !s.status.ok() {
                 return Err(DatasetError::Invalid(format!(
@@ -836,9 +878,11 @@ pub fn append_annotated(dir: &Path, a: &Annotated, size: usize) -> Result<Sample
     let ipath = dir.join("images").join(&file);
     crate::drr::image_io::write_image(&ipath, &img, size, size)
         .map_err(|e| DatasetError::Invalid(format!("{}: {e}", ipath.display())))?;
-    let projected = std::array::from_fn(|i| {
-        let uv = camera.project(&pose, &all[i]);
-        [uv.x, uv.y]
+    let projected = a.landmarks3d.points.map(|q| {
+        q.map(|q| {
+            let uv = camera.project(&pose, &q);
+            [uv.x, uv.y]
+        })
     });
     let sample = Sample {
         image: file,
@@ -880,11 +924,18 @@ mod tests {
         let cam = Camera::paper(64);
         let iso = Point3::new(0.0, 0.0, 0.0);
         let pose = crate::geometry::sampling::ap_pose(&iso, 800.0);
-        let pts = [Point3::new(0.0, 0.0, 0.0), Point3::new(2000.0, 0.0, 0.0)];
+        let pts = [
+            Some(Point3::new(0.0, 0.0, 0.0)),
+            Some(Point3::new(2000.0, 0.0, 0.0)),
+            None,
+        ];
         let (vis, proj) = label(&cam, &pose, &pts);
         assert!(vis[0].is_some());
-        assert!((proj[0][0] - 31.5).abs() < 1.0, "{proj:?}");
-        assert!(vis[1].is_none() && proj[1][0].is_finite());
+        assert!((proj[0].unwrap()[0] - 31.5).abs() < 1.0, "{proj:?}");
+        // Outside the image: absent from the labels, but where it projects is kept.
+        assert!(vis[1].is_none() && proj[1].unwrap()[0].is_finite());
+        // Not in the CT: absent from both.
+        assert!(vis[2].is_none() && proj[2].is_none());
     }
 
     /// A corrected frame becomes a training sample whose landmarks and pose agree: the labels
@@ -913,7 +964,8 @@ mod tests {
         assert!(s.landmarks[3].is_none() && s.landmarks[0].is_some());
         for i in [0, 1, 2, 4, 5, 6, 7] {
             let [x, y] = s.landmarks[i].unwrap();
-            assert!((x - s.projected[i][0]).abs() < 1e-6 && (y - s.projected[i][1]).abs() < 1e-6);
+            let [px, py] = s.projected[i].unwrap();
+            assert!((x - px).abs() < 1e-6 && (y - py).abs() < 1e-6);
         }
         let err = crate::registration::metrics::rotation_error_deg(&s.pose(), &truth);
         assert!(err < 1e-6, "{err}");

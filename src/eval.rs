@@ -234,9 +234,9 @@ pub struct ImageResult {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub points: Vec<[f64; 3]>,
     /// The CT's landmarks projected at the landmark pose, in the image's pixels (empty when
-    /// registration failed).
+    /// registration failed; `null` for one the CT lacks).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub pose_points: Vec<[f64; 2]>,
+    pub pose_points: Vec<Option<[f64; 2]>>,
     /// After refinement against the image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refined: Option<RefinedImage>,
@@ -451,8 +451,9 @@ pub fn evaluate_with(
         };
         for (b, s) in chunk.iter().enumerate() {
             let subject = &data.manifest.subjects[s.subject];
-            let p3 = subject.points3d();
-            let pts3: Vec<_> = p3.iter().map(|p| Some(*p)).collect();
+            // The CT's landmarks (`pts3`, `None` where the scan lacks one) and those it holds.
+            let pts3 = subject.points3d();
+            let p3 = subject.present3d();
             let mut decoded = None;
             // The consistent decoding's peaks, for the misses' breakdown.
             let mut peaks = None;
@@ -492,12 +493,15 @@ pub fn evaluate_with(
                     let noisy: Vec<(Point2<f64>, f64)> = s
                         .projected
                         .iter()
-                        .map(|&[x, y]| {
+                        .map(|p| {
                             let n: [f64; 2] = [
                                 rng.sample(rand_distr::StandardNormal),
                                 rng.sample(rand_distr::StandardNormal),
                             ];
-                            (Point2::new(x + sigma * n[0], y + sigma * n[1]), 1.0)
+                            // Not in the CT: nothing to find (and no 3D point to solve with).
+                            p.map_or((Point2::origin(), 0.0), |[x, y]| {
+                                (Point2::new(x + sigma * n[0], y + sigma * n[1]), 1.0)
+                            })
                         })
                         .collect();
                     (noisy.clone(), noisy)
@@ -568,15 +572,17 @@ pub fn evaluate_with(
                     scales.push((e, e * depth, tres[tres.len() - 1]));
                     record.scale_error = Some(sc - 1.0);
                 }
-                let (sq, n) = reprojection_sq(&data.manifest.camera, &sol.pose, &p3, s, scale);
+                let (sq, n) = reprojection_sq(&data.manifest.camera, &sol.pose, &pts3, s, scale);
                 (pose_sq, pose_n) = (pose_sq + sq, pose_n + n);
                 record.pose_rmse_px = Some((sq / n.max(1) as f64).sqrt());
                 if opts.per_image {
-                    record.pose_points = p3
+                    record.pose_points = pts3
                         .iter()
                         .map(|p| {
-                            let u = data.manifest.camera.project(&sol.pose, p);
-                            [u.x, u.y]
+                            p.map(|p| {
+                                let u = data.manifest.camera.project(&sol.pose, &p);
+                                [u.x, u.y]
+                            })
                         })
                         .collect();
                 }
@@ -596,15 +602,20 @@ pub fn evaluate_with(
     }
     let mut rmse = serde_json::Map::new();
     let total: usize = cnt.iter().sum();
-    let mean = (sq.iter().sum::<f64>() / total.max(1) as f64).sqrt();
-    rmse.insert("mean".into(), mean.into());
+    // Nothing to measure (a landmark the CT lacks, no registration that worked) is NaN: `null`
+    // in the JSON, "-" in the tables, not a perfect 0.
+    let rms = |sum: f64, n: usize| {
+        if n == 0 {
+            f64::NAN
+        } else {
+            (sum / n as f64).sqrt()
+        }
+    };
+    let mean_of = |sum: f64, n: usize| if n == 0 { f64::NAN } else { sum / n as f64 };
+    rmse.insert("mean".into(), rms(sq.iter().sum(), total).into());
     for i in 0..N_LANDMARKS {
-        rmse.insert(
-            format!("L{}", i + 1),
-            (sq[i] / cnt[i].max(1) as f64).sqrt().into(),
-        );
+        rmse.insert(format!("L{}", i + 1), rms(sq[i], cnt[i]).into());
     }
-    let ok = tres.len().max(1) as f64;
     let mut errors: Vec<f64> = angled_errors.iter().map(|(_, e)| *e).collect();
     // The gross misses' count and the squared error they and the hits each carry.
     let (misses, miss_sq, hit_sq) = errors.iter().fold((0usize, 0.0, 0.0), |(n, m, h), e| {
@@ -625,13 +636,13 @@ pub fn evaluate_with(
         }),
         images: samples.len(),
         rmse_px: rmse,
-        rmse_subpixel_px: (sq_sub / total.max(1) as f64).sqrt(),
-        tre_mm: tres.iter().sum::<f64>() / ok,
+        rmse_subpixel_px: rms(sq_sub, total),
+        tre_mm: mean_of(tres.iter().sum(), tres.len()),
         tre_median_mm: sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN),
-        rotation_error_deg: rot / ok,
-        translation_error_mm: trans / ok,
+        rotation_error_deg: mean_of(rot, tres.len()),
+        translation_error_mm: mean_of(trans, tres.len()),
         registration_failures: failures,
-        pose_rmse_px: (pose_sq / pose_n.max(1) as f64).sqrt(),
+        pose_rmse_px: rms(pose_sq, pose_n),
         median_error_px: median(&mut errors),
         miss_rate: misses as f64 / errors.len().max(1) as f64,
         miss_error_share: miss_sq / (miss_sq + hit_sq).max(f64::MIN_POSITIVE),
@@ -672,13 +683,15 @@ fn peak_near(peaks: &heatmap::Peaks, truth: Point2<f64>, scale: f64) -> bool {
 fn reprojection_sq(
     camera: &crate::geometry::Camera,
     pose: &crate::geometry::Pose,
-    p3: &[nalgebra::Point3<f64>],
+    p3: &[Option<nalgebra::Point3<f64>>],
     s: &Sample,
     scale: f64,
 ) -> (f64, usize) {
     let mut sum = (0.0, 0usize);
     for (p, truth) in p3.iter().zip(&s.landmarks) {
-        let Some([x, y]) = *truth else { continue };
+        let (Some(p), Some([x, y])) = (p, *truth) else {
+            continue;
+        };
         // Behind the source nothing projects: count it as far off as the image is wide.
         let d2 = camera
             .project_in_front(pose, p)
@@ -790,7 +803,8 @@ impl Refiner {
                 )));
             self.subject = Some(s.subject);
         }
-        let p3 = subject.points3d();
+        let pts3 = subject.points3d();
+        let p3 = subject.present3d();
         let frame = data.image(s)?;
         let t0 = std::time::Instant::now();
         let r = intensity::refine(
@@ -805,7 +819,7 @@ impl Refiner {
         let seconds = t0.elapsed().as_secs_f64();
         let truth = s.pose();
         let scale = 512.0 / data.manifest.size as f64;
-        let (sq_px, landmarks) = reprojection_sq(&data.manifest.camera, &r.pose, &p3, s, scale);
+        let (sq_px, landmarks) = reprojection_sq(&data.manifest.camera, &r.pose, &pts3, s, scale);
         let image = RefinedImage {
             tre_mm: metrics::mean_tre_mm(&r.pose, &truth, &p3),
             rmse_px: (sq_px / landmarks.max(1) as f64).sqrt(),
@@ -859,6 +873,24 @@ fn median(v: &mut [f64]) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// A table cell: `v` to `prec` decimals, or "-" when there was nothing to measure (NaN).
+fn cell(v: f64, prec: usize) -> String {
+    if v.is_finite() {
+        format!("{v:.prec$}")
+    } else {
+        "-".into()
+    }
+}
+
+/// A CSV field: `v` to 4 decimals, or empty when there was nothing to measure.
+fn field(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.4}")
+    } else {
+        String::new()
+    }
+}
+
 /// Table 1 rows as markdown: one row per (model, split).
 pub fn markdown(rows: &[(String, Report)]) -> String {
     // With refinement (any row), its TRE joins as one more column.
@@ -877,25 +909,25 @@ pub fn markdown(rows: &[(String, Report)]) -> String {
                 .unwrap_or(f64::NAN)
         };
         s.push_str(&format!(
-            "| {name} | {} | {} | {:.2} |",
+            "| {name} | {} | {} | {} |",
             r.split,
             r.images,
-            g("mean")
+            cell(g("mean"), 2)
         ));
         for i in 1..=N_LANDMARKS {
-            s.push_str(&format!(" {:.2} |", g(&format!("L{i}"))));
+            s.push_str(&format!(" {} |", cell(g(&format!("L{i}")), 2)));
         }
         s.push_str(&format!(
-            " {:.2} | {:.2} | {:.1}% | {:.2} | {:.2} | {:.2} |",
-            r.rmse_subpixel_px,
-            r.median_error_px,
+            " {} | {} | {:.1}% | {} | {} | {} |",
+            cell(r.rmse_subpixel_px, 2),
+            cell(r.median_error_px, 2),
             100.0 * r.miss_rate,
-            r.tre_mm,
-            r.rotation_error_deg,
-            r.translation_error_mm
+            cell(r.tre_mm, 2),
+            cell(r.rotation_error_deg, 2),
+            cell(r.translation_error_mm, 2)
         ));
         match (&r.refined, refined) {
-            (Some(f), _) => s.push_str(&format!(" {:.2} |\n", f.tre_mm)),
+            (Some(f), _) => s.push_str(&format!(" {} |\n", cell(f.tre_mm, 2))),
             (None, true) => s.push_str(" - |\n"),
             (None, false) => s.push('\n'),
         }
@@ -919,21 +951,26 @@ pub fn csv(rows: &[(String, Report)]) -> String {
                 .and_then(|v| v.as_f64())
                 .unwrap_or(f64::NAN)
         };
-        s.push_str(&format!("{name},{},{},{:.4}", r.split, r.images, g("mean")));
+        s.push_str(&format!(
+            "{name},{},{},{}",
+            r.split,
+            r.images,
+            field(g("mean"))
+        ));
         for i in 1..=N_LANDMARKS {
-            s.push_str(&format!(",{:.4}", g(&format!("L{i}"))));
+            s.push_str(&format!(",{}", field(g(&format!("L{i}")))));
         }
         s.push_str(&format!(
-            ",{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{}\n",
-            r.rmse_subpixel_px,
-            r.median_error_px,
-            r.miss_rate,
-            r.tre_mm,
-            r.rotation_error_deg,
-            r.translation_error_mm,
+            ",{},{},{},{},{},{},{}\n",
+            field(r.rmse_subpixel_px),
+            field(r.median_error_px),
+            field(r.miss_rate),
+            field(r.tre_mm),
+            field(r.rotation_error_deg),
+            field(r.translation_error_mm),
             r.refined
                 .as_ref()
-                .map_or(String::new(), |f| format!("{:.4}", f.tre_mm))
+                .map_or(String::new(), |f| field(f.tre_mm))
         ));
     }
     s

@@ -313,8 +313,12 @@ fn pose_loss(
     let pts = heatmap::soft_argmax(logits, tau)?;
     let points3d = samples
         .iter()
-        .map(|&(d, s)| data[d].manifest.subjects[s.subject].points3d())
-        .collect();
+        .map(|&(d, s)| {
+            data[d].manifest.subjects[s.subject]
+                .all3d()
+                .ok_or_else(|| TrainError::Invalid("a subject lacks 3D landmarks".into()))
+        })
+        .collect::<Result<_, _>>()?;
     // `train` checked that every dataset of a pose-loss run shares this camera.
     let mut layer = RegistrationLayer::new(data[0].manifest.camera, points3d);
     // Landmarks outside the image cannot be found on it: they do not take part.
@@ -657,6 +661,16 @@ fn check_datasets(data: &[Dataset], cfg: &ModelConfig, mode: Mode) -> Result<(),
                 cfg.input_size,
                 d.dir.display(),
                 d.manifest.size
+            )));
+        }
+        if mode.uses_pose()
+            && let Some(s) = d.manifest.subjects.iter().find(|s| s.all3d().is_none())
+        {
+            return Err(TrainError::Invalid(format!(
+                "the pose loss needs all 8 landmarks in 3D: {} of {} lacks some (train it with \
+                 --mode baseline)",
+                s.ct,
+                d.dir.display()
             )));
         }
         if mode.uses_pose() && d.manifest.camera != first.manifest.camera {

@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)] // test helpers may panic: that is how a test fails
 
+mod common;
+
 use fluoropose::geometry::Camera;
 use fluoropose::geometry::sampling::PoseRange;
 use fluoropose::landmarks::Landmarks3d;
@@ -259,6 +261,80 @@ fn bad_input_gives_a_clear_error_and_a_failure_code() {
         "40",
     ]);
     assert!(!ok && err.contains("--zoom-pct 40: at most 25"), "{err}");
+    let out = dir.path().join("ds");
+    let (ok, _, err) = run(&[
+        "dataset",
+        "--ct",
+        "phantom:1..2",
+        "--landmarks",
+        p3.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("--landmarks goes with one CT file"),
+        "{err}"
+    );
+    let (ok, _, err) = run(&["bench", "refine", "--ct", missing.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("reading the CT") && err.contains("nope.nii.gz"),
+        "{err}"
+    );
+}
+
+/// A real patient's CT from outside the project, with the project's annotation of the three
+/// landmarks its scan holds (both ASIS, the superior symphysis): `dataset` labels those and
+/// marks the five below the scan absent, and `eval` scores the shipped network on the three,
+/// with "-" for the others.
+#[test]
+fn a_real_ct_with_three_landmarks_makes_a_dataset_that_eval_scores() {
+    let Some(ct) = common::shared("ct/totalseg_example_ct.nii.gz") else {
+        return;
+    };
+    if !fluoropose::model::shipped::available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("real");
+    let lm = common::root().join("tests/data/real/totalseg_example_ct.mrk.json");
+    let (ok, _, err) = run(&[
+        "dataset",
+        "--ct",
+        ct.to_str().unwrap(),
+        "--landmarks",
+        lm.to_str().unwrap(),
+        "--views",
+        "3",
+        "--novel-views",
+        "0",
+        "--max-rotation-deg",
+        "15",
+        "--cpu",
+        "--out",
+        data.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let json = dir.path().join("eval.json");
+    let (ok, out, err) = run(&[
+        "eval",
+        "--model",
+        "default",
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    assert_eq!(r["images"], 3, "{r}");
+    for l in ["L1", "L4", "L8"] {
+        assert!(r["rmse_px"][l].as_f64().unwrap().is_finite(), "{l}: {r}");
+    }
+    for l in ["L2", "L3", "L5", "L6", "L7"] {
+        assert!(r["rmse_px"][l].is_null(), "{l}: {r}");
+    }
+    let row = out.lines().find(|l| l.starts_with("| default")).unwrap();
+    assert_eq!(row.split('|').nth(6).unwrap().trim(), "-", "{row}");
 }
 
 #[test]

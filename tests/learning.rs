@@ -59,9 +59,9 @@ fn dataset_labels_splits_and_resume() {
     // Labels are the projections of the subject's 3D landmarks at the stored pose.
     for s in &ds.samples {
         let subj = &ds.manifest.subjects[s.subject];
-        for (i, p) in subj.points3d().iter().enumerate() {
+        for (i, p) in subj.all3d().unwrap().iter().enumerate() {
             let uv = ds.manifest.camera.project(&s.pose(), p);
-            assert!((uv.x - s.projected[i][0]).abs() < 1e-9);
+            assert!((uv.x - s.projected[i].unwrap()[0]).abs() < 1e-9);
             if let Some([x, y]) = s.landmarks[i] {
                 assert!((0.0..32.0).contains(&(x + 0.5)) && (0.0..32.0).contains(&(y + 0.5)));
             }
@@ -528,6 +528,89 @@ fn the_oracle_scores_its_noise_and_exact_landmarks_register_exactly() {
     assert!(evaluate_landmarks(&nan, &ds, None, &Task::new()).is_err());
 }
 
+/// A CT that does not hold every landmark (a scan that ends above the symphysis, like the real
+/// one beside the project) still makes a dataset: the missing ones are labelled absent in every
+/// image, evaluation scores the others and says "-" for them, the pose loss refuses it with the
+/// reason, and a CT with fewer than 3 is refused.
+#[test]
+fn a_ct_lacking_landmarks_makes_a_dataset_that_labels_them_absent() {
+    use fluoropose::eval::{Landmarks, evaluate_landmarks, markdown};
+    let dir = tempfile::tempdir().unwrap();
+    let (vol, lm) = fluoropose::volume::phantom::phantom_subject(5, Some(4.0));
+    let ct = dir.path().join("cropped.nii.gz");
+    fluoropose::volume::write_nifti(&vol, &ct).unwrap();
+    // The inferior foramina and the inferior symphysis are below this scan.
+    let mut partial = lm.clone();
+    for i in [1, 4, 6] {
+        partial.points[i] = None;
+    }
+    partial.write(&dir.path().join("cropped.mrk.json")).unwrap();
+    let data = dir.path().join("ds");
+    let req = Request {
+        subjects: parse_subjects(ct.to_str().unwrap(), 0).unwrap(),
+        views: 6,
+        novel_views: 0,
+        ..request(64, 6)
+    };
+    generate(&req, &data, &Task::new()).unwrap();
+    let ds = Dataset::open(&data).unwrap();
+    let subject = &ds.manifest.subjects[0];
+    assert_eq!(subject.present3d().len(), 5);
+    assert!(subject.all3d().is_none());
+    // Poses are drawn around the landmarks the CT holds.
+    let c = fluoropose::registration::intensity::centroid(&partial.present());
+    assert!((nalgebra::Point3::from(subject.isocenter) - c).norm() < 1e-9);
+    for s in &ds.samples {
+        for i in 0..8 {
+            let missing = [1, 4, 6].contains(&i);
+            assert_eq!(s.projected[i].is_none(), missing, "{i}");
+            if missing {
+                assert!(s.landmarks[i].is_none());
+            }
+        }
+    }
+    let exact = evaluate_landmarks(
+        &Landmarks::Oracle {
+            sigma_px: 0.0,
+            seed: 1,
+        },
+        &ds,
+        None,
+        &Task::new(),
+    )
+    .unwrap();
+    // The five it holds register the pose exactly; the three it lacks have nothing to score.
+    assert_eq!(exact.registration_failures, 0);
+    assert!(exact.tre_mm < 1e-3, "{}", exact.tre_mm);
+    assert!(exact.rmse_px["L1"].as_f64().unwrap() < 1e-9);
+    assert!(exact.rmse_px["L2"].is_null(), "{:?}", exact.rmse_px);
+    let table = markdown(&[("oracle".into(), exact)]);
+    let row = table.lines().nth(2).unwrap();
+    assert_eq!(row.split('|').nth(6).unwrap().trim(), "-", "{row}");
+    // The pose loss needs all 8 in 3D.
+    let out = dir.path().join("pel.safetensors");
+    let mut o = options(&out, Mode::Composite, 2);
+    o.config = tiny(64);
+    let err = train(&[ds], &o, &Device::Cpu, &Task::new(), &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("all 8 landmarks"), "{err}");
+    // Two placed are not enough to make a dataset of.
+    let mut two = lm;
+    for i in 2..8 {
+        two.points[i] = None;
+    }
+    two.write(&dir.path().join("cropped.mrk.json")).unwrap();
+    let req = Request {
+        subjects: parse_subjects(ct.to_str().unwrap(), 0).unwrap(),
+        ..req
+    };
+    let err = generate(&req, &dir.path().join("ds2"), &Task::new())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("2 of the 8 landmarks placed"), "{err}");
+}
+
 /// Landmarks of a known error register to a pose that is off mostly along the beam; refining it
 /// against each image with the subject's CT brings it to the true pose, on the GPU when one
 /// works and on the CPU reference alike, and the report says what it did.
@@ -748,11 +831,7 @@ fn the_shipped_model_decoded_the_apps_way_finds_a_held_out_phantom() {
     let p = Predictor::new(&net).unwrap();
     let s = &ds.split(Some(Split::NovelSubject))[0];
     let img = ds.image(s).unwrap();
-    let p3: Vec<_> = ds.manifest.subjects[s.subject]
-        .points3d()
-        .into_iter()
-        .map(Some)
-        .collect();
+    let p3 = ds.manifest.subjects[s.subject].points3d();
     let found = detect(
         &p,
         &img,

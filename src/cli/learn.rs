@@ -108,6 +108,10 @@ pub struct DatasetArgs {
     /// NAME.mrk.json / .fcsv / .csv landmarks beside it).
     #[arg(long)]
     pub ct: String,
+    /// The landmarks of a single CT file given to `--ct`, when they are not beside it (Slicer
+    /// markups JSON, .fcsv or CSV; at least 3 placed, the others are labelled absent).
+    #[arg(long)]
+    pub landmarks: Option<PathBuf>,
     /// Views per subject.
     #[arg(long, default_value_t = 100)]
     pub views: usize,
@@ -370,7 +374,15 @@ pub struct ExperimentArgs {
 }
 
 pub fn dataset(a: &DatasetArgs) -> Result<()> {
-    let subjects = dataset::parse_subjects(&a.ct, a.held_out)?;
+    let mut subjects = dataset::parse_subjects(&a.ct, a.held_out)?;
+    if let Some(lm) = &a.landmarks {
+        match subjects.as_mut_slice() {
+            [one] if !one.ct.starts_with("phantom:") && Path::new(&one.ct).is_file() => {
+                one.landmarks = Some(lm.clone());
+            }
+            _ => bail!("--landmarks goes with one CT file in --ct (a phantom has its own)"),
+        }
+    }
     let req = Request {
         subjects,
         views: a.views,
@@ -635,10 +647,18 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             r.rmse_hits_px
         );
     }
-    println!(
-        "the CT's landmarks projected at the pose solved from these: RMSE {:.2} px",
-        r.pose_rmse_px
-    );
+    if r.registration_failures > 0 {
+        println!(
+            "registration failed on {} of {} images (they are not in the pose errors)",
+            r.registration_failures, r.images
+        );
+    }
+    if r.pose_rmse_px.is_finite() {
+        println!(
+            "the CT's landmarks projected at the pose solved from these: RMSE {:.2} px",
+            r.pose_rmse_px
+        );
+    }
     if let Some(sc) = &r.apparent_scale {
         println!(
             "apparent scale of the landmarks ({} images): off by {:.2}% (median {:.2}%), which \
@@ -982,6 +1002,7 @@ pub fn experiment(a: &ExperimentArgs) -> Result<()> {
     let data_dir = a.out.join("data");
     dataset(&DatasetArgs {
         ct: subjects.into(),
+        landmarks: None,
         views,
         novel_views: nviews,
         held_out: held,
