@@ -87,6 +87,22 @@ pub struct Report {
     /// images with at least [`SCALE_MIN_LANDMARKS`] landmarks in view and a solved pose.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub apparent_scale: Option<ScaleReport>,
+    /// The images the network is unsure of ([`crate::detect::UNSURE_BELOW`]; a network's
+    /// reading only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsure: Option<UnsureReport>,
+}
+
+/// How the app's "network unsure" warning ([`crate::detect::unsure`]) splits a set: does it
+/// flag the images whose landmarks are wrong?
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct UnsureReport {
+    /// Share of the images flagged.
+    pub rate: f64,
+    /// Landmark RMSE at 512 scale on the flagged images (NaN: none).
+    pub rmse_px: f64,
+    /// Landmark RMSE at 512 scale on the others (NaN: none).
+    pub rmse_rest_px: f64,
 }
 
 /// What the detected constellation's apparent size says about the landmark pose's depth: one
@@ -230,6 +246,10 @@ pub struct ImageResult {
     /// The detected landmarks' apparent scale against the truth, `s - 1` ([`apparent_scale`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale_error: Option<f64>,
+    /// How well the network read the image ([`crate::detect::polarity_score`]; a network's
+    /// reading only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<f64>,
     /// The scored points, in the image's pixels, L1..L8, and their heatmap confidences.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub points: Vec<[f64; 3]>,
@@ -415,6 +435,8 @@ pub fn evaluate_with(
     let mut inverted_images = 0usize;
     // Misses (over MISS_PX) whose heatmap had a peak near the truth, and those without.
     let (mut misses_seen, mut misses_unseen) = (0usize, 0usize);
+    // Squared error and landmark count on the images the network is unsure of, and on the rest.
+    let (mut unsure_images, mut unsure_sq, mut rest_sq) = (0usize, [0.0, 0.0], [0.0, 0.0]);
     let (mut rot, mut trans, mut failures) = (0.0, 0.0, 0usize);
     let (mut pose_sq, mut pose_n) = (0.0, 0usize);
     let mut per_image = Vec::new();
@@ -524,6 +546,20 @@ pub fn evaluate_with(
                     image_n += 1;
                 }
             }
+            // Only a network's confidences say anything (the oracle's are all 1).
+            let score = logits
+                .is_some()
+                .then(|| crate::detect::polarity_score(int.iter().map(|(_, c)| *c)));
+            if let Some(sc) = score {
+                let bucket = if sc < crate::detect::UNSURE_BELOW {
+                    unsure_images += 1;
+                    &mut unsure_sq
+                } else {
+                    &mut rest_sq
+                };
+                bucket[0] += image_sq;
+                bucket[1] += image_n as f64;
+            }
             let missed: Vec<usize> = (0..N_LANDMARKS)
                 .filter(|&i| image_errors[i].is_some_and(|e| e > MISS_PX))
                 .collect();
@@ -551,6 +587,7 @@ pub fn evaluate_with(
                 angle_from_ap_deg: angle,
                 rmse_px: (image_sq / image_n.max(1) as f64).sqrt(),
                 errors_px: image_errors,
+                score,
                 points: if opts.per_image {
                     int.iter().map(|(p, c)| [p.x, p.y, *c]).collect()
                 } else {
@@ -655,6 +692,11 @@ pub fn evaluate_with(
         per_image,
         inverted_rate: inverted_images as f64 / samples.len().max(1) as f64,
         by_angle: angle_bins(&angled_errors, &angles),
+        unsure: fused.is_some().then(|| UnsureReport {
+            rate: unsure_images as f64 / samples.len().max(1) as f64,
+            rmse_px: rms(unsure_sq[0], unsure_sq[1] as usize),
+            rmse_rest_px: rms(rest_sq[0], rest_sq[1] as usize),
+        }),
         apparent_scale: (!scales.is_empty()).then(|| {
             let n = scales.len() as f64;
             let mut e: Vec<f64> = scales.iter().map(|x| x.0).collect();

@@ -726,3 +726,64 @@ fn waiting_redraws_at_a_few_hertz_not_every_frame() {
     let steps = h.try_run();
     assert!(steps.is_ok(), "{steps:?}");
 }
+
+/// A frame the network is unsure of (a DRR of a real patient's CT: anatomy it never saw, read
+/// with confidences about 0.3 where the phantoms' are about 0.99) carries a warning; the
+/// simulated phantom's frames do not.
+#[test]
+fn a_frame_unlike_the_training_data_is_flagged() {
+    use fluoropose::drr::{Attenuation, CpuDrr, DensityVolume, DrrSource, cpu::Renderer};
+    if skip() {
+        return;
+    }
+    let Some(ct) = common::shared("ct/totalseg_example_ct.nii.gz") else {
+        return;
+    };
+    let mut h = harness();
+    wait(&mut h, "the simulated frame", |a| a.latest.is_some());
+    h.step();
+    let phantom = h.state().latest.clone().unwrap();
+    assert!(
+        !phantom.unsure(),
+        "the phantom's frame scores {:?}",
+        phantom.score()
+    );
+    assert!(h.query_by_label_contains("network unsure").is_none());
+    // The real CT at AP, around its landmarks, as a recorded frame.
+    let vol = fluoropose::volume::read_volume(&ct, None).unwrap();
+    let lm = fluoropose::landmarks::Landmarks3d::read(
+        &common::root().join("tests/data/real/totalseg_example_ct.mrk.json"),
+    )
+    .unwrap();
+    let centre = fluoropose::registration::intensity::centroid(&lm.present());
+    let camera = fluoropose::geometry::Camera::paper(256);
+    let pose = fluoropose::geometry::sampling::ap_pose(&centre, 800.0);
+    let mut source = CpuDrr {
+        volume: std::sync::Arc::new(DensityVolume::from_volume(&vol, Attenuation::default())),
+        renderer: Renderer::Siddon { full_line: false },
+    };
+    let px = source.render(&camera, &pose).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("frame_0000.npy"),
+        fluoropose::drr::image_io::npy_bytes(&px, 256, 256),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("camera.json"),
+        serde_json::to_string(&camera).unwrap(),
+    )
+    .unwrap();
+    h.state_mut().open_frames(dir.path().to_path_buf());
+    wait(&mut h, "the real CT's frame", |a| {
+        a.latest.as_ref().is_some_and(|p| p.truth.is_none())
+    });
+    h.step();
+    let real = h.state().latest.clone().unwrap();
+    assert!(
+        real.unsure(),
+        "the real CT's frame scores {:?}",
+        real.score()
+    );
+    assert!(h.query_by_label_contains("network unsure").is_some());
+}

@@ -285,7 +285,7 @@ fn bad_input_gives_a_clear_error_and_a_failure_code() {
 /// A real patient's CT from outside the project, with the project's annotation of the three
 /// landmarks its scan holds (both ASIS, the superior symphysis): `dataset` labels those and
 /// marks the five below the scan absent, and `eval` scores the shipped network on the three,
-/// with "-" for the others.
+/// with "-" for the others, and flags the frames as ones it is unsure of.
 #[test]
 fn a_real_ct_with_three_landmarks_makes_a_dataset_that_eval_scores() {
     let Some(ct) = common::shared("ct/totalseg_example_ct.nii.gz") else {
@@ -335,6 +335,10 @@ fn a_real_ct_with_three_landmarks_makes_a_dataset_that_eval_scores() {
     }
     let row = out.lines().find(|l| l.starts_with("| default")).unwrap();
     assert_eq!(row.split('|').nth(6).unwrap().trim(), "-", "{row}");
+    // Anatomy it never saw: the network misses, and says it is unsure of every frame (these
+    // score about 0.3, phantoms about 0.99), which the app shows over the image.
+    assert!(r["rmse_px"]["mean"].as_f64().unwrap() > 50.0, "{r}");
+    assert_eq!(r["unsure"]["rate"], 1.0, "{r}");
 }
 
 #[test]
@@ -453,8 +457,9 @@ fn eval_reads_the_shipped_networks_by_name() {
     let (wide, compact) = (score("default"), score("compact"));
     for r in [&wide, &compact] {
         assert_eq!(r["images"], 2, "{r}");
-        // Held-out phantom, near AP: both find the pelvis.
+        // Held-out phantom, near AP: both find the pelvis, and are sure of it.
         assert!(r["rmse_px"]["mean"].as_f64().unwrap() < 20.0, "{r}");
+        assert_eq!(r["unsure"]["rate"], 0.0, "{r}");
     }
     assert_ne!(wide["rmse_px"], compact["rmse_px"]);
     // A file named like one is read as the file (here: not weights, so a clear error).

@@ -167,6 +167,18 @@ pub struct Processed {
 }
 
 impl Processed {
+    /// How well the network read the frame ([`crate::detect::polarity_score`]), when it ran.
+    pub fn score(&self) -> Option<f64> {
+        (!self.detections.is_empty())
+            .then(|| crate::detect::polarity_score(self.detections.iter().map(|d| d.confidence)))
+    }
+
+    /// Whether the network is unsure of the frame ([`crate::detect::UNSURE_BELOW`]).
+    pub fn unsure(&self) -> bool {
+        self.score()
+            .is_some_and(|s| s < crate::detect::UNSURE_BELOW)
+    }
+
     /// The live pose: tracked over frames, else this frame's own solve when it succeeded.
     pub fn live_pose(&self) -> Option<Pose> {
         self.tracked.map(|t| t.pose).or(self

@@ -297,6 +297,10 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
     egui::Panel::right("pose").min_size(300.0).show(ui, |ui| {
         // The panel outgrows short windows: it scrolls.
         egui::ScrollArea::vertical().show(ui, |ui| {
+        if let Some(score) = p.score().filter(|_| p.unsure()) {
+            ui.colored_label(UNSURE_COLOUR, unsure_text(score))
+                .on_hover_text(UNSURE_HOVER);
+        }
         ui.heading("Pose");
         match &p.solution {
             Some(s) => {
@@ -597,6 +601,22 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
             }
         }
         draw_landmarks(app, &painter, rect, &p);
+        if let Some(score) = p.score().filter(|_| p.unsure()) {
+            // On the image too: the overlay is what a surgeon watches.
+            let galley = painter.layout_no_wrap(
+                unsure_text(score),
+                egui::FontId::proportional(15.0),
+                UNSURE_COLOUR,
+            );
+            let at = rect.left_top() + Vec2::splat(8.0);
+            // On a dark backdrop: frames are often bright where the text goes.
+            painter.rect_filled(
+                Rect::from_min_size(at, galley.size()).expand(4.0),
+                3.0,
+                Color32::from_black_alpha(170),
+            );
+            painter.galley(at, galley, UNSURE_COLOUR);
+        }
         if side && let Some((id, _)) = drr {
             let (r2, _) = ui.allocate_exact_size(size, egui::Sense::hover());
             let painter = ui.painter_at(r2);
@@ -648,6 +668,20 @@ fn camera_editor(app: &mut FluoroApp, ui: &mut egui::Ui, p: &super::Processed) {
     if changed {
         app.send(super::Command::Camera(c));
     }
+}
+
+/// The warning's colour: amber, apart from the landmarks' colours.
+const UNSURE_COLOUR: Color32 = Color32::from_rgb(255, 170, 0);
+
+const UNSURE_HOVER: &str = "The landmarks' heatmaps are faint: the frame is unlike what the \
+     network learnt from (phantom DRRs), or the pelvis is barely in view. Its landmarks and the \
+     pose from them may be wrong; check them against the DRR, or correct them in Annotate.";
+
+fn unsure_text(score: f64) -> String {
+    format!(
+        "network unsure of this frame ({:.0}%): landmarks may be wrong",
+        100.0 * score
+    )
 }
 
 fn draw_landmarks(app: &FluoroApp, painter: &egui::Painter, rect: Rect, p: &super::Processed) {

@@ -373,6 +373,15 @@ pub struct ExperimentArgs {
     pub epochs: Option<usize>,
 }
 
+/// Pixels to 2 decimals, or "-" for nothing measured.
+fn fmt_px(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.2}")
+    } else {
+        "-".into()
+    }
+}
+
 pub fn dataset(a: &DatasetArgs) -> Result<()> {
     let mut subjects = dataset::parse_subjects(&a.ct, a.held_out)?;
     if let Some(lm) = &a.landmarks {
@@ -647,6 +656,16 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             r.rmse_hits_px
         );
     }
+    if let Some(u) = &r.unsure {
+        println!(
+            "the network unsure (frame score under {}): {:.1}% of images, landmark RMSE {} px on \
+             them, {} px on the rest",
+            crate::detect::UNSURE_BELOW,
+            100.0 * u.rate,
+            fmt_px(u.rmse_px),
+            fmt_px(u.rmse_rest_px)
+        );
+    }
     if r.registration_failures > 0 {
         println!(
             "registration failed on {} of {} images (they are not in the pose errors)",
@@ -847,6 +866,7 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
             let mut rec = serde_json::json!({
                 "file": f.display().to_string(), "frame": k, "inference_ms": found.inference_ms,
                 "frame_inverted": found.inverted,
+                "score": found.polarity_score(), "unsure": found.unsure(),
                 "landmarks": det.iter().map(|d| [d.point.x, d.point.y]).collect::<Vec<_>>(),
                 "confidence": det.iter().map(|d| d.confidence).collect::<Vec<_>>(),
                 "reprojected": det.iter().map(|d| d.reprojected).collect::<Vec<_>>(),
