@@ -618,6 +618,28 @@ fn a_real_cine_plays_through_the_pipeline() {
     assert_eq!(h.state().latest.as_ref().unwrap().count, Some(12));
 }
 
+/// Writes `frames` (each `width x height`) as a recorded stream in `dir`, the way `fluoropose
+/// simulate` does: `frame_NNNN.npy` and the camera in `camera.json`.
+fn record_stream(
+    dir: &std::path::Path,
+    frames: &[Vec<f32>],
+    (width, height): (usize, usize),
+    camera: &fluoropose::geometry::Camera,
+) {
+    for (k, px) in frames.iter().enumerate() {
+        std::fs::write(
+            dir.join(format!("frame_{k:04}.npy")),
+            fluoropose::drr::image_io::npy_bytes(px, width, height),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        dir.join("camera.json"),
+        serde_json::to_string(camera).unwrap(),
+    )
+    .unwrap();
+}
+
 /// A stream recorded as `.npy` frames with its `camera.json` (what `fluoropose simulate` writes)
 /// plays in the Live tab with the recorded geometry, not a default one.
 #[test]
@@ -627,19 +649,10 @@ fn a_recorded_npy_stream_plays_with_its_geometry() {
     }
     let dir = tempfile::tempdir().unwrap();
     let camera = fluoropose::geometry::Camera::new(900.0, 96, 96, 2.0, 2.0);
-    for k in 0..3 {
-        let px: Vec<f32> = (0..96 * 96).map(|i| ((i + 7 * k) % 97) as f32).collect();
-        std::fs::write(
-            dir.path().join(format!("frame_{k:04}.npy")),
-            fluoropose::drr::image_io::npy_bytes(&px, 96, 96),
-        )
-        .unwrap();
-    }
-    std::fs::write(
-        dir.path().join("camera.json"),
-        serde_json::to_string(&camera).unwrap(),
-    )
-    .unwrap();
+    let frames: Vec<Vec<f32>> = (0..3)
+        .map(|k| (0..96 * 96).map(|i| ((i + 7 * k) % 97) as f32).collect())
+        .collect();
+    record_stream(dir.path(), &frames, (96, 96), &camera);
     let mut h = harness();
     wait(&mut h, "the simulated frame", |a| a.latest.is_some());
     h.state_mut().open_frames(dir.path().to_path_buf());
@@ -667,18 +680,7 @@ fn a_bone_dark_stream_is_read_inverted() {
     let dir = tempfile::tempdir().unwrap();
     let (w, ht) = bright.size;
     let dark: Vec<f32> = bright.pixels.iter().map(|v| -v).collect();
-    for k in 0..2 {
-        std::fs::write(
-            dir.path().join(format!("frame_{k:04}.npy")),
-            fluoropose::drr::image_io::npy_bytes(&dark, w, ht),
-        )
-        .unwrap();
-    }
-    std::fs::write(
-        dir.path().join("camera.json"),
-        serde_json::to_string(&bright.camera).unwrap(),
-    )
-    .unwrap();
+    record_stream(dir.path(), &[dark.clone(), dark], (w, ht), &bright.camera);
     h.state_mut().open_frames(dir.path().to_path_buf());
     wait(&mut h, "the first dark frame", |a| {
         a.latest.as_ref().is_some_and(|p| p.truth.is_none())
@@ -764,16 +766,7 @@ fn a_frame_unlike_the_training_data_is_flagged() {
     };
     let px = source.render(&camera, &pose).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("frame_0000.npy"),
-        fluoropose::drr::image_io::npy_bytes(&px, 256, 256),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("camera.json"),
-        serde_json::to_string(&camera).unwrap(),
-    )
-    .unwrap();
+    record_stream(dir.path(), &[px], (256, 256), &camera);
     h.state_mut().open_frames(dir.path().to_path_buf());
     wait(&mut h, "the real CT's frame", |a| {
         a.latest.as_ref().is_some_and(|p| p.truth.is_none())

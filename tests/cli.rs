@@ -688,3 +688,32 @@ fn label_makes_a_dataset_from_frames_and_their_ct() {
     assert!(!ok && err.contains("phantom:N"), "{err}");
     assert!(!dir.path().join("none").exists());
 }
+
+/// The shipped networks learnt phantoms: on real X-ray files from outside the project (an
+/// angiography cine, a single XA frame, a hip radiograph, a CT scout of the pelvis) `predict`
+/// says it is unsure of every frame (scores 0.07-0.71 against 0.89+ on the phantoms).
+#[test]
+fn predict_is_unsure_of_real_x_rays() {
+    if !fluoropose::model::shipped::available() {
+        return;
+    }
+    for (rel, frames) in [
+        ("fluoro/XA-MONO2-8-12x-catheter.dcm", 12),
+        ("fluoro/WG04_XA1/XA1_UNC", 1),
+        ("xray/WG04_RG2_hip/RG2_UNC", 1),
+        ("xray/OT-MONO2-8-hip.dcm", 1),
+    ] {
+        let Some(p) = common::shared(rel) else {
+            return;
+        };
+        let (ok, out, err) = run(&["predict", p.to_str().unwrap()]);
+        assert!(ok, "{rel}: {err}");
+        let r: Value = serde_json::from_str(&out).unwrap();
+        let r = r.as_array().unwrap();
+        assert_eq!(r.len(), frames, "{rel}");
+        for f in r {
+            let score = f["score"].as_f64().unwrap();
+            assert!(f["unsure"] == true && score < 0.8, "{rel}: {f}");
+        }
+    }
+}
