@@ -754,10 +754,11 @@ fn refine_subject(
         })?,
     };
     let points = lm.present();
-    if points.len() < 3 {
+    if points.len() < crate::dataset::MIN_LANDMARKS3D {
         anyhow::bail!(
-            "{} landmarks placed: the TRE needs at least 3 points",
-            points.len()
+            "{} landmarks placed: the TRE needs at least {}",
+            points.len(),
+            crate::dataset::MIN_LANDMARKS3D
         );
     }
     Ok(RefineSubject {

@@ -186,7 +186,8 @@ pub struct Subject {
     /// The 8 landmarks, LPS mm; `None` for one the CT does not hold (a scan that ends above
     /// the symphysis): its images label it absent, like a landmark outside the image.
     pub landmarks3d: [Option<[f64; 3]>; N_LANDMARKS],
-    /// The isocentre the poses are drawn around (the volume centre), LPS mm.
+    /// The isocentre the poses are drawn around, LPS mm: a phantom's volume centre, a CT file's
+    /// landmarks' centroid.
     pub isocenter: [f64; 3],
 }
 
@@ -415,8 +416,10 @@ fn load_subject(
     index: usize,
 ) -> Result<(Subject, crate::volume::Volume), DatasetError> {
     let (vol, phantom_landmarks) = read_ct(&src.ct)?;
-    let lm = match phantom_landmarks {
-        Some(lm) => lm,
+    let (lm, centre) = match phantom_landmarks {
+        // A phantom is the pelvis alone: its poses are drawn around the volume centre, as
+        // `phantom_outline` says without rasterising it.
+        Some(lm) => (lm, vol.center_mm()),
         None => {
             let path = src.landmarks.as_ref().ok_or_else(|| {
                 DatasetError::Invalid(format!(
@@ -424,13 +427,15 @@ fn load_subject(
                     src.ct
                 ))
             })?;
-            Landmarks3d::read(path)
-                .map_err(|e| DatasetError::Invalid(format!("{}: {e}", path.display())))?
+            let lm = Landmarks3d::read(path)
+                .map_err(|e| DatasetError::Invalid(format!("{}: {e}", path.display())))?;
+            // A CT's poses are drawn around its landmarks: its scan range is the
+            // radiologist's choice (this may reach from the ribs to the symphysis), the
+            // landmarks are the pelvis.
+            let centre = crate::registration::intensity::centroid(&lm.present());
+            (lm, centre)
         }
     };
-    // Poses are drawn around the landmarks: a scan's range is the radiologist's choice (this
-    // may reach from the ribs to the symphysis), the landmarks are the pelvis.
-    let centre = crate::registration::intensity::centroid(&lm.present());
     Ok((describe_subject(src, index, lm, centre)?, vol))
 }
 

@@ -436,7 +436,7 @@ pub fn evaluate_with(
     // Misses (over MISS_PX) whose heatmap had a peak near the truth, and those without.
     let (mut misses_seen, mut misses_unseen) = (0usize, 0usize);
     // Squared error and landmark count on the images the network is unsure of, and on the rest.
-    let (mut unsure_images, mut unsure_sq, mut rest_sq) = (0usize, [0.0, 0.0], [0.0, 0.0]);
+    let (mut unsure_images, mut unsure_sq, mut rest_sq) = (0usize, (0.0, 0usize), (0.0, 0usize));
     let (mut rot, mut trans, mut failures) = (0.0, 0.0, 0usize);
     let (mut pose_sq, mut pose_n) = (0.0, 0usize);
     let mut per_image = Vec::new();
@@ -557,8 +557,8 @@ pub fn evaluate_with(
                 } else {
                     &mut rest_sq
                 };
-                bucket[0] += image_sq;
-                bucket[1] += image_n as f64;
+                bucket.0 += image_sq;
+                bucket.1 += image_n;
             }
             let missed: Vec<usize> = (0..N_LANDMARKS)
                 .filter(|&i| image_errors[i].is_some_and(|e| e > MISS_PX))
@@ -694,8 +694,8 @@ pub fn evaluate_with(
         by_angle: angle_bins(&angled_errors, &angles),
         unsure: fused.is_some().then(|| UnsureReport {
             rate: unsure_images as f64 / samples.len().max(1) as f64,
-            rmse_px: rms(unsure_sq[0], unsure_sq[1] as usize),
-            rmse_rest_px: rms(rest_sq[0], rest_sq[1] as usize),
+            rmse_px: rms(unsure_sq.0, unsure_sq.1),
+            rmse_rest_px: rms(rest_sq.0, rest_sq.1),
         }),
         apparent_scale: (!scales.is_empty()).then(|| {
             let n = scales.len() as f64;
@@ -916,7 +916,7 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 /// A table cell: `v` to `prec` decimals, or "-" when there was nothing to measure (NaN).
-fn cell(v: f64, prec: usize) -> String {
+pub fn cell(v: f64, prec: usize) -> String {
     if v.is_finite() {
         format!("{v:.prec$}")
     } else {

@@ -373,15 +373,6 @@ pub struct ExperimentArgs {
     pub epochs: Option<usize>,
 }
 
-/// Pixels to 2 decimals, or "-" for nothing measured.
-fn fmt_px(v: f64) -> String {
-    if v.is_finite() {
-        format!("{v:.2}")
-    } else {
-        "-".into()
-    }
-}
-
 pub fn dataset(a: &DatasetArgs) -> Result<()> {
     let mut subjects = dataset::parse_subjects(&a.ct, a.held_out)?;
     if let Some(lm) = &a.landmarks {
@@ -662,8 +653,8 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
              them, {} px on the rest",
             crate::detect::UNSURE_BELOW,
             100.0 * u.rate,
-            fmt_px(u.rmse_px),
-            fmt_px(u.rmse_rest_px)
+            eval::cell(u.rmse_px, 2),
+            eval::cell(u.rmse_rest_px, 2)
         );
     }
     if r.registration_failures > 0 {
