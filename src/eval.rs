@@ -91,6 +91,52 @@ pub struct Report {
     /// reading only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unsure: Option<UnsureReport>,
+    /// The errors by how well the network read each image ([`SCORE_BINS`]; a network's reading
+    /// only): what a frame's score says about its landmarks and pose.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub by_score: Vec<ScoreBin>,
+}
+
+/// Edges of [`Report::by_score`]'s bins: the frame score ([`crate::detect::polarity_score`]).
+pub const SCORE_BINS: [f64; 7] = [0.0, 0.8, 0.9, 0.95, 0.98, 0.99, f64::INFINITY];
+
+/// The errors of the images whose score lies in one range.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ScoreBin {
+    /// The range of scores: `[from, to)`.
+    pub score: [f64; 2],
+    /// Images in it.
+    pub images: usize,
+    /// Their landmarks' errors.
+    #[serde(flatten)]
+    pub errors: ErrorStats,
+    /// Mean TRE of their landmark poses, mm (NaN: no registration worked).
+    pub tre_mm: f64,
+}
+
+/// Landmark errors at 512 scale, summarised.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ErrorStats {
+    /// Visible landmarks.
+    pub landmarks: usize,
+    /// RMSE.
+    pub rmse_px: f64,
+    /// Median error.
+    pub median_error_px: f64,
+    /// Share more than [`MISS_PX`] from the truth.
+    pub miss_rate: f64,
+}
+
+impl ErrorStats {
+    fn of(mut e: Vec<f64>) -> Self {
+        let n = e.len().max(1) as f64;
+        Self {
+            landmarks: e.len(),
+            rmse_px: (e.iter().map(|x| x * x).sum::<f64>() / n).sqrt(),
+            miss_rate: e.iter().filter(|x| **x > MISS_PX).count() as f64 / n,
+            median_error_px: median(&mut e),
+        }
+    }
 }
 
 /// How the app's "network unsure" warning ([`crate::detect::unsure`]) splits a set: does it
@@ -189,37 +235,57 @@ pub struct AngleBin {
     pub deg: [f64; 2],
     /// Images in it.
     pub images: usize,
-    /// Visible landmarks in them.
-    pub landmarks: usize,
-    /// RMSE at 512 scale over its visible landmarks.
-    pub rmse_px: f64,
-    /// Median landmark error at 512 scale.
-    pub median_error_px: f64,
-    /// Share of its landmarks more than 20 px from the truth.
-    pub miss_rate: f64,
+    /// Their visible landmarks' errors.
+    #[serde(flatten)]
+    pub errors: ErrorStats,
+}
+
+/// For each `[from, to)` of `edges` that holds an image (`keys`, one per image): its landmark
+/// errors (`errors`: `(key of its image, error)`) and its images' indices.
+fn bins(
+    edges: &[f64],
+    errors: &[(f64, f64)],
+    keys: &[f64],
+) -> Vec<([f64; 2], ErrorStats, Vec<usize>)> {
+    edges
+        .windows(2)
+        .filter_map(|w| {
+            let inside = |a: f64| a >= w[0] && a < w[1];
+            let e = errors.iter().filter(|(a, _)| inside(*a)).map(|(_, e)| *e);
+            let images: Vec<usize> = (0..keys.len()).filter(|&i| inside(keys[i])).collect();
+            (!images.is_empty()).then(|| ([w[0], w[1]], ErrorStats::of(e.collect()), images))
+        })
+        .collect()
 }
 
 /// Bins landmark errors (at 512 scale) by their view's angle from AP, degrees.
 fn angle_bins(errors: &[(f64, f64)], images: &[f64]) -> Vec<AngleBin> {
-    ANGLE_BINS_DEG
-        .windows(2)
-        .filter_map(|w| {
-            let inside = |a: f64| a >= w[0] && a < w[1];
-            let mut e: Vec<f64> = errors
-                .iter()
-                .filter(|(a, _)| inside(*a))
-                .map(|(_, e)| *e)
-                .collect();
-            let n = images.iter().filter(|a| inside(**a)).count();
-            (n > 0).then(|| AngleBin {
-                deg: [w[0], w[1]],
-                images: n,
-                landmarks: e.len(),
-                rmse_px: (e.iter().map(|x| x * x).sum::<f64>() / e.len().max(1) as f64).sqrt(),
-                miss_rate: e.iter().filter(|x| **x > MISS_PX).count() as f64
-                    / e.len().max(1) as f64,
-                median_error_px: median(&mut e),
-            })
+    bins(&ANGLE_BINS_DEG, errors, images)
+        .into_iter()
+        .map(|(deg, errors, i)| AngleBin {
+            deg,
+            images: i.len(),
+            errors,
+        })
+        .collect()
+}
+
+/// Bins landmark errors and poses by their image's score; `tres` holds each image's TRE.
+fn score_bins(errors: &[(f64, f64)], scores: &[f64], tres: &[Option<f64>]) -> Vec<ScoreBin> {
+    bins(&SCORE_BINS, errors, scores)
+        .into_iter()
+        .map(|(score, errors, i)| {
+            let t: Vec<f64> = i.iter().filter_map(|&k| tres[k]).collect();
+            ScoreBin {
+                score,
+                images: i.len(),
+                errors,
+                tre_mm: if t.is_empty() {
+                    f64::NAN
+                } else {
+                    t.iter().sum::<f64>() / t.len() as f64
+                },
+            }
         })
         .collect()
 }
@@ -437,6 +503,9 @@ pub fn evaluate_with(
     let (mut misses_seen, mut misses_unseen) = (0usize, 0usize);
     // Squared error and landmark count on the images the network is unsure of, and on the rest.
     let (mut unsure_images, mut unsure_sq, mut rest_sq) = (0usize, (0.0, 0usize), (0.0, 0usize));
+    // Each landmark error with its image's score, and each image's score and TRE.
+    let (mut scored_errors, mut image_scores, mut image_tres) =
+        (Vec::new(), Vec::new(), Vec::new());
     let (mut rot, mut trans, mut failures) = (0.0, 0.0, 0usize);
     let (mut pose_sq, mut pose_n) = (0.0, 0usize);
     let mut per_image = Vec::new();
@@ -559,6 +628,8 @@ pub fn evaluate_with(
                 };
                 bucket.0 += image_sq;
                 bucket.1 += image_n;
+                scored_errors.extend(image_errors.iter().flatten().map(|e| (sc, *e)));
+                image_scores.push(sc);
             }
             let missed: Vec<usize> = (0..N_LANDMARKS)
                 .filter(|&i| image_errors[i].is_some_and(|e| e > MISS_PX))
@@ -631,6 +702,9 @@ pub fn evaluate_with(
             } else {
                 failures += 1;
             }
+            if score.is_some() {
+                image_tres.push(record.tre_mm);
+            }
             if opts.per_image {
                 per_image.push(record);
             }
@@ -697,6 +771,7 @@ pub fn evaluate_with(
             rmse_px: rms(unsure_sq.0, unsure_sq.1),
             rmse_rest_px: rms(rest_sq.0, rest_sq.1),
         }),
+        by_score: score_bins(&scored_errors, &image_scores, &image_tres),
         apparent_scale: (!scales.is_empty()).then(|| {
             let n = scales.len() as f64;
             let mut e: Vec<f64> = scales.iter().map(|x| x.0).collect();

@@ -339,6 +339,14 @@ fn a_real_ct_with_three_landmarks_makes_a_dataset_that_eval_scores() {
     // score about 0.3, phantoms about 0.99), which the app shows over the image.
     assert!(r["rmse_px"]["mean"].as_f64().unwrap() > 50.0, "{r}");
     assert_eq!(r["unsure"]["rate"], 1.0, "{r}");
+    // The errors by score: every image in a bin under the cut.
+    let bins = r["by_score"].as_array().unwrap();
+    let images: u64 = bins.iter().map(|b| b["images"].as_u64().unwrap()).sum();
+    assert_eq!(images, 3, "{r}");
+    assert!(
+        bins.iter().all(|b| b["score"][1].as_f64().unwrap() <= 0.9),
+        "{r}"
+    );
 }
 
 #[test]
@@ -691,7 +699,8 @@ fn label_makes_a_dataset_from_frames_and_their_ct() {
 
 /// The shipped networks learnt phantoms: on real X-ray files from outside the project (an
 /// angiography cine, a single XA frame, a hip radiograph, a CT scout of the pelvis) `predict`
-/// says it is unsure of every frame (scores 0.07-0.71 against 0.89+ on the phantoms).
+/// says it is unsure of every frame (scores 0.07-0.71; the phantoms' are 0.99+ on 89% of
+/// frames).
 #[test]
 fn predict_is_unsure_of_real_x_rays() {
     if !fluoropose::model::shipped::available() {
@@ -713,7 +722,7 @@ fn predict_is_unsure_of_real_x_rays() {
         assert_eq!(r.len(), frames, "{rel}");
         for f in r {
             let score = f["score"].as_f64().unwrap();
-            assert!(f["unsure"] == true && score < 0.8, "{rel}: {f}");
+            assert!(f["unsure"] == true && score < 0.9, "{rel}: {f}");
         }
     }
 }

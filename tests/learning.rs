@@ -475,11 +475,11 @@ fn the_oracle_scores_its_noise_and_exact_landmarks_register_exactly() {
     // add up to the whole set's.
     assert!(b.by_angle.len() > 1, "{:?}", b.by_angle);
     assert_eq!(b.by_angle.iter().map(|g| g.images).sum::<usize>(), b.images);
-    let n: usize = b.by_angle.iter().map(|g| g.landmarks).sum();
+    let n: usize = b.by_angle.iter().map(|g| g.errors.landmarks).sum();
     let sq: f64 = b
         .by_angle
         .iter()
-        .map(|g| g.rmse_px.powi(2) * g.landmarks as f64)
+        .map(|g| g.errors.rmse_px.powi(2) * g.errors.landmarks as f64)
         .sum();
     assert!(
         ((sq / n as f64).sqrt() - rb).abs() < 1e-9,

@@ -624,9 +624,26 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             println!(
                 "  {range:>9}: {:>5} images, RMSE {:>6.2} px, median {:.2} px, misses {:.1}%",
                 b.images,
-                b.rmse_px,
-                b.median_error_px,
-                100.0 * b.miss_rate
+                b.errors.rmse_px,
+                b.errors.median_error_px,
+                100.0 * b.errors.miss_rate
+            );
+        }
+    }
+    if !r.by_score.is_empty() {
+        println!("by how well the network read the image (its frame score):");
+        for b in &r.by_score {
+            let range = if b.score[1].is_finite() {
+                format!("{:.2}-{:.2}", b.score[0], b.score[1])
+            } else {
+                format!("{:.2}+", b.score[0])
+            };
+            println!(
+                "  {range:>9}: {:>5} images, RMSE {:>6.2} px, misses {:.1}%, TRE {} mm",
+                b.images,
+                b.errors.rmse_px,
+                100.0 * b.errors.miss_rate,
+                eval::cell(b.tre_mm, 2)
             );
         }
     }
