@@ -164,7 +164,7 @@ impl Found {
 
     /// Whether the network is unsure of the frame ([`UNSURE_BELOW`]).
     pub fn unsure(&self) -> bool {
-        self.polarity_score() < UNSURE_BELOW
+        unsure(self.detections.iter().map(|d| d.confidence))
     }
 }
 

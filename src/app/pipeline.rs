@@ -173,10 +173,14 @@ impl Processed {
             .then(|| crate::detect::polarity_score(self.detections.iter().map(|d| d.confidence)))
     }
 
-    /// Whether the network is unsure of the frame ([`crate::detect::UNSURE_BELOW`]).
+    /// The frame's score when the network is unsure of it ([`crate::detect::UNSURE_BELOW`]).
+    pub fn unsure_score(&self) -> Option<f64> {
+        self.score().filter(|s| *s < crate::detect::UNSURE_BELOW)
+    }
+
+    /// Whether the network is unsure of the frame.
     pub fn unsure(&self) -> bool {
-        self.score()
-            .is_some_and(|s| s < crate::detect::UNSURE_BELOW)
+        self.unsure_score().is_some()
     }
 
     /// The live pose: tracked over frames, else this frame's own solve when it succeeded.

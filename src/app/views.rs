@@ -297,7 +297,7 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
     egui::Panel::right("pose").min_size(300.0).show(ui, |ui| {
         // The panel outgrows short windows: it scrolls.
         egui::ScrollArea::vertical().show(ui, |ui| {
-        if let Some(score) = p.score().filter(|_| p.unsure()) {
+        if let Some(score) = p.unsure_score() {
             ui.colored_label(UNSURE_COLOUR, unsure_text(score))
                 .on_hover_text(UNSURE_HOVER);
         }
@@ -601,7 +601,7 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
             }
         }
         draw_landmarks(app, &painter, rect, &p);
-        if let Some(score) = p.score().filter(|_| p.unsure()) {
+        if let Some(score) = p.unsure_score() {
             // On the image too: the overlay is what a surgeon watches.
             let galley = painter.layout_no_wrap(
                 unsure_text(score),
