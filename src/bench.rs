@@ -493,7 +493,7 @@ pub fn pipeline(
     let mut tre_live_on_corrected = Vec::new();
     let mut last_refined = None;
     let points: Vec<_> = scene.landmarks.present();
-    let (mut tre, mut tre_tracked) = (Vec::new(), Vec::new());
+    let (mut tre, mut tre_tracked, mut tre_live) = (Vec::new(), Vec::new(), Vec::new());
     let (mut jitter, mut jitter_tracked) = (Vec::new(), Vec::new());
     type Errors = Option<Vec<nalgebra::Vector3<f64>>>;
     let mut prev: Option<(u64, Errors, Errors)> = None;
@@ -505,6 +505,7 @@ pub fn pipeline(
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut first, mut last, mut failures, mut skipped0, mut skipped) =
         (None::<Instant>, None::<Instant>, 0usize, None::<u64>, 0u64);
+    let mut unsure = 0usize;
     while t0.elapsed().as_secs_f64() < warmup_s + seconds {
         let _ = rx.recv_timeout(Duration::from_millis(500));
         let Some(p) = pipe.latest() else { continue };
@@ -554,6 +555,7 @@ pub fn pipeline(
         if solved.is_none() {
             failures += 1;
         }
+        unsure += usize::from(p.unsure());
         first.get_or_insert(done);
         last = Some(done);
         skipped0.get_or_insert(p.skipped);
@@ -583,6 +585,9 @@ pub fn pipeline(
             }
             if let Some(tr) = &p.tracked {
                 tre_tracked.push(metrics::mean_tre_mm(&tr.pose, truth, &points));
+            }
+            if let Some(l) = p.live_pose() {
+                tre_live.push(metrics::mean_tre_mm(&l, truth, &points));
             }
             if let Some(c) = &p.corrected {
                 tre_corrected.push(metrics::mean_tre_mm(c, truth, &points));
@@ -638,6 +643,7 @@ pub fn pipeline(
         "drr_ms": mean(&drr_ms),
         "skipped": skipped,
         "registration_failures": failures,
+        "unsure_frames": unsure,
         "model_device": crate::model::device_name(&dev),
         "network": network.label(),
         "drr_adapter": format!("{} ({:?})", info.name, info.backend),
@@ -646,6 +652,7 @@ pub fn pipeline(
         "tracking": track,
         "tre_mm": mean(&tre),
         "tre_tracked_mm": if tre_tracked.is_empty() { serde_json::Value::Null } else { mean(&tre_tracked).into() },
+        "tre_live_mm": if tre_live.is_empty() { serde_json::Value::Null } else { mean(&tre_live).into() },
         "jitter_mm": mean(&jitter),
         "jitter_tracked_mm": if jitter_tracked.is_empty() { serde_json::Value::Null } else { mean(&jitter_tracked).into() },
         "refine": refine,
@@ -682,9 +689,11 @@ pub fn pipeline(
             skipped
         );
         println!(
-            "against the simulated truth: per-frame solve TRE {:.2} mm, jitter {:.2} mm/frame{}",
+            "against the simulated truth: per-frame solve TRE {:.2} mm, jitter {:.2} mm/frame; \
+             the live pose (tracked, else solved) {:.2} mm; {unsure} frames unsure{}",
             mean(&tre),
             mean(&jitter),
+            mean(&tre_live),
             if tre_tracked.is_empty() {
                 String::new()
             } else {

@@ -731,7 +731,8 @@ fn waiting_redraws_at_a_few_hertz_not_every_frame() {
 
 /// A frame the network is unsure of (a DRR of a real patient's CT: anatomy it never saw, read
 /// with confidences about 0.3 where the phantoms' are about 0.99) carries a warning; the
-/// simulated phantom's frames do not.
+/// simulated phantom's frames do not. The pose tracker predicts over it instead of fusing (or
+/// restarting at) the pose solved from it.
 #[test]
 fn a_frame_unlike_the_training_data_is_flagged() {
     use fluoropose::drr::{Attenuation, CpuDrr, DensityVolume, DrrSource, cpu::Renderer};
@@ -758,19 +759,35 @@ fn a_frame_unlike_the_training_data_is_flagged() {
     )
     .unwrap();
     let centre = fluoropose::registration::intensity::centroid(&lm.present());
-    let camera = fluoropose::geometry::Camera::paper(256);
+    let camera = phantom.camera;
     let pose = fluoropose::geometry::sampling::ap_pose(&centre, 800.0);
     let mut source = CpuDrr {
         volume: std::sync::Arc::new(DensityVolume::from_volume(&vol, Attenuation::default())),
         renderer: Renderer::Siddon { full_line: false },
     };
     let px = source.render(&camera, &pose).unwrap();
+    // The phantom's frame twice, then the real CT's, played once.
     let dir = tempfile::tempdir().unwrap();
-    record_stream(dir.path(), &[px], (256, 256), &camera);
+    let still = phantom.pixels.to_vec();
+    record_stream(
+        dir.path(),
+        &[still.clone(), still, px],
+        phantom.size,
+        &camera,
+    );
+    use fluoropose::app::pipeline::Command;
+    h.state().send(Command::Play(false));
     h.state_mut().open_frames(dir.path().to_path_buf());
-    wait(&mut h, "the real CT's frame", |a| {
-        a.latest.as_ref().is_some_and(|p| p.truth.is_none())
-    });
+    for k in 0..3 {
+        if k > 0 {
+            h.state().send(Command::Step);
+        }
+        wait(&mut h, &format!("recorded frame {k}"), |a| {
+            a.latest
+                .as_ref()
+                .is_some_and(|p| p.truth.is_none() && p.index == k)
+        });
+    }
     h.step();
     let real = h.state().latest.clone().unwrap();
     assert!(
@@ -779,4 +796,22 @@ fn a_frame_unlike_the_training_data_is_flagged() {
         real.score()
     );
     assert!(h.query_by_label_contains("network unsure").is_some());
+    // Its solve is not fused: the tracked pose is the prediction from the phantom's two frames
+    // (the same pixels, so standing still), where the pose solved on the real frame is elsewhere.
+    let tracked = real
+        .tracked
+        .expect("the tracker predicts over the unsure frame");
+    assert!(!tracked.measured && !tracked.restarted, "{tracked:?}");
+    let still_pose = phantom.solution.as_ref().unwrap().pose;
+    let points = h.state().scene.landmarks.present();
+    let drift = fluoropose::registration::metrics::mean_tre_mm(&tracked.pose, &still_pose, &points);
+    assert!(drift < 5.0, "the prediction drifted {drift:.1} mm");
+    if let Some(s) = real.solution.as_ref().filter(|s| s.status.ok()) {
+        let solved = fluoropose::registration::metrics::mean_tre_mm(&s.pose, &still_pose, &points);
+        assert!(
+            solved > drift,
+            "the unsure frame's own solve is {solved:.1} mm away"
+        );
+    }
+    assert!(h.query_by_label_contains("solve not used").is_some());
 }

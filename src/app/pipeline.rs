@@ -866,10 +866,16 @@ impl Worker {
             },
             None => (Vec::new(), None, 0.0, 0.0, false),
         };
-        // Frames are `1 / fps` apart on the stream's clock (dropped ones included).
+        // Frames are `1 / fps` apart on the stream's clock (dropped ones included). A frame the
+        // network is unsure of is not a measurement: its solve is as often a restart of the
+        // filter at a wrong pose as a noisy right one, and the prediction is the better guess.
+        let unsure = !detections.is_empty()
+            && crate::detect::unsure(detections.iter().map(|d| d.confidence));
         let tracked = if self.track {
-            self.tracker
-                .update(index as f64 / self.fps, solution.as_ref())
+            self.tracker.update(
+                index as f64 / self.fps,
+                solution.as_ref().filter(|_| !unsure),
+            )
         } else {
             None
         };

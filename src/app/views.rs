@@ -321,7 +321,13 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
                         "tracked ± {:.1}°, {:.1} mm depth{}\n{}",
                         (sd(0).powi(2) + sd(1).powi(2) + sd(2).powi(2)).sqrt().to_degrees(),
                         sd(5),
-                        if tr.restarted { " (restarted)" } else { "" },
+                        if tr.restarted {
+                            " (restarted)"
+                        } else if !tr.measured {
+                            " (predicted: this frame's solve not used)"
+                        } else {
+                            ""
+                        },
                         pose_lines("", &tr.pose)
                     ));
                 }
@@ -483,7 +489,9 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
             .checkbox(&mut app.settings.track, "track the pose over frames")
             .on_hover_text(
                 "A Kalman filter (constant velocity) fuses each frame's solve with the last: \
-                 steadier depth and tilts; a sudden move restarts it. The DRR follows the tracked pose.",
+                 steadier depth and tilts; a sudden move restarts it. A frame the network is \
+                 unsure of is not fused (the filter predicts over it), and after a second without \
+                 a fused frame the per-frame solve is shown. The DRR follows the tracked pose.",
             )
             .changed()
         {

@@ -10,6 +10,9 @@
 //!   8 landmarks (10 degrees of freedom) estimate too noisily to weigh frames by.
 //! - A measurement too far from the prediction (Mahalanobis distance beyond the gate) is a jump
 //!   (the C-arm was moved, or the frame changed): the filter restarts there instead of dragging.
+//! - A frame without a usable measurement (a failed solve, or one the caller holds back, such as
+//!   a frame the network is unsure of) is predicted only; after [`TrackerOptions::max_gap_s`]
+//!   of those the filter has nothing to say until the next measurement restarts it.
 
 use super::Solution;
 use crate::geometry::Pose;
@@ -56,6 +59,8 @@ pub struct Tracked {
     pub covariance: Matrix6<f64>,
     /// This frame restarted the filter (first frame, a jump or a gap).
     pub restarted: bool,
+    /// This frame's solve entered the filter; `false`: the pose is the prediction only.
+    pub measured: bool,
 }
 
 /// The filter. Feed it every frame's solution in time order; [`PoseTracker::reset`] when the
@@ -88,7 +93,8 @@ impl PoseTracker {
 
     /// Takes the frame at time `t_s` (seconds, increasing) and its solution (`None` or a
     /// failed solve: prediction only). Returns the tracked pose, or `None` before the first
-    /// usable measurement.
+    /// usable measurement and after [`TrackerOptions::max_gap_s`] without one (a prediction
+    /// that far from its last measurement is a guess).
     pub fn update(&mut self, t_s: f64, solution: Option<&Solution>) -> Option<Tracked> {
         let measured = solution
             .filter(|s| s.status.ok() && s.pose.is_finite())
@@ -101,21 +107,21 @@ impl PoseTracker {
             // First frame, time going backwards, or a long gap: restart at the measurement.
             let (z, r) = measured?;
             self.start(t_s, &z, &r);
-            return Some(self.tracked(true));
+            return Some(self.tracked(true, true));
         };
         self.predict(t_s - prev_t);
         self.t_s = Some(t_s);
         let Some((z, r)) = measured else {
-            return Some(self.tracked(false));
+            return (!stale).then(|| self.tracked(false, false));
         };
         let y = Vector6::from_row_slice(&z) - self.x.fixed_rows::<6>(0);
         let s = self.p.fixed_view::<6, 6>(0, 0) + r;
         let Some(s_inv) = s.try_inverse() else {
-            return Some(self.tracked(false));
+            return Some(self.tracked(false, false));
         };
         if (y.transpose() * s_inv * y)[(0, 0)] > self.opts.gate_chi2 {
             self.start(t_s, &z, &r);
-            return Some(self.tracked(true));
+            return Some(self.tracked(true, true));
         }
         // K = P Hᵀ S⁻¹ with H = [I 0].
         let k: SMatrix<f64, 12, 6> = self.p.fixed_columns::<6>(0) * s_inv;
@@ -124,7 +130,7 @@ impl PoseTracker {
         self.p -= kh_p;
         self.p = (self.p + self.p.transpose()) * 0.5;
         self.last_measured_s = t_s;
-        Some(self.tracked(false))
+        Some(self.tracked(false, true))
     }
 
     fn measurement_cov(&self, s: &Solution) -> Option<Matrix6<f64>> {
@@ -170,12 +176,13 @@ impl PoseTracker {
         self.p = f * self.p * f.transpose() + q;
     }
 
-    fn tracked(&self, restarted: bool) -> Tracked {
+    fn tracked(&self, restarted: bool, measured: bool) -> Tracked {
         let v = self.x.fixed_rows::<6>(0);
         Tracked {
             pose: Pose::from_params(&[v[0], v[1], v[2], v[3], v[4], v[5]]),
             covariance: self.p.fixed_view::<6, 6>(0, 0).into_owned(),
             restarted,
+            measured,
         }
     }
 }
@@ -277,11 +284,14 @@ mod tests {
         let pose = crate::geometry::sampling::ap_pose(&Point3::origin(), 800.0);
         let sol = solve_seen(&camera, &p3, &pose, || 0.0);
         assert!(tr.update(0.0, Some(&sol)).unwrap().restarted);
-        // Frames without a pose: the prediction carries on.
-        assert!(!tr.update(0.1, None).unwrap().restarted);
-        assert!(!tr.update(0.2, Some(&sol)).unwrap().restarted);
-        // Two seconds without a pose: the next one restarts.
+        // Frames without a pose: the prediction carries on, and says so.
+        let predicted = tr.update(0.1, None).unwrap();
+        assert!(!predicted.restarted && !predicted.measured);
+        let fused = tr.update(0.2, Some(&sol)).unwrap();
+        assert!(!fused.restarted && fused.measured);
         assert!(!tr.update(1.0, None).unwrap().restarted);
+        // Over a second without a pose: no pose, and the next one restarts.
+        assert!(tr.update(1.3, None).is_none());
         assert!(tr.update(2.5, Some(&sol)).unwrap().restarted);
         tr.reset();
         assert!(tr.update(2.6, Some(&sol)).unwrap().restarted);
