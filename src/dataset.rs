@@ -82,6 +82,11 @@ impl Split {
 pub struct Realism {
     /// Photons per pixel for Poisson quantum noise; 0 = none.
     pub photons: f64,
+    /// With `0 < photons_min < photons`, each image's dose is drawn log-uniformly between the
+    /// two instead: fluoroscopy runs at a tenth of a radiograph's dose and less, and a network
+    /// that saw one dose reads a lower one badly. 0 = every image at `photons`.
+    #[serde(default)]
+    pub photons_min: f64,
     /// Gaussian blur sigma, pixels at the stored size; 0 = none.
     pub blur_px: f64,
     /// Random gamma in `[1/(1+g), 1+g]` on the normalised image; 0 = none.
@@ -94,6 +99,7 @@ impl Default for Realism {
     fn default() -> Self {
         Self {
             photons: 0.0,
+            photons_min: 0.0,
             blur_px: 0.0,
             gamma: 0.0,
             collimation: 0.0,
@@ -105,8 +111,15 @@ impl Realism {
     /// Applies the options to a line-integral image in place.
     pub fn apply(&self, img: &mut Vec<f32>, size: usize, rng: &mut impl rand::Rng) {
         if self.photons > 0.0 {
+            // Drawn only for a dose range, so that fixed-dose datasets render as they always did.
+            let photons = if self.photons_min > 0.0 && self.photons_min < self.photons {
+                rng.random_range(self.photons_min.ln()..=self.photons.ln())
+                    .exp()
+            } else {
+                self.photons
+            };
             *img = QuantumNoise {
-                photons_per_pixel: self.photons,
+                photons_per_pixel: photons,
             }
             .apply(img, rng);
         }
@@ -991,5 +1004,51 @@ mod tests {
         let s: f32 = img.iter().sum();
         assert!((s - 1.0).abs() < 1e-4);
         assert!(img[10 * 21 + 10] < 0.2 && img[10 * 21 + 11] > 0.0);
+    }
+
+    /// The dose each image was noised at, read back from an open-beam image: the noise of
+    /// `-ln(counts / n)` has variance `1 / n`.
+    fn doses(realism: &Realism, images: usize) -> Vec<f64> {
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        (0..images)
+            .map(|_| {
+                let mut img = vec![0.0f32; 64 * 64];
+                realism.apply(&mut img, 64, &mut rng);
+                let n = img.len() as f64;
+                let mean = img.iter().map(|v| *v as f64).sum::<f64>() / n;
+                let var = img.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / n;
+                1.0 / var
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_dose_range_noises_each_image_at_its_own_dose() {
+        let fixed = Realism {
+            photons: 10_000.0,
+            ..Realism::default()
+        };
+        for n in doses(&fixed, 20) {
+            assert!((n / 10_000.0 - 1.0).abs() < 0.1, "{n:.0} photons");
+        }
+        // A range whose floor is not below the dose is the fixed dose, draw for draw.
+        let empty = Realism {
+            photons_min: 10_000.0,
+            ..fixed
+        };
+        assert_eq!(doses(&fixed, 5), doses(&empty, 5));
+        let range = Realism {
+            photons_min: 200.0,
+            ..fixed
+        };
+        let n = doses(&range, 40);
+        let (lo, hi) = n
+            .iter()
+            .fold((f64::MAX, 0.0f64), |(a, b), v| (a.min(*v), b.max(*v)));
+        assert!(lo > 150.0 && hi < 11_000.0, "{lo:.0}..{hi:.0} photons");
+        // Log-uniform: the decade ends are both reached (each third of the log range holds a
+        // third of the draws).
+        assert!(lo < 600.0 && hi > 3_000.0, "{lo:.0}..{hi:.0} photons");
     }
 }

@@ -752,6 +752,10 @@ fn a_frame_unlike_the_training_data_is_flagged() {
         phantom.score()
     );
     assert!(h.query_by_label_contains("network unsure").is_none());
+    assert!(
+        h.query_by_label_contains("assume these frames show it")
+            .is_none()
+    );
     // The real CT at AP, around its landmarks, as a recorded frame.
     let vol = fluoropose::volume::read_volume(&ct, None).unwrap();
     let lm = fluoropose::landmarks::Landmarks3d::read(
@@ -814,4 +818,10 @@ fn a_frame_unlike_the_training_data_is_flagged() {
         );
     }
     assert!(h.query_by_label_contains("solve not used").is_some());
+    // Opened frames, solved against the bundled phantom: the panel says which CT they are
+    // assumed to show (the simulated stream's frames are the phantom's own, and it does not).
+    assert!(
+        h.query_by_label_contains("the pose and the DRR assume these frames show it")
+            .is_some()
+    );
 }

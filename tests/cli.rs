@@ -275,6 +275,22 @@ fn bad_input_gives_a_clear_error_and_a_failure_code() {
         !ok && err.contains("--landmarks goes with one CT file"),
         "{err}"
     );
+    let (ok, _, err) = run(&[
+        "dataset",
+        "--ct",
+        "phantom:1..2",
+        "--photons",
+        "1000",
+        "--photons-min",
+        "5000",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("--photons-min 5000 must be above 0 and below --photons 1000"),
+        "{err}"
+    );
+    assert!(!out.exists(), "a refused dataset left {}", out.display());
     let (ok, _, err) = run(&["bench", "refine", "--ct", missing.to_str().unwrap()]);
     assert!(
         !ok && err.contains("reading the CT") && err.contains("nope.nii.gz"),

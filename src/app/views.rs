@@ -301,6 +301,21 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
             ui.colored_label(UNSURE_COLOUR, unsure_text(score))
                 .on_hover_text(UNSURE_HOVER);
         }
+        if p.truth.is_none() && app.scene.name.starts_with("phantom:") {
+            // Opened frames solved against a phantom: right for the project's own recordings,
+            // wrong for a patient's, and the app cannot tell which.
+            ui.colored_label(
+                ui.visuals().warn_fg_color,
+                format!(
+                    "CT: {} (a phantom): the pose and the DRR assume these frames show it",
+                    app.scene.name
+                ),
+            )
+            .on_hover_text(
+                "The pose is solved against the loaded CT's landmarks and the DRR is rendered \
+                 from it. For a patient's frames, load that patient's CT in the CT tab.",
+            );
+        }
         ui.heading("Pose");
         match &p.solution {
             Some(s) => {

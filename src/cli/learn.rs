@@ -130,6 +130,9 @@ pub struct DatasetArgs {
     /// Quantum noise, photons per pixel (0 = clean DRRs as the paper's).
     #[arg(long, default_value_t = 0.0)]
     pub photons: f64,
+    /// Draw each image's dose log-uniformly from this up to `--photons` (fluoroscopy's low doses).
+    #[arg(long, requires = "photons")]
+    pub photons_min: Option<f64>,
     /// Gaussian blur, pixels.
     #[arg(long, default_value_t = 0.0)]
     pub blur: f64,
@@ -383,6 +386,14 @@ pub fn dataset(a: &DatasetArgs) -> Result<()> {
             _ => bail!("--landmarks goes with one CT file in --ct (a phantom has its own)"),
         }
     }
+    if let Some(m) = a.photons_min
+        && !(m > 0.0 && m < a.photons)
+    {
+        bail!(
+            "--photons-min {m} must be above 0 and below --photons {}",
+            a.photons
+        );
+    }
     let req = Request {
         subjects,
         views: a.views,
@@ -397,6 +408,7 @@ pub fn dataset(a: &DatasetArgs) -> Result<()> {
         },
         realism: Realism {
             photons: a.photons,
+            photons_min: a.photons_min.unwrap_or(0.0),
             blur_px: a.blur,
             gamma: a.gamma,
             collimation: a.collimation,
@@ -1037,6 +1049,7 @@ pub fn experiment(a: &ExperimentArgs) -> Result<()> {
         size: 256,
         seed: 42,
         photons: 0.0,
+        photons_min: None,
         blur: 0.0,
         gamma: 0.0,
         collimation: 0.0,
