@@ -586,14 +586,13 @@ pub fn pipeline(
             if let Some(tr) = &p.tracked {
                 tre_tracked.push(metrics::mean_tre_mm(&tr.pose, truth, &points));
             }
-            if let Some(l) = p.live_pose() {
-                tre_live.push(metrics::mean_tre_mm(&l, truth, &points));
-            }
+            let live_tre = p
+                .live_pose()
+                .map(|l| metrics::mean_tre_mm(&l, truth, &points));
+            tre_live.extend(live_tre);
             if let Some(c) = &p.corrected {
                 tre_corrected.push(metrics::mean_tre_mm(c, truth, &points));
-                if let Some(l) = p.live_pose() {
-                    tre_live_on_corrected.push(metrics::mean_tre_mm(&l, truth, &points));
-                }
+                tre_live_on_corrected.extend(live_tre);
                 let e = errors(c);
                 if let Some((i, a)) = &prev_corrected
                     && *i + 1 == p.index

@@ -292,6 +292,11 @@ impl Scene {
         }
     }
 
+    /// Whether the CT is one of the project's phantoms (named `phantom:N`), not a file.
+    pub fn is_phantom(&self) -> bool {
+        self.name.starts_with("phantom:")
+    }
+
     /// The embedded default: phantom subject 62, held out from the shipped model's training
     /// (phantoms 61-64 are; see models/README.md).
     pub fn default_phantom() -> Self {

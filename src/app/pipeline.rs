@@ -866,19 +866,6 @@ impl Worker {
             },
             None => (Vec::new(), None, 0.0, 0.0, false),
         };
-        // Frames are `1 / fps` apart on the stream's clock (dropped ones included). A frame the
-        // network is unsure of is not a measurement: its solve is as often a restart of the
-        // filter at a wrong pose as a noisy right one, and the prediction is the better guess.
-        let unsure = !detections.is_empty()
-            && crate::detect::unsure(detections.iter().map(|d| d.confidence));
-        let tracked = if self.track {
-            self.tracker.update(
-                index as f64 / self.fps,
-                solution.as_ref().filter(|_| !unsure),
-            )
-        } else {
-            None
-        };
         let mut p = Processed {
             index,
             count: self.count(),
@@ -888,7 +875,7 @@ impl Worker {
             detections,
             inverted,
             solution,
-            tracked,
+            tracked: None,
             refined: self.refined,
             corrected: None,
             truth,
@@ -900,6 +887,13 @@ impl Worker {
             produced,
             skipped: self.skipped,
         };
+        // Frames are `1 / fps` apart on the stream's clock (dropped ones included). A frame the
+        // network is unsure of is not a measurement: its solve is as often a restart of the
+        // filter at a wrong pose as a noisy right one, and the prediction is the better guess.
+        if self.track {
+            let measurement = p.solution.as_ref().filter(|_| !p.unsure());
+            p.tracked = self.tracker.update(index as f64 / self.fps, measurement);
+        }
         p.corrected = match (self.refined, p.live_pose()) {
             (Some(r), Some(live))
                 if r.trusted()

@@ -301,7 +301,7 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
             ui.colored_label(UNSURE_COLOUR, unsure_text(score))
                 .on_hover_text(UNSURE_HOVER);
         }
-        if p.truth.is_none() && app.scene.name.starts_with("phantom:") {
+        if p.truth.is_none() && app.scene.is_phantom() {
             // Opened frames solved against a phantom: right for the project's own recordings,
             // wrong for a patient's, and the app cannot tell which.
             ui.colored_label(
