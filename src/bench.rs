@@ -440,6 +440,7 @@ pub fn pipeline(
     motion: f64,
     plain: bool,
     track: bool,
+    denoise: bool,
     refine: bool,
     network: Option<crate::model::shipped::Shipped>,
     json: bool,
@@ -458,11 +459,12 @@ pub fn pipeline(
     let model = Arc::new(network.predictor(&dev)?);
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     // As the app reads frames by default (the moved views only where they fit a live stream).
-    let decode = if plain {
+    let mut decode = if plain {
         crate::detect::Decode::default()
     } else {
         crate::app::Settings::default().decode(crate::model::Views::shifts_fit_live(&dev))
     };
+    decode.views.denoise = denoise;
     let pipe = Pipeline::start(
         Source::Simulated {
             density: scene.density.clone(),
@@ -506,6 +508,7 @@ pub fn pipeline(
     let (mut first, mut last, mut failures, mut skipped0, mut skipped) =
         (None::<Instant>, None::<Instant>, 0usize, None::<u64>, 0u64);
     let mut unsure = 0usize;
+    let (mut noise, mut smoothed) = (Vec::new(), 0usize);
     while t0.elapsed().as_secs_f64() < warmup_s + seconds {
         let _ = rx.recv_timeout(Duration::from_millis(500));
         let Some(p) = pipe.latest() else { continue };
@@ -556,6 +559,10 @@ pub fn pipeline(
             failures += 1;
         }
         unsure += usize::from(p.unsure());
+        if let Some(n) = p.noise {
+            noise.push(n.noise as f64);
+            smoothed += usize::from(n.smoothed_px > 0.0);
+        }
         first.get_or_insert(done);
         last = Some(done);
         skipped0.get_or_insert(p.skipped);
@@ -643,6 +650,8 @@ pub fn pipeline(
         "skipped": skipped,
         "registration_failures": failures,
         "unsure_frames": unsure,
+        "input_noise": mean(&noise),
+        "smoothed_frames": smoothed,
         "model_device": crate::model::device_name(&dev),
         "network": network.label(),
         "drr_adapter": format!("{} ({:?})", info.name, info.backend),
@@ -689,10 +698,12 @@ pub fn pipeline(
         );
         println!(
             "against the simulated truth: per-frame solve TRE {:.2} mm, jitter {:.2} mm/frame; \
-             the live pose (tracked, else solved) {:.2} mm; {unsure} frames unsure{}",
+             the live pose (tracked, else solved) {:.2} mm; {unsure} frames unsure; input noise \
+             {:.4}, {smoothed} frames smoothed{}",
             mean(&tre),
             mean(&jitter),
             mean(&tre_live),
+            mean(&noise),
             if tre_tracked.is_empty() {
                 String::new()
             } else {

@@ -18,6 +18,7 @@ use crate::drr::{Attenuation, DensityVolume};
 use crate::geometry::sampling::PoseRange;
 use crate::geometry::{Camera, Pose};
 use crate::landmarks::{Landmarks3d, N_LANDMARKS};
+use crate::model::noise::gaussian_blur;
 use crate::stream::simulated::QuantumNoise;
 use crate::task::{Cancelled, Task};
 use nalgebra::{Point2, Point3};
@@ -152,37 +153,6 @@ impl Realism {
                     }
                 }
             }
-        }
-    }
-}
-
-/// Separable Gaussian blur with clamped edges.
-pub fn gaussian_blur(img: &mut [f32], w: usize, h: usize, sigma: f64) {
-    let r = (3.0 * sigma).ceil() as i64;
-    let k: Vec<f32> = (-r..=r)
-        .map(|i| (-(i * i) as f64 / (2.0 * sigma * sigma)).exp() as f32)
-        .collect();
-    let sum: f32 = k.iter().sum();
-    let k: Vec<f32> = k.iter().map(|v| v / sum).collect();
-    let mut tmp = vec![0.0f32; img.len()];
-    for y in 0..h {
-        for x in 0..w {
-            tmp[y * w + x] = (-r..=r)
-                .map(|i| {
-                    let xx = (x as i64 + i).clamp(0, w as i64 - 1) as usize;
-                    img[y * w + xx] * k[(i + r) as usize]
-                })
-                .sum();
-        }
-    }
-    for y in 0..h {
-        for x in 0..w {
-            img[y * w + x] = (-r..=r)
-                .map(|i| {
-                    let yy = (y as i64 + i).clamp(0, h as i64 - 1) as usize;
-                    tmp[yy * w + x] * k[(i + r) as usize]
-                })
-                .sum();
         }
     }
 }
@@ -994,16 +964,6 @@ mod tests {
         assert_eq!(ds.image(&ds.samples[1]).unwrap().len(), 64 * 64);
         // Another size in the same folder is refused.
         assert!(append_annotated(dir.path(), &a, 32).is_err());
-    }
-
-    #[test]
-    fn blur_keeps_mass_and_constant() {
-        let mut img = vec![0.0f32; 21 * 21];
-        img[10 * 21 + 10] = 1.0;
-        gaussian_blur(&mut img, 21, 21, 1.5);
-        let s: f32 = img.iter().sum();
-        assert!((s - 1.0).abs() < 1e-4);
-        assert!(img[10 * 21 + 10] < 0.2 && img[10 * 21 + 11] > 0.0);
     }
 
     /// The dose each image was noised at, read back from an open-beam image: the noise of

@@ -3,6 +3,7 @@
 //! run this; `fluoropose eval` runs the same [`Decode`] on batches.
 
 use crate::geometry::{Camera, Pose};
+use crate::model::noise::InputNoise;
 use crate::model::{Detection, ModelError, Predictor, Views, heatmap};
 use crate::registration::consensus::{self, ConsensusOptions, Origin};
 use crate::registration::{Solution, solve_detections};
@@ -148,6 +149,8 @@ pub struct Found {
     pub pose_ms: f64,
     /// The frame was read inverted ([`Polarity`]).
     pub inverted: bool,
+    /// How noisy the frame was to the network, and how much it was smoothed first.
+    pub noise: InputNoise,
 }
 
 impl Found {
@@ -230,6 +233,7 @@ fn detect_as_stored(
 ) -> Result<Found, ModelError> {
     let t0 = std::time::Instant::now();
     let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
+    let noise = predictor.input_noise(pixels, width, height, &decode.views)?;
     if let (Some(opts), Some(p3)) = (&decode.consensus, points3d) {
         let search = peak_search(predictor.config.input_size, opts);
         let cands = predictor.candidates(pixels, width, height, &decode.views, &search)?;
@@ -252,6 +256,7 @@ fn detect_as_stored(
             inference_ms,
             pose_ms: ms(t1),
             inverted: false,
+            noise,
         });
     }
     let detections = predictor.predict_with(pixels, width, height, &decode.views)?;
@@ -267,6 +272,7 @@ fn detect_as_stored(
         inference_ms,
         pose_ms: ms(t1),
         inverted: false,
+        noise,
     })
 }
 

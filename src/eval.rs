@@ -832,11 +832,14 @@ fn read_batch(
     let forward = |inverted: &[bool]| -> candle_core::Result<Tensor> {
         let mut v = Vec::with_capacity(images.len() * size * size);
         for (img, &inv) in images.iter().zip(inverted) {
-            v.extend(
-                net.config
-                    .normalisation
-                    .apply(&crate::detect::as_read(img, inv)),
+            let read = crate::detect::as_read(img, inv).into_owned();
+            let (input, _) = crate::model::normalised_input(
+                &net.config.normalisation,
+                read,
+                size,
+                decode.views.denoise,
             );
+            v.extend(input);
         }
         let x = Tensor::from_vec(v, (images.len(), 1, size, size), net.device())?;
         net.forward_views(&x, &decode.views)

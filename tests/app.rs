@@ -825,3 +825,40 @@ fn a_frame_unlike_the_training_data_is_flagged() {
             .is_some()
     );
 }
+
+/// A frame far noisier than the training data (300 photons per pixel against 10,000) is
+/// smoothed before the network reads it, and the Live panel says so; the simulated stream's
+/// frames (100,000 photons) are read as they are.
+#[test]
+fn a_noisy_frame_is_smoothed_and_said_to_be() {
+    use fluoropose::stream::simulated::QuantumNoise;
+    use rand::SeedableRng;
+    if skip() {
+        return;
+    }
+    let mut h = harness();
+    wait(&mut h, "the simulated frame", |a| a.latest.is_some());
+    h.step();
+    let clean = h.state().latest.clone().unwrap();
+    let n = clean.noise.expect("the network ran");
+    assert_eq!(n.smoothed_px, 0.0, "{n:?}");
+    assert!(h.query_by_label_contains("smoothed (sigma").is_none());
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let noisy = QuantumNoise {
+        photons_per_pixel: 300.0,
+    }
+    .apply(&clean.pixels, &mut rng);
+    let dir = tempfile::tempdir().unwrap();
+    record_stream(dir.path(), &[noisy], clean.size, &clean.camera);
+    use fluoropose::app::pipeline::Command;
+    h.state().send(Command::Play(false));
+    h.state_mut().open_frames(dir.path().to_path_buf());
+    wait(&mut h, "the recorded frame", |a| {
+        a.latest.as_ref().is_some_and(|p| p.truth.is_none())
+    });
+    h.step();
+    let p = h.state().latest.clone().unwrap();
+    let n = p.noise.expect("the network ran");
+    assert!(n.relative() > 1.0 && n.smoothed_px > 0.0, "{n:?}");
+    assert!(h.query_by_label_contains("smoothed (sigma").is_some());
+}

@@ -134,6 +134,9 @@ pub struct Settings {
     /// ([`crate::model::Views::shift_px`]); `None` leaves it to the model's device
     /// ([`Settings::shift_views`]).
     pub shift: Option<bool>,
+    /// Smooth frames noisier than the network's training data before reading them
+    /// ([`crate::model::Views::denoise`]).
+    pub denoise: bool,
     /// Take the heatmap peaks that agree with one pose of the CT's landmarks.
     pub consistent: bool,
     /// With `consistent`: draw every landmark where the CT's projects at that pose.
@@ -179,6 +182,7 @@ impl Settings {
                     0
                 },
                 zoom_pct: 0,
+                denoise: self.denoise,
             },
             consensus: self
                 .consistent
@@ -204,6 +208,7 @@ impl Default for Settings {
             annotation_dir: PathBuf::from("annotations"),
             mirror: true,
             shift: None,
+            denoise: true,
             consistent: true,
             // The network's own peaks by default: they show where it disagrees with the CT.
             registered: false,
@@ -1138,7 +1143,7 @@ pub fn gray_image(pixels: &[f32], w: usize, h: usize) -> egui::ColorImage {
         .iter()
         .map(|x| if x.is_finite() { *x } else { 0.0 })
         .collect();
-    crate::dataset::gaussian_blur(&mut smooth, w, h, 1.0);
+    crate::model::noise::gaussian_blur(&mut smooth, w, h, 1.0);
     let pixels = &smooth;
     let mut v: Vec<f32> = pixels.clone();
     let mut q = |f: f64| -> f32 {

@@ -145,6 +145,8 @@ pub struct Processed {
     pub detections: Vec<Detection>,
     /// The frame was read inverted (bone dark; [`crate::detect::Polarity`]).
     pub inverted: bool,
+    /// How noisy the frame was to the network and how much it was smoothed (when it ran).
+    pub noise: Option<crate::model::noise::InputNoise>,
     /// The solved pose.
     pub solution: Option<Solution>,
     /// The pose filtered over frames (when tracking is on and a pose was ever solved).
@@ -831,7 +833,7 @@ impl Worker {
             }
         };
         self.next = index + 1;
-        let (detections, solution, inference_ms, pose_ms, inverted) = match &self.model {
+        let found = match &self.model {
             Some(m) => match detect(
                 m,
                 &pixels,
@@ -851,21 +853,22 @@ impl Worker {
                         .map(|s| s.pose);
                     // A stream keeps its polarity: the next frame is read this way first.
                     self.decode.inverted_first = f.inverted;
-                    (
-                        f.detections,
-                        f.solution,
-                        f.inference_ms,
-                        f.pose_ms,
-                        f.inverted,
-                    )
+                    Some(f)
                 }
                 Err(e) => {
                     let _ = self.out.try_send(Err(format!("inference: {e}")));
-                    (Vec::new(), None, 0.0, 0.0, false)
+                    None
                 }
             },
-            None => (Vec::new(), None, 0.0, 0.0, false),
+            None => None,
         };
+        let (inference_ms, pose_ms) = found
+            .as_ref()
+            .map_or((0.0, 0.0), |f| (f.inference_ms, f.pose_ms));
+        let noise = found.as_ref().map(|f| f.noise);
+        let (detections, solution, inverted) = found.map_or((Vec::new(), None, false), |f| {
+            (f.detections, f.solution, f.inverted)
+        });
         let mut p = Processed {
             index,
             count: self.count(),
@@ -874,6 +877,7 @@ impl Worker {
             camera,
             detections,
             inverted,
+            noise,
             solution,
             tracked: None,
             refined: self.refined,
@@ -963,6 +967,7 @@ mod tests {
             camera: Camera::paper(8),
             detections: Vec::new(),
             inverted: false,
+            noise: None,
             solution: None,
             tracked: None,
             refined: Some(refined(0.95)),

@@ -270,6 +270,10 @@ pub struct EvalArgs {
     /// about its centre too (test-time augmentation on the pelvis' apparent size).
     #[arg(long, default_value_t = 0)]
     pub zoom_pct: usize,
+    /// Smooth images noisier than the training data before the network reads them, as the app
+    /// does (`auto`), or read them as they are (`off`, the paper's reading).
+    #[arg(long, default_value = "off", value_parser = ["auto", "off"])]
+    pub denoise: String,
     /// Also refine each solved pose against its image with the subject's CT (intensity-based
     /// registration, beyond the paper) and report the refined poses' errors beside.
     #[arg(long)]
@@ -570,6 +574,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             || a.mirror
             || a.shift_px > 0
             || a.zoom_pct > 0
+            || a.denoise == "auto"
             || polarity != Default::default() =>
         {
             let m = a.model.as_deref().context("--model is needed")?;
@@ -583,6 +588,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
                 mirror: a.mirror,
                 shift_px: a.shift_px,
                 zoom_pct: a.zoom_pct,
+                denoise: a.denoise == "auto",
             };
             let decode = crate::detect::Decode {
                 views,
@@ -887,6 +893,7 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
                 "file": f.display().to_string(), "frame": k, "inference_ms": found.inference_ms,
                 "frame_inverted": found.inverted,
                 "score": found.polarity_score(), "unsure": found.unsure(),
+                "noise": found.noise.noise, "smoothed_px": found.noise.smoothed_px,
                 "landmarks": det.iter().map(|d| [d.point.x, d.point.y]).collect::<Vec<_>>(),
                 "confidence": det.iter().map(|d| d.confidence).collect::<Vec<_>>(),
                 "reprojected": det.iter().map(|d| d.reprojected).collect::<Vec<_>>(),

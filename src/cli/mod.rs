@@ -228,6 +228,9 @@ pub enum BenchWhat {
         /// Use each frame's own solve, not the pose tracked over frames.
         #[arg(long)]
         no_track: bool,
+        /// Read noisy frames as they are instead of smoothing them first as the app does.
+        #[arg(long)]
+        no_denoise: bool,
         /// How far the simulated C-arm moves: 1 the app's trajectory, 0 still.
         #[arg(long, default_value_t = 1.0)]
         motion: f64,
@@ -456,11 +459,22 @@ pub fn run(cli: Cli) -> Result<()> {
                 motion,
                 plain,
                 no_track,
+                no_denoise,
                 refine,
                 network,
                 json,
             } => crate::bench::pipeline(
-                seconds, warmup, fps, photons, motion, plain, !no_track, refine, network, json,
+                seconds,
+                warmup,
+                fps,
+                photons,
+                motion,
+                plain,
+                !no_track,
+                !no_denoise,
+                refine,
+                network,
+                json,
             ),
             BenchWhat::Model {
                 size,

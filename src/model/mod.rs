@@ -13,6 +13,7 @@
 pub mod batchnorm;
 pub mod conv;
 pub mod heatmap;
+pub mod noise;
 pub mod resample;
 pub mod shipped;
 pub mod widen;
@@ -833,6 +834,10 @@ pub struct Views {
     /// edge.
     #[serde(default)]
     pub zoom_pct: usize,
+    /// Smooth a frame noisier than the training data before the network reads it
+    /// ([`noise::smoothing_px`]); frames as clean as the training data are read as they are.
+    #[serde(default)]
+    pub denoise: bool,
 }
 
 impl Views {
@@ -841,6 +846,7 @@ impl Views {
         mirror: false,
         shift_px: 0,
         zoom_pct: 0,
+        denoise: false,
     };
     /// The frame and its mirror image. A network that has learnt the anatomy gives both the
     /// same answer; where it is unsure (an ASIS on the crest, a peak near the border), the two
@@ -849,18 +855,20 @@ impl Views {
         mirror: true,
         shift_px: 0,
         zoom_pct: 0,
+        denoise: false,
     };
     /// The shift of [`Self::recommended`], model-input pixels: not a multiple of the 16 px
     /// the max-pools step in, and small against the pelvis (see the model card for 8 and 16).
     pub const SHIFT_PX: usize = 12;
 
     /// What the app and `predict` read: the frame, its mirror image and the frame moved
-    /// [`Self::SHIFT_PX`] both ways (four images per frame).
+    /// [`Self::SHIFT_PX`] both ways (four images per frame), smoothed first when noisy.
     pub fn recommended() -> Self {
         Self {
             mirror: true,
             shift_px: Self::SHIFT_PX,
             zoom_pct: 0,
+            denoise: true,
         }
     }
 
@@ -873,7 +881,7 @@ impl Views {
     }
 
     /// For reports: "mirror-averaged", "shift-averaged (12 px)", both, "zoom-averaged (8%)"
-    /// beside, or "" for the frame alone.
+    /// beside, or "" for the frame alone; ", smoothed when noisy" after with [`Self::denoise`].
     pub fn describe(&self) -> String {
         let mut names = Vec::new();
         let mut params = Vec::new();
@@ -893,10 +901,15 @@ impl Views {
         } else {
             format!(" ({})", params.join(", "))
         };
-        match names.as_slice() {
+        let averaged = match names.as_slice() {
             [] => String::new(),
             [one] => format!("{one}-averaged{params}"),
             [init @ .., last] => format!("{}- and {last}-averaged{params}", init.join("-, ")),
+        };
+        match (self.denoise, averaged.is_empty()) {
+            (false, _) => averaged,
+            (true, true) => "smoothed when noisy".into(),
+            (true, false) => format!("{averaged}, smoothed when noisy"),
         }
     }
 
@@ -935,6 +948,37 @@ impl Predictor {
 
     /// The model's input tensor `(1, 1, S, S)` for a `width x height` frame.
     pub fn input(&self, pixels: &[f32], width: usize, height: usize) -> Result<Tensor, ModelError> {
+        let (norm, _) = self.prepare(pixels, width, height, false)?;
+        let s = self.config.input_size;
+        Ok(Tensor::from_vec(norm, (1, 1, s, s), self.net.device())?)
+    }
+
+    /// How noisy a frame is to the network, and the smoothing that `views` give it
+    /// ([`Self::prepare`] without the blur).
+    pub fn input_noise(
+        &self,
+        pixels: &[f32],
+        width: usize,
+        height: usize,
+        views: &Views,
+    ) -> Result<noise::InputNoise, ModelError> {
+        let (_, mut report) = self.prepare(pixels, width, height, false)?;
+        if views.denoise {
+            report.smoothed_px = noise::smoothing_px(report.noise);
+        }
+        Ok(report)
+    }
+
+    /// The network's input for a frame, `S x S` row-major, and how noisy it is; with `denoise`
+    /// a frame noisier than the training data is blurred first ([`noise::smoothing_px`]) and
+    /// normalised again (the blur narrows the range that noise had widened).
+    pub fn prepare(
+        &self,
+        pixels: &[f32],
+        width: usize,
+        height: usize,
+        denoise: bool,
+    ) -> Result<(Vec<f32>, noise::InputNoise), ModelError> {
         if width == 0 || height == 0 || pixels.len() != width * height {
             return Err(ModelError::Input(format!(
                 "{} pixels for a {width}x{height} frame",
@@ -943,8 +987,12 @@ impl Predictor {
         }
         let s = self.config.input_size;
         let resized = resize_bilinear(pixels, width, height, s, s);
-        let norm = self.config.normalisation.apply(&resized);
-        Ok(Tensor::from_vec(norm, (1, 1, s, s), self.net.device())?)
+        Ok(normalised_input(
+            &self.config.normalisation,
+            resized,
+            s,
+            denoise,
+        ))
     }
 
     /// Heatmap logits `(N, S, S)` for a frame.
@@ -966,7 +1014,9 @@ impl Predictor {
         height: usize,
         views: &Views,
     ) -> Result<Tensor, ModelError> {
-        let x = self.input(pixels, width, height)?;
+        let (norm, _) = self.prepare(pixels, width, height, views.denoise)?;
+        let s = self.config.input_size;
+        let x = Tensor::from_vec(norm, (1, 1, s, s), self.net.device())?;
         Ok(self.net.forward_views(&x, views)?.squeeze(0)?)
     }
 
@@ -1028,6 +1078,34 @@ impl Predictor {
             })
             .collect())
     }
+}
+
+/// The network's input from an `s x s` image already at its input size: normalised, and with
+/// `denoise` blurred first when noisier than the training data ([`noise::smoothing_px`]) and
+/// normalised again (noise widens the quantile range; the blurred frame's own is the one the
+/// network learnt). Returns the input and how noisy the image was.
+pub fn normalised_input(
+    normalisation: &Normalisation,
+    mut img: Vec<f32>,
+    s: usize,
+    denoise: bool,
+) -> (Vec<f32>, noise::InputNoise) {
+    let norm = normalisation.apply(&img);
+    let level = noise::level(&norm, s, s);
+    let sigma = if denoise {
+        noise::smoothing_px(level)
+    } else {
+        0.0
+    };
+    let report = noise::InputNoise {
+        noise: level,
+        smoothed_px: sigma,
+    };
+    if sigma <= 0.0 {
+        return (norm, report);
+    }
+    noise::gaussian_blur(&mut img, s, s, sigma as f64);
+    (normalisation.apply(&img), report)
 }
 
 /// Bilinear resampling with pixel-centre alignment (as `align_corners=False`), area-averaged
@@ -1156,11 +1234,20 @@ mod tests {
         assert_eq!(Views::MIRROR.describe(), "mirror-averaged");
         assert_eq!(
             Views::recommended().describe(),
-            "mirror- and shift-averaged (12 px)"
+            "mirror- and shift-averaged (12 px), smoothed when noisy"
+        );
+        assert_eq!(
+            Views {
+                denoise: true,
+                ..Views::PLAIN
+            }
+            .describe(),
+            "smoothed when noisy"
         );
         assert_eq!(
             Views {
                 zoom_pct: 8,
+                denoise: false,
                 ..Views::recommended()
             }
             .describe(),
@@ -1216,6 +1303,35 @@ mod tests {
         assert!(e.contains("shape"), "{e}");
         std::fs::write(&path, b"garbage").unwrap();
         assert!(UNet::load(&path, &dev).is_err());
+    }
+
+    #[test]
+    fn only_an_input_noisier_than_the_training_data_is_smoothed() {
+        use rand::SeedableRng;
+        use rand_distr::{Distribution, Normal};
+        let s = 64;
+        let clean: Vec<f32> = (0..s * s)
+            .map(|i| ((i % s) as f32 / s as f32).powi(2) + if i / s > s / 2 { 0.5 } else { 0.0 })
+            .collect();
+        let n = Normalisation::default();
+        let (a, r) = normalised_input(&n, clean.clone(), s, true);
+        assert_eq!(a, n.apply(&clean));
+        assert_eq!(r.smoothed_px, 0.0);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let g = Normal::new(0.0f32, 0.05).unwrap();
+        let noisy: Vec<f32> = clean.iter().map(|v| v + g.sample(&mut rng)).collect();
+        let (raw, r0) = normalised_input(&n, noisy.clone(), s, false);
+        let (smooth, r1) = normalised_input(&n, noisy, s, true);
+        assert_eq!(r0.noise, r1.noise);
+        assert!(r0.noise > noise::SMOOTH_FULL_AT, "{}", r0.noise);
+        assert_eq!(
+            (r0.smoothed_px, r1.smoothed_px),
+            (0.0, noise::SMOOTH_MAX_PX)
+        );
+        assert!(noise::estimate(&smooth, s, s) < 0.2 * noise::estimate(&raw, s, s));
+        // Normalised again after the blur: still spans the range.
+        let max = smooth.iter().copied().fold(0.0f32, f32::max);
+        assert!(max > 0.99, "{max}");
     }
 
     #[test]

@@ -291,7 +291,7 @@ impl Features {
     ) -> Option<Self> {
         let mut img = img.to_vec();
         if blur_px > 0.0 {
-            crate::dataset::gaussian_blur(&mut img, w, h, blur_px);
+            crate::model::noise::gaussian_blur(&mut img, w, h, blur_px);
         }
         let m = ((margin * w.min(h) as f64).round() as usize).max(1);
         let (x0, x1, y0, y1) = (m, w.saturating_sub(m), m, h.saturating_sub(m));
@@ -674,7 +674,7 @@ impl<'a> Placement<'a> {
         );
         let mut g = img.to_vec();
         if blur_px > 0.0 {
-            crate::dataset::gaussian_blur(&mut g, cw, ch, blur_px);
+            crate::model::noise::gaussian_blur(&mut g, cw, ch, blur_px);
         }
         let g: Vec<f64> = g.iter().map(|&v| v as f64).collect();
         let (x0, x1, y0, y1) = self.inside;
