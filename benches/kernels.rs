@@ -54,5 +54,41 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// The network's input preparation at 256 px: the quantile normalisation alone, the noise level
+/// ([`fluoropose::model::noise::level`]), and the whole of it for a clean frame (measured, not
+/// smoothed) and a noisy one (smoothed by the largest blur and normalised again).
+fn input(c: &mut Criterion) {
+    use fluoropose::model::{Normalisation, noise, normalised_input};
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, Normal};
+    let s = 256;
+    let clean: Vec<f32> = (0..s * s)
+        .map(|i| {
+            let (x, y) = (
+                (i % s) as f32 / s as f32 - 0.5,
+                (i / s) as f32 / s as f32 - 0.5,
+            );
+            (-(x * x + y * y) * 6.0).exp() + if x > 0.1 { 0.3 } else { 0.0 }
+        })
+        .collect();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let n = Normal::new(0.0f32, 0.1).expect("a valid sigma");
+    let noisy: Vec<f32> = clean.iter().map(|v| v + n.sample(&mut rng)).collect();
+    let norm = Normalisation::default();
+    let mut g = c.benchmark_group("input_256");
+    g.bench_function("normalise", |b| b.iter(|| black_box(norm.apply(&clean))));
+    let normalised = norm.apply(&clean);
+    g.bench_function("noise_level", |b| {
+        b.iter(|| black_box(noise::level(&normalised, s, s)))
+    });
+    g.bench_function("prepare_clean", |b| {
+        b.iter(|| black_box(normalised_input(&norm, clean.clone(), s, true)))
+    });
+    g.bench_function("prepare_noisy_smoothed", |b| {
+        b.iter(|| black_box(normalised_input(&norm, noisy.clone(), s, true)))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, input);
 criterion_main!(benches);

@@ -1324,10 +1324,18 @@ mod tests {
         use crate::model::Views;
         let fresh = Settings::default();
         assert_eq!(fresh.decode(true).views, Views::recommended());
-        assert_eq!(fresh.decode(false).views, Views::MIRROR);
+        assert_eq!(
+            fresh.decode(false).views,
+            Views {
+                denoise: true,
+                ..Views::MIRROR
+            }
+        );
         let old: Settings = serde_json::from_str(r#"{"mirror": true, "consistent": true}"#)
             .expect("an earlier run's settings load");
         assert_eq!(old.shift, None);
+        // Smoothing noisy frames came later: earlier runs' settings load with it on.
+        assert!(old.denoise && old.decode(false).views.denoise);
         for choice in [false, true] {
             let chosen = Settings {
                 shift: Some(choice),
