@@ -424,27 +424,54 @@ pub fn model(
     Ok(())
 }
 
+/// What `bench pipeline` runs: the Live tab's pipeline without a window.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PipelineOptions {
+    /// Seconds measured.
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// Seconds run first and not counted (start-up, first frames).
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// The stream's frame clock (frames the pipeline cannot keep up with are dropped).
+    #[arg(long, default_value_t = 120.0)]
+    pub fps: f64,
+    /// Photons per pixel of the simulated frames (the app's default).
+    #[arg(long, default_value_t = 100000.0)]
+    pub photons: f64,
+    /// Read the heatmaps by the paper's argmax instead of the app's decoding
+    /// (mirror- and shift-averaged, pose-consistent).
+    #[arg(long)]
+    pub plain: bool,
+    /// Use each frame's own solve, not the pose tracked over frames.
+    #[arg(long)]
+    pub no_track: bool,
+    /// Read noisy frames as they are instead of smoothing them first as the app does.
+    #[arg(long)]
+    pub no_denoise: bool,
+    /// How far the simulated C-arm moves: 1 the app's trajectory, 0 still.
+    #[arg(long, default_value_t = 1.0)]
+    pub motion: f64,
+    /// Refine poses against the CT in the background, as the Live tab's switch does, and
+    /// score the live poses its corrections carry over to.
+    #[arg(long)]
+    pub refine: bool,
+    /// The embedded network (default: the one the app starts with on this machine).
+    #[arg(long, value_enum)]
+    pub network: Option<crate::model::shipped::Shipped>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// The live pipeline without a window: what the Live tab does per frame, from the simulated
 /// C-arm (its own thread and GPU device) through the model and the solve to the verification DRR
 /// at the solved pose on a second device (the app's is eframe's), windowed into a texture as the
 /// app draws it. Only painting the UI is left out, so on a machine with no display this measures
 /// what the app's pipeline sustains, and on a software rasteriser it separates the pipeline from
 /// the cost of drawing egui. `fps` is the stream's clock (frames beyond what the pipeline keeps
-/// up with are dropped, as in the app); the first `warmup_s` are not counted.
-#[allow(clippy::too_many_arguments)]
-pub fn pipeline(
-    seconds: f64,
-    warmup_s: f64,
-    fps: f64,
-    photons: f64,
-    motion: f64,
-    plain: bool,
-    track: bool,
-    denoise: bool,
-    refine: bool,
-    network: Option<crate::model::shipped::Shipped>,
-    json: bool,
-) -> Result<()> {
+/// up with are dropped, as in the app); the first `warmup` seconds are not counted.
+pub fn pipeline(o: &PipelineOptions) -> Result<()> {
     use crate::app::Scene;
     use crate::app::pipeline::{Command, Pipeline, Source};
     use crate::drr::cpu::Renderer;
@@ -453,6 +480,19 @@ pub fn pipeline(
     use std::sync::Arc;
     use std::time::Duration;
 
+    let &PipelineOptions {
+        seconds,
+        warmup: warmup_s,
+        fps,
+        photons,
+        motion,
+        plain,
+        refine,
+        network,
+        json,
+        ..
+    } = o;
+    let (track, denoise) = (!o.no_track, !o.no_denoise);
     let scene = Scene::default_phantom();
     let dev = crate::model::default_device();
     let network = network.unwrap_or_else(|| crate::model::shipped::Shipped::for_live(&dev));

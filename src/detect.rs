@@ -233,10 +233,9 @@ fn detect_as_stored(
 ) -> Result<Found, ModelError> {
     let t0 = std::time::Instant::now();
     let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
-    let noise = predictor.input_noise(pixels, width, height, &decode.views)?;
     if let (Some(opts), Some(p3)) = (&decode.consensus, points3d) {
         let search = peak_search(predictor.config.input_size, opts);
-        let cands = predictor.candidates(pixels, width, height, &decode.views, &search)?;
+        let (cands, noise) = predictor.candidates(pixels, width, height, &decode.views, &search)?;
         let inference_ms = ms(t0);
         let t1 = std::time::Instant::now();
         let c = consensus::decode(camera, p3, &cands, init, opts);
@@ -259,7 +258,7 @@ fn detect_as_stored(
             noise,
         });
     }
-    let detections = predictor.predict_with(pixels, width, height, &decode.views)?;
+    let (detections, noise) = predictor.predict_with(pixels, width, height, &decode.views)?;
     let inference_ms = ms(t0);
     let t1 = std::time::Instant::now();
     let solution = points3d.map(|p3| {

@@ -208,43 +208,7 @@ pub enum BenchWhat {
     },
     /// The Live tab's pipeline without a window (simulated stream -> model -> pose ->
     /// verification DRR): frames per second and frame-to-result latency.
-    Pipeline {
-        /// Seconds measured.
-        #[arg(long, default_value_t = 10.0)]
-        seconds: f64,
-        /// Seconds run first and not counted (start-up, first frames).
-        #[arg(long, default_value_t = 2.0)]
-        warmup: f64,
-        /// The stream's frame clock (frames the pipeline cannot keep up with are dropped).
-        #[arg(long, default_value_t = 120.0)]
-        fps: f64,
-        /// Photons per pixel of the simulated frames (the app's default).
-        #[arg(long, default_value_t = 100000.0)]
-        photons: f64,
-        /// Read the heatmaps by the paper's argmax instead of the app's decoding
-        /// (mirror- and shift-averaged, pose-consistent).
-        #[arg(long)]
-        plain: bool,
-        /// Use each frame's own solve, not the pose tracked over frames.
-        #[arg(long)]
-        no_track: bool,
-        /// Read noisy frames as they are instead of smoothing them first as the app does.
-        #[arg(long)]
-        no_denoise: bool,
-        /// How far the simulated C-arm moves: 1 the app's trajectory, 0 still.
-        #[arg(long, default_value_t = 1.0)]
-        motion: f64,
-        /// Refine poses against the CT in the background, as the Live tab's switch does, and
-        /// score the live poses its corrections carry over to.
-        #[arg(long)]
-        refine: bool,
-        /// The embedded network (default: the one the app starts with on this machine).
-        #[arg(long, value_enum)]
-        network: Option<crate::model::shipped::Shipped>,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Pipeline(crate::bench::PipelineOptions),
     /// Intensity-based pose refinement: time per frame and TRE before and after, from starts
     /// as far off as the landmark solver leaves them.
     Refine {
@@ -451,31 +415,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 landmarks,
                 json,
             } => crate::bench::refine(frames, cpu, ct.as_deref(), landmarks.as_deref(), json),
-            BenchWhat::Pipeline {
-                seconds,
-                warmup,
-                fps,
-                photons,
-                motion,
-                plain,
-                no_track,
-                no_denoise,
-                refine,
-                network,
-                json,
-            } => crate::bench::pipeline(
-                seconds,
-                warmup,
-                fps,
-                photons,
-                motion,
-                plain,
-                !no_track,
-                !no_denoise,
-                refine,
-                network,
-                json,
-            ),
+            BenchWhat::Pipeline(o) => crate::bench::pipeline(&o),
             BenchWhat::Model {
                 size,
                 base,

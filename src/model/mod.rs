@@ -953,22 +953,6 @@ impl Predictor {
         Ok(Tensor::from_vec(norm, (1, 1, s, s), self.net.device())?)
     }
 
-    /// How noisy a frame is to the network, and the smoothing that `views` give it
-    /// ([`Self::prepare`] without the blur).
-    pub fn input_noise(
-        &self,
-        pixels: &[f32],
-        width: usize,
-        height: usize,
-        views: &Views,
-    ) -> Result<noise::InputNoise, ModelError> {
-        let (_, mut report) = self.prepare(pixels, width, height, false)?;
-        if views.denoise {
-            report.smoothed_px = noise::smoothing_px(report.noise);
-        }
-        Ok(report)
-    }
-
     /// The network's input for a frame, `S x S` row-major, and how noisy it is; with `denoise`
     /// a frame noisier than the training data is blurred first ([`noise::smoothing_px`]) and
     /// normalised again (the blur narrows the range that noise had widened).
@@ -1002,22 +986,23 @@ impl Predictor {
         width: usize,
         height: usize,
     ) -> Result<Tensor, ModelError> {
-        self.heatmaps_with(pixels, width, height, &Views::PLAIN)
+        Ok(self.heatmaps_with(pixels, width, height, &Views::PLAIN)?.0)
     }
 
     /// Heatmap logits `(N, S, S)` for a frame, averaged over `views`
-    /// ([`UNet::forward_views`]).
+    /// ([`UNet::forward_views`]), and how noisy the frame was to the network (the reading that
+    /// [`Self::prepare`] made anyway: callers report it rather than measure it again).
     pub fn heatmaps_with(
         &self,
         pixels: &[f32],
         width: usize,
         height: usize,
         views: &Views,
-    ) -> Result<Tensor, ModelError> {
-        let (norm, _) = self.prepare(pixels, width, height, views.denoise)?;
+    ) -> Result<(Tensor, noise::InputNoise), ModelError> {
+        let (norm, report) = self.prepare(pixels, width, height, views.denoise)?;
         let s = self.config.input_size;
         let x = Tensor::from_vec(norm, (1, 1, s, s), self.net.device())?;
-        Ok(self.net.forward_views(&x, views)?.squeeze(0)?)
+        Ok((self.net.forward_views(&x, views)?.squeeze(0)?, report))
     }
 
     /// A point of the model's input grid in the pixels of a `width x height` frame.
@@ -1035,31 +1020,32 @@ impl Predictor {
         width: usize,
         height: usize,
     ) -> Result<Vec<Detection>, ModelError> {
-        self.predict_with(pixels, width, height, &Views::PLAIN)
+        Ok(self.predict_with(pixels, width, height, &Views::PLAIN)?.0)
     }
 
-    /// [`Self::predict`], from heatmaps averaged over `views`.
+    /// [`Self::predict`], from heatmaps averaged over `views`, and the frame's noise reading.
     pub fn predict_with(
         &self,
         pixels: &[f32],
         width: usize,
         height: usize,
         views: &Views,
-    ) -> Result<Vec<Detection>, ModelError> {
-        let logits = self.heatmaps_with(pixels, width, height, views)?;
+    ) -> Result<(Vec<Detection>, noise::InputNoise), ModelError> {
+        let (logits, report) = self.heatmaps_with(pixels, width, height, views)?;
         let peaks = heatmap::argmax_subpixel(&logits)?;
-        Ok(peaks
+        let detections = peaks
             .into_iter()
             .map(|(p, c)| Detection {
                 point: self.to_frame(p, width, height),
                 confidence: c,
                 reprojected: false,
             })
-            .collect())
+            .collect();
+        Ok((detections, report))
     }
 
     /// The peaks of each heatmap ([`heatmap::candidates`]; separation in input pixels), in
-    /// frame pixels.
+    /// frame pixels, and the frame's noise reading.
     pub fn candidates(
         &self,
         pixels: &[f32],
@@ -1067,16 +1053,17 @@ impl Predictor {
         height: usize,
         views: &Views,
         search: &heatmap::PeakSearch,
-    ) -> Result<Vec<heatmap::Peaks>, ModelError> {
-        let logits = self.heatmaps_with(pixels, width, height, views)?;
-        Ok(heatmap::candidates(&logits, search)?
+    ) -> Result<(Vec<heatmap::Peaks>, noise::InputNoise), ModelError> {
+        let (logits, report) = self.heatmaps_with(pixels, width, height, views)?;
+        let peaks = heatmap::candidates(&logits, search)?
             .into_iter()
             .map(|c| {
                 c.into_iter()
                     .map(|(p, conf)| (self.to_frame(p, width, height), conf))
                     .collect()
             })
-            .collect())
+            .collect();
+        Ok((peaks, report))
     }
 }
 
