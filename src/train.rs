@@ -142,6 +142,12 @@ pub struct TrainOptions {
     /// `NAME.ema.safetensors` ([`ema_path`]).
     #[serde(default)]
     pub ema: Option<f64>,
+    /// Prepare each image as the app reads a frame with smoothing on
+    /// ([`crate::model::normalised_input`]): one noisier than the shipped networks' training data
+    /// is blurred before the network sees it. A network trained on low-dose images this way
+    /// learns the smoothed images the app will give it, not raw noise it will never be shown.
+    #[serde(default)]
+    pub denoise: bool,
 }
 
 impl Default for TrainOptions {
@@ -163,6 +169,7 @@ impl Default for TrainOptions {
             mirror: 0.0,
             widen: None,
             ema: None,
+            denoise: false,
         }
     }
 }
@@ -289,18 +296,21 @@ fn sidecar(out: &Path, ext: &str) -> PathBuf {
     out.with_extension(ext)
 }
 
-/// Loads a batch: inputs `(B, 1, S, S)` normalised as the model does.
+/// Loads a batch: inputs `(B, 1, S, S)` prepared as the model reads a frame (normalised, and
+/// with `denoise` smoothed when noisy).
 fn batch_tensor(
     cfg: &ModelConfig,
-    images: &[Vec<f32>],
+    images: Vec<Vec<f32>>,
+    denoise: bool,
     device: &Device,
 ) -> Result<Tensor, TrainError> {
     let s = cfg.input_size;
-    let mut v = Vec::with_capacity(images.len() * s * s);
+    let n = images.len();
+    let mut v = Vec::with_capacity(n * s * s);
     for img in images {
-        v.extend(cfg.normalisation.apply(img));
+        v.extend(crate::model::normalised_input(&cfg.normalisation, img, s, denoise).0);
     }
-    Ok(Tensor::from_vec(v, (images.len(), 1, s, s), device)?)
+    Ok(Tensor::from_vec(v, (n, 1, s, s), device)?)
 }
 
 /// The pose estimation loss of eq. 10 for a batch: mean over items whose solve succeeded.
@@ -521,7 +531,7 @@ pub fn train(
                     }
                 })
                 .collect();
-            let x = batch_tensor(&cfg, &imgs, device)?;
+            let x = batch_tensor(&cfg, imgs, opts.denoise, device)?;
             let logits = net.forward(&x, true)?;
             let mut loss = Tensor::zeros((), DType::F32, device)?;
             let (mut seg_v, mut pose_v, mut failures) = (0.0, 0.0, 0);
@@ -604,7 +614,7 @@ pub fn train(
             "training": {
                 "mode": opts.mode, "epochs_done": epochs_done, "steps": step,
                 "batch": opts.batch, "lr": opts.lr, "cosine": opts.cosine, "lambda": opts.lambda, "seed": opts.seed,
-                "mirror": opts.mirror, "widen": opts.widen, "ema": opts.ema,
+                "mirror": opts.mirror, "widen": opts.widen, "ema": opts.ema, "denoise": opts.denoise,
                 "init": opts.init.as_ref().map(|p| p.display().to_string()),
                 "data": dirs(data),
                 "subjects": data.iter().flat_map(|d| &d.manifest.subjects).filter(|s| !s.held_out).map(|s| s.ct.clone()).collect::<Vec<_>>(),
@@ -719,6 +729,46 @@ fn save_with_card(net: &UNet, config: ModelConfig, out: &Path) -> Result<(), Tra
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With `denoise` a batch is the app's input: a noisy image is smoothed, a clean one is as
+    /// the plain normalisation leaves it.
+    #[test]
+    fn a_denoised_batch_smooths_only_its_noisy_images() {
+        use rand::SeedableRng;
+        use rand_distr::{Distribution, Normal};
+        let cfg = ModelConfig {
+            input_size: 32,
+            ..ModelConfig::default()
+        };
+        let s = cfg.input_size;
+        let clean: Vec<f32> = (0..s * s)
+            .map(|i| ((i % s) as f32 / s as f32).powi(2))
+            .collect();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let g = Normal::new(0.0f32, 0.05).expect("a valid normal");
+        let noisy: Vec<f32> = clean.iter().map(|v| v + g.sample(&mut rng)).collect();
+        let rows = |denoise| -> Vec<Vec<f32>> {
+            batch_tensor(
+                &cfg,
+                vec![clean.clone(), noisy.clone()],
+                denoise,
+                &Device::Cpu,
+            )
+            .and_then(|t| Ok(t.flatten_from(1)?.to_vec2::<f32>()?))
+            .expect("a batch")
+        };
+        let (plain, smoothed) = (rows(false), rows(true));
+        assert_eq!(plain[0], cfg.normalisation.apply(&clean));
+        assert_eq!(smoothed[0], plain[0]);
+        assert_eq!(plain[1], cfg.normalisation.apply(&noisy));
+        let est = |v: &[f32]| crate::model::noise::estimate(v, s, s);
+        assert!(
+            est(&smoothed[1]) < 0.3 * est(&plain[1]),
+            "{} vs {}",
+            est(&smoothed[1]),
+            est(&plain[1])
+        );
+    }
 
     #[test]
     fn a_mirrored_image_keeps_each_landmark_on_its_anatomy() {

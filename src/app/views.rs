@@ -1459,6 +1459,8 @@ fn start_training(app: &mut FluoroApp) {
         max_steps: (f.max_steps > 0).then_some(f.max_steps),
         cosine: f.cosine,
         ema: f.ema.then_some(f.ema_decay),
+        // Learn frames as the Live tab will read them.
+        denoise: app.settings.denoise,
         init,
         out: PathBuf::from(&f.out),
         config: crate::model::ModelConfig {

@@ -221,6 +221,10 @@ pub struct TrainArgs {
     /// Gaussian mask sigma of a new network, pixels at its input size.
     #[arg(long, default_value_t = 3.0)]
     pub sigma: f64,
+    /// Smooth the images noisier than the shipped networks' training data before the network
+    /// sees them, as the app reads frames (`eval --denoise auto`): for low-dose training data.
+    #[arg(long)]
+    pub denoise: bool,
     /// Output weights (`.safetensors`; the JSON, state and metrics log go beside it).
     #[arg(long)]
     pub out: PathBuf,
@@ -453,6 +457,7 @@ fn train_options(a: &TrainArgs) -> Result<TrainOptions> {
         init: a.init.clone(),
         widen: a.widen,
         ema: a.ema,
+        denoise: a.denoise,
         out: a.out.clone(),
         config: ModelConfig {
             base_channels: a.base,
@@ -1090,6 +1095,8 @@ pub fn experiment(a: &ExperimentArgs) -> Result<()> {
             tau: 1.0,
             pos_weight: 100.0,
             sigma: 3.0,
+            // The paper's study: the images as rendered.
+            denoise: false,
             out: out.clone(),
         };
         match train(&targs) {
