@@ -91,6 +91,10 @@ pub struct Report {
     /// reading only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unsure: Option<UnsureReport>,
+    /// How noisy the images were to the network, and how many were smoothed (a network's
+    /// reading only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_noise: Option<NoiseReport>,
     /// The errors by how well the network read each image ([`SCORE_BINS`]; a network's reading
     /// only): what a frame's score says about its landmarks and pose.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -149,6 +153,40 @@ pub struct UnsureReport {
     pub rmse_px: f64,
     /// Landmark RMSE at 512 scale on the others (NaN: none).
     pub rmse_rest_px: f64,
+}
+
+/// How noisy the images were to the network ([`crate::model::noise::level`] of each input) and
+/// how many the decoding smoothed (`--denoise auto`): what dose a set is, on the scale the app's
+/// smoothing and the live stream's `input_noise` use.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct NoiseReport {
+    /// Mean noise level.
+    pub mean: f64,
+    /// Median noise level.
+    pub median: f64,
+    /// Lowest and highest.
+    pub min: f64,
+    pub max: f64,
+    /// Share of the images smoothed before the network read them.
+    pub smoothed_rate: f64,
+}
+
+impl NoiseReport {
+    fn of(noise: &[crate::model::noise::InputNoise]) -> Option<Self> {
+        if noise.is_empty() {
+            return None;
+        }
+        let mut v: Vec<f64> = noise.iter().map(|n| n.noise as f64).collect();
+        let n = v.len() as f64;
+        let smoothed = noise.iter().filter(|r| r.smoothed_px > 0.0).count();
+        Some(Self {
+            mean: v.iter().sum::<f64>() / n,
+            min: v.iter().copied().fold(f64::INFINITY, f64::min),
+            max: v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            median: median(&mut v),
+            smoothed_rate: smoothed as f64 / n,
+        })
+    }
 }
 
 /// What the detected constellation's apparent size says about the landmark pose's depth: one
@@ -499,6 +537,7 @@ pub fn evaluate_with(
     let (mut angled_errors, mut angles) = (Vec::new(), Vec::new());
     let (mut other_peak, mut reprojected, mut decoded_landmarks) = (0usize, 0usize, 0usize);
     let mut inverted_images = 0usize;
+    let mut noise = Vec::new();
     // Misses (over MISS_PX) whose heatmap had a peak near the truth, and those without.
     let (mut misses_seen, mut misses_unseen) = (0usize, 0usize);
     // Squared error and landmark count on the images the network is unsure of, and on the rest.
@@ -534,8 +573,9 @@ pub fn evaluate_with(
                     Landmarks::Decoded(_, d) => *d,
                     _ => Decode::default(),
                 };
-                let (l, inv) = read_batch(net, &images, size, &decode)?;
+                let (l, inv, n) = read_batch(net, &images, size, &decode)?;
                 inverted_images += inv.iter().filter(|&&i| i).count();
+                noise.extend(n);
                 Some(l)
             }
             None => None,
@@ -771,6 +811,7 @@ pub fn evaluate_with(
             rmse_px: rms(unsure_sq.0, unsure_sq.1),
             rmse_rest_px: rms(rest_sq.0, rest_sq.1),
         }),
+        input_noise: NoiseReport::of(&noise),
         by_score: score_bins(&scored_errors, &image_scores, &image_tres),
         apparent_scale: (!scales.is_empty()).then(|| {
             let n = scales.len() as f64;
@@ -822,32 +863,37 @@ fn reprojection_sq(
 
 /// The heatmap logits `(B, N, S, S)` of a batch of `size x size` images read as `decode` says
 /// (mirror-averaged, and which way round: [`Polarity`], as [`crate::detect::detect`] reads a
-/// frame), and which images were read inverted.
+/// frame), which images were read inverted, and how noisy each was (as first read; inverting
+/// does not change it).
+#[allow(clippy::type_complexity)]
 fn read_batch(
     net: &UNet,
     images: &[Vec<f32>],
     size: usize,
     decode: &Decode,
-) -> Result<(Tensor, Vec<bool>), crate::train::TrainError> {
-    let forward = |inverted: &[bool]| -> candle_core::Result<Tensor> {
-        let mut v = Vec::with_capacity(images.len() * size * size);
-        for (img, &inv) in images.iter().zip(inverted) {
-            let read = crate::detect::as_read(img, inv).into_owned();
-            let (input, _) = crate::model::normalised_input(
-                &net.config.normalisation,
-                read,
-                size,
-                decode.views.denoise,
-            );
-            v.extend(input);
-        }
-        let x = Tensor::from_vec(v, (images.len(), 1, size, size), net.device())?;
-        net.forward_views(&x, &decode.views)
-    };
+) -> Result<(Tensor, Vec<bool>, Vec<crate::model::noise::InputNoise>), crate::train::TrainError> {
+    let forward =
+        |inverted: &[bool]| -> candle_core::Result<(Tensor, Vec<crate::model::noise::InputNoise>)> {
+            let mut v = Vec::with_capacity(images.len() * size * size);
+            let mut noise = Vec::with_capacity(images.len());
+            for (img, &inv) in images.iter().zip(inverted) {
+                let read = crate::detect::as_read(img, inv).into_owned();
+                let (input, n) = crate::model::normalised_input(
+                    &net.config.normalisation,
+                    read,
+                    size,
+                    decode.views.denoise,
+                );
+                v.extend(input);
+                noise.push(n);
+            }
+            let x = Tensor::from_vec(v, (images.len(), 1, size, size), net.device())?;
+            Ok((net.forward_views(&x, &decode.views)?, noise))
+        };
     let mut inverted = vec![decode.first_inverted(); images.len()];
-    let logits = forward(&inverted)?;
+    let (logits, noise) = forward(&inverted)?;
     if decode.polarity != Polarity::Auto {
-        return Ok((logits, inverted));
+        return Ok((logits, inverted, noise));
     }
     let score = |l: &Tensor| -> candle_core::Result<f64> {
         Ok(polarity_score(
@@ -858,10 +904,10 @@ fn read_batch(
         .map(|i| score(&logits.get(i)?))
         .collect::<candle_core::Result<Vec<f64>>>()?;
     if !scores.iter().any(|&s| decode.retries(s)) {
-        return Ok((logits, inverted));
+        return Ok((logits, inverted, noise));
     }
     let flipped: Vec<bool> = inverted.iter().map(|v| !v).collect();
-    let other = forward(&flipped)?;
+    let (other, _) = forward(&flipped)?;
     let mut rows = Vec::with_capacity(images.len());
     for (i, s) in scores.iter().enumerate() {
         let o = other.get(i)?;
@@ -872,7 +918,7 @@ fn read_batch(
             rows.push(logits.get(i)?);
         }
     }
-    Ok((Tensor::stack(&rows, 0)?, inverted))
+    Ok((Tensor::stack(&rows, 0)?, inverted, noise))
 }
 
 /// Intensity-based refinement inside [`evaluate_with`]: one subject's CT at a time.

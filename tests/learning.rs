@@ -959,18 +959,34 @@ fn the_shipped_model_reads_low_dose_frames_better_smoothed() {
         let r =
             evaluate_landmarks(&Landmarks::Decoded(&net, decode), &ds, None, &Task::new()).unwrap();
         assert_eq!(r.images, 12);
-        r.rmse_px["mean"].as_f64().unwrap()
+        (
+            r.rmse_px["mean"].as_f64().unwrap(),
+            r.input_noise
+                .expect("a network's reading reports the noise"),
+        )
     };
-    let (raw, smoothed) = (read(1000.0, false), read(1000.0, true));
+    let ((raw, n_raw), (smoothed, n_low)) = (read(1000.0, false), read(1000.0, true));
     assert!(
         smoothed < 0.95 * raw,
         "1,000 photons: {raw:.2} px raw, {smoothed:.2} smoothed"
     );
+    // The report says how noisy the set was and how much of it was smoothed: the same images
+    // either way, smoothed only when asked.
+    assert_eq!(n_raw.mean, n_low.mean);
+    assert_eq!(n_raw.smoothed_rate, 0.0);
+    let above = fluoropose::model::noise::SMOOTH_ABOVE as f64;
+    assert!(
+        n_low.median > above && n_low.smoothed_rate > 0.5,
+        "{n_low:?}"
+    );
+    assert!(n_low.min <= n_low.median && n_low.median <= n_low.max);
     // At the training data's dose few frames are smoothed at all (those of little contrast,
     // where the noise is large against it), and the reading is as good.
-    let (raw, smoothed) = (read(10_000.0, false), read(10_000.0, true));
+    let ((raw, _), (smoothed, n_high)) = (read(10_000.0, false), read(10_000.0, true));
     assert!(
         smoothed < 1.1 * raw,
         "10,000 photons: {raw:.2} px raw, {smoothed:.2} smoothed"
     );
+    assert!(n_high.mean < 0.5 * n_low.mean, "{n_high:?} {n_low:?}");
+    assert!(n_high.smoothed_rate < 0.5, "{n_high:?}");
 }

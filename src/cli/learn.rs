@@ -697,6 +697,18 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             eval::cell(u.rmse_rest_px, 2)
         );
     }
+    if let Some(n) = &r.input_noise {
+        println!(
+            "input noise: mean {:.5}, median {:.5} ({:.5}-{:.5}; the app smooths above {}); {:.1}% \
+             of images smoothed",
+            n.mean,
+            n.median,
+            n.min,
+            n.max,
+            crate::model::noise::SMOOTH_ABOVE,
+            100.0 * n.smoothed_rate
+        );
+    }
     if r.registration_failures > 0 {
         println!(
             "registration failed on {} of {} images (they are not in the pose errors)",
