@@ -436,7 +436,15 @@ fn the_train_tab_trains_and_its_curve_grows() {
             f.from_live,
             "the tab continues the Live tab's network by default"
         );
+        assert!(
+            f.denoise,
+            "the tab prepares images as the Live tab reads frames by default"
+        );
     }
+    // The switch is on the form: off, the images are trained on as rendered.
+    h.get_by_label("smooth them as the Live tab does").click();
+    h.step();
+    assert!(!h.state().train_form.denoise);
     // A second dataset (here the same folder again) is trained on together with the first.
     h.get_by_label("+ another dataset").click();
     h.step();
@@ -482,6 +490,7 @@ fn the_train_tab_trains_and_its_curve_grows() {
         .unwrap_or_default();
     assert!(init.contains("fluoropose-shipped-"), "init {init:?}");
     assert_eq!(card["card"]["training"]["mirror"], 0.5);
+    assert_eq!(card["card"]["training"]["denoise"], false);
 }
 
 /// Both embedded networks are in the Live tab's picker; the app starts on the one the compute

@@ -404,6 +404,9 @@ pub struct TrainForm {
     pub lambda: f64,
     /// Probability of mirroring each training image (baseline mode; `train --mirror`).
     pub mirror: f64,
+    /// Prepare each image as the Live tab reads a frame, noisy ones smoothed
+    /// (`train --denoise`); starts as the Live tab's "smooth noisy frames".
+    pub denoise: bool,
     /// Output weights.
     pub out: String,
 }
@@ -424,6 +427,7 @@ impl Default for TrainForm {
             from_live: true,
             lambda: crate::train::TrainOptions::default().lambda,
             mirror: 0.0,
+            denoise: Settings::default().denoise,
             out: "models/finetuned.safetensors".into(),
         }
     }
@@ -612,6 +616,10 @@ impl FluoroApp {
             .filter(|w| w.available())
             .map(|w| (w.label().to_string(), ModelRef::Shipped(w)))
             .collect();
+        let train_form = TrainForm {
+            denoise: settings.denoise,
+            ..TrainForm::default()
+        };
         let mut app = Self {
             settings,
             tab: options.tab.unwrap_or(Tab::Live),
@@ -641,7 +649,7 @@ impl FluoroApp {
             slice_tex: [None, None, None],
             slice_key: [None, None, None],
             annotation: Annotation::default(),
-            train_form: TrainForm::default(),
+            train_form,
             training: None,
             scene,
             options,

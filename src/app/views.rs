@@ -1360,6 +1360,14 @@ pub fn train(app: &mut FluoroApp, ui: &mut egui::Ui) {
         ui.checkbox(&mut f.cosine, "half cosine to lr/100")
             .on_hover_text("decay the learning rate over the run (train --cosine)");
         ui.end_row();
+        ui.label("noisy images");
+        ui.checkbox(&mut f.denoise, "smooth them as the Live tab does")
+            .on_hover_text(
+                "prepare each image as the Live tab reads a frame with 'smooth noisy frames' \
+                 on (train --denoise): for low-dose data, the network learns the smoothed \
+                 images it will be shown",
+            );
+        ui.end_row();
         ui.label("moving average");
         ui.horizontal(|ui| {
             ui.checkbox(&mut f.ema, "keep one").on_hover_text(
@@ -1459,8 +1467,7 @@ fn start_training(app: &mut FluoroApp) {
         max_steps: (f.max_steps > 0).then_some(f.max_steps),
         cosine: f.cosine,
         ema: f.ema.then_some(f.ema_decay),
-        // Learn frames as the Live tab will read them.
-        denoise: app.settings.denoise,
+        denoise: f.denoise,
         init,
         out: PathBuf::from(&f.out),
         config: crate::model::ModelConfig {
