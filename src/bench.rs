@@ -858,16 +858,16 @@ pub fn refine(
         Attenuation::default(),
     )));
     let camera = Camera::paper(256);
-    let noise = crate::stream::simulated::QuantumNoise {
-        photons_per_pixel: 100_000.0,
-    };
+    // The Live tab's frames: its default dose through the simulated C-arm's detector.
+    let detector = crate::stream::simulated::Detector::at_dose(100_000.0);
     let opts = IntensityOptions::default();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
     let (mut ms, mut before, mut after, mut renders) = (vec![], vec![], vec![], 0usize);
     for _ in 0..n.max(1) {
         let truth = PoseRange::default().sample(&mut rng, &centre);
-        let frame = noise.apply(
+        let frame = detector.apply(
             &source.render(&camera, &truth).map_err(anyhow::Error::msg)?,
+            &camera,
             &mut rng,
         );
         let mut u = |a: f64| rng.random_range(-a..=a);

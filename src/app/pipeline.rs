@@ -13,7 +13,7 @@ use crate::landmarks::Landmarks3d;
 use crate::model::{Detection, Predictor};
 use crate::registration::Solution;
 use crate::registration::tracking::{PoseTracker, Tracked, TrackerOptions};
-use crate::stream::simulated::{CpuDrr, DrrSource, QuantumNoise, SimulatedStream, Trajectory};
+use crate::stream::simulated::{CpuDrr, Detector, DrrSource, SimulatedStream, Trajectory};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError, sync_channel};
@@ -322,9 +322,7 @@ impl SimThread {
                         })
                     }
                 };
-                let noise = (photons > 0.0).then_some(QuantumNoise {
-                    photons_per_pixel: photons,
-                });
+                let detector = (photons > 0.0).then(|| Detector::at_dose(photons));
                 let mut trajectory = Trajectory::around(isocenter);
                 let motion = if motion.is_finite() {
                     motion.max(0.0)
@@ -333,8 +331,14 @@ impl SimThread {
                 };
                 trajectory.rotation_amplitude_rad *= motion;
                 trajectory.translation_amplitude_mm *= motion;
-                let mut sim =
-                    SimulatedStream::new(trajectory, Camera::paper(size), renderer, fps, noise, 42);
+                let mut sim = SimulatedStream::new(
+                    trajectory,
+                    Camera::paper(size),
+                    renderer,
+                    fps,
+                    detector,
+                    42,
+                );
                 for req in qrx {
                     match req {
                         SimRequest::Fps(f) => sim.fps = f,

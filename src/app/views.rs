@@ -279,7 +279,8 @@ fn transport(app: &mut FluoroApp, ui: &mut egui::Ui) {
                     .range(0.0..=1e7)
                     .speed(1000.0),
             )
-            .labelled_by(l.id);
+            .labelled_by(l.id)
+            .on_hover_text(DOSE_HOVER);
         if r.lost_focus() || r.drag_stopped() {
             app.open_simulated();
         }
@@ -721,6 +722,10 @@ fn noise_text(n: &crate::model::noise::InputNoise) -> String {
         n.smoothed_px
     )
 }
+
+const DOSE_HOVER: &str = "The simulated C-arm's photons per pixel with nothing in the beam, on \
+    the training datasets' scale (`dataset --photons`, the same detector blur): the shipped \
+    networks learnt 10,000; fluoroscopy runs at a few hundred to a few thousand. 0: clean DRRs.";
 
 const NOISE_HOVER: &str = "The network learnt frames at 10,000 photons per pixel; fluoroscopy's \
     low doses are noisier, and the network reads a smoothed frame better (at 1,000 photons the \
