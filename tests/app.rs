@@ -276,6 +276,54 @@ fn refining_against_the_ct_brings_the_paused_frames_pose_to_the_truth() {
     });
 }
 
+/// A refinement under way is shown (frame, seconds, DRRs, a spinner) and can be cancelled: the
+/// frame keeps its landmark pose and is not refined again while it is shown. Stepping on while a
+/// frame is being refined lets that refinement go for the new frame's.
+#[test]
+fn a_refinement_under_way_is_shown_and_can_be_cancelled() {
+    if skip() {
+        return;
+    }
+    let mut h = harness();
+    wait(&mut h, "the first processed frame", |a| a.latest.is_some());
+    assert!(!h.state().gpu_refines, "these tests draw on lavapipe");
+    let start = h.state().latest.as_ref().unwrap().index;
+    h.get_by_label("Step").click();
+    // On lavapipe a refinement takes seconds: there is time to see it. (Pausing offered the
+    // first frame; the step lets that refinement go for the stepped frame's.)
+    wait(&mut h, "the stepped frame's refinement under way", |a| {
+        a.refining().is_some_and(|r| r.index == start + 1)
+    });
+    let first = h.state().refining().unwrap();
+    h.step();
+    assert!(
+        h.query_by_label_contains(&format!("refining frame {} against the CT", first.index))
+            .is_some()
+    );
+    // Step on while it runs: the new frame's refinement replaces it.
+    h.get_by_label("Step").click();
+    wait(&mut h, "the next frame's refinement", |a| {
+        a.refining().is_some_and(|r| r.index == first.index + 1)
+    });
+    assert!(first.task.is_cancelled());
+    let second = h.state().refining().unwrap();
+    h.step();
+    h.get_by_label("Cancel refinement").click();
+    wait(&mut h, "the refinement to stop", |a| a.refining().is_none());
+    assert!(second.task.is_cancelled());
+    // Neither frame was refined, and the one shown is not taken up again.
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(2) {
+        h.step();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(h.state().refining().is_none(), "refined again");
+    }
+    let p = h.state().latest.clone().unwrap();
+    assert_eq!(p.index, second.index);
+    assert!(p.refined.is_none(), "{:?}", p.refined.map(|r| r.index));
+    assert!(h.query_by_label_contains("refining frame").is_none());
+}
+
 #[test]
 fn loading_ct_files_and_a_corrupt_file_keeps_the_old_ct() {
     if skip() {

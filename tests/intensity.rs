@@ -9,9 +9,12 @@ use fluoropose::drr::cpu::Renderer;
 use fluoropose::drr::{Attenuation, CpuDrr, DensityVolume, DrrSource};
 use fluoropose::geometry::sampling::perturbed_pose;
 use fluoropose::geometry::{Camera, Pose, rodrigues};
-use fluoropose::registration::intensity::{IntensityOptions, Refinement, centroid, refine};
+use fluoropose::registration::intensity::{
+    IntensityError, IntensityOptions, Refinement, centroid, refine, refine_watched,
+};
 use fluoropose::registration::metrics::mean_tre_mm;
 use fluoropose::stream::simulated::QuantumNoise;
+use fluoropose::task::Task;
 use nalgebra::{Point3, Vector3};
 use rand::SeedableRng;
 use std::sync::Arc;
@@ -481,4 +484,100 @@ fn the_scan_places_its_candidates_across_the_beam() {
         r2.renders
     );
     assert_found(&r2, tre(&r2.pose));
+}
+
+/// A watched refinement reports the DRRs it renders as its progress and the run under way as its
+/// message, and ends the same as an unwatched one. Cancelled, it stops before its next batch of
+/// DRRs: at once when cancelled before it starts, and mid-way (here by the renderer, as the app's
+/// Cancel button would from the UI thread) with no DRR rendered after the cancellation.
+#[test]
+fn a_watched_refinement_reports_its_progress_and_stops_when_cancelled() {
+    /// Renders through `inner`, counting the DRRs, and cancels `task` after `cancel_after`.
+    struct Counting<'a> {
+        inner: &'a mut CpuDrr,
+        task: Task,
+        rendered: usize,
+        cancel_after: usize,
+    }
+    impl DrrSource for Counting<'_> {
+        fn render(&mut self, camera: &Camera, pose: &Pose) -> Result<Vec<f32>, String> {
+            self.rendered += 1;
+            if self.rendered >= self.cancel_after {
+                self.task.cancel();
+            }
+            self.inner.render(camera, pose)
+        }
+    }
+    let mut s = setup();
+    let pivot = centroid(&s.points);
+    let init = off(
+        &s.truth,
+        &pivot,
+        Vector3::new(0.02, -0.02, 0.0),
+        Vector3::new(1.0, -1.0, 20.0),
+    );
+    let opts = one_run();
+    let plain = refine(&s.frame, &s.camera, &pivot, &init, &mut s.source, &opts).unwrap();
+    let task = Task::new();
+    let mut counting = Counting {
+        inner: &mut s.source,
+        task: task.clone(),
+        rendered: 0,
+        cancel_after: usize::MAX,
+    };
+    let watched = refine_watched(
+        &s.frame,
+        &s.camera,
+        &pivot,
+        &init,
+        &mut counting,
+        &opts,
+        &task,
+    )
+    .unwrap();
+    assert_eq!(watched.pose, plain.pose);
+    assert_eq!(watched.renders, plain.renders);
+    let (done, _, message) = task.progress();
+    assert_eq!(done as usize, watched.renders);
+    assert_eq!(counting.rendered, watched.renders);
+    assert!(!message.is_empty());
+
+    let cancelled = Task::new();
+    cancelled.cancel();
+    counting.rendered = 0;
+    let e = refine_watched(
+        &s.frame,
+        &s.camera,
+        &pivot,
+        &init,
+        &mut counting,
+        &opts,
+        &cancelled,
+    );
+    assert!(matches!(e, Err(IntensityError::Cancelled)), "{e:?}");
+    assert_eq!(counting.rendered, 0);
+
+    let midway = Task::new();
+    counting.task = midway.clone();
+    counting.rendered = 0;
+    counting.cancel_after = 10;
+    let e = refine_watched(
+        &s.frame,
+        &s.camera,
+        &pivot,
+        &init,
+        &mut counting,
+        &opts,
+        &midway,
+    );
+    assert!(matches!(e, Err(IntensityError::Cancelled)), "{e:?}");
+    // The batch under way when it was cancelled finishes (a finite-difference batch is 6-12
+    // DRRs); nothing after it.
+    assert!(
+        (10..=10 + 12).contains(&counting.rendered) && counting.rendered < plain.renders,
+        "{} DRRs rendered, {} in the whole refinement",
+        counting.rendered,
+        plain.renders
+    );
+    assert_eq!(midway.progress().0 as usize, counting.rendered);
 }

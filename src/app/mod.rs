@@ -20,8 +20,8 @@ use crate::train::Metric;
 use crate::volume::Volume;
 use eframe::egui;
 use eframe::wgpu;
-pub use pipeline::RefinedPose;
 use pipeline::{Command, Pipeline, Processed, Source};
+pub use pipeline::{RefinedPose, Refining};
 use std::path::PathBuf;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
@@ -887,6 +887,11 @@ impl FluoroApp {
     /// Status of the GPU.
     pub fn gpu_status(&self) -> &str {
         &self.gpu_status
+    }
+
+    /// The refinement against the CT under way, if any ([`Pipeline::refining`]).
+    pub fn refining(&self) -> Option<Refining> {
+        self.pipeline.refining()
     }
 
     /// The pose the DRR shows: manual sliders, or the frame's best pose ([`Processed::shown_pose`]).

@@ -12,8 +12,10 @@ use crate::geometry::{Camera, Pose};
 use crate::landmarks::Landmarks3d;
 use crate::model::{Detection, Predictor};
 use crate::registration::Solution;
+use crate::registration::intensity::IntensityError;
 use crate::registration::tracking::{PoseTracker, Tracked, TrackerOptions};
 use crate::stream::simulated::{CpuDrr, Detector, DrrSource, SimulatedStream, Trajectory};
+use crate::task::Task;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError, sync_channel};
@@ -79,6 +81,9 @@ pub enum Command {
     RefineWhilePlaying(bool),
     /// A refinement finished (sent by the refinement thread).
     Refined(Result<RefinedPose, String>),
+    /// The refinement of this frame was cancelled before it finished (sent by the refinement
+    /// thread).
+    RefineCancelled(u64),
     /// Stop the thread.
     Quit,
 }
@@ -117,6 +122,26 @@ pub struct RefinedPose {
     pub similarity: (f64, f64),
     /// How long it took, ms.
     pub ms: f64,
+}
+
+/// A refinement under way, for the UI: its frame, when it started, and its task (the DRRs
+/// rendered so far as progress, the run under way as message; [`Task::cancel`] stops it).
+#[derive(Clone)]
+pub struct Refining {
+    /// The frame being refined.
+    pub index: u64,
+    /// When the refinement started.
+    pub started: Instant,
+    /// Its progress and cancellation.
+    pub task: Task,
+}
+
+/// Where the refinement thread shows what it is doing, shared with the UI.
+type RefiningSlot = Arc<std::sync::Mutex<Option<Refining>>>;
+
+/// The refinement under way in `slot`, if any (a poisoned lock reads as none).
+fn refining_in(slot: &RefiningSlot) -> Option<Refining> {
+    slot.lock().ok().and_then(|r| r.clone())
 }
 
 impl RefinedPose {
@@ -210,6 +235,7 @@ impl Processed {
 pub struct Pipeline {
     commands: std::sync::mpsc::Sender<Command>,
     results: Receiver<Result<Processed, String>>,
+    refining: RefiningSlot,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -228,15 +254,24 @@ impl Pipeline {
         let (ctx, crx) = std::sync::mpsc::channel();
         let (rtx, rrx) = sync_channel(1);
         let to_self = ctx.clone();
+        let refining = RefiningSlot::default();
+        let slot = refining.clone();
         let thread = std::thread::Builder::new()
             .name("fluoropose-pipeline".into())
             .spawn(move || {
-                Worker::new(source, model, landmarks, decode, rtx, on_frame, to_self).run(crx)
+                let out = Outlet {
+                    results: rtx,
+                    on_frame,
+                    to_self,
+                    refining: slot,
+                };
+                Worker::new(source, model, landmarks, decode, out).run(crx)
             })
             .ok();
         Self {
             commands: ctx,
             results: rrx,
+            refining,
             thread,
         }
     }
@@ -244,6 +279,12 @@ impl Pipeline {
     /// Sends a command (ignored if the worker is gone).
     pub fn send(&self, c: Command) {
         let _ = self.commands.send(c);
+    }
+
+    /// The refinement under way, if any: what the Pose panel shows while it runs (seconds on a
+    /// CPU's software renderer) and what its Cancel button stops.
+    pub fn refining(&self) -> Option<Refining> {
+        refining_in(&self.refining)
     }
 
     /// The newest result, if any arrived.
@@ -429,11 +470,17 @@ enum RefineRequest {
 struct RefineThread {
     requests: Sender<RefineRequest>,
     busy: Arc<std::sync::atomic::AtomicBool>,
+    refining: RefiningSlot,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl RefineThread {
-    fn start(volume: Arc<crate::drr::DensityVolume>, back: Sender<Command>) -> Self {
+    fn start(
+        volume: Arc<crate::drr::DensityVolume>,
+        back: Sender<Command>,
+        refining: RefiningSlot,
+    ) -> Self {
+        let slot = refining.clone();
         let (tx, rx) = std::sync::mpsc::channel::<RefineRequest>();
         let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = busy.clone();
@@ -459,28 +506,49 @@ impl RefineThread {
                                 pivot,
                             } = *job;
                             let t0 = Instant::now();
-                            let r = crate::registration::intensity::refine(
+                            let task = Task::new();
+                            let show = |r: Option<Refining>| {
+                                if let Ok(mut slot) = slot.lock() {
+                                    *slot = r;
+                                }
+                            };
+                            show(Some(Refining {
+                                index,
+                                started: t0,
+                                task: task.clone(),
+                            }));
+                            let r = crate::registration::intensity::refine_watched(
                                 &pixels,
                                 &camera,
                                 &pivot,
                                 &pose,
                                 &mut source,
                                 &opts,
-                            )
-                            .map(|r| RefinedPose {
-                                index,
-                                pose: r.pose,
-                                from: pose,
-                                live,
-                                truth,
-                                similarity: (r.similarity_before, r.similarity),
-                                ms: t0.elapsed().as_secs_f64() * 1e3,
-                            })
-                            .map_err(|e| e.to_string());
+                                &task,
+                            );
+                            show(None);
+                            flag.store(false, std::sync::atomic::Ordering::Release);
+                            if matches!(r, Err(IntensityError::Cancelled)) {
+                                log::debug!("refinement of frame {index} cancelled");
+                                if back.send(Command::RefineCancelled(index)).is_err() {
+                                    return;
+                                }
+                                continue;
+                            }
+                            let r = r
+                                .map(|r| RefinedPose {
+                                    index,
+                                    pose: r.pose,
+                                    from: pose,
+                                    live,
+                                    truth,
+                                    similarity: (r.similarity_before, r.similarity),
+                                    ms: t0.elapsed().as_secs_f64() * 1e3,
+                                })
+                                .map_err(|e| e.to_string());
                             if let Ok(r) = &r {
                                 log::debug!("refined frame {} in {:.0} ms", r.index, r.ms);
                             }
-                            flag.store(false, std::sync::atomic::Ordering::Release);
                             if back.send(Command::Refined(r)).is_err() {
                                 return;
                             }
@@ -492,6 +560,7 @@ impl RefineThread {
         Self {
             requests: tx,
             busy,
+            refining,
             thread,
         }
     }
@@ -507,7 +576,11 @@ impl RefineThread {
 
 impl Drop for RefineThread {
     fn drop(&mut self) {
-        // Closing the request channel ends the thread after the refinement in hand.
+        // Closing the request channel ends the thread after the refinement in hand, which is
+        // cancelled first: on a software renderer it could hold the app's exit for seconds.
+        if let Some(now) = refining_in(&self.refining) {
+            now.task.cancel();
+        }
         let (dead, _) = std::sync::mpsc::channel();
         self.requests = dead;
         if let Some(t) = self.thread.take() {
@@ -547,9 +620,24 @@ struct Worker {
     refiner: Option<RefineThread>,
     refine_while_playing: bool,
     refined: Option<RefinedPose>,
+    /// The refinement under way (the refinement thread fills it, the UI reads it).
+    refining: RefiningSlot,
+    /// A frame whose refinement this worker cancelled for a newer one (not the user).
+    superseded: Option<u64>,
+    /// A frame whose refinement the user cancelled: not offered again.
+    declined: Option<u64>,
     /// The last frame sent, to send again when its refinement arrives.
     last: Option<Processed>,
     to_self: Sender<Command>,
+}
+
+/// Where the worker's results go: the UI's channel and repaint, itself (the refinement
+/// thread's answers), and the UI's view of the refinement under way.
+struct Outlet {
+    results: SyncSender<Result<Processed, String>>,
+    on_frame: Box<dyn Fn() + Send>,
+    to_self: Sender<Command>,
+    refining: RefiningSlot,
 }
 
 impl Worker {
@@ -558,10 +646,14 @@ impl Worker {
         model: Option<Arc<Predictor>>,
         landmarks: Landmarks3d,
         decode: Decode,
-        out: SyncSender<Result<Processed, String>>,
-        on_frame: Box<dyn Fn() + Send>,
-        to_self: Sender<Command>,
+        outlet: Outlet,
     ) -> Self {
+        let Outlet {
+            results: out,
+            on_frame,
+            to_self,
+            refining,
+        } = outlet;
         let mut w = Self {
             source: source.clone(),
             sim: None,
@@ -581,6 +673,9 @@ impl Worker {
             refiner: None,
             refine_while_playing: true,
             refined: None,
+            refining,
+            superseded: None,
+            declined: None,
             last: None,
             to_self,
         };
@@ -593,6 +688,8 @@ impl Worker {
         self.last_pose = None;
         self.tracker.reset();
         self.refined = None;
+        // Frame numbers start again or jump: a cancelled one's number may be another frame.
+        self.declined = None;
     }
 
     fn set_source(&mut self, source: Source) {
@@ -632,8 +729,8 @@ impl Worker {
             Command::Play(p) => {
                 self.playing = p;
                 // Paused: the frame in hand is the one to refine now.
-                if !p && let Some(last) = &self.last {
-                    self.offer_refinement(last);
+                if !p && let Some(last) = self.last.clone() {
+                    self.offer_refinement(&last);
                 }
             }
             Command::Step => {
@@ -692,12 +789,25 @@ impl Worker {
             Command::Refine(volume) => match volume {
                 Some(v) => match &self.refiner {
                     Some(r) => {
+                        // The refinement under way matches DRRs of the CT that was.
+                        if let Some(now) = refining_in(&self.refining) {
+                            self.superseded = Some(now.index);
+                            now.task.cancel();
+                        }
                         let _ = r.requests.send(RefineRequest::Volume(v));
                         self.refined = None;
                     }
-                    None => self.refiner = Some(RefineThread::start(v, self.to_self.clone())),
+                    None => {
+                        self.refiner = Some(RefineThread::start(
+                            v,
+                            self.to_self.clone(),
+                            self.refining.clone(),
+                        ))
+                    }
                 },
                 None => {
+                    // Dropping the thread cancels the refinement under way: not the user's.
+                    self.superseded = refining_in(&self.refining).map(|r| r.index);
                     self.refiner = None;
                     self.refined = None;
                 }
@@ -724,8 +834,18 @@ impl Worker {
                     }
                 }
                 // The frame in hand may be waiting: offer it.
-                if let Some(p) = &self.last {
-                    self.offer_refinement(p);
+                if let Some(p) = self.last.clone() {
+                    self.offer_refinement(&p);
+                }
+            }
+            Command::RefineCancelled(index) => {
+                // Cancelled by the worker for a newer frame, or by the user: that frame is
+                // then left alone.
+                if self.superseded.take() != Some(index) {
+                    self.declined = Some(index);
+                }
+                if let Some(p) = self.last.clone() {
+                    self.offer_refinement(&p);
                 }
             }
             Command::Quit => return false,
@@ -924,15 +1044,28 @@ impl Worker {
 
     /// Hands `p` to the refinement thread if it is on and idle (and the stream paused, unless
     /// refining while playing), `p` has a pose, and `p` has not been refined yet.
-    fn offer_refinement(&self, p: &Processed) {
+    fn offer_refinement(&mut self, p: &Processed) {
         let (Some(r), Some(s)) = (&self.refiner, &p.solution) else {
             return;
         };
         if self.playing && !self.refine_while_playing {
             return;
         }
-        if !s.status.ok() || self.refined.is_some_and(|r| r.index == p.index) {
+        if !s.status.ok()
+            || self.refined.is_some_and(|r| r.index == p.index)
+            || self.declined == Some(p.index)
+        {
             return;
+        }
+        // A paused stream refines the frame on screen: one stepped past while it was being
+        // refined is not worth the seconds a software renderer still needs for it.
+        if !self.playing
+            && let Some(now) = refining_in(&self.refining)
+            && now.index != p.index
+            && !now.task.is_cancelled()
+        {
+            self.superseded = Some(now.index);
+            now.task.cancel();
         }
         r.offer(RefineRequest::Job(Box::new(RefineJob {
             index: p.index,

@@ -138,6 +138,38 @@ fn marker_label(painter: &egui::Painter, at: Pos2, label: &str, c: Color32) {
     painter.text(pos, align, label, font, c);
 }
 
+/// A refinement under way: its frame, its time so far, the DRRs it has rendered and the run it
+/// is on, and a button that stops it (on a CPU's software renderer one can take many seconds).
+fn refining_line(ui: &mut egui::Ui, r: &super::Refining) {
+    let (drrs, _, run) = r.task.progress();
+    ui.horizontal_wrapped(|ui| {
+        ui.spinner();
+        let run = if run.is_empty() {
+            String::new()
+        } else {
+            format!(" ({run})")
+        };
+        ui.label(format!(
+            "refining frame {} against the CT: {:.1} s, {drrs} DRRs{run}",
+            r.index,
+            r.started.elapsed().as_secs_f64()
+        ));
+    });
+    if ui
+        .button("Cancel refinement")
+        .on_hover_text(
+            "Stop refining this frame: its pose stays the landmarks' (it is not refined again \
+             while it is the frame shown).",
+        )
+        .clicked()
+    {
+        r.task.cancel();
+    }
+    // The time and the count move while no frame arrives (a paused stream).
+    ui.ctx()
+        .request_repaint_after(std::time::Duration::from_millis(250));
+}
+
 /// The Pose panel's lines for a refinement: its pose, how well the DRR matches, and with the
 /// simulated stream its error.
 fn refined_lines(app: &FluoroApp, ui: &mut egui::Ui, r: &super::RefinedPose, shown: u64) {
@@ -370,6 +402,9 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
                 }
                 if let Some(r) = &p.refined {
                     refined_lines(app, ui, r, p.index);
+                }
+                if let Some(r) = app.refining() {
+                    refining_line(ui, &r);
                 }
                 if let Some(c) = &p.corrected
                     && p.refined.is_some_and(|r| r.index != p.index)

@@ -21,6 +21,7 @@
 use crate::drr::DrrSource;
 use crate::geometry::sampling::{angle_from_ap_rad, perturbed_pose};
 use crate::geometry::{Camera, Pose, rodrigues};
+use crate::task::Task;
 use nalgebra::{DMatrix, DVector, Matrix6, Point2, Point3, Vector3, Vector6};
 use serde::Serialize;
 
@@ -260,6 +261,9 @@ pub enum IntensityError {
     /// The renderer failed.
     #[error("intensity registration: rendering the DRR: {0}")]
     Render(String),
+    /// Its task was cancelled ([`refine_watched`]).
+    #[error("intensity registration: cancelled")]
+    Cancelled,
 }
 
 /// What a level compares.
@@ -474,6 +478,24 @@ pub fn refine(
     source: &mut dyn DrrSource,
     opts: &IntensityOptions,
 ) -> Result<Refinement, IntensityError> {
+    refine_watched(frame, camera, pivot, init, source, opts, &Task::new())
+}
+
+/// [`refine`], reporting to `task` as it goes (the DRRs rendered as its progress, the run under
+/// way as its message) and stopping with [`IntensityError::Cancelled`] before the next batch of
+/// DRRs once `task` is cancelled. On a CPU's software renderer a refinement whose landmark pose
+/// is no guide renders hundreds of DRRs over seconds; the app shows it and lets it go.
+pub fn refine_watched(
+    frame: &[f32],
+    camera: &Camera,
+    pivot: &Point3<f64>,
+    init: &Pose,
+    source: &mut dyn DrrSource,
+    opts: &IntensityOptions,
+    task: &Task,
+) -> Result<Refinement, IntensityError> {
+    let source = &mut Watched { source, task };
+    task.set_message("from the landmark pose");
     if !init.is_finite() {
         return Err(IntensityError::Input(
             "the starting pose is not finite".into(),
@@ -521,6 +543,7 @@ pub fn refine(
         if best.similarity >= opts.restart_below {
             break;
         }
+        task.set_message(format!("restart {} of {}", k + 1, opts.restarts.len()));
         let start = s.apply(init, pivot);
         let r = refine_once(&levels, pivot, &start, source, opts)?;
         renders += r.renders;
@@ -534,9 +557,11 @@ pub fn refine(
     if let Some(search) = opts.search.as_ref()
         && first_unlike
     {
+        task.set_message("scanning the C-arm's views");
         let (starts, scanned) = scan(&levels[0], camera, pivot, init, source, opts, search)?;
         renders += scanned;
         for (k, start) in starts.iter().enumerate() {
+            task.set_message(format!("scanned view {} of {}", k + 1, starts.len()));
             let r = refine_once(&levels, pivot, start, source, opts)?;
             renders += r.renders;
             let matched = r.similarity >= opts.restart_below;
@@ -563,7 +588,7 @@ fn scan(
     camera: &Camera,
     pivot: &Point3<f64>,
     init: &Pose,
-    source: &mut dyn DrrSource,
+    source: &mut Watched,
     opts: &IntensityOptions,
     search: &Search,
 ) -> Result<(Vec<Pose>, usize), IntensityError> {
@@ -759,15 +784,26 @@ fn across(pose: &Pose, pivot: &Point3<f64>, camera: &Camera, dx: f64, dy: f64) -
     Pose::from_matrix(&pose.rotation_matrix(), pose.translation_mm + shift)
 }
 
-/// `poses` rendered as one batch, one image each.
+/// The renderer of one refinement and the task it reports to.
+struct Watched<'a> {
+    source: &'a mut dyn DrrSource,
+    task: &'a Task,
+}
+
+/// `poses` rendered as one batch, one image each; nothing once the task is cancelled.
 fn render_checked(
-    source: &mut dyn DrrSource,
+    source: &mut Watched,
     camera: &Camera,
     poses: &[Pose],
 ) -> Result<Vec<Vec<f32>>, IntensityError> {
+    if source.task.is_cancelled() {
+        return Err(IntensityError::Cancelled);
+    }
     let images = source
+        .source
         .render_batch(camera, poses)
         .map_err(IntensityError::Render)?;
+    source.task.inc(poses.len() as u64);
     if images.len() != poses.len() {
         return Err(IntensityError::Render(format!(
             "{} images for {} poses",
@@ -784,7 +820,7 @@ fn refine_once(
     levels: &[Level],
     pivot: &Point3<f64>,
     init: &Pose,
-    source: &mut dyn DrrSource,
+    source: &mut Watched,
     opts: &IntensityOptions,
 ) -> Result<Refinement, IntensityError> {
     let mut renders = 0usize;
