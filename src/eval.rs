@@ -573,10 +573,10 @@ pub fn evaluate_with(
                     Landmarks::Decoded(_, d) => *d,
                     _ => Decode::default(),
                 };
-                let (l, inv, n) = read_batch(net, &images, size, &decode)?;
-                inverted_images += inv.iter().filter(|&&i| i).count();
-                noise.extend(n);
-                Some(l)
+                let read = read_batch(net, &images, size, &decode)?;
+                inverted_images += read.inverted.iter().filter(|&&i| i).count();
+                noise.extend(read.noise);
+                Some(read.logits)
             }
             None => None,
         };
@@ -861,17 +861,24 @@ fn reprojection_sq(
     sum
 }
 
-/// The heatmap logits `(B, N, S, S)` of a batch of `size x size` images read as `decode` says
-/// (mirror-averaged, and which way round: [`Polarity`], as [`crate::detect::detect`] reads a
-/// frame), which images were read inverted, and how noisy each was (as first read; inverting
-/// does not change it).
-#[allow(clippy::type_complexity)]
+/// A batch of images as the network read them ([`read_batch`]).
+struct BatchRead {
+    /// The heatmap logits, `(B, N, S, S)`.
+    logits: Tensor,
+    /// Which images were read inverted.
+    inverted: Vec<bool>,
+    /// How noisy each image was, as first read (inverting does not change it).
+    noise: Vec<crate::model::noise::InputNoise>,
+}
+
+/// A batch of `size x size` images read as `decode` says (mirror-averaged, and which way round:
+/// [`Polarity`], as [`crate::detect::detect`] reads a frame).
 fn read_batch(
     net: &UNet,
     images: &[Vec<f32>],
     size: usize,
     decode: &Decode,
-) -> Result<(Tensor, Vec<bool>, Vec<crate::model::noise::InputNoise>), crate::train::TrainError> {
+) -> Result<BatchRead, crate::train::TrainError> {
     let forward =
         |inverted: &[bool]| -> candle_core::Result<(Tensor, Vec<crate::model::noise::InputNoise>)> {
             let mut v = Vec::with_capacity(images.len() * size * size);
@@ -893,7 +900,11 @@ fn read_batch(
     let mut inverted = vec![decode.first_inverted(); images.len()];
     let (logits, noise) = forward(&inverted)?;
     if decode.polarity != Polarity::Auto {
-        return Ok((logits, inverted, noise));
+        return Ok(BatchRead {
+            logits,
+            inverted,
+            noise,
+        });
     }
     let score = |l: &Tensor| -> candle_core::Result<f64> {
         Ok(polarity_score(
@@ -904,7 +915,11 @@ fn read_batch(
         .map(|i| score(&logits.get(i)?))
         .collect::<candle_core::Result<Vec<f64>>>()?;
     if !scores.iter().any(|&s| decode.retries(s)) {
-        return Ok((logits, inverted, noise));
+        return Ok(BatchRead {
+            logits,
+            inverted,
+            noise,
+        });
     }
     let flipped: Vec<bool> = inverted.iter().map(|v| !v).collect();
     let (other, _) = forward(&flipped)?;
@@ -918,7 +933,11 @@ fn read_batch(
             rows.push(logits.get(i)?);
         }
     }
-    Ok((Tensor::stack(&rows, 0)?, inverted, noise))
+    Ok(BatchRead {
+        logits: Tensor::stack(&rows, 0)?,
+        inverted,
+        noise,
+    })
 }
 
 /// Intensity-based refinement inside [`evaluate_with`]: one subject's CT at a time.
