@@ -540,6 +540,8 @@ fn predict_refines_the_pose_against_the_ct_and_bench_refine_measures_it() {
     assert!(ok, "{err}");
     let (ok, out, err) = run(&["predict", png.to_str().unwrap(), "--ct", "phantom:62"]);
     assert!(ok, "{err}");
+    // Its progress goes to stderr (as lines where stderr is not a terminal), the JSON to stdout.
+    assert!(err.contains("predict: 1/1 (100%)"), "{err}");
     let v: Value = serde_json::from_str(&out).unwrap();
     let params = |k: &str| -> fluoropose::geometry::Pose {
         let p: Vec<f64> = serde_json::from_value(v[0][k].clone()).unwrap();

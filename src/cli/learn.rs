@@ -25,6 +25,14 @@ fn with_bar<T>(task: &Task, what: &str, work: impl FnOnce() -> T) -> T {
     let done = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
         s.spawn(|| {
+            let mut write = |d: u64, t: u64, m: &str| {
+                if let Some(log) = log.as_mut() {
+                    let elapsed = start.elapsed();
+                    if log.due(d, t, elapsed) {
+                        eprintln!("{}", progress_line(what, d, t, elapsed, m));
+                    }
+                }
+            };
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
                 let (d, t, m) = task.progress();
                 pb.set_length(t);
@@ -32,14 +40,13 @@ fn with_bar<T>(task: &Task, what: &str, work: impl FnOnce() -> T) -> T {
                 if !m.is_empty() {
                     pb.set_message(format!("{what}: {m}"));
                 }
-                if let Some(log) = log.as_mut() {
-                    let elapsed = start.elapsed();
-                    if log.due(d, t, elapsed) {
-                        eprintln!("{}", progress_line(what, d, t, elapsed, &m));
-                    }
-                }
+                write(d, t, &m);
                 std::thread::sleep(Duration::from_millis(100));
             }
+            // Work that ends between two looks still logs where it got to (its last tenth);
+            // the bar is cleared by then.
+            let (d, t, m) = task.progress();
+            write(d, t, &m);
         });
         let out = work();
         done.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -888,59 +895,77 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
     decode.polarity = crate::detect::Polarity::parse(&a.polarity)
         .with_context(|| format!("--polarity {:?}", a.polarity))?;
     let mut out = Vec::new();
-    for f in &files {
-        let x = crate::stream::read_image_file(f)
-            .with_context(|| format!("reading {}", f.display()))?;
-        for (k, frame) in x.frames.iter().enumerate() {
-            let cam = x.geometry.camera(x.width as u32, x.height as u32);
-            let found = crate::detect::detect(
-                &p,
-                frame,
-                x.width,
-                x.height,
-                &cam,
-                lm3.as_ref().map(|l| l.points.as_slice()),
-                None,
-                &decode,
-            )?;
-            // The frames of a cine share their polarity: the next is read this way first.
-            decode.inverted_first = found.inverted;
-            let det = &found.detections;
-            let mut rec = serde_json::json!({
-                "file": f.display().to_string(), "frame": k, "inference_ms": found.inference_ms,
-                "frame_inverted": found.inverted,
-                "score": found.polarity_score(), "unsure": found.unsure(),
-                "noise": found.noise.noise, "smoothed_px": found.noise.smoothed_px,
-                "landmarks": det.iter().map(|d| [d.point.x, d.point.y]).collect::<Vec<_>>(),
-                "confidence": det.iter().map(|d| d.confidence).collect::<Vec<_>>(),
-                "reprojected": det.iter().map(|d| d.reprojected).collect::<Vec<_>>(),
-            });
-            if let Some(s) = &found.solution {
-                rec["pose"] = serde_json::json!(s.pose.params());
-                rec["status"] = serde_json::json!(format!("{:?}", s.status));
-                rec["reprojection_rmse_px"] = serde_json::json!(s.rmse_px);
-                if let (Some(src), Some(lm)) = (refiner.as_mut(), lm3.as_ref()) {
-                    let present: Vec<_> = lm.present();
-                    let pivot = crate::registration::intensity::centroid(&present);
-                    let r = crate::registration::intensity::refine(
-                        frame,
-                        &cam,
-                        &pivot,
-                        &s.pose,
-                        src,
-                        &IntensityOptions::default(),
-                    )
-                    .with_context(|| format!("refining the pose of {} frame {k}", f.display()))?;
-                    rec["refined_pose"] = serde_json::json!(r.pose.params());
-                    rec["similarity"] = serde_json::json!([r.similarity_before, r.similarity]);
-                    rec["inverted"] = serde_json::json!(r.inverted);
-                    rec["restarts"] = serde_json::json!(r.restarts);
-                    rec["searched"] = serde_json::json!(r.searched);
+    // A folder or a cine, and with --ct seconds of refinement per frame on a software renderer:
+    // a bar over the frames (a file counts as one until it is read), its message the frame in
+    // hand (the JSON goes to stdout at the end).
+    let task = Task::new();
+    task.set_total(files.len() as u64);
+    with_bar(&task, "predict", || -> Result<()> {
+        for f in &files {
+            let x = crate::stream::read_image_file(f)
+                .with_context(|| format!("reading {}", f.display()))?;
+            let (_, total, _) = task.progress();
+            task.set_total((total + x.frames.len() as u64).saturating_sub(1));
+            for (k, frame) in x.frames.iter().enumerate() {
+                task.set_message(format!("{} frame {k}", f.display()));
+                let cam = x.geometry.camera(x.width as u32, x.height as u32);
+                let found = crate::detect::detect(
+                    &p,
+                    frame,
+                    x.width,
+                    x.height,
+                    &cam,
+                    lm3.as_ref().map(|l| l.points.as_slice()),
+                    None,
+                    &decode,
+                )?;
+                // The frames of a cine share their polarity: the next is read this way first.
+                decode.inverted_first = found.inverted;
+                let det = &found.detections;
+                let mut rec = serde_json::json!({
+                    "file": f.display().to_string(), "frame": k, "inference_ms": found.inference_ms,
+                    "frame_inverted": found.inverted,
+                    "score": found.polarity_score(), "unsure": found.unsure(),
+                    "noise": found.noise.noise, "smoothed_px": found.noise.smoothed_px,
+                    "landmarks": det.iter().map(|d| [d.point.x, d.point.y]).collect::<Vec<_>>(),
+                    "confidence": det.iter().map(|d| d.confidence).collect::<Vec<_>>(),
+                    "reprojected": det.iter().map(|d| d.reprojected).collect::<Vec<_>>(),
+                });
+                if let Some(s) = &found.solution {
+                    rec["pose"] = serde_json::json!(s.pose.params());
+                    rec["status"] = serde_json::json!(format!("{:?}", s.status));
+                    rec["reprojection_rmse_px"] = serde_json::json!(s.rmse_px);
+                    if let (Some(src), Some(lm)) = (refiner.as_mut(), lm3.as_ref()) {
+                        task.set_message(format!(
+                            "{} frame {k}: refining against the CT",
+                            f.display()
+                        ));
+                        let present: Vec<_> = lm.present();
+                        let pivot = crate::registration::intensity::centroid(&present);
+                        let r = crate::registration::intensity::refine(
+                            frame,
+                            &cam,
+                            &pivot,
+                            &s.pose,
+                            src,
+                            &IntensityOptions::default(),
+                        )
+                        .with_context(|| {
+                            format!("refining the pose of {} frame {k}", f.display())
+                        })?;
+                        rec["refined_pose"] = serde_json::json!(r.pose.params());
+                        rec["similarity"] = serde_json::json!([r.similarity_before, r.similarity]);
+                        rec["inverted"] = serde_json::json!(r.inverted);
+                        rec["restarts"] = serde_json::json!(r.restarts);
+                        rec["searched"] = serde_json::json!(r.searched);
+                    }
                 }
+                out.push(rec);
+                task.inc(1);
             }
-            out.push(rec);
         }
-    }
+        Ok(())
+    })?;
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }
