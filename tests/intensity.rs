@@ -525,16 +525,11 @@ fn a_watched_refinement_reports_its_progress_and_stops_when_cancelled() {
         rendered: 0,
         cancel_after: usize::MAX,
     };
-    let watched = refine_watched(
-        &s.frame,
-        &s.camera,
-        &pivot,
-        &init,
-        &mut counting,
-        &opts,
-        &task,
-    )
-    .unwrap();
+    let (frame, camera) = (&s.frame, &s.camera);
+    let watch = |source: &mut Counting, task: &Task| {
+        refine_watched(frame, camera, &pivot, &init, source, &opts, task)
+    };
+    let watched = watch(&mut counting, &task).unwrap();
     assert_eq!(watched.pose, plain.pose);
     assert_eq!(watched.renders, plain.renders);
     let (done, _, message) = task.progress();
@@ -545,15 +540,7 @@ fn a_watched_refinement_reports_its_progress_and_stops_when_cancelled() {
     let cancelled = Task::new();
     cancelled.cancel();
     counting.rendered = 0;
-    let e = refine_watched(
-        &s.frame,
-        &s.camera,
-        &pivot,
-        &init,
-        &mut counting,
-        &opts,
-        &cancelled,
-    );
+    let e = watch(&mut counting, &cancelled);
     assert!(matches!(e, Err(IntensityError::Cancelled)), "{e:?}");
     assert_eq!(counting.rendered, 0);
 
@@ -561,15 +548,7 @@ fn a_watched_refinement_reports_its_progress_and_stops_when_cancelled() {
     counting.task = midway.clone();
     counting.rendered = 0;
     counting.cancel_after = 10;
-    let e = refine_watched(
-        &s.frame,
-        &s.camera,
-        &pivot,
-        &init,
-        &mut counting,
-        &opts,
-        &midway,
-    );
+    let e = watch(&mut counting, &midway);
     assert!(matches!(e, Err(IntensityError::Cancelled)), "{e:?}");
     // The batch under way when it was cancelled finishes (a finite-difference batch is 6-12
     // DRRs); nothing after it.

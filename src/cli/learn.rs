@@ -906,9 +906,10 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
                 .with_context(|| format!("reading {}", f.display()))?;
             let (_, total, _) = task.progress();
             task.set_total((total + x.frames.len() as u64).saturating_sub(1));
+            // One geometry per file: a cine's frames share it.
+            let cam = x.geometry.camera(x.width as u32, x.height as u32);
             for (k, frame) in x.frames.iter().enumerate() {
                 task.set_message(format!("{} frame {k}", f.display()));
-                let cam = x.geometry.camera(x.width as u32, x.height as u32);
                 let found = crate::detect::detect(
                     &p,
                     frame,
