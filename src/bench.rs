@@ -755,16 +755,25 @@ pub fn pipeline(o: &PipelineOptions) -> Result<()> {
             }
         );
         if refine {
+            let corrected = if tre_corrected.is_empty() {
+                "no frame corrected by a refinement (each turned too far from its frame, or came \
+                 too late)"
+                    .to_string()
+            } else {
+                format!(
+                    "{:.0}% of frames corrected by the newest one: TRE {:.2} mm (uncorrected on \
+                     those frames {:.2} mm), jitter {:.2} mm/frame",
+                    100.0 * tre_corrected.len() as f64 / n.max(1) as f64,
+                    mean(&tre_corrected),
+                    mean(&tre_live_on_corrected),
+                    mean(&jitter_corrected)
+                )
+            };
             println!(
                 "refined against the CT in the background: {} refinements, {:.0} ms each; \
-                 {:.0}% of frames corrected by the newest one: TRE {:.2} mm (uncorrected on those \
-                 frames {:.2} mm), jitter {:.2} mm/frame",
+                 {corrected}",
                 refined_ms.len(),
                 mean(&refined_ms),
-                100.0 * tre_corrected.len() as f64 / n.max(1) as f64,
-                mean(&tre_corrected),
-                mean(&tre_live_on_corrected),
-                mean(&jitter_corrected)
             );
         }
     }
@@ -833,12 +842,14 @@ fn refine_subject(
 /// the landmark solver typically leaves a pose (tilted up to 2° about the landmarks' centroid,
 /// shifted up to 2 mm across the beam and 25 mm along it): time per refinement, DRRs rendered,
 /// TRE at the landmarks before and after, with the DRRs on the GPU (lavapipe without one) or,
-/// with `cpu`, the CPU reference.
+/// with `cpu`, the CPU reference; `converged_px` overrides the refinement's
+/// [`IntensityOptions::converged_px`](crate::registration::intensity::IntensityOptions).
 pub fn refine(
     n: usize,
     cpu: bool,
     ct: Option<&std::path::Path>,
     landmarks: Option<&std::path::Path>,
+    converged_px: Option<f64>,
     json: bool,
 ) -> Result<()> {
     use crate::drr::{AnyDrr, Attenuation, DensityVolume, DrrSource};
@@ -860,7 +871,11 @@ pub fn refine(
     let camera = Camera::paper(256);
     // The Live tab's frames: its default dose through the simulated C-arm's detector.
     let detector = crate::stream::simulated::Detector::at_dose(100_000.0);
-    let opts = IntensityOptions::default();
+    let defaults = IntensityOptions::default();
+    let opts = IntensityOptions {
+        converged_px: converged_px.unwrap_or(defaults.converged_px),
+        ..defaults
+    };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
     let (mut ms, mut before, mut after, mut renders) = (vec![], vec![], vec![], 0usize);
     for _ in 0..n.max(1) {
@@ -898,6 +913,7 @@ pub fn refine(
         "ms_median": median(&mut ms.clone()),
         "ms_mean": mean(&ms),
         "renders_per_frame": renders as f64 / ms.len().max(1) as f64,
+        "converged_px": opts.converged_px,
         "tre_before_mm": mean(&before),
         "tre_after_mm": mean(&after),
         "tre_after_median_mm": median(&mut after.clone()),

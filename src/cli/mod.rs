@@ -228,6 +228,10 @@ pub enum BenchWhat {
         /// points the TRE is measured at (default: NAME.mrk.json, .fcsv or .csv beside the CT).
         #[arg(long, requires = "ct")]
         landmarks: Option<PathBuf>,
+        /// A pyramid level has converged once a step moves the image by less than this, pixels
+        /// of the level (0: once a step no longer lowers the residual; default: the app's).
+        #[arg(long)]
+        converged_px: Option<f64>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -415,8 +419,16 @@ pub fn run(cli: Cli) -> Result<()> {
                 cpu,
                 ct,
                 landmarks,
+                converged_px,
                 json,
-            } => crate::bench::refine(frames, cpu, ct.as_deref(), landmarks.as_deref(), json),
+            } => crate::bench::refine(
+                frames,
+                cpu,
+                ct.as_deref(),
+                landmarks.as_deref(),
+                converged_px,
+                json,
+            ),
             BenchWhat::Pipeline(o) => crate::bench::pipeline(&o),
             BenchWhat::Model {
                 size,
