@@ -456,6 +456,11 @@ pub struct PipelineOptions {
     /// score the live poses its corrections carry over to.
     #[arg(long)]
     pub refine: bool,
+    /// With `--refine`: refine the playing stream only while the C-arm holds still, as the
+    /// app does by default on a CPU ("also while playing" off), instead of every frame it has
+    /// time for.
+    #[arg(long, requires = "refine")]
+    pub refine_still_only: bool,
     /// The embedded network (default: the one the app starts with on this machine).
     #[arg(long, value_enum)]
     pub network: Option<crate::model::shipped::Shipped>,
@@ -529,6 +534,7 @@ pub fn pipeline(o: &PipelineOptions) -> Result<()> {
 
     pipe.send(Command::Track(track));
     pipe.send(Command::Refine(refine.then(|| scene.density.clone())));
+    pipe.send(Command::RefineWhilePlaying(!o.refine_still_only));
     let (mut tre_corrected, mut jitter_corrected, mut refined_ms) =
         (Vec::new(), Vec::new(), Vec::new());
     let mut prev_corrected: Option<(u64, Vec<nalgebra::Vector3<f64>>)> = None;
@@ -704,6 +710,7 @@ pub fn pipeline(o: &PipelineOptions) -> Result<()> {
         "jitter_mm": mean(&jitter),
         "jitter_tracked_mm": if jitter_tracked.is_empty() { serde_json::Value::Null } else { mean(&jitter_tracked).into() },
         "refine": refine,
+        "refine_still_only": o.refine_still_only,
         "motion": motion,
         "refinements": refined_ms.len(),
         "refine_ms": if refined_ms.is_empty() { serde_json::Value::Null } else { mean(&refined_ms).into() },

@@ -924,3 +924,69 @@ fn a_noisy_frame_is_smoothed_and_said_to_be() {
     assert!(n.relative() > 1.0 && n.smoothed_px > 0.0, "{n:?}");
     assert!(h.query_by_label_contains("smoothed (sigma").is_some());
 }
+
+/// Without "also while playing" (the default where the DRRs share a CPU), the playing stream is
+/// refined once the C-arm has held still for a second, and the frames that follow carry the
+/// refinement's correction: the pipeline driven headless on a still simulated C-arm, never
+/// paused.
+#[test]
+fn a_still_c_arm_is_refined_while_playing() {
+    use fluoropose::app::Scene;
+    use fluoropose::app::pipeline::{Command, Pipeline, Source};
+    use std::sync::Arc;
+    if skip() {
+        return;
+    }
+    let scene = Scene::default_phantom();
+    let dev = fluoropose::model::default_device();
+    let model = Arc::new(Shipped::Compact.predictor(&dev).unwrap());
+    let pipe = Pipeline::start(
+        Source::Simulated {
+            density: scene.density.clone(),
+            isocenter: scene.volume.center_mm(),
+            size: 256,
+            photons: 100_000.0,
+            motion: 0.0,
+        },
+        Some(model),
+        scene.landmarks.clone(),
+        fluoropose::detect::Decode::default(),
+        Box::new(|| {}),
+    );
+    pipe.send(Command::Fps(10.0));
+    pipe.send(Command::Refine(Some(scene.density.clone())));
+    pipe.send(Command::RefineWhilePlaying(false));
+    pipe.send(Command::Play(true));
+    let t0 = Instant::now();
+    let carried = loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(180),
+            "no refinement carried over while playing"
+        );
+        if let Some(Ok(p)) = pipe.latest()
+            && let (Some(r), Some(corrected)) = (p.refined, p.corrected)
+            && r.index < p.index
+        {
+            break (p, r, corrected);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (p, r, corrected) = carried;
+    // It was refined while playing, after the C-arm had held still for a second of its clock.
+    assert!(r.index >= 10, "refined frame {}", r.index);
+    assert!(r.trusted(), "similarity {:?}", r.similarity);
+    let pts = scene.landmarks.present();
+    let tre = |q: &fluoropose::geometry::Pose| {
+        fluoropose::registration::metrics::mean_tre_mm(q, &p.truth.unwrap(), &pts)
+    };
+    let live = p.live_pose().unwrap();
+    assert!(
+        tre(&corrected) < tre(&live),
+        "frame {} carrying frame {}'s correction: {} mm, live {} mm",
+        p.index,
+        r.index,
+        tre(&corrected),
+        tre(&live)
+    );
+    pipe.send(Command::Quit);
+}

@@ -78,7 +78,7 @@ fn checkpoint_label(path: &std::path::Path, models: &[(String, ModelRef)]) -> St
 pub enum RefineMode {
     /// Never.
     Off,
-    /// Paused and stepped frames.
+    /// Paused and stepped frames, and the playing stream while the C-arm holds still.
     Paused,
     /// While playing too.
     Always,
@@ -158,8 +158,9 @@ pub struct Settings {
 impl Settings {
     /// Whether poses are refined while the stream plays: the user's choice, else on where the
     /// DRRs run on a GPU of their own (`gpu`, [`crate::drr::gpu::refines_while_playing`]). On a
-    /// CPU's software renderer a refinement takes about 0.4 s and shares the 2 cores with the
-    /// live pipeline, which then falls just below 10 fps: paused frames only there.
+    /// CPU's software renderer a refinement takes seconds and shares the 2 cores with the live
+    /// pipeline, which then loses about a frame per second: there only paused frames, and the
+    /// playing stream while the C-arm holds still (when its correction carries over).
     pub fn refine_while_playing(&self, gpu: bool) -> bool {
         self.refine_playing.unwrap_or(gpu)
     }

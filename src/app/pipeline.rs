@@ -77,7 +77,8 @@ pub enum Command {
     /// Refine solved poses against their frames with DRRs of this CT, on a thread of its own
     /// ([`crate::registration::intensity`]); `None` stops refining.
     Refine(Option<Arc<crate::drr::DensityVolume>>),
-    /// Refine while the stream plays too (else only paused or stepped frames; on by default).
+    /// Refine while the stream plays too (else only paused or stepped frames, and the playing
+    /// stream while the C-arm holds still; on by default).
     RefineWhilePlaying(bool),
     /// A refinement finished (sent by the refinement thread).
     Refined(Result<RefinedPose, String>),
@@ -107,6 +108,48 @@ pub struct Timings {
 const CORRECTION_MAX_AGE_S: f64 = 5.0;
 /// How far (degrees) the C-arm may have turned since the refined frame for the same.
 const CORRECTION_MAX_TURN_DEG: f64 = 4.0;
+/// A C-arm whose live pose has turned under this (degrees) for [`STILL_FOR_S`] holds still: a
+/// refinement started now will still apply when it ends (half of [`CORRECTION_MAX_TURN_DEG`],
+/// so that the rest is left for the seconds the refinement takes).
+const STILL_TURN_DEG: f64 = 0.5 * CORRECTION_MAX_TURN_DEG;
+/// How long (stream seconds) a C-arm must hold still before the playing stream is refined
+/// without "also while playing".
+const STILL_FOR_S: f64 = 1.0;
+
+/// Whether the C-arm holds still, followed frame by frame from the live poses: still since the
+/// first frame of a run whose live poses all turned under [`STILL_TURN_DEG`] from it (so a slow
+/// drift ends a run too), broken by a frame without a pose.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stillness {
+    /// The run's first frame and its live pose.
+    since: Option<(u64, Pose)>,
+    /// The newest frame followed.
+    newest: u64,
+}
+
+impl Stillness {
+    /// Follows frame `index`, whose live pose is `live` (`None`: not solved).
+    pub fn follow(&mut self, index: u64, live: Option<Pose>) {
+        self.newest = index;
+        let Some(live) = live else {
+            self.since = None;
+            return;
+        };
+        match self.since {
+            Some((_, from))
+                if crate::registration::metrics::rotation_error_deg(&from, &live)
+                    <= STILL_TURN_DEG => {}
+            _ => self.since = Some((index, live)),
+        }
+    }
+
+    /// Whether the C-arm has held still for [`STILL_FOR_S`] up to the newest frame, frames
+    /// `1 / fps` apart.
+    pub fn held(&self, fps: f64) -> bool {
+        self.since
+            .is_some_and(|(from, _)| self.newest.saturating_sub(from) as f64 >= STILL_FOR_S * fps)
+    }
+}
 
 /// A solved pose refined against the frame it was solved on.
 #[derive(Clone, Copy, Debug)]
@@ -630,6 +673,8 @@ struct Worker {
     superseded: Option<u64>,
     /// A frame whose refinement the user cancelled: not offered again.
     declined: Option<u64>,
+    /// Whether the C-arm holds still.
+    still: Stillness,
     /// The last frame sent, to send again when its refinement arrives.
     last: Option<Processed>,
     to_self: Sender<Command>,
@@ -680,6 +725,7 @@ impl Worker {
             refining,
             superseded: None,
             declined: None,
+            still: Stillness::default(),
             last: None,
             to_self,
         };
@@ -694,6 +740,7 @@ impl Worker {
         self.refined = None;
         // Frame numbers start again or jump: a cancelled one's number may be another frame.
         self.declined = None;
+        self.still = Stillness::default();
     }
 
     fn set_source(&mut self, source: Source) {
@@ -1039,6 +1086,7 @@ impl Worker {
             }
             _ => None,
         };
+        self.still.follow(index, p.live_pose());
         self.offer_refinement(&p);
         self.last = Some(p.clone());
         // A full channel means the UI has not taken the last frame: drop this one (no lag).
@@ -1047,12 +1095,16 @@ impl Worker {
     }
 
     /// Hands `p` to the refinement thread if it is on and idle (and the stream paused, unless
-    /// refining while playing), `p` has a pose, and `p` has not been refined yet.
+    /// refining while playing or the C-arm holds still), `p` has a pose, and `p` has not been
+    /// refined yet.
     fn offer_refinement(&mut self, p: &Processed) {
         let (Some(r), Some(s)) = (&self.refiner, &p.solution) else {
             return;
         };
-        if self.playing && !self.refine_while_playing {
+        // Without "also while playing", a playing stream is refined only while the C-arm holds
+        // still: then a refinement's correction carries over to the frames that follow (a CPU
+        // takes seconds for one), where on a moving C-arm it would lapse unused.
+        if self.playing && !self.refine_while_playing && !self.still.held(self.fps) {
             return;
         }
         if !s.status.ok()
@@ -1086,6 +1138,49 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A C-arm holds still after a second of live poses within 2° of the run's first, whatever
+    /// their jitter below that; a turn past it, a slow drift that adds up to it, or a frame
+    /// without a pose starts the count again.
+    #[test]
+    fn a_c_arm_holds_still_after_a_second_within_two_degrees() {
+        let deg = |a: f64| Pose::from_params(&[a.to_radians(), 0.0, 0.0, 0.0, 0.0, 800.0]);
+        let fps = 10.0;
+        let mut s = Stillness::default();
+        for i in 0..10 {
+            s.follow(i, Some(deg(if i % 2 == 0 { 0.8 } else { -0.8 })));
+            assert!(!s.held(fps), "frame {i}: not yet a second");
+        }
+        s.follow(10, Some(deg(1.5)));
+        assert!(s.held(fps), "a second of jitter under 2°");
+        s.follow(11, Some(deg(3.5)));
+        assert!(
+            !s.held(fps),
+            "a turn of 2.7° from the run's first pose starts again"
+        );
+        for i in 12..=21 {
+            s.follow(i, Some(deg(3.5)));
+        }
+        assert!(s.held(fps));
+        // A drift of 0.3° a frame: once it has left the still run, never a second within 2°
+        // of where a run starts.
+        for i in 22..60 {
+            s.follow(i, Some(deg(3.5 + 0.3 * (i - 21) as f64)));
+            assert!(i < 30 || !s.held(fps), "frame {i} drifts");
+        }
+        for i in 60..=70 {
+            s.follow(i, Some(deg(20.0)));
+        }
+        assert!(s.held(fps));
+        s.follow(71, None);
+        assert!(!s.held(fps), "a frame without a pose");
+        // At 2 fps a second is 2 frames.
+        let mut slow = Stillness::default();
+        for i in 0..3 {
+            slow.follow(i, Some(deg(0.0)));
+        }
+        assert!(slow.held(2.0));
+    }
 
     /// A frame's own refinement is the pose it shows, unless its DRR did not match the frame.
     #[test]

@@ -523,8 +523,10 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
             .on_hover_text(
                 "Match DRRs of the CT to the frame (intensity, then edges) starting from the \
                  landmarks' pose, on a thread of its own: millimetre depth where the landmarks \
-                 leave centimetres. About 0.4 s a frame on a CPU: a paused or stepped frame is \
-                 refined at once and the DRR shows the refined pose.",
+                 leave centimetres. Under a second a frame on a CPU (a few seconds beside the \
+                 playing stream): a paused or stepped frame is refined at once and the DRR shows \
+                 the refined pose, and while the C-arm holds still for a second the playing \
+                 stream is refined too.",
             )
             .changed()
         {
@@ -538,9 +540,10 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
                     .checkbox(&mut on, "also while playing")
                     .on_hover_text(
                         "Refine the newest frame whenever the refinement is free, at low \
-                         priority; later frames carry its correction while the C-arm stays \
-                         within 4° for 2 s. On by default where the DRRs run on a GPU; on a \
-                         CPU's software renderer it costs a few tenths of a frame per second.",
+                         priority, also while the C-arm moves; later frames carry its correction \
+                         while the C-arm stays within 4° for 5 s. On by default where the DRRs \
+                         run on a GPU; on a CPU's software renderer it costs about a frame per \
+                         second, so there, unticked, only a still C-arm's stream is refined.",
                     )
                     .changed()
                 {
