@@ -80,6 +80,17 @@ fn off(pose: &Pose, pivot: &Point3<f64>, rot: Vector3<f64>, shift: Vector3<f64>)
     Pose::from_matrix(&(turn * pose.rotation_matrix()), t)
 }
 
+/// Where the landmark solver typically leaves the pose: tilted by a few degrees, a couple of
+/// millimetres across the beam and 25 mm along it.
+fn landmark_start(s: &Setup, pivot: &Point3<f64>) -> Pose {
+    off(
+        &s.truth,
+        pivot,
+        Vector3::new(0.03, -0.04, 0.01),
+        Vector3::new(2.0, -1.5, 25.0),
+    )
+}
+
 /// The truth turned upside down about the pivot and moved by `shift` (camera axes, mm): the pose
 /// a few wrong landmarks give, no guide to the frame.
 fn upside_down(s: &Setup, pivot: &Point3<f64>, shift: Vector3<f64>) -> Pose {
@@ -135,12 +146,7 @@ fn refinement_recovers_a_pose_the_landmarks_left_off_in_depth_and_tilt() {
 fn a_level_stops_once_its_steps_no_longer_move_the_image() {
     let mut s = setup();
     let pivot = centroid(&s.points);
-    let init = off(
-        &s.truth,
-        &pivot,
-        Vector3::new(0.03, -0.04, 0.01),
-        Vector3::new(2.0, -1.5, 25.0),
-    );
+    let init = landmark_start(&s, &pivot);
     let mut run = |converged_px: f64| {
         let opts = IntensityOptions {
             converged_px,
@@ -237,12 +243,7 @@ fn refinement_recovers_the_pose_on_a_real_ct() {
 fn an_inverted_frame_is_matched_inverted() {
     let mut s = setup();
     let pivot = centroid(&s.points);
-    let init = off(
-        &s.truth,
-        &pivot,
-        Vector3::new(0.03, -0.04, 0.01),
-        Vector3::new(2.0, -1.5, 25.0),
-    );
+    let init = landmark_start(&s, &pivot);
     let opts = IntensityOptions::default();
     let upright = refine(&s.frame, &s.camera, &pivot, &init, &mut s.source, &opts).unwrap();
     assert!(!upright.inverted);

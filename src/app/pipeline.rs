@@ -117,8 +117,8 @@ const STILL_TURN_DEG: f64 = 0.5 * CORRECTION_MAX_TURN_DEG;
 const STILL_FOR_S: f64 = 1.0;
 
 /// Whether the C-arm holds still, followed frame by frame from the live poses: still since the
-/// first frame of a run whose live poses all turned under [`STILL_TURN_DEG`] from it (so a slow
-/// drift ends a run too), broken by a frame without a pose.
+/// first frame of a run whose live poses all turned under 2° (`STILL_TURN_DEG`) from it (so a
+/// slow drift ends a run too), broken by a frame without a pose.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Stillness {
     /// The run's first frame and its live pose.
@@ -143,8 +143,8 @@ impl Stillness {
         }
     }
 
-    /// Whether the C-arm has held still for [`STILL_FOR_S`] up to the newest frame, frames
-    /// `1 / fps` apart.
+    /// Whether the C-arm has held still for a second (`STILL_FOR_S`) up to the newest frame,
+    /// frames `1 / fps` apart.
     pub fn held(&self, fps: f64) -> bool {
         self.since
             .is_some_and(|(from, _)| self.newest.saturating_sub(from) as f64 >= STILL_FOR_S * fps)
