@@ -117,10 +117,10 @@ const STILL_TURN_DEG: f64 = 0.5 * CORRECTION_MAX_TURN_DEG;
 const STILL_FOR_S: f64 = 1.0;
 
 /// Whether the C-arm holds still, followed frame by frame from the live poses: still since the
-/// first frame of a run whose live poses all turned under 2° (`STILL_TURN_DEG`) from it (so a
+/// first frame of a run whose live poses all turned under [`STILL_TURN_DEG`] from it (so a
 /// slow drift ends a run too), broken by a frame without a pose.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Stillness {
+struct Stillness {
     /// The run's first frame and its live pose.
     since: Option<(u64, Pose)>,
     /// The newest frame followed.
@@ -129,7 +129,7 @@ pub struct Stillness {
 
 impl Stillness {
     /// Follows frame `index`, whose live pose is `live` (`None`: not solved).
-    pub fn follow(&mut self, index: u64, live: Option<Pose>) {
+    fn follow(&mut self, index: u64, live: Option<Pose>) {
         self.newest = index;
         let Some(live) = live else {
             self.since = None;
@@ -143,9 +143,9 @@ impl Stillness {
         }
     }
 
-    /// Whether the C-arm has held still for a second (`STILL_FOR_S`) up to the newest frame,
+    /// Whether the C-arm has held still for [`STILL_FOR_S`] up to the newest frame,
     /// frames `1 / fps` apart.
-    pub fn held(&self, fps: f64) -> bool {
+    fn held(&self, fps: f64) -> bool {
         self.since
             .is_some_and(|(from, _)| self.newest.saturating_sub(from) as f64 >= STILL_FOR_S * fps)
     }
