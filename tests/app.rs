@@ -171,6 +171,66 @@ fn default_start_shows_landmarks_and_a_pose() {
 /// Refinement against the CT (on by default for paused frames): the paused frame gets a pose
 /// refined against it that is closer to the truth than the landmarks' pose, the DRR shows it,
 /// and the panel says so; the next frame carries its correction; switched off, frames carry none.
+/// A switch takes its click although the lines above it change in the frame the click arrives
+/// (while frames stream they do: warnings, a refinement's progress, the errors against the
+/// simulated truth). Once a Model switch's click was lost that way (CI on a faster machine).
+#[test]
+fn a_switch_takes_its_click_while_the_lines_above_it_change() {
+    if skip() {
+        return;
+    }
+    let mut h = harness_with(AppOptions {
+        refine: Some(fluoropose::app::RefineMode::Off),
+        ..AppOptions::default()
+    });
+    wait(&mut h, "a frame", |a| a.latest.is_some());
+    h.state_mut().set_playing(false);
+    // A frame under way when the stream paused may still arrive: wait until none has for a second.
+    let mut quiet = Instant::now();
+    let mut index = h.state().latest.as_ref().map(|p| p.index);
+    while quiet.elapsed() < Duration::from_secs(1) {
+        h.step();
+        std::thread::sleep(Duration::from_millis(20));
+        let now = h.state().latest.as_ref().map(|p| p.index);
+        if now != index {
+            (index, quiet) = (now, Instant::now());
+        }
+    }
+    let truth = h.state().latest.as_ref().and_then(|p| p.truth);
+    assert!(
+        truth.is_some(),
+        "the simulated stream carries its true pose"
+    );
+    // Each switch by its label, with what it sets.
+    type Switch = (&'static str, fn(&FluoroApp) -> bool);
+    let switches: [Switch; 3] = [
+        ("track the pose over frames", |a| a.settings.track),
+        ("mirror-average heatmaps", |a| a.settings.mirror),
+        ("manual pose (sliders move the C-arm)", |a| a.manual),
+    ];
+    for (round, (label, on)) in switches.into_iter().enumerate() {
+        for click in 0..2 {
+            let before = on(h.state());
+            h.get_by_label(label).click_accesskit();
+            // The frame shown loses its truth (three lines of errors go, a phantom warning
+            // comes) or gets it back: every widget below moves up or down the panel's list.
+            if let Some(p) = h.state_mut().latest.as_mut() {
+                p.truth = if (round + click) % 2 == 0 {
+                    None
+                } else {
+                    truth
+                };
+            }
+            h.step();
+            assert_ne!(
+                on(h.state()),
+                before,
+                "{label:?}: click {click} was lost while the lines above it changed"
+            );
+        }
+    }
+}
+
 #[test]
 fn refining_against_the_ct_brings_the_paused_frames_pose_to_the_truth() {
     if skip() {

@@ -155,8 +155,7 @@ fn refining_line(ui: &mut egui::Ui, r: &super::Refining) {
             r.started.elapsed().as_secs_f64()
         ));
     });
-    if ui
-        .button("Cancel refinement")
+    if section(ui, "live-refining", |ui| ui.button("Cancel refinement"))
         .on_hover_text(
             "Stop refining this frame: its pose stays the landmarks' (it is not refined again \
              while it is the frame shown).",
@@ -227,6 +226,18 @@ fn choice<T: Copy + PartialEq>(
             .on_hover_text(hover);
     });
     changed
+}
+
+/// Lays out `add` in a scope whose widget ids do not depend on what `ui` drew before it.
+///
+/// egui names a widget without an id of its own by its place among its siblings. The Live panel's
+/// lines come and go from frame to frame (warnings, a refinement's progress, the errors against
+/// the simulated truth), which would rename every switch below them, and a click arriving in such
+/// a frame (a mouse's or AccessKit's) would reach the old name and be lost.
+fn section<R>(ui: &mut egui::Ui, name: &str, add: impl FnOnce(&mut egui::Ui) -> R) -> R {
+    let id = egui::Id::unique(("fluoropose-section", name));
+    ui.scope_builder(egui::UiBuilder::new().scope_id(id), add)
+        .inner
 }
 
 /// A pose as two lines, `r` in degrees and `t` in mm, each name after `prefix`.
@@ -425,7 +436,7 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
             }
         }
         ui.separator();
-        camera_editor(app, ui, &p);
+        section(ui, "live-c-arm", |ui| camera_editor(app, ui, &p));
         ui.separator();
         ui.heading("Latency");
         ui.monospace(format!(
@@ -454,170 +465,174 @@ pub fn live(app: &mut FluoroApp, ui: &mut egui::Ui) {
             );
         }
         ui.separator();
-        ui.heading("Model");
-        let mut d = false;
-        d |= ui
-            .checkbox(&mut app.settings.mirror, "mirror-average heatmaps")
-            .on_hover_text("Average each frame's heatmaps with its mirror image's (one more image per frame)")
-            .changed();
-        let mut shift = app.settings.shift_views(app.shifts_fit);
-        if ui
-            .checkbox(&mut shift, "shift-average heatmaps")
-            .on_hover_text(format!(
-                "Average each frame's heatmaps with those of it moved {} model pixels down-right \
-                 and up-left (two more images per frame; fewer landmarks far off). On by default \
-                 where the network runs on a GPU or 4 or more CPU threads.",
-                crate::model::Views::SHIFT_PX
-            ))
-            .changed()
-        {
-            app.settings.shift = Some(shift);
-            d = true;
-        }
-        d |= ui
-            .checkbox(&mut app.settings.denoise, "smooth noisy frames")
-            .on_hover_text(format!(
-                "Blur a frame noisier than the network's training data before reading it, up to \
-                 sigma {} model pixels: at fluoroscopy's low doses the network reads a smoothed \
-                 frame better. Frames as clean as the training data are read as they are.",
-                crate::model::noise::SMOOTH_MAX_PX
-            ))
-            .changed();
-        d |= ui
-            .checkbox(&mut app.settings.consistent, "pose-consistent landmarks")
-            .on_hover_text(
-                "Take the heatmap peaks that agree with one pose of the CT's landmarks; \
-                 a landmark no peak supports is drawn dashed where the pose puts it",
-            )
-            .changed();
-        d |= ui
-            .add_enabled(
-                app.settings.consistent,
-                egui::Checkbox::new(&mut app.settings.registered, "landmarks at the pose"),
-            )
-            .on_hover_text(
-                "Draw every landmark where the CT's projects at the solved pose, not at its \
-                 heatmap's peak: the pose averages out the network's jitter (the median error \
-                 falls by about a quarter on held-out subjects); the pose itself does not change",
-            )
-            .changed();
-        {
-            use crate::detect::Polarity;
-            d |= choice(
-                ui,
-                "frame polarity",
-                &mut app.settings.polarity,
-                &[Polarity::Auto, Polarity::AsIs, Polarity::Inverted],
-                Polarity::label,
-                "The network learnt DRRs, bone bright; many fluoroscopes show bone dark. \
-                 Automatic reads a frame the other way round too when its landmarks are found \
-                 faintly, and keeps the reading that finds them",
-            );
-        }
-        if d {
-            let decode = app.settings.decode(app.shifts_fit);
-            app.send(super::Command::Decode(decode));
-        }
-        if ui
-            .checkbox(&mut app.settings.refine, "refine the pose against the CT")
-            .on_hover_text(
-                "Match DRRs of the CT to the frame (intensity, then edges) starting from the \
-                 landmarks' pose, on a thread of its own: millimetre depth where the landmarks \
-                 leave centimetres. Under a second a frame on a CPU (a few seconds beside the \
-                 playing stream): a paused or stepped frame is refined at once and the DRR shows \
-                 the refined pose, and while the C-arm holds still for a second the playing \
-                 stream is refined too.",
-            )
-            .changed()
-        {
-            let volume = app.settings.refine.then(|| app.scene.density.clone());
-            app.send(super::Command::Refine(volume));
-        }
-        ui.add_enabled_ui(app.settings.refine, |ui| {
-            ui.indent("refine while playing", |ui| {
-                let mut on = app.settings.refine_while_playing(app.gpu_refines);
-                if ui
-                    .checkbox(&mut on, "also while playing")
-                    .on_hover_text(
-                        "Refine the newest frame whenever the refinement is free, at low \
-                         priority, also while the C-arm moves; later frames carry its correction \
-                         while the C-arm stays within 4° for 5 s. On by default where the DRRs \
-                         run on a GPU; on a CPU's software renderer it costs about a frame per \
-                         second, so there, unticked, only a still C-arm's stream is refined.",
-                    )
-                    .changed()
-                {
-                    app.settings.refine_playing = Some(on);
-                    app.send(super::Command::RefineWhilePlaying(on));
-                }
-            });
-        });
-        if ui
-            .checkbox(&mut app.settings.track, "track the pose over frames")
-            .on_hover_text(
-                "A Kalman filter (constant velocity) fuses each frame's solve with the last: \
-                 steadier depth and tilts; a sudden move restarts it. A frame the network is \
-                 unsure of is not fused (the filter predicts over it), and after a second without \
-                 a fused frame the per-frame solve is shown. The DRR follows the tracked pose.",
-            )
-            .changed()
-        {
-            let on = app.settings.track;
-            app.send(super::Command::Track(on));
-        }
-        // The picker's text is the status bar's (`network_name`); its entries are read in
-        // place rather than cloned each frame.
-        let mut sel = app.model_index;
-        egui::ComboBox::from_label("weights")
-            .selected_text(app.network_name().unwrap_or_default())
-            .show_ui(ui, |ui| {
-                for (i, (n, _)) in app.models.iter().enumerate() {
-                    ui.selectable_value(&mut sel, i, n);
-                }
-            });
-        if sel != app.model_index {
-            app.select_model(sel);
-        }
-        ui.separator();
-        ui.heading("Verification");
-        ui.horizontal(|ui| {
-            ui.selectable_value(&mut app.settings.compare, Compare::SideBySide, "side by side");
-            ui.selectable_value(&mut app.settings.compare, Compare::Blend, "blend");
-            ui.selectable_value(&mut app.settings.compare, Compare::Checkerboard, "checker");
-        });
-        ui.add(egui::Slider::new(&mut app.settings.overlay_alpha, 0.0..=1.0).text("DRR opacity"));
-        {
-            use super::BoneShown;
-            choice(
-                ui,
-                "bone drawn",
-                &mut app.settings.bone,
-                &[BoneShown::AsSource, BoneShown::Bright, BoneShown::Dark],
-                BoneShown::label,
-                "Frames and the DRR drawn bone bright (radiographs, DRRs) or bone dark (many \
-                 fluoroscopes), or frames as their source stores them",
-            );
-        }
-        ui.checkbox(&mut app.manual, "manual pose (sliders move the C-arm)");
-        if app.manual {
-            if let Some(s) = p.solution.as_ref().filter(|_| ui.button("start from solved pose").clicked()) {
-                let v = s.pose.params();
-                app.manual_pose = [v[0].to_degrees(), v[1].to_degrees(), v[2].to_degrees(), v[3], v[4], v[5]];
-            }
-            for (k, (name, range)) in [
-                ("rx °", -180.0..=180.0),
-                ("ry °", -180.0..=180.0),
-                ("rz °", -180.0..=180.0),
-                ("tx mm", -300.0..=300.0),
-                ("ty mm", -300.0..=300.0),
-                ("tz mm", 300.0..=1000.0),
-            ]
-            .into_iter()
-            .enumerate()
+        section(ui, "live-model", |ui| {
+            ui.heading("Model");
+            let mut d = false;
+            d |= ui
+                .checkbox(&mut app.settings.mirror, "mirror-average heatmaps")
+                .on_hover_text("Average each frame's heatmaps with its mirror image's (one more image per frame)")
+                .changed();
+            let mut shift = app.settings.shift_views(app.shifts_fit);
+            if ui
+                .checkbox(&mut shift, "shift-average heatmaps")
+                .on_hover_text(format!(
+                    "Average each frame's heatmaps with those of it moved {} model pixels down-right \
+                     and up-left (two more images per frame; fewer landmarks far off). On by default \
+                     where the network runs on a GPU or 4 or more CPU threads.",
+                    crate::model::Views::SHIFT_PX
+                ))
+                .changed()
             {
-                ui.add(egui::Slider::new(&mut app.manual_pose[k], range).text(name));
+                app.settings.shift = Some(shift);
+                d = true;
             }
-        }
+            d |= ui
+                .checkbox(&mut app.settings.denoise, "smooth noisy frames")
+                .on_hover_text(format!(
+                    "Blur a frame noisier than the network's training data before reading it, up to \
+                     sigma {} model pixels: at fluoroscopy's low doses the network reads a smoothed \
+                     frame better. Frames as clean as the training data are read as they are.",
+                    crate::model::noise::SMOOTH_MAX_PX
+                ))
+                .changed();
+            d |= ui
+                .checkbox(&mut app.settings.consistent, "pose-consistent landmarks")
+                .on_hover_text(
+                    "Take the heatmap peaks that agree with one pose of the CT's landmarks; \
+                     a landmark no peak supports is drawn dashed where the pose puts it",
+                )
+                .changed();
+            d |= ui
+                .add_enabled(
+                    app.settings.consistent,
+                    egui::Checkbox::new(&mut app.settings.registered, "landmarks at the pose"),
+                )
+                .on_hover_text(
+                    "Draw every landmark where the CT's projects at the solved pose, not at its \
+                     heatmap's peak: the pose averages out the network's jitter (the median error \
+                     falls by about a quarter on held-out subjects); the pose itself does not change",
+                )
+                .changed();
+            {
+                use crate::detect::Polarity;
+                d |= choice(
+                    ui,
+                    "frame polarity",
+                    &mut app.settings.polarity,
+                    &[Polarity::Auto, Polarity::AsIs, Polarity::Inverted],
+                    Polarity::label,
+                    "The network learnt DRRs, bone bright; many fluoroscopes show bone dark. \
+                     Automatic reads a frame the other way round too when its landmarks are found \
+                     faintly, and keeps the reading that finds them",
+                );
+            }
+            if d {
+                let decode = app.settings.decode(app.shifts_fit);
+                app.send(super::Command::Decode(decode));
+            }
+            if ui
+                .checkbox(&mut app.settings.refine, "refine the pose against the CT")
+                .on_hover_text(
+                    "Match DRRs of the CT to the frame (intensity, then edges) starting from the \
+                     landmarks' pose, on a thread of its own: millimetre depth where the landmarks \
+                     leave centimetres. Under a second a frame on a CPU (a few seconds beside the \
+                     playing stream): a paused or stepped frame is refined at once and the DRR shows \
+                     the refined pose, and while the C-arm holds still for a second the playing \
+                     stream is refined too.",
+                )
+                .changed()
+            {
+                let volume = app.settings.refine.then(|| app.scene.density.clone());
+                app.send(super::Command::Refine(volume));
+            }
+            ui.add_enabled_ui(app.settings.refine, |ui| {
+                ui.indent("refine while playing", |ui| {
+                    let mut on = app.settings.refine_while_playing(app.gpu_refines);
+                    if ui
+                        .checkbox(&mut on, "also while playing")
+                        .on_hover_text(
+                            "Refine the newest frame whenever the refinement is free, at low \
+                             priority, also while the C-arm moves; later frames carry its correction \
+                             while the C-arm stays within 4° for 5 s. On by default where the DRRs \
+                             run on a GPU; on a CPU's software renderer it costs about a frame per \
+                             second, so there, unticked, only a still C-arm's stream is refined.",
+                        )
+                        .changed()
+                    {
+                        app.settings.refine_playing = Some(on);
+                        app.send(super::Command::RefineWhilePlaying(on));
+                    }
+                });
+            });
+            if ui
+                .checkbox(&mut app.settings.track, "track the pose over frames")
+                .on_hover_text(
+                    "A Kalman filter (constant velocity) fuses each frame's solve with the last: \
+                     steadier depth and tilts; a sudden move restarts it. A frame the network is \
+                     unsure of is not fused (the filter predicts over it), and after a second without \
+                     a fused frame the per-frame solve is shown. The DRR follows the tracked pose.",
+                )
+                .changed()
+            {
+                let on = app.settings.track;
+                app.send(super::Command::Track(on));
+            }
+            // The picker's text is the status bar's (`network_name`); its entries are read in
+            // place rather than cloned each frame.
+            let mut sel = app.model_index;
+            egui::ComboBox::from_label("weights")
+                .selected_text(app.network_name().unwrap_or_default())
+                .show_ui(ui, |ui| {
+                    for (i, (n, _)) in app.models.iter().enumerate() {
+                        ui.selectable_value(&mut sel, i, n);
+                    }
+                });
+            if sel != app.model_index {
+                app.select_model(sel);
+            }
+        });
+        ui.separator();
+        section(ui, "live-verification", |ui| {
+            ui.heading("Verification");
+            ui.horizontal(|ui| {
+                ui.selectable_value(&mut app.settings.compare, Compare::SideBySide, "side by side");
+                ui.selectable_value(&mut app.settings.compare, Compare::Blend, "blend");
+                ui.selectable_value(&mut app.settings.compare, Compare::Checkerboard, "checker");
+            });
+            ui.add(egui::Slider::new(&mut app.settings.overlay_alpha, 0.0..=1.0).text("DRR opacity"));
+            {
+                use super::BoneShown;
+                choice(
+                    ui,
+                    "bone drawn",
+                    &mut app.settings.bone,
+                    &[BoneShown::AsSource, BoneShown::Bright, BoneShown::Dark],
+                    BoneShown::label,
+                    "Frames and the DRR drawn bone bright (radiographs, DRRs) or bone dark (many \
+                     fluoroscopes), or frames as their source stores them",
+                );
+            }
+            ui.checkbox(&mut app.manual, "manual pose (sliders move the C-arm)");
+            if app.manual {
+                if let Some(s) = p.solution.as_ref().filter(|_| ui.button("start from solved pose").clicked()) {
+                    let v = s.pose.params();
+                    app.manual_pose = [v[0].to_degrees(), v[1].to_degrees(), v[2].to_degrees(), v[3], v[4], v[5]];
+                }
+                for (k, (name, range)) in [
+                    ("rx °", -180.0..=180.0),
+                    ("ry °", -180.0..=180.0),
+                    ("rz °", -180.0..=180.0),
+                    ("tx mm", -300.0..=300.0),
+                    ("ty mm", -300.0..=300.0),
+                    ("tz mm", 300.0..=1000.0),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    ui.add(egui::Slider::new(&mut app.manual_pose[k], range).text(name));
+                }
+            }
+        });
         });
     });
     let frame_tex = app.frame_texture(&ctx);
