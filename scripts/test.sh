@@ -5,4 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-data.sh
-exec cargo test --locked "$@"
+# Every test binary runs even after one fails, so that a red CI names every failing test.
+exec cargo test --locked --no-fail-fast "$@"
