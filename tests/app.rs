@@ -45,6 +45,29 @@ fn wait(h: &mut Harness<'_, FluoroApp>, what: &str, done: impl Fn(&FluoroApp) ->
     }
 }
 
+/// The default start with refinement off (its lines, and their timing, would come and go with the
+/// run's speed), paused on the stream's first frames once no frame has arrived for a second (one
+/// under way when the stream paused may still arrive).
+fn paused_without_refinement<'a>() -> Harness<'a, FluoroApp> {
+    let mut h = harness_with(AppOptions {
+        refine: Some(fluoropose::app::RefineMode::Off),
+        ..AppOptions::default()
+    });
+    wait(&mut h, "a frame", |a| a.latest.is_some());
+    h.state_mut().set_playing(false);
+    let mut quiet = Instant::now();
+    let mut index = h.state().latest.as_ref().map(|p| p.index);
+    while quiet.elapsed() < Duration::from_secs(1) {
+        h.step();
+        std::thread::sleep(Duration::from_millis(20));
+        let now = h.state().latest.as_ref().map(|p| p.index);
+        if now != index {
+            (index, quiet) = (now, Instant::now());
+        }
+    }
+    h
+}
+
 #[test]
 fn default_start_shows_landmarks_and_a_pose() {
     if skip() {
@@ -179,23 +202,7 @@ fn a_switch_takes_its_click_while_the_lines_above_it_change() {
     if skip() {
         return;
     }
-    let mut h = harness_with(AppOptions {
-        refine: Some(fluoropose::app::RefineMode::Off),
-        ..AppOptions::default()
-    });
-    wait(&mut h, "a frame", |a| a.latest.is_some());
-    h.state_mut().set_playing(false);
-    // A frame under way when the stream paused may still arrive: wait until none has for a second.
-    let mut quiet = Instant::now();
-    let mut index = h.state().latest.as_ref().map(|p| p.index);
-    while quiet.elapsed() < Duration::from_secs(1) {
-        h.step();
-        std::thread::sleep(Duration::from_millis(20));
-        let now = h.state().latest.as_ref().map(|p| p.index);
-        if now != index {
-            (index, quiet) = (now, Instant::now());
-        }
-    }
+    let mut h = paused_without_refinement();
     let truth = h.state().latest.as_ref().and_then(|p| p.truth);
     assert!(
         truth.is_some(),
@@ -656,13 +663,7 @@ fn snapshots_of_each_tab() {
     if skip() {
         return;
     }
-    // Refinement off: its lines (and their timing) would come and go with the run's speed.
-    let mut h = harness_with(AppOptions {
-        refine: Some(fluoropose::app::RefineMode::Off),
-        ..AppOptions::default()
-    });
-    wait(&mut h, "a frame", |a| a.latest.is_some());
-    h.state_mut().set_playing(false);
+    let mut h = paused_without_refinement();
     h.run_steps(3);
     let (top, bottom) = (
         h.get_by_label("Latency").rect().min.y,
