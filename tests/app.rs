@@ -191,12 +191,10 @@ fn default_start_shows_landmarks_and_a_pose() {
     wait(&mut h, "a frame's landmarks at its pose", at_pose);
 }
 
-/// Refinement against the CT (on by default for paused frames): the paused frame gets a pose
-/// refined against it that is closer to the truth than the landmarks' pose, the DRR shows it,
-/// and the panel says so; the next frame carries its correction; switched off, frames carry none.
 /// A switch takes its click although the lines above it change in the frame the click arrives
 /// (while frames stream they do: warnings, a refinement's progress, the errors against the
-/// simulated truth). Once a Model switch's click was lost that way (CI on a faster machine).
+/// simulated truth, a recorded source's seek slider). Once a Model switch's click was lost that
+/// way in CI.
 #[test]
 fn a_switch_takes_its_click_while_the_lines_above_it_change() {
     if skip() {
@@ -210,7 +208,8 @@ fn a_switch_takes_its_click_while_the_lines_above_it_change() {
     );
     // Each switch by its label, with what it sets.
     type Switch = (&'static str, fn(&FluoroApp) -> bool);
-    let switches: [Switch; 3] = [
+    let switches: [Switch; 4] = [
+        ("loop", |a| a.settings.looping),
         ("track the pose over frames", |a| a.settings.track),
         ("mirror-average heatmaps", |a| a.settings.mirror),
         ("manual pose (sliders move the C-arm)", |a| a.manual),
@@ -220,12 +219,13 @@ fn a_switch_takes_its_click_while_the_lines_above_it_change() {
             let before = on(h.state());
             h.get_by_label(label).click_accesskit();
             // The frame shown loses its truth (three lines of errors go, a phantom warning
-            // comes) or gets it back: every widget below moves up or down the panel's list.
+            // comes) and gains a frame count (the transport bar's seek slider comes), or gets
+            // them back: every widget after them moves along its panel's or bar's list.
             if let Some(p) = h.state_mut().latest.as_mut() {
-                p.truth = if (round + click) % 2 == 0 {
-                    None
+                (p.truth, p.count) = if (round + click) % 2 == 0 {
+                    (None, Some(12))
                 } else {
-                    truth
+                    (truth, None)
                 };
             }
             h.step();
@@ -238,6 +238,9 @@ fn a_switch_takes_its_click_while_the_lines_above_it_change() {
     }
 }
 
+/// Refinement against the CT (on by default for paused frames): the paused frame gets a pose
+/// refined against it that is closer to the truth than the landmarks' pose, the DRR shows it,
+/// and the panel says so; the next frame carries its correction; switched off, frames carry none.
 #[test]
 fn refining_against_the_ct_brings_the_paused_frames_pose_to_the_truth() {
     if skip() {

@@ -230,10 +230,11 @@ fn choice<T: Copy + PartialEq>(
 
 /// Lays out `add` in a scope whose widget ids do not depend on what `ui` drew before it.
 ///
-/// egui names a widget without an id of its own by its place among its siblings. The Live panel's
+/// egui names a widget without an id of its own by its place among its siblings. The Live tab's
 /// lines come and go from frame to frame (warnings, a refinement's progress, the errors against
-/// the simulated truth), which would rename every switch below them, and a click arriving in such
-/// a frame (a mouse's or AccessKit's) would reach the old name and be lost.
+/// the simulated truth, a recorded source's seek slider), which would rename every switch after
+/// them, and a click arriving in such a frame (a mouse's or AccessKit's) would reach the old name
+/// and be lost.
 fn section<R>(ui: &mut egui::Ui, name: &str, add: impl FnOnce(&mut egui::Ui) -> R) -> R {
     let id = egui::Id::unique(("fluoropose-section", name));
     ui.scope_builder(egui::UiBuilder::new().scope_id(id), add)
@@ -290,43 +291,47 @@ fn transport(app: &mut FluoroApp, ui: &mut egui::Ui) {
                 app.send(super::Command::Seek(i));
             }
         }
-        let mut fps = app.settings.fps;
-        if ui
-            .add(egui::Slider::new(&mut fps, 1.0..=60.0).text("fps"))
-            .changed()
-        {
-            app.settings.fps = fps;
-            app.send(super::Command::Fps(fps));
-        }
-        if ui.checkbox(&mut app.settings.looping, "loop").changed() {
-            app.send(super::Command::Loop(app.settings.looping));
-        }
-        ui.separator();
-        if ui.button("Open frames…").clicked()
-            && let Some(p) = rfd::FileDialog::new().pick_file()
-        {
-            app.open_frames(p);
-        }
-        if ui.button("Open folder…").clicked()
-            && let Some(p) = rfd::FileDialog::new().pick_folder()
-        {
-            app.open_frames(p);
-        }
-        if ui.button("Simulated").clicked() {
-            app.open_simulated();
-        }
-        let l = ui.label("dose (photons/px)");
-        let r = ui
-            .add(
-                egui::DragValue::new(&mut app.settings.photons)
-                    .range(0.0..=1e7)
-                    .speed(1000.0),
-            )
-            .labelled_by(l.id)
-            .on_hover_text(DOSE_HOVER);
-        if r.lost_focus() || r.drag_stopped() {
-            app.open_simulated();
-        }
+        // The seek slider shows for a recorded source only: what follows keeps its ids when it
+        // comes or goes.
+        section(ui, "transport", |ui| {
+            let mut fps = app.settings.fps;
+            if ui
+                .add(egui::Slider::new(&mut fps, 1.0..=60.0).text("fps"))
+                .changed()
+            {
+                app.settings.fps = fps;
+                app.send(super::Command::Fps(fps));
+            }
+            if ui.checkbox(&mut app.settings.looping, "loop").changed() {
+                app.send(super::Command::Loop(app.settings.looping));
+            }
+            ui.separator();
+            if ui.button("Open frames…").clicked()
+                && let Some(p) = rfd::FileDialog::new().pick_file()
+            {
+                app.open_frames(p);
+            }
+            if ui.button("Open folder…").clicked()
+                && let Some(p) = rfd::FileDialog::new().pick_folder()
+            {
+                app.open_frames(p);
+            }
+            if ui.button("Simulated").clicked() {
+                app.open_simulated();
+            }
+            let l = ui.label("dose (photons/px)");
+            let r = ui
+                .add(
+                    egui::DragValue::new(&mut app.settings.photons)
+                        .range(0.0..=1e7)
+                        .speed(1000.0),
+                )
+                .labelled_by(l.id)
+                .on_hover_text(DOSE_HOVER);
+            if r.lost_focus() || r.drag_stopped() {
+                app.open_simulated();
+            }
+        });
     });
 }
 
