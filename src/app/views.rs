@@ -234,7 +234,7 @@ fn choice<T: Copy + PartialEq>(
 /// lines come and go from frame to frame (warnings, a refinement's progress, the errors against
 /// the simulated truth, a recorded source's seek slider), which would rename every switch after
 /// them, and a click arriving in such a frame (a mouse's or AccessKit's) would reach the old name
-/// and be lost.
+/// and be lost. The id is global: a `name` is laid out at most once a frame.
 fn section<R>(ui: &mut egui::Ui, name: &str, add: impl FnOnce(&mut egui::Ui) -> R) -> R {
     let id = egui::Id::unique(("fluoropose-section", name));
     ui.scope_builder(egui::UiBuilder::new().scope_id(id), add)
