@@ -123,14 +123,11 @@ const STILL_FOR_S: f64 = 1.0;
 struct Stillness {
     /// The run's first frame and its live pose.
     since: Option<(u64, Pose)>,
-    /// The newest frame followed.
-    newest: u64,
 }
 
 impl Stillness {
     /// Follows frame `index`, whose live pose is `live` (`None`: not solved).
     fn follow(&mut self, index: u64, live: Option<Pose>) {
-        self.newest = index;
         let Some(live) = live else {
             self.since = None;
             return;
@@ -143,11 +140,11 @@ impl Stillness {
         }
     }
 
-    /// Whether the C-arm has held still for [`STILL_FOR_S`] up to the newest frame,
-    /// frames `1 / fps` apart.
-    fn held(&self, fps: f64) -> bool {
+    /// Whether the C-arm has held still for [`STILL_FOR_S`] up to frame `index` (the newest
+    /// followed), frames `1 / fps` apart.
+    fn held(&self, index: u64, fps: f64) -> bool {
         self.since
-            .is_some_and(|(from, _)| self.newest.saturating_sub(from) as f64 >= STILL_FOR_S * fps)
+            .is_some_and(|(from, _)| index.saturating_sub(from) as f64 >= STILL_FOR_S * fps)
     }
 }
 
@@ -1104,7 +1101,7 @@ impl Worker {
         // Without "also while playing", a playing stream is refined only while the C-arm holds
         // still: then a refinement's correction carries over to the frames that follow (a CPU
         // takes seconds for one), where on a moving C-arm it would lapse unused.
-        if self.playing && !self.refine_while_playing && !self.still.held(self.fps) {
+        if self.playing && !self.refine_while_playing && !self.still.held(p.index, self.fps) {
             return;
         }
         if !s.status.ok()
@@ -1149,37 +1146,37 @@ mod tests {
         let mut s = Stillness::default();
         for i in 0..10 {
             s.follow(i, Some(deg(if i % 2 == 0 { 0.8 } else { -0.8 })));
-            assert!(!s.held(fps), "frame {i}: not yet a second");
+            assert!(!s.held(i, fps), "frame {i}: not yet a second");
         }
         s.follow(10, Some(deg(1.5)));
-        assert!(s.held(fps), "a second of jitter under 2°");
+        assert!(s.held(10, fps), "a second of jitter under 2°");
         s.follow(11, Some(deg(3.5)));
         assert!(
-            !s.held(fps),
+            !s.held(11, fps),
             "a turn of 2.7° from the run's first pose starts again"
         );
         for i in 12..=21 {
             s.follow(i, Some(deg(3.5)));
         }
-        assert!(s.held(fps));
+        assert!(s.held(21, fps));
         // A drift of 0.3° a frame: once it has left the still run, never a second within 2°
         // of where a run starts.
         for i in 22..60 {
             s.follow(i, Some(deg(3.5 + 0.3 * (i - 21) as f64)));
-            assert!(i < 30 || !s.held(fps), "frame {i} drifts");
+            assert!(i < 30 || !s.held(i, fps), "frame {i} drifts");
         }
         for i in 60..=70 {
             s.follow(i, Some(deg(20.0)));
         }
-        assert!(s.held(fps));
+        assert!(s.held(70, fps));
         s.follow(71, None);
-        assert!(!s.held(fps), "a frame without a pose");
+        assert!(!s.held(71, fps), "a frame without a pose");
         // At 2 fps a second is 2 frames.
         let mut slow = Stillness::default();
         for i in 0..3 {
             slow.follow(i, Some(deg(0.0)));
         }
-        assert!(slow.held(2.0));
+        assert!(slow.held(2, 2.0));
     }
 
     /// A frame's own refinement is the pose it shows, unless its DRR did not match the frame.

@@ -38,8 +38,9 @@ pub struct Cli {
     #[arg(long)]
     pub fps: Option<f64>,
     /// Refine the poses against the CT (intensity-based): off, on paused frames (and the
-    /// playing stream while the C-arm holds still), or always (while playing too); kept as the setting (default: the saved setting, first always where
-    /// the DRRs run on a discrete GPU, else paused).
+    /// playing stream while the C-arm holds still), or always (while playing too); kept as the
+    /// setting (default: the saved setting, first always where the DRRs run on a discrete GPU,
+    /// else paused).
     #[arg(long, value_parser = ["off", "paused", "always"])]
     pub refine: Option<String>,
     /// Present frames without waiting for the display's vertical blank (lower latency; may
